@@ -1,0 +1,61 @@
+"""Backend state: identity, address, weight, liveness, and the counts the balancer reads.
+
+A Backend is mutable state shared by the router, the balancer and the data plane. It holds no
+connections; the data plane keeps its connection pools keyed by backend name.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+
+
+@dataclass(eq=False)
+class Backend:
+    name: str
+    host: str
+    port: int
+    weight: int = 1
+    tls: bool = False
+    path_prefix: bytes = b""
+    up: bool = True
+    draining: bool = False
+    sessions: int = 0
+    in_flight: int = 0
+    host_header: bytes = field(init=False)
+
+    def __post_init__(self) -> None:
+        default_port = 443 if self.tls else 80
+        authority = self.host if self.port == default_port else f"{self.host}:{self.port}"
+        if ":" in self.host and not self.host.startswith("["):
+            authority = f"[{self.host}]" if self.port == default_port else f"[{self.host}]:{self.port}"
+        self.host_header = authority.encode("ascii")
+
+    @property
+    def available(self) -> bool:
+        """May take a new session."""
+        return self.up and not self.draining
+
+
+class BackendSet:
+    """The configured backends by name, in configuration order."""
+
+    def __init__(self, backends: Iterable[Backend]) -> None:
+        self._by_name: dict[str, Backend] = {}
+        for backend in backends:
+            if backend.name in self._by_name:
+                raise ValueError(f"duplicate backend name {backend.name!r}")
+            self._by_name[backend.name] = backend
+        self._ordered = tuple(self._by_name.values())
+
+    def get(self, name: str) -> Backend | None:
+        return self._by_name.get(name)
+
+    def available(self) -> list[Backend]:
+        return [b for b in self._ordered if b.available]
+
+    def __iter__(self) -> Iterator[Backend]:
+        return iter(self._ordered)
+
+    def __len__(self) -> int:
+        return len(self._ordered)

@@ -1,0 +1,110 @@
+"""One exception tree for the proxy, and the one place that maps it to HTTP.
+
+    MCPBalancerError
+     ├── ConfigError                  bad YAML: names the file and the key path
+     ├── StoreError                   the session store could not answer (Redis down, timeout)
+     └── ProxyError                   an answer the proxy itself gives a client
+          ├── BadRequest              400: malformed framing, session id, header encoding
+          ├── Forbidden               403
+          ├── SessionNotFound         404: unknown or expired session, or its owner is gone
+          ├── PayloadTooLarge         413
+          ├── HeadersTooLarge         431
+          ├── NotImplementedMethod    501: CONNECT, Upgrade
+          ├── BadGateway              502: the backend broke the exchange
+          ├── NoBackendAvailable      503: nothing can take a new session (+ Retry-After)
+          └── GatewayTimeout          504
+
+Every ProxyError is rendered by `render_error`: a complete HTTP/1.1 response whose body is a
+JSON-RPC error object, because MCP clients parse the body of a failed POST as JSON-RPC.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import ClassVar
+
+
+class MCPBalancerError(Exception):
+    """Base of every error mcpbalancer raises on purpose."""
+
+
+class ConfigError(MCPBalancerError):
+    """The configuration is invalid; the message names the file and the key path."""
+
+
+class StoreError(MCPBalancerError):
+    """The session store failed to answer."""
+
+
+class ProxyError(MCPBalancerError):
+    status: ClassVar[int] = 500
+    reason: ClassVar[str] = "Internal Server Error"
+    rpc_code: ClassVar[int] = -32603
+    default_message: ClassVar[str] = "Internal error"
+
+    def __init__(self, message: str | None = None, *, retry_after: int | None = None) -> None:
+        super().__init__(message or self.default_message)
+        self.message = message or self.default_message
+        self.retry_after = retry_after
+
+
+class BadRequest(ProxyError):
+    status, reason, rpc_code, default_message = 400, "Bad Request", -32600, "Bad Request"
+
+
+class Forbidden(ProxyError):
+    status, reason, rpc_code, default_message = 403, "Forbidden", -32600, "Forbidden"
+
+
+class SessionNotFound(ProxyError):
+    status, reason, rpc_code, default_message = 404, "Not Found", -32600, "Session not found"
+
+
+class PayloadTooLarge(ProxyError):
+    status, reason, rpc_code, default_message = 413, "Payload Too Large", -32600, "Request body too large"
+
+
+class HeadersTooLarge(ProxyError):
+    status, reason = 431, "Request Header Fields Too Large"
+    rpc_code, default_message = -32600, "Request header fields too large"
+
+
+class NotImplementedMethod(ProxyError):
+    status, reason, rpc_code, default_message = 501, "Not Implemented", -32600, "Not implemented"
+
+
+class BadGateway(ProxyError):
+    status, reason, rpc_code, default_message = 502, "Bad Gateway", -32603, "Bad gateway"
+
+
+class NoBackendAvailable(ProxyError):
+    status, reason, rpc_code = 503, "Service Unavailable", -32603
+    default_message = "No backend available"
+
+    def __init__(self, message: str | None = None, *, retry_after: int | None = 1) -> None:
+        super().__init__(message, retry_after=retry_after)
+
+
+class GatewayTimeout(ProxyError):
+    status, reason, rpc_code, default_message = 504, "Gateway Timeout", -32603, "Gateway timeout"
+
+
+def error_body(err: ProxyError) -> bytes:
+    payload = {"jsonrpc": "2.0", "id": None, "error": {"code": err.rpc_code, "message": err.message}}
+    return json.dumps(payload, separators=(",", ":")).encode()
+
+
+def render_error(err: ProxyError, *, keep_alive: bool, head_only: bool = False) -> bytes:
+    """The whole HTTP/1.1 response for `err`, ready to write to the client socket."""
+    body = error_body(err)
+    lines = [
+        f"HTTP/1.1 {err.status} {err.reason}",
+        "Content-Type: application/json",
+        f"Content-Length: {len(body)}",
+        "Cache-Control: no-store",
+        "Connection: keep-alive" if keep_alive else "Connection: close",
+    ]
+    if err.retry_after is not None:
+        lines.append(f"Retry-After: {err.retry_after}")
+    head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+    return head if head_only else head + body

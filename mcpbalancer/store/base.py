@@ -1,0 +1,48 @@
+"""The SessionStore contract shared by the memory and Redis stores.
+
+`peek` is the hot path: synchronous, no I/O. A store that can answer locally (the memory store, or
+the local cache in front of Redis) returns the backend name or None; one that cannot returns UNKNOWN
+and the caller awaits `get`. Values are backend names, never URLs, so renaming a URL in the config
+does not orphan sessions.
+"""
+
+from __future__ import annotations
+
+import enum
+from typing import Final, Protocol
+
+
+class Unknown(enum.Enum):
+    """`peek` could not answer without I/O."""
+
+    token = 0
+
+
+UNKNOWN: Final = Unknown.token
+
+
+class SessionStore(Protocol):
+    def peek(self, sid: str) -> str | None | Unknown:
+        """Backend of `sid` if known locally; may slide the expiry (without a network write on
+        every call); None if the store is sure there is no such session; UNKNOWN otherwise."""
+        ...
+
+    async def get(self, sid: str) -> str | None:
+        """Backend of `sid`, asking the shared store if needed."""
+        ...
+
+    async def bind(self, sid: str, backend: str, ttl: float) -> str:
+        """Bind `sid` to `backend` unless already bound (SET NX PX); return the owner now on record."""
+        ...
+
+    async def touch(self, sid: str, ttl: float) -> bool:
+        """Extend the expiry of `sid` to `ttl` seconds from now; False if it no longer exists."""
+        ...
+
+    async def delete(self, sid: str) -> None:
+        """Forget `sid`."""
+        ...
+
+    async def close(self) -> None:
+        """Release connections and background tasks."""
+        ...
