@@ -1,0 +1,435 @@
+"""YAML → validated, frozen configuration objects.
+
+Every error is a ConfigError reading `FILE: key.path: what is wrong`. Validation is built from one
+small `_Section` type: a mapping with its key path that refuses unknown keys, plus typed readers
+(`number`, `integer`, `string`, `choice`, `parsed`, `section`, `section_list`). A new section is a
+frozen dataclass and a short function calling those readers.
+
+Converters (`_as_number`, `_split_host_port`, ...) are pure and raise ValueError saying what is wrong;
+`_Section.read` is the one place that turns that into an error naming the key path.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import math
+import os
+import re
+from collections.abc import Callable, Collection, Mapping
+from dataclasses import dataclass, fields
+from typing import Final, TypeVar
+from urllib.parse import SplitResult, urlsplit
+
+import yaml
+
+from mcpbalancer.errors import ConfigError
+
+BALANCE_STRATEGIES: Final = ("least_sessions", "p2c", "round_robin")
+DEFAULT_STORE_PREFIX: Final = "mcpb:"
+DEFAULT_LOCAL_CACHE_SIZE: Final = 100_000
+
+# The backend name is the session's owner id in Redis: keep it short and free of separators.
+_BACKEND_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+_BACKEND_NAME_RULE = "1-64 letters, digits, '.', '_' or '-', starting with a letter or digit"
+# Bracketed IPv6 or a host without colons, then a decimal port. re.ASCII keeps \d to 0-9.
+_HOST_PORT = re.compile(r"(?:\[(?P<v6>[^\]]*)\]|(?P<host>[^\s:/\[\]]+)):(?P<port>\d{1,5})", re.ASCII)
+_REDIS_SCHEMES: Final = ("redis", "rediss")
+
+_T = TypeVar("_T")
+_N = TypeVar("_N", int, float)
+
+
+@dataclass(frozen=True, slots=True)
+class BackendConfig:
+    name: str
+    url: str
+    scheme: str
+    host: str
+    port: int
+    path_prefix: str
+    weight: int = 1
+
+
+@dataclass(frozen=True, slots=True)
+class TimeoutsConfig:
+    connect: float = 5.0
+    # Legacy JSON tools send their response head only when the tool is done, hence the long default.
+    response_headers: float = 300.0
+    stream_idle: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class LimitsConfig:
+    header_bytes: int = 65536
+    header_count: int = 100
+    body_bytes: int = 16 * 1024 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    listen_host: str
+    listen_port: int
+    store: str
+    session_ttl: float
+    balance: str
+    heartbeat: float
+    backends: tuple[BackendConfig, ...]
+    timeouts: TimeoutsConfig
+    limits: LimitsConfig
+    store_prefix: str = DEFAULT_STORE_PREFIX
+    local_cache_size: int = DEFAULT_LOCAL_CACHE_SIZE
+    source: str = "<config>"
+
+
+_TOP_KEYS: Final = (
+    "listen",
+    "store",
+    "store_prefix",
+    "local_cache_size",
+    "session_ttl",
+    "balance",
+    "heartbeat",
+    "backends",
+    "timeouts",
+    "limits",
+)
+_BACKEND_KEYS: Final = ("name", "url", "weight")
+
+
+class _Required:
+    """Marks a key without a default."""
+
+
+_REQUIRED: Final = _Required()
+
+
+class _Invalid(ConfigError):
+    """A problem at a key path, before the source is known; parse_config prefixes the file name."""
+
+    def __init__(self, path: str, problem: str) -> None:
+        super().__init__(f"{path}: {problem}" if path else problem)
+
+
+# --- public entry points ---------------------------------------------------------------------------
+
+
+def load_config(path: str | os.PathLike[str]) -> Config:
+    source = os.fspath(path)
+    try:
+        with open(source, encoding="utf-8") as fh:
+            text = fh.read()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{source}: cannot read the file: {exc}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{source}: {_yaml_problem(exc)}") from None
+    return parse_config(data, source)
+
+
+def parse_config(data: object, source: str = "<config>") -> Config:
+    if data is None:
+        raise ConfigError(f"{source}: the configuration is empty; at least `backends` is required")
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{source}: the top level must be a mapping of settings, got {_describe(data)}")
+    try:
+        return _config(_Section(data, "", _TOP_KEYS), source)
+    except _Invalid as exc:
+        raise ConfigError(f"{source}: {exc}") from None
+
+
+def parse_listen(value: str, key: str = "listen") -> tuple[str, int]:
+    """`host:port` or `[v6]:port` → (host without brackets, port); ConfigError names `key`."""
+    try:
+        return _split_host_port(value)
+    except ValueError as exc:
+        raise _Invalid(key, str(exc)) from None
+
+
+# --- sections --------------------------------------------------------------------------------------
+
+
+def _config(top: _Section, source: str) -> Config:
+    host, port = top.parsed("listen", _split_host_port, "127.0.0.1:8080")
+    heartbeat = top.number("heartbeat", 15.0, ge=0)
+    return Config(
+        listen_host=host,
+        listen_port=port,
+        store=top.parsed("store", _check_store, "memory"),
+        session_ttl=top.number("session_ttl", 3600.0, gt=0),
+        balance=top.choice("balance", BALANCE_STRATEGIES, "least_sessions"),
+        heartbeat=heartbeat,
+        backends=_backends(top),
+        timeouts=_timeouts(top.section("timeouts", _field_names(TimeoutsConfig)), heartbeat),
+        limits=_limits(top.section("limits", _field_names(LimitsConfig))),
+        store_prefix=top.string("store_prefix", DEFAULT_STORE_PREFIX),
+        local_cache_size=top.integer("local_cache_size", DEFAULT_LOCAL_CACHE_SIZE, ge=1),
+        source=source,
+    )
+
+
+def _backends(top: _Section) -> tuple[BackendConfig, ...]:
+    entries = top.section_list("backends", _BACKEND_KEYS)
+    backends = tuple(_backend(entry) for entry in entries)
+    first_seen: dict[str, str] = {}
+    for entry, backend in zip(entries, backends, strict=True):
+        if backend.name in first_seen:
+            # Names are session owners in the store; two backends with one name would share sessions.
+            raise entry.invalid("name", f"duplicate name {backend.name!r} (also {first_seen[backend.name]})")
+        first_seen[backend.name] = entry.at("name")
+    return backends
+
+
+def _backend(entry: _Section) -> BackendConfig:
+    name = entry.string("name", pattern=_BACKEND_NAME, rule=_BACKEND_NAME_RULE)
+    url = entry.string("url")
+    scheme, host, port, path_prefix = entry.parsed("url", _split_backend_url)
+    weight = entry.integer("weight", 1, ge=1, le=1000)
+    return BackendConfig(name, url, scheme, host, port, path_prefix, weight)
+
+
+def _timeouts(section: _Section, heartbeat: float) -> TimeoutsConfig:
+    default = TimeoutsConfig()
+    stream_idle = section.number("stream_idle", default.stream_idle, ge=0)
+    if heartbeat > 0 and 0 < stream_idle <= heartbeat:
+        # Heartbeats are written after `heartbeat` seconds of upstream silence; an idle cut at or
+        # before that moment would end every quiet stream before a single heartbeat went out.
+        problem = f"must be greater than heartbeat ({heartbeat:g}) or 0 (off), got {stream_idle:g}"
+        raise section.invalid("stream_idle", problem)
+    return TimeoutsConfig(
+        connect=section.number("connect", default.connect, gt=0),
+        response_headers=section.number("response_headers", default.response_headers, gt=0),
+        stream_idle=stream_idle,
+    )
+
+
+def _limits(section: _Section) -> LimitsConfig:
+    default = LimitsConfig()
+    return LimitsConfig(
+        header_bytes=section.integer("header_bytes", default.header_bytes, ge=1024),
+        header_count=section.integer("header_count", default.header_count, ge=8),
+        body_bytes=section.integer("body_bytes", default.body_bytes, ge=1024),
+    )
+
+
+def _field_names(cls: type) -> tuple[str, ...]:
+    return tuple(f.name for f in fields(cls))
+
+
+# --- the reader ------------------------------------------------------------------------------------
+
+
+class _Section:
+    """One YAML mapping, its key path, and readers whose errors name `path.key`."""
+
+    def __init__(self, data: object, path: str, allowed: Collection[str]) -> None:
+        if not isinstance(data, Mapping):
+            raise _Invalid(path, f"must be a mapping, got {_describe(data)}")
+        unknown = [key for key in data if key not in allowed]
+        if unknown:
+            raise _Invalid(self._join(path, unknown[0]), f"unknown key; allowed: {', '.join(allowed)}")
+        self._data: Mapping[object, object] = data
+        self.path = path
+
+    @staticmethod
+    def _join(path: str, key: object) -> str:
+        return f"{path}.{key}" if path else str(key)
+
+    def at(self, key: str) -> str:
+        return self._join(self.path, key)
+
+    def invalid(self, key: str, problem: str) -> ConfigError:
+        return _Invalid(self.at(key), problem)
+
+    def read(self, key: str, convert: Callable[[object], _T], default: object = _REQUIRED) -> _T:
+        """`convert` applied to the value at `key` (or to `default` when the key is absent)."""
+        raw = self._data.get(key, default)
+        if isinstance(raw, _Required):
+            raise self.invalid(key, "is required")
+        try:
+            return convert(raw)
+        except ValueError as exc:
+            raise self.invalid(key, str(exc)) from None
+
+    def number(
+        self,
+        key: str,
+        default: float | _Required = _REQUIRED,
+        *,
+        gt: float | None = None,
+        ge: float | None = None,
+    ) -> float:
+        return self.read(key, lambda raw: float(_in_range(_as_number(raw), gt=gt, ge=ge)), default)
+
+    def integer(
+        self, key: str, default: int | _Required = _REQUIRED, *, ge: int | None = None, le: int | None = None
+    ) -> int:
+        return self.read(key, lambda raw: _in_range(_as_integer(raw), ge=ge, le=le), default)
+
+    def string(
+        self,
+        key: str,
+        default: str | _Required = _REQUIRED,
+        *,
+        pattern: re.Pattern[str] | None = None,
+        rule: str = "",
+    ) -> str:
+        return self.read(key, lambda raw: _as_string(raw, pattern, rule), default)
+
+    def choice(self, key: str, choices: Collection[str], default: str | _Required = _REQUIRED) -> str:
+        return self.read(key, lambda raw: _as_choice(raw, choices), default)
+
+    def parsed(self, key: str, parse: Callable[[str], _T], default: str | _Required = _REQUIRED) -> _T:
+        """A string run through `parse` (which raises ValueError saying what is wrong)."""
+        return self.read(key, lambda raw: parse(_as_string(raw)), default)
+
+    def section(self, key: str, allowed: Collection[str]) -> _Section:
+        # `timeouts:` with every child commented out loads as null: read it as "all defaults".
+        raw = self._data.get(key)
+        return _Section({} if raw is None else raw, self.at(key), allowed)
+
+    def section_list(self, key: str, allowed: Collection[str]) -> list[_Section]:
+        """A required, non-empty list of mappings, each checked against `allowed`."""
+        items = self.read(key, _as_nonempty_list)
+        return [_Section(item, f"{self.at(key)}[{i}]", allowed) for i, item in enumerate(items)]
+
+
+# --- converters: pure, raise ValueError saying what is wrong ---------------------------------------
+
+
+def _describe(raw: object) -> str:
+    """A value as the user wrote it in YAML, for 'got ...' in messages."""
+    if raw is None:
+        return "null"
+    if isinstance(raw, bool):
+        return "true" if raw else "false"
+    if isinstance(raw, Mapping):
+        return "a mapping"
+    if isinstance(raw, list):
+        return "a list"
+    return repr(raw)
+
+
+def _as_number(raw: object) -> int | float:
+    # bool is an int subclass; `timeout: yes` is a mistake, not 1 second.
+    if isinstance(raw, bool) or not isinstance(raw, int | float):
+        raise ValueError(f"must be a number, got {_describe(raw)}")
+    if not math.isfinite(raw):
+        raise ValueError(f"must be a finite number, got {raw}")
+    return raw
+
+
+def _as_integer(raw: object) -> int:
+    if isinstance(raw, bool) or not isinstance(raw, int):
+        raise ValueError(f"must be an integer, got {_describe(raw)}")
+    return raw
+
+
+def _in_range(value: _N, *, gt: float | None = None, ge: float | None = None, le: float | None = None) -> _N:
+    if gt is not None and not value > gt:
+        raise ValueError(f"must be > {gt}, got {value}")
+    if ge is not None and not value >= ge:
+        raise ValueError(f"must be >= {ge}, got {value}")
+    if le is not None and not value <= le:
+        raise ValueError(f"must be <= {le}, got {value}")
+    return value
+
+
+def _as_string(raw: object, pattern: re.Pattern[str] | None = None, rule: str = "") -> str:
+    if not isinstance(raw, str):
+        raise ValueError(f"must be a string, got {_describe(raw)}")
+    if not raw:
+        raise ValueError("must not be empty")
+    if pattern is not None and not pattern.fullmatch(raw):
+        raise ValueError(f"must be {rule}, got {raw!r}")
+    return raw
+
+
+def _as_choice(raw: object, choices: Collection[str]) -> str:
+    value = _as_string(raw)
+    if value not in choices:
+        raise ValueError(f"must be one of {', '.join(choices)}; got {value!r}")
+    return value
+
+
+def _as_nonempty_list(raw: object) -> list[object]:
+    if not isinstance(raw, list):
+        raise ValueError(f"must be a list, got {_describe(raw)}")
+    if not raw:
+        raise ValueError("must have at least one entry")
+    return raw
+
+
+def _split_host_port(value: str) -> tuple[str, int]:
+    match = _HOST_PORT.fullmatch(value)
+    if match is None:
+        raise ValueError(f"must be 'host:port' (IPv6 as '[::1]:8080'), got {value!r}")
+    host = match["host"] or match["v6"]
+    if match["v6"] is not None:
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            raise ValueError(f"{host!r} in brackets is not an IPv6 address") from None
+    port = int(match["port"])
+    if port > 65535:
+        raise ValueError(f"port must be 0-65535, got {port}")
+    return host, port
+
+
+def _split_url(value: str) -> SplitResult:
+    # urlsplit silently strips or drops whitespace and control characters; refuse them instead.
+    if any(ch.isspace() or not ch.isprintable() for ch in value):
+        raise ValueError(f"must not contain whitespace or control characters, got {value!r}")
+    try:
+        parts = urlsplit(value)
+        parts.port  # noqa: B018 - evaluated for the ValueError it raises on a bad port
+    except ValueError as exc:
+        raise ValueError(f"is not a valid URL ({exc}): {_redact(value)!r}") from None
+    return parts
+
+
+def _split_backend_url(value: str) -> tuple[str, str, int, str]:
+    """(scheme, host, port, path prefix) of a backend URL."""
+    parts = _split_url(value)
+    if parts.scheme not in ("http", "https"):
+        raise ValueError(f"must be an http:// or https:// URL, got {_redact(value)!r}")
+    if "@" in parts.netloc:
+        raise ValueError("must not contain user info (user:password@)")
+    if "?" in value or "#" in value:
+        raise ValueError(f"must not have a query or fragment, got {value!r}")
+    if not parts.hostname:
+        raise ValueError(f"has no host, got {value!r}")
+    if parts.port == 0:
+        raise ValueError(f"port must be 1-65535, got {value!r}")
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    return parts.scheme, parts.hostname, port, parts.path.rstrip("/")
+
+
+def _check_store(value: str) -> str:
+    if value == "memory":
+        return value
+    parts = _split_url(value)
+    if parts.scheme not in (*_REDIS_SCHEMES, "unix"):
+        raise ValueError(f"must be 'memory' or a redis://, rediss:// or unix:// URL, got {_redact(value)!r}")
+    if parts.scheme in _REDIS_SCHEMES and not parts.hostname:
+        raise ValueError(f"a {parts.scheme}:// URL needs a host, got {_redact(value)!r}")
+    if parts.scheme == "unix" and not parts.path:
+        raise ValueError(f"a unix:// URL needs a socket path, got {_redact(value)!r}")
+    return value
+
+
+def _redact(url: str) -> str:
+    """The URL with any user info masked: error messages end up in logs, passwords must not."""
+    scheme, sep, rest = url.partition("://")
+    authority, slash, tail = rest.partition("/")
+    if not sep or "@" not in authority:
+        return url
+    return f"{scheme}://***@{authority.rpartition('@')[2]}{slash}{tail}"
+
+
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    mark = getattr(exc, "problem_mark", None)
+    problem = getattr(exc, "problem", None) or str(exc)
+    if mark is None:
+        return f"invalid YAML: {problem}"
+    return f"line {mark.line + 1}, column {mark.column + 1}: invalid YAML: {problem}"
