@@ -22,7 +22,7 @@ UNKNOWN: Final = Unknown.token
 
 
 class SessionStore(Protocol):
-    def peek(self, sid: str) -> str | None | Unknown:
+    def peek(self, sid: str) -> str | Unknown | None:
         """Backend of `sid` if known locally; may slide the expiry (without a network write on
         every call); None if the store is sure there is no such session; UNKNOWN otherwise."""
         ...
