@@ -1,0 +1,120 @@
+"""Composition root: builds the store, backends, balancer, router and data plane from a Config.
+
+Nothing else in the package constructs these parts; tests build a Proxy from a Config and run it
+in their own event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+
+from mcpbalancer.backends import Backend, BackendSet
+from mcpbalancer.balancer import make_strategy
+from mcpbalancer.config import Config
+from mcpbalancer.dataplane.client import DataPlane
+from mcpbalancer.dataplane.upstream import UpstreamPool
+from mcpbalancer.routing import Router
+from mcpbalancer.store import SessionStore
+from mcpbalancer.store.factory import create_store
+
+log = logging.getLogger(__name__)
+
+SWEEP_INTERVAL = 30.0
+
+
+def build_backends(config: Config) -> BackendSet:
+    return BackendSet(
+        Backend(
+            name=b.name,
+            host=b.host,
+            port=b.port,
+            weight=b.weight,
+            tls=b.scheme == "https",
+            path_prefix=b.path_prefix.encode("ascii"),
+        )
+        for b in config.backends
+    )
+
+
+class Proxy:
+    """One running mcpbalancer: `await start()`, serve, `await stop()`."""
+
+    def __init__(self, config: Config, *, shutdown_timeout: float = 5.0) -> None:
+        self.config = config
+        self.shutdown_timeout = shutdown_timeout
+        self.backends = build_backends(config)
+        self.store: SessionStore = create_store(
+            config.store,
+            prefix=config.store_prefix,
+            cache_size=config.local_cache_size,
+            on_expire=lambda sid, owner: self.router.session_expired(sid, owner),
+            session_ttl=config.session_ttl,
+        )
+        self.router = Router(self.backends, make_strategy(config.balance), self.store, config.session_ttl)
+        self._server: asyncio.Server | None = None
+        self._plane: DataPlane | None = None
+        self._sweeper: asyncio.Task[None] | None = None
+
+    @property
+    def port(self) -> int:
+        assert self._server is not None, "not started"
+        sock: socket.socket = self._server.sockets[0]
+        return int(sock.getsockname()[1])
+
+    @property
+    def url(self) -> str:
+        host = self.config.listen_host
+        host = f"[{host}]" if ":" in host else host
+        return f"http://{host}:{self.port}"
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        pools = {b.name: UpstreamPool(b, connect_timeout=self.config.timeouts.connect) for b in self.backends}
+        self._plane = DataPlane(
+            self.router,
+            pools,
+            heartbeat=self.config.heartbeat,
+            timeouts=self.config.timeouts,
+            limits=self.config.limits,
+            loop=loop,
+        )
+        self._server = await loop.create_server(
+            self._plane.protocol_factory,
+            self.config.listen_host,
+            self.config.listen_port,
+            reuse_address=True,
+            backlog=1024,
+        )
+        if hasattr(self.store, "sweep"):
+            self._sweeper = loop.create_task(self._sweep_forever())
+        log.info("listening on %s with %d backends", self.url, len(self.backends))
+
+    async def _sweep_forever(self) -> None:
+        while True:
+            await asyncio.sleep(SWEEP_INTERVAL)
+            self.store.sweep()  # type: ignore[attr-defined]
+
+    async def stop(self) -> None:
+        """Stop accepting, let in-flight exchanges finish (bounded), then close everything."""
+        if self._server is not None:
+            self._server.close()
+        plane = self._plane
+        if plane is not None:
+            plane.close_idle()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self.shutdown_timeout):
+                    await plane.wait_closed()
+            plane.abort_all()
+            for pool in plane.pools.values():
+                pool.close()
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._sweeper
+        await self.router.close()
+        await self.store.close()
+        if self._server is not None:
+            await self._server.wait_closed()

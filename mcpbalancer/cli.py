@@ -1,0 +1,74 @@
+"""Command line: parse arguments, load the config, run the proxy until SIGTERM or SIGINT."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+from collections.abc import Coroutine, Sequence
+from typing import Any
+
+from mcpbalancer import __version__
+from mcpbalancer.app import Proxy
+from mcpbalancer.config import Config, load_config
+from mcpbalancer.errors import ConfigError
+
+log = logging.getLogger("mcpbalancer")
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="mcpbalancer", description="Session-aware reverse proxy and load balancer for MCP."
+    )
+    parser.add_argument("--config", "-c", required=True, help="YAML configuration file")
+    parser.add_argument("--check", action="store_true", help="validate the configuration and exit")
+    parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    parser.add_argument("--version", action="version", version=f"mcpbalancer {__version__}")
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    try:
+        config = load_config(args.config)
+    except ConfigError as exc:
+        print(f"mcpbalancer: invalid configuration: {exc}", file=sys.stderr)
+        return 2
+    if args.check:
+        print(f"{config.source}: OK ({len(config.backends)} backends)")
+        return 0
+    try:
+        return _run(serve(config))
+    except OSError as exc:
+        print(
+            f"mcpbalancer: cannot listen on {config.listen_host}:{config.listen_port}: {exc}", file=sys.stderr
+        )
+        return 1
+
+
+def _run(main: Coroutine[Any, Any, int]) -> int:
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is a dependency; keep running without it
+        return asyncio.run(main)
+    return int(uvloop.run(main))
+
+
+async def serve(config: Config) -> int:
+    proxy = Proxy(config)
+    await proxy.start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("shutting down")
+    await proxy.stop()
+    return 0

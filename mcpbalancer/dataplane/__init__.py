@@ -1,0 +1,1 @@
+"""The hot path: asyncio.Protocol + httptools on uvloop (DESIGN.md §2-3)."""

@@ -1,0 +1,355 @@
+"""The client-facing HTTP/1.1 protocol: parse requests with httptools, hand each to an Exchange.
+
+One ClientConnection per accepted socket. Requests are answered in order: pipelined requests wait
+in a short queue (reading pauses when it is full) and the head of the queue is the one being
+relayed. Header names are lower-cased once, here, and the few headers routing needs are picked out
+as they arrive.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import deque
+from typing import cast
+
+import httptools
+
+from mcpbalancer import protocol
+from mcpbalancer.config import LimitsConfig, TimeoutsConfig
+from mcpbalancer.dataplane.exchange import Exchange, RequestHead
+from mcpbalancer.dataplane.upstream import UpstreamPool
+from mcpbalancer.errors import (
+    BadRequest,
+    HeadersTooLarge,
+    NotImplementedMethod,
+    ProxyError,
+    render_error,
+)
+from mcpbalancer.routing import Router
+
+log = logging.getLogger(__name__)
+
+PIPELINE_DEPTH = 16
+
+
+class DataPlane:
+    """What every connection shares: the router, the pools, the settings, the live connections."""
+
+    def __init__(
+        self,
+        router: Router,
+        pools: dict[str, UpstreamPool],
+        *,
+        heartbeat: float,
+        timeouts: TimeoutsConfig,
+        limits: LimitsConfig,
+        loop: asyncio.AbstractEventLoop,
+    ) -> None:
+        self.router = router
+        self.pools = pools
+        self.heartbeat = heartbeat
+        self.timeouts = timeouts
+        self.limits = limits
+        self.loop = loop
+        self.connections: set[ClientConnection] = set()
+        self.accepting = True
+        self._none_open = asyncio.Event()
+        self._none_open.set()
+
+    def opened(self, conn: ClientConnection) -> None:
+        self.connections.add(conn)
+        self._none_open.clear()
+
+    def closed(self, conn: ClientConnection) -> None:
+        self.connections.discard(conn)
+        if not self.connections:
+            self._none_open.set()
+
+    async def wait_closed(self) -> None:
+        await self._none_open.wait()
+
+    def protocol_factory(self) -> ClientConnection:
+        return ClientConnection(self)
+
+    def close_idle(self) -> None:
+        """Shutdown, step one: close idle connections, and the busy ones after their exchange."""
+        self.accepting = False
+        for conn in list(self.connections):
+            conn.close_when_idle()
+
+    def abort_all(self) -> None:
+        for conn in list(self.connections):
+            conn.abort()
+
+
+class ClientConnection(asyncio.Protocol):
+    def __init__(self, plane: DataPlane) -> None:
+        self.plane = plane
+        self.transport: asyncio.Transport | None = None
+        self.parser = httptools.HttpRequestParser(self)
+        self.peer_ip = b"unknown"
+        self._queue: deque[Exchange] = deque()
+        self._parsing: Exchange | None = None
+        self._paused = False
+        self._closing = False  # no new requests; close once the queue is empty
+        self._lost = False
+        self._reset_head()
+
+    def _reset_head(self) -> None:
+        self._url = b""
+        self._headers: list[tuple[bytes, bytes, bytes]] = []
+        self._head_bytes = 0
+        self._sid: bytes | None = None
+        self._sid_conflict = False
+        self._version: bytes | None = None
+        self._host: bytes | None = None
+        self._length: bytes | None = None
+        self._chunked = False
+        self._expect = False
+        self._xff: bytes | None = None
+        self._conn_tokens: frozenset[bytes] = frozenset()
+
+    # -- asyncio.Protocol -------------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's transports are not subclasses
+        peer = self.transport.get_extra_info("peername")
+        if isinstance(peer, tuple) and peer:
+            self.peer_ip = str(peer[0]).encode("ascii", "replace")
+        self.plane.opened(self)
+        if not self.plane.accepting:
+            self._closing = True
+            transport.close()
+
+    def data_received(self, data: bytes) -> None:
+        if self._closing:
+            return
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            # The Upgrade request was answered with 501 and the connection closes after it.
+            self._stop_reading()
+        except httptools.HttpParserCallbackError as exc:
+            cause = exc.__context__
+            self._refuse(cause if isinstance(cause, ProxyError) else BadRequest(f"Bad request: {exc}"))
+        except httptools.HttpParserError as exc:
+            self._refuse(BadRequest(f"Bad request: {exc}"))
+        else:
+            if self._parsing is None and self._head_bytes > 2 * self.plane.limits.header_bytes:
+                self._refuse(HeadersTooLarge())
+
+    def eof_received(self) -> bool:
+        # Half-close: the client has sent all it will; answer what is queued, then close.
+        self._closing = True
+        return bool(self._queue)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._lost = True
+        self._closing = True
+        self.plane.closed(self)
+        queue, self._queue = self._queue, deque()
+        for exchange in queue:
+            exchange.client_lost()
+
+    def pause_writing(self) -> None:
+        if self._queue:
+            self._queue[0].client_writable(False)
+
+    def resume_writing(self) -> None:
+        if self._queue:
+            self._queue[0].client_writable(True)
+
+    # -- httptools callbacks ----------------------------------------------------------------------
+
+    def on_message_begin(self) -> None:
+        self._reset_head()
+
+    def on_url(self, url: bytes) -> None:
+        self._url += url
+        self._count(len(url))
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._count(len(name) + len(value) + 4)
+        if len(self._headers) >= self.plane.limits.header_count:
+            raise HeadersTooLarge("Too many request header fields")
+        lname = name.lower()
+        special = _SPECIAL.get(lname)
+        if special is not None:
+            special(self, value)
+        self._headers.append((lname, name, value))
+
+    def _count(self, n: int) -> None:
+        self._head_bytes += n
+        if self._head_bytes > self.plane.limits.header_bytes:
+            raise HeadersTooLarge()
+
+    def on_headers_complete(self) -> None:
+        if self._closing:
+            return
+        parser = self.parser
+        method = parser.get_method()
+        http11 = parser.get_http_version() == "1.1"
+        head = RequestHead(
+            method=method,
+            target=self._url,
+            headers=self._headers,
+            keep_alive=parser.should_keep_alive(),
+            http11=http11,
+            chunked=self._chunked,
+            has_body=self._chunked or (self._length is not None and self._length.strip() != b"0"),
+            expect_continue=self._expect and http11,
+            session_id=self._sid,
+            protocol_version=self._version,
+            host=self._host,
+            content_length=self._length,
+            forwarded_for=self._xff,
+            connection_tokens=self._conn_tokens,
+        )
+        exchange = Exchange(self.plane, self, head)
+        problem = self._head_problem(head)
+        if problem is not None:
+            head.keep_alive = False
+            exchange.keep_alive = False
+            exchange.fail_before_start(problem)
+        self._parsing = exchange
+        self._head_bytes = 0
+        self._queue.append(exchange)
+        if len(self._queue) == 1:
+            exchange.start()
+        elif len(self._queue) >= PIPELINE_DEPTH:
+            self.pause_reading()
+
+    def _head_problem(self, head: RequestHead) -> ProxyError | None:
+        if head.method == b"CONNECT":
+            return NotImplementedMethod("CONNECT is not supported")
+        if self.parser.should_upgrade():
+            return NotImplementedMethod("Protocol upgrade is not supported")
+        if self._sid_conflict:
+            return BadRequest("Bad Request: conflicting Mcp-Session-Id headers")
+        target = head.target
+        if not target.startswith(b"/") and target != b"*":
+            try:
+                url = httptools.parse_url(target)
+            except httptools.HttpParserInvalidURLError:
+                return BadRequest("Bad Request: invalid request target")
+            head.target = (url.path or b"/") + (b"?" + url.query if url.query else b"")
+        return None
+
+    def on_body(self, body: bytes) -> None:
+        if self._parsing is not None:
+            self._parsing.request_body(body)
+
+    def on_message_complete(self) -> None:
+        exchange, self._parsing = self._parsing, None
+        if exchange is not None:
+            exchange.request_done()
+
+    # -- used by exchanges ------------------------------------------------------------------------
+
+    def write(self, data: bytes) -> None:
+        if self.transport is not None and not self._lost:
+            self.transport.write(data)
+
+    def abort(self) -> None:
+        self._closing = True
+        if self.transport is not None:
+            self.transport.abort()
+
+    def pause_reading(self) -> None:
+        if not self._paused and self.transport is not None and not self._lost:
+            self._paused = True
+            self.transport.pause_reading()
+
+    def resume_reading(self) -> None:
+        if self._paused and self.transport is not None and not self._lost:
+            self._paused = False
+            self.transport.resume_reading()
+
+    def exchange_finished(self, exchange: Exchange) -> None:
+        if self._lost:
+            return
+        if self._queue and self._queue[0] is exchange:
+            self._queue.popleft()
+        if not exchange.keep_alive:
+            self._close()
+            return
+        if self._queue:
+            self._queue[0].start()
+        elif self._closing:
+            self._close()
+        if len(self._queue) < PIPELINE_DEPTH:
+            self.resume_reading()
+
+    def close_when_idle(self) -> None:
+        self._closing = True
+        if not self._queue:
+            self._close()
+
+    # -- internals --------------------------------------------------------------------------------
+
+    def _refuse(self, err: ProxyError) -> None:
+        """The byte stream is broken: answer once the queue ahead drains, then close."""
+        log.info("refused request from %s: %s", self.peer_ip.decode(), err)
+        self._stop_reading()
+        if not self._queue:
+            self.write(render_error(err, keep_alive=False))
+            self._close()
+            return
+        last = self._queue[-1]
+        last.keep_alive = False
+
+    def _stop_reading(self) -> None:
+        self._closing = True
+        self.pause_reading()
+
+    def _close(self) -> None:
+        self._closing = True
+        if self.transport is not None and not self._lost:
+            self.transport.close()
+
+
+def _session_id(conn: ClientConnection, value: bytes) -> None:
+    if conn._sid is not None and conn._sid != value:
+        conn._sid_conflict = True
+    conn._sid = value
+
+
+def _version(conn: ClientConnection, value: bytes) -> None:
+    conn._version = value
+
+
+def _host(conn: ClientConnection, value: bytes) -> None:
+    conn._host = value
+
+
+def _length(conn: ClientConnection, value: bytes) -> None:
+    conn._length = value
+
+
+def _transfer_encoding(conn: ClientConnection, value: bytes) -> None:
+    conn._chunked = True
+
+
+def _expect(conn: ClientConnection, value: bytes) -> None:
+    conn._expect = value.strip().lower() == b"100-continue"
+
+
+def _forwarded_for(conn: ClientConnection, value: bytes) -> None:
+    conn._xff = value if conn._xff is None else conn._xff + b", " + value
+
+
+def _connection(conn: ClientConnection, value: bytes) -> None:
+    conn._conn_tokens = conn._conn_tokens | protocol.connection_tokens(value)
+
+
+_SPECIAL = {
+    protocol.SESSION_ID: _session_id,
+    protocol.PROTOCOL_VERSION: _version,
+    protocol.HOST: _host,
+    protocol.CONTENT_LENGTH: _length,
+    protocol.TRANSFER_ENCODING: _transfer_encoding,
+    protocol.EXPECT: _expect,
+    b"x-forwarded-for": _forwarded_for,
+    protocol.CONNECTION: _connection,
+}

@@ -1,0 +1,541 @@
+"""One request/response exchange: routes it, relays it to a backend, relays the answer back.
+
+The exchange sits between a ClientConnection (which parsed the request head and feeds the body)
+and an UpstreamConnection (which parses the backend's answer). Everything is callbacks; a Task is
+made only where something must be awaited: a store lookup for a session not in the local cache, a
+new backend connection, or a session binding written to a shared store before the client may see
+the id.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from mcpbalancer import protocol
+from mcpbalancer.backends import Backend
+from mcpbalancer.dataplane.sse import PING, EventBoundary
+from mcpbalancer.dataplane.upstream import UpstreamConnection
+from mcpbalancer.errors import (
+    BadGateway,
+    GatewayTimeout,
+    NoBackendAvailable,
+    PayloadTooLarge,
+    ProxyError,
+    render_error,
+)
+from mcpbalancer.routing import RequestFacts, classify
+
+if TYPE_CHECKING:
+    from mcpbalancer.dataplane.client import ClientConnection, DataPlane
+
+log = logging.getLogger(__name__)
+
+# Request bytes kept until the first response byte, so a request sent on a keep-alive connection the
+# backend had just closed can be sent again on a fresh one. Larger requests are not retried.
+REPLAY_LIMIT = 64 * 1024
+CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+LAST_CHUNK = b"0\r\n\r\n"
+
+
+@dataclass(slots=True)
+class RequestHead:
+    method: bytes
+    target: bytes
+    headers: list[tuple[bytes, bytes, bytes]]  # (lower-case name, name as received, value)
+    keep_alive: bool
+    http11: bool
+    chunked: bool
+    has_body: bool
+    expect_continue: bool
+    session_id: bytes | None
+    protocol_version: bytes | None
+    host: bytes | None
+    content_length: bytes | None
+    forwarded_for: bytes | None
+    connection_tokens: frozenset[bytes]
+
+
+class Exchange:
+    def __init__(self, plane: DataPlane, client: ClientConnection, head: RequestHead) -> None:
+        self.plane = plane
+        self.client = client
+        self.head = head
+        self.facts: RequestFacts | None = None
+        self.backend: Backend | None = None
+        self.upstream: UpstreamConnection | None = None
+        self.done = False
+        self.keep_alive = head.keep_alive
+        self.request_complete = False
+        self._body: list[bytes] = []  # request body received before a backend connection exists
+        self._body_bytes = 0
+        self._replay: list[bytes] | None = []
+        self._replay_bytes = 0
+        self._retried = False
+        self._terminated = False  # the last chunk of a chunked request body was sent
+        self._tried: set[str] = set()
+        self._started = False  # response head written to the client
+        self._held: list[bytes] | None = None  # response bytes held while a binding is stored
+        self._chunked_out = False
+        self._no_body = False
+        self._until_close = False
+        self._reused = False
+        self._held_complete = False
+        self._boundary: EventBoundary | None = None
+        self._last_write = 0.0
+        self._last_upstream = 0.0
+        self._timer: asyncio.TimerHandle | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._preset: ProxyError | None = None
+
+    # -- lifecycle driven by the client connection ------------------------------------------------
+
+    def fail_before_start(self, err: ProxyError) -> None:
+        """Answer `err` instead of forwarding, once this exchange's turn comes."""
+        self._preset = err
+
+    def start(self) -> None:
+        """This exchange is at the head of its connection's queue: route it."""
+        if self._preset is not None:
+            self._answer_error(self._preset)
+            return
+        head = self.head
+        try:
+            self.facts = classify(head.method, head.session_id, head.protocol_version)
+            target = self.plane.router.route(self.facts)
+        except ProxyError as err:
+            self._answer_error(err)
+            return
+        if isinstance(target, Backend):
+            self._use(target)
+        else:
+            self._await(target)
+
+    def request_body(self, data: bytes) -> None:
+        if self.done:
+            return
+        self._body_bytes += len(data)
+        if self._body_bytes > self.plane.limits.body_bytes:
+            self._too_large()
+            return
+        if self.upstream is None:
+            self._body.append(data)
+            if self._body_bytes > REPLAY_LIMIT:
+                self.client.pause_reading()
+            return
+        self._send(self._frame_request(data))
+
+    def request_done(self) -> None:
+        self.request_complete = True
+        if self.done:
+            return
+        if self.upstream is not None and self.head.chunked:
+            self._send(LAST_CHUNK)
+            self._terminated = True
+
+    def client_lost(self) -> None:
+        """The client went away: closing the upstream request is the cancellation signal."""
+        if self.done:
+            return
+        if self.upstream is not None:
+            self.upstream.abort()
+            self.upstream = None
+        self._finish(reusable=False)
+
+    def client_writable(self, writable: bool) -> None:
+        if self.upstream is not None:
+            if writable:
+                self.upstream.resume_reading()
+            else:
+                self.upstream.pause_reading()
+
+    # -- routing and connecting -------------------------------------------------------------------
+
+    def _await(self, awaitable: Awaitable[Backend]) -> None:
+        async def run() -> None:
+            try:
+                backend = await awaitable
+            except ProxyError as err:
+                self._answer_error(err)
+                return
+            if not self.done:
+                self._use(backend)
+
+        self._task = asyncio.get_running_loop().create_task(run())
+
+    def _use(self, backend: Backend) -> None:
+        if self.done:
+            return
+        if self.backend is None:
+            backend.in_flight += 1
+        elif self.backend is not backend:
+            self.backend.in_flight -= 1
+            backend.in_flight += 1
+        self.backend = backend
+        self._tried.add(backend.name)
+        if self.head.expect_continue and not self.request_complete and not self._started:
+            self.client.write(CONTINUE)
+            self.head.expect_continue = False
+        conn = self.plane.pools[backend.name].take()
+        if conn is not None:
+            self._attach(conn)
+        else:
+            self._connect(backend)
+
+    def _connect(self, backend: Backend) -> None:
+        async def run() -> None:
+            try:
+                conn = await self.plane.pools[backend.name].connect()
+            except (OSError, TimeoutError) as exc:
+                if not self.done:
+                    self._connect_failed(backend, exc)
+                return
+            if self.done:
+                conn.close()
+            else:
+                self._attach(conn)
+
+        self._task = asyncio.get_running_loop().create_task(run())
+
+    def _connect_failed(self, backend: Backend, exc: OSError | TimeoutError) -> None:
+        assert self.facts is not None
+        timed_out = isinstance(exc, TimeoutError)
+        log.warning("backend %s: connect failed: %s", backend.name, exc or type(exc).__name__)
+        if self.facts.session_id is not None:
+            if timed_out:
+                # A backend slow to accept is not gone: keep its sessions.
+                self._answer_error(GatewayTimeout("Backend connect timeout"))
+            else:
+                self._answer_error(self.plane.router.owner_gone(self.facts, backend))
+            return
+        # Nothing reached the backend: a new session or a stateless request may try another.
+        try:
+            other = self.plane.router.pick(self._tried)
+        except NoBackendAvailable:
+            self._answer_error(BadGateway("No backend reachable"))
+            return
+        self._use(other)
+
+    def _attach(self, conn: UpstreamConnection) -> None:
+        self.upstream = conn
+        self._reused = conn.reused
+        conn.attach(self)
+        self._send(self._request_head())
+        self._flush_pending()
+        timeout = self.plane.timeouts.response_headers
+        self._timer = asyncio.get_running_loop().call_later(timeout, self._headers_timeout)
+
+    def _request_head(self) -> bytes:
+        head = self.head
+        backend = self.backend
+        assert backend is not None
+        drop = _DROP_REQUEST | head.connection_tokens if head.connection_tokens else _DROP_REQUEST
+        lines = [head.method, b" ", backend.path_prefix, head.target, b" HTTP/1.1\r\nHost: "]
+        lines += (backend.host_header, b"\r\n")
+        for lname, name, value in head.headers:
+            if lname not in drop:
+                lines += (name, b": ", value, b"\r\n")
+        peer = self.client.peer_ip
+        forwarded_for = peer if head.forwarded_for is None else head.forwarded_for + b", " + peer
+        lines += (b"X-Forwarded-For: ", forwarded_for, b"\r\nX-Forwarded-Proto: http\r\n")
+        if head.host is not None:
+            lines += (b"X-Forwarded-Host: ", head.host, b"\r\n")
+        if head.chunked:
+            lines.append(b"Transfer-Encoding: chunked\r\n\r\n")
+        elif head.has_body and head.content_length is not None:
+            lines += (b"Content-Length: ", head.content_length, b"\r\n\r\n")
+        else:
+            lines.append(b"\r\n")
+        return b"".join(lines)
+
+    def _flush_pending(self) -> None:
+        """Send the body that arrived while no backend connection existed."""
+        parts = [self._frame_request(chunk) for chunk in self._body]
+        self._body = []
+        if self.request_complete and self.head.chunked and not self._terminated:
+            parts.append(LAST_CHUNK)
+            self._terminated = True
+        if parts:
+            self._send(b"".join(parts))
+        self.client.resume_reading()
+
+    def _frame_request(self, data: bytes) -> bytes:
+        if self.head.chunked:
+            return b"%x\r\n%b\r\n" % (len(data), data)
+        return data
+
+    def _send(self, data: bytes) -> None:
+        replay = self._replay
+        if replay is not None:
+            self._replay_bytes += len(data)
+            if self._replay_bytes > REPLAY_LIMIT:
+                self._replay = None
+            else:
+                replay.append(data)
+        if self.upstream is not None:
+            self.upstream.write(data)
+
+    # -- the response, called by the upstream connection -----------------------------------------
+
+    def response_head(self, status: int, reason: bytes, headers: list[tuple[bytes, bytes]]) -> None:
+        self._cancel_timer()
+        self._replay = None
+        assert self.facts is not None and self.backend is not None
+        response_sid = None
+        content_type = b""
+        length: bytes | None = None
+        chunked = False
+        drop = protocol.HOP_BY_HOP
+        lnames = [name.lower() for name, _ in headers]
+        for lname, (_, value) in zip(lnames, headers, strict=True):
+            if lname == protocol.SESSION_ID:
+                response_sid = value
+            elif lname == protocol.CONTENT_TYPE:
+                content_type = value
+            elif lname == protocol.CONTENT_LENGTH:
+                length = value
+            elif lname == protocol.TRANSFER_ENCODING:
+                chunked = True
+            elif lname == protocol.CONNECTION:
+                drop = drop | protocol.connection_tokens(value)
+        self._no_body = self.head.method == b"HEAD" or status in (204, 304)
+        if not self._no_body and (chunked or length is None):
+            # Chunked or close-delimited upstream: chunked to an HTTP/1.1 client, else until close.
+            self._until_close = not chunked
+            self._chunked_out = self.head.http11
+            if not self.head.http11:
+                self.keep_alive = False
+            drop = drop | {protocol.CONTENT_LENGTH}
+        lines = [b"HTTP/1.1 %d %b\r\n" % (status, reason)]
+        for lname, (name, value) in zip(lnames, headers, strict=True):
+            if lname not in drop:
+                lines += (name, b": ", value, b"\r\n")
+        if self._chunked_out:
+            lines.append(b"Transfer-Encoding: chunked\r\n")
+        if not self.keep_alive:
+            lines.append(b"Connection: close\r\n")
+        lines.append(b"\r\n")
+        out = b"".join(lines)
+        if content_type.lstrip().lower().startswith(protocol.EVENT_STREAM) and not self._no_body:
+            self._start_stream()
+        wait = self.plane.router.learn(self.facts, self.backend, status, response_sid)
+        if wait is None:
+            self._write_head(out)
+        else:
+            self._held = [out]
+            if self.upstream is not None:
+                self.upstream.pause_reading()
+            self._hold_until(wait)
+        if self.head.method == b"HEAD" and self.upstream is not None:
+            self.upstream.skip_body()
+            self.response_done()
+
+    def _write_head(self, out: bytes) -> None:
+        self._started = True
+        self.client.write(out)
+
+    def _hold_until(self, wait: Awaitable[None]) -> None:
+        async def run() -> None:
+            try:
+                await wait
+            finally:
+                held, self._held = self._held, None
+                if not self.done and held is not None:
+                    self._started = True
+                    self.client.write(b"".join(held))
+                    if self.upstream is not None:
+                        self.upstream.resume_reading()
+                    if self._held_complete:
+                        self._complete()
+
+        self._task = asyncio.get_running_loop().create_task(run())
+
+    def response_body(self, data: bytes) -> None:
+        if self.done or self._no_body:
+            return
+        if self._boundary is not None:
+            self._boundary.feed(data)
+            self._last_write = self._last_upstream = self.plane.loop.time()
+        out = b"%x\r\n%b\r\n" % (len(data), data) if self._chunked_out else data
+        if self._held is not None:
+            self._held.append(out)
+        else:
+            self.client.write(out)
+
+    def response_done(self) -> None:
+        if self.done:
+            return
+        if self._held is not None:
+            self._held_complete = True
+            return
+        self._complete()
+
+    def _complete(self) -> None:
+        if self._chunked_out:
+            self.client.write(LAST_CHUNK)
+        self._finish(reusable=self.request_complete)
+
+    def upstream_lost(self, exc: Exception | None) -> None:
+        if self.done:
+            return
+        self.upstream = None
+        if self._until_close and (self._started or self._held is not None):
+            self.response_done()  # a close-delimited body ends with the connection
+            return
+        if self._started or self._held is not None:
+            # Mid-body: the client sees the truncation as a closed connection.
+            self._abort_client()
+            return
+        assert self.backend is not None and self.facts is not None
+        if self._replay is not None and not self._retried and self._reused:
+            self._retry_fresh()
+            return
+        log.warning("backend %s closed the connection before answering: %s", self.backend.name, exc)
+        if self.facts.session_id is not None:
+            self._answer_error(self.plane.router.owner_gone(self.facts, self.backend))
+        else:
+            self._answer_error(BadGateway("Backend closed the connection"))
+
+    def upstream_writable(self, writable: bool) -> None:
+        if writable:
+            self.client.resume_reading()
+        else:
+            self.client.pause_reading()
+
+    # -- retry, timers, heartbeats -------------------------------------------------------------
+
+    def _retry_fresh(self) -> None:
+        """The idle keep-alive connection was stale: send the same bytes on a new one, once."""
+        self._retried = True
+        replay = self._replay or []
+        backend = self.backend
+        assert backend is not None
+
+        async def run() -> None:
+            try:
+                conn = await self.plane.pools[backend.name].connect()
+            except (OSError, TimeoutError) as exc:
+                if not self.done:
+                    self._connect_failed(backend, exc)
+                return
+            if self.done:
+                conn.close()
+                return
+            self.upstream = conn
+            conn.attach(self)
+            conn.write(b"".join(replay))
+            self._flush_pending()
+
+        self._task = asyncio.get_running_loop().create_task(run())
+
+    def _headers_timeout(self) -> None:
+        self._timer = None
+        if self.done or self._started:
+            return
+        name = self.backend.name if self.backend else "?"
+        log.warning("backend %s: no response head within %ss", name, self.plane.timeouts.response_headers)
+        if self.upstream is not None:
+            self.upstream.abort()
+            self.upstream = None
+        self._answer_error(GatewayTimeout("Backend response timeout"))
+
+    def _start_stream(self) -> None:
+        self._boundary = EventBoundary()
+        self._last_write = self._last_upstream = self.plane.loop.time()
+        interval = self._tick_interval()
+        if interval > 0:
+            self._timer = self.plane.loop.call_later(interval, self._tick)
+
+    def _tick_interval(self) -> float:
+        beat, idle = self.plane.heartbeat, self.plane.timeouts.stream_idle
+        return min(x for x in (beat, idle, float("inf")) if x > 0) if beat > 0 or idle > 0 else 0.0
+
+    def _tick(self) -> None:
+        """Heartbeat and idle check, one timer per stream, re-armed rather than reset per chunk."""
+        self._timer = None
+        if self.done or self._boundary is None:
+            return
+        now = self.plane.loop.time()
+        idle = self.plane.timeouts.stream_idle
+        if idle > 0 and now - self._last_upstream >= idle:
+            name = self.backend.name if self.backend else "?"
+            log.info("backend %s: stream idle for %ss; closing", name, idle)
+            self._abort_client()
+            return
+        beat = self.plane.heartbeat
+        if beat > 0 and now - self._last_write >= beat and self._held is None and self._boundary.at_boundary:
+            self.client.write(b"%x\r\n%b\r\n" % (len(PING), PING) if self._chunked_out else PING)
+            self._last_write = now
+        due = [t for t in (beat and self._last_write + beat, idle and self._last_upstream + idle) if t]
+        delay = max(min(due) - now, 0.05) if due else 0.0
+        if delay:
+            self._timer = self.plane.loop.call_later(delay, self._tick)
+
+    def _cancel_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    # -- endings -------------------------------------------------------------------------------
+
+    def _too_large(self) -> None:
+        if self.upstream is not None:
+            self.upstream.abort()
+            self.upstream = None
+        if self._started:
+            self._abort_client()
+        else:
+            self._answer_error(PayloadTooLarge())
+
+    def _answer_error(self, err: ProxyError) -> None:
+        if self.done:
+            return
+        if self._started or self._held is not None:
+            self._abort_client()
+            return
+        # The rest of the body is read and dropped, unless the client still waits for 100 Continue
+        # (it may never send it) or the body is over the limit: then close after answering.
+        if not self.request_complete and (self.head.expect_continue or isinstance(err, PayloadTooLarge)):
+            self.keep_alive = False
+        target = self.head.target[:200].decode("latin-1")
+        log.info("%s %s -> %d %s", self.head.method.decode("latin-1"), target, err.status, err)
+        head_only = self.head.method == b"HEAD"
+        self.client.write(render_error(err, keep_alive=self.keep_alive, head_only=head_only))
+        if self.upstream is not None:
+            self.upstream.abort()
+            self.upstream = None
+        self._finish(reusable=False)
+
+    def _abort_client(self) -> None:
+        self.keep_alive = False
+        if self.upstream is not None:
+            self.upstream.abort()
+            self.upstream = None
+        self._finish(reusable=False)
+        self.client.abort()
+
+    def _finish(self, reusable: bool) -> None:
+        if self.done:
+            return
+        self.done = True
+        self._cancel_timer()
+        if self.backend is not None:
+            self.backend.in_flight -= 1
+        if self.upstream is not None:
+            self.upstream.release(reusable)
+            self.upstream = None
+        self.client.exchange_finished(self)
+
+
+# Hop-by-hop headers, and the ones this proxy writes itself.
+_DROP_REQUEST = protocol.HOP_BY_HOP | {
+    protocol.HOST,
+    protocol.EXPECT,
+    protocol.CONTENT_LENGTH,
+    b"x-forwarded-for",
+    b"x-forwarded-proto",
+    b"x-forwarded-host",
+}

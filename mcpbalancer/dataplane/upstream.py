@@ -1,0 +1,219 @@
+"""Backend connections: one asyncio.Protocol per TCP connection, a keep-alive pool per backend.
+
+An UpstreamConnection parses one response at a time with httptools and hands each event to the
+`ResponseSink` (the exchange) it is attached to. Idle connections wait in their backend's pool,
+most recently used first, so a burst reuses warm sockets and cold ones age out.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import ssl
+from typing import Protocol, cast
+
+import httptools
+
+from mcpbalancer.backends import Backend
+
+log = logging.getLogger(__name__)
+
+
+class ResponseSink(Protocol):
+    """What an upstream connection reports to the exchange it serves."""
+
+    def response_head(self, status: int, reason: bytes, headers: list[tuple[bytes, bytes]]) -> None: ...
+    def response_body(self, data: bytes) -> None: ...
+    def response_done(self) -> None: ...
+    def upstream_lost(self, exc: Exception | None) -> None: ...
+    def upstream_writable(self, writable: bool) -> None: ...
+
+
+class UpstreamConnection(asyncio.Protocol):
+    __slots__ = (
+        "_headers",
+        "_interim",
+        "_reason",
+        "closed",
+        "parser",
+        "pool",
+        "reused",
+        "sink",
+        "transport",
+    )
+
+    def __init__(self, pool: UpstreamPool) -> None:
+        self.pool = pool
+        self.transport: asyncio.Transport | None = None
+        self.parser = httptools.HttpResponseParser(self)
+        self.sink: ResponseSink | None = None
+        self.reused = False
+        self.closed = False
+        self._headers: list[tuple[bytes, bytes]] = []
+        self._reason = b""
+        self._interim = False
+
+    # asyncio.Protocol
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's transports are not subclasses
+
+    def data_received(self, data: bytes) -> None:
+        if self.sink is None:
+            # A backend has nothing to say on an idle connection; it is not reusable.
+            self.close()
+            return
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserError as exc:
+            log.warning("backend %s sent a malformed response: %s", self.pool.backend.name, exc)
+            self._lose(exc)
+
+    def eof_received(self) -> bool:
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self.pool.discard(self)
+        self._lose(exc)
+
+    def pause_writing(self) -> None:
+        if self.sink is not None:
+            self.sink.upstream_writable(False)
+
+    def resume_writing(self) -> None:
+        if self.sink is not None:
+            self.sink.upstream_writable(True)
+
+    # httptools callbacks
+
+    def on_message_begin(self) -> None:
+        self._headers = []
+        self._reason = b""
+
+    def on_status(self, status: bytes) -> None:
+        self._reason += status
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._headers.append((name, value))
+
+    def on_headers_complete(self) -> None:
+        status = self.parser.get_status_code()
+        # Interim 1xx answers (102, 103) are not relayed: we never forward Expect or Upgrade.
+        self._interim = 100 <= status < 200
+        if not self._interim and self.sink is not None:
+            self.sink.response_head(status, self._reason, self._headers)
+
+    def on_body(self, body: bytes) -> None:
+        if self.sink is not None:
+            self.sink.response_body(body)
+
+    def on_message_complete(self) -> None:
+        if self._interim:
+            self._interim = False
+            return
+        if self.sink is not None:
+            self.sink.response_done()
+
+    # used by the exchange
+
+    def attach(self, sink: ResponseSink) -> None:
+        self.sink = sink
+
+    def write(self, data: bytes) -> None:
+        if self.transport is not None and not self.closed:
+            self.transport.write(data)
+
+    def pause_reading(self) -> None:
+        if self.transport is not None and not self.closed:
+            self.transport.pause_reading()
+
+    def resume_reading(self) -> None:
+        if self.transport is not None and not self.closed:
+            self.transport.resume_reading()
+
+    def skip_body(self) -> None:
+        """The response to HEAD has no body whatever its Content-Length says: start a fresh parser."""
+        self.parser = httptools.HttpResponseParser(self)
+
+    def release(self, reusable: bool) -> None:
+        """The exchange is over: back to the pool, or closed."""
+        self.sink = None
+        if reusable and not self.closed:
+            self.pool.release(self)
+        else:
+            self.close()
+
+    def close(self) -> None:
+        self.sink = None
+        if self.transport is not None and not self.closed:
+            self.closed = True
+            self.transport.close()
+        self.pool.discard(self)
+
+    def abort(self) -> None:
+        self.sink = None
+        if self.transport is not None and not self.closed:
+            self.closed = True
+            self.transport.abort()
+        self.pool.discard(self)
+
+    def _lose(self, exc: Exception | None) -> None:
+        sink, self.sink = self.sink, None
+        if not self.closed and self.transport is not None:
+            self.closed = True
+            self.transport.abort()
+        if sink is not None:
+            sink.upstream_lost(exc)
+
+
+class UpstreamPool:
+    """Keep-alive connections to one backend."""
+
+    def __init__(
+        self,
+        backend: Backend,
+        *,
+        connect_timeout: float,
+        max_idle: int = 64,
+        ssl_context: ssl.SSLContext | None = None,
+    ) -> None:
+        self.backend = backend
+        self._connect_timeout = connect_timeout
+        self._max_idle = max_idle
+        self._ssl = ssl_context if backend.tls else None
+        self._idle: list[UpstreamConnection] = []
+
+    def take(self) -> UpstreamConnection | None:
+        """A warm idle connection, or None."""
+        while self._idle:
+            conn = self._idle.pop()
+            if not conn.closed:
+                conn.reused = True
+                return conn
+        return None
+
+    async def connect(self) -> UpstreamConnection:
+        """A new connection; raises OSError (refused, unreachable) or TimeoutError."""
+        loop = asyncio.get_running_loop()
+        async with asyncio.timeout(self._connect_timeout):
+            _, conn = await loop.create_connection(
+                lambda: UpstreamConnection(self), self.backend.host, self.backend.port, ssl=self._ssl
+            )
+        return conn
+
+    def release(self, conn: UpstreamConnection) -> None:
+        if len(self._idle) >= self._max_idle:
+            conn.close()
+            return
+        conn.resume_reading()
+        self._idle.append(conn)
+
+    def discard(self, conn: UpstreamConnection) -> None:
+        if conn in self._idle:
+            self._idle.remove(conn)
+
+    def close(self) -> None:
+        idle, self._idle = self._idle, []
+        for conn in idle:
+            conn.close()
