@@ -50,6 +50,7 @@ class Router:
         self._store = store
         self._ttl = session_ttl
         self._background: set[asyncio.Task[None]] = set()
+        self._forgetting: set[str] = set()  # sessions whose store delete has not finished yet
 
     def route(self, facts: RequestFacts) -> Backend | Awaitable[Backend]:
         """The backend for `facts`: at once when known locally, else an awaitable store lookup.
@@ -131,12 +132,16 @@ class Router:
         if owner == backend.name:
             backend.sessions += 1
         else:
-            log.warning("session id collision: %s already bound to %s", backend.name, owner)
+            log.warning("backend %s issued a session id bound to %s; not rebound", backend.name, owner)
 
     def _forget(self, sid: str, backend: Backend | None) -> None:
-        # Count the session down once, even when several requests learn of its end together.
+        # Count the session down once, even when several requests learn of its end together:
+        # the store still has it until the delete below has run.
+        if sid in self._forgetting:
+            return
         if backend is not None and backend.sessions > 0 and self._store.peek(sid) is not None:
             backend.sessions -= 1
+        self._forgetting.add(sid)
         task = asyncio.get_running_loop().create_task(self._delete(sid))
         self._background.add(task)
         task.add_done_callback(self._background.discard)
@@ -146,6 +151,8 @@ class Router:
             await self._store.delete(sid)
         except StoreError as exc:
             log.warning("could not delete a session from the store: %s", exc)
+        finally:
+            self._forgetting.discard(sid)
 
     def session_expired(self, sid: str, owner: str) -> None:
         """Store callback: an entry expired; keep the backend's session count honest."""

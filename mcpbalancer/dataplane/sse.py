@@ -10,8 +10,9 @@ from __future__ import annotations
 PING = b": ping\n\n"
 
 # Tails that end a blank line. A lone trailing "\r" may be the first half of "\r\n", so a tail of
-# "\n\r" is not a boundary yet; "\r\r" is (a following "\n" would only add an empty line).
-_BOUNDARY_TAILS = (b"\n\n", b"\n\r\n", b"\r\r")
+# "\n\r" is not a boundary yet; "\r\r" is (a following "\n" would only add an empty line), and
+# stays one when that "\n" arrives: "\r\r\n" is a CR-ended line, then a CRLF blank line.
+_BOUNDARY_TAILS = (b"\n\n", b"\n\r\n", b"\r\r", b"\r\r\n")
 
 
 class EventBoundary:

@@ -1,0 +1,181 @@
+"""render_error: the one place a ProxyError becomes bytes on the client socket."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import httptools
+import pytest
+
+from mcpbalancer import errors
+from mcpbalancer.errors import (
+    BadGateway,
+    BadRequest,
+    Forbidden,
+    GatewayTimeout,
+    HeadersTooLarge,
+    MCPBalancerError,
+    NoBackendAvailable,
+    NotImplementedMethod,
+    PayloadTooLarge,
+    ProxyError,
+    SessionNotFound,
+    render_error,
+)
+
+
+class Parsed:
+    """Callbacks for httptools.HttpResponseParser, collecting one response."""
+
+    def __init__(self) -> None:
+        self.reason = b""
+        self.headers: list[tuple[bytes, bytes]] = []
+        self.body = b""
+        self.complete = False
+        self.status = 0
+        self.keep_alive = False
+        self.parser = httptools.HttpResponseParser(self)
+
+    def on_headers_complete(self) -> None:
+        # llhttp resets its flags once the message completes: read them here.
+        self.status = self.parser.get_status_code()
+        self.keep_alive = self.parser.should_keep_alive()
+        assert self.parser.get_http_version() == "1.1"
+
+    def on_status(self, reason: bytes) -> None:
+        self.reason += reason
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self.headers.append((name.lower(), value))
+
+    def on_body(self, body: bytes) -> None:
+        self.body += body
+
+    def on_message_complete(self) -> None:
+        self.complete = True
+
+    def header(self, name: bytes) -> bytes | None:
+        values = [v for n, v in self.headers if n == name]
+        assert len(values) <= 1, f"duplicate {name!r}"
+        return values[0] if values else None
+
+
+def parse(raw: bytes) -> Parsed:
+    parsed = Parsed()
+    parsed.parser.feed_data(raw)
+    return parsed
+
+
+def body_json(parsed: Parsed) -> Any:
+    return json.loads(parsed.body)
+
+
+ALL = [
+    (BadRequest, 400, b"Bad Request", -32600),
+    (Forbidden, 403, b"Forbidden", -32600),
+    (SessionNotFound, 404, b"Not Found", -32600),
+    (PayloadTooLarge, 413, b"Payload Too Large", -32600),
+    (HeadersTooLarge, 431, b"Request Header Fields Too Large", -32600),
+    (NotImplementedMethod, 501, b"Not Implemented", -32600),
+    (BadGateway, 502, b"Bad Gateway", -32603),
+    (NoBackendAvailable, 503, b"Service Unavailable", -32603),
+    (GatewayTimeout, 504, b"Gateway Timeout", -32603),
+]
+
+
+@pytest.mark.parametrize(("cls", "status", "reason", "code"), ALL)
+@pytest.mark.parametrize("keep_alive", [True, False])
+def test_every_error_renders_a_complete_response(
+    cls: type[ProxyError], status: int, reason: bytes, code: int, keep_alive: bool
+) -> None:
+    parsed = parse(render_error(cls(), keep_alive=keep_alive))
+    assert parsed.complete
+    assert (parsed.status, parsed.reason) == (status, reason)
+    assert parsed.header(b"content-type") == b"application/json"
+    assert parsed.header(b"content-length") == str(len(parsed.body)).encode()
+    assert parsed.header(b"cache-control") == b"no-store"
+    assert parsed.header(b"connection") == (b"keep-alive" if keep_alive else b"close")
+    assert parsed.keep_alive is keep_alive
+    assert body_json(parsed) == {
+        "jsonrpc": "2.0",
+        "id": None,
+        "error": {"code": code, "message": cls().message},
+    }
+
+
+def test_session_not_found_body_is_exact() -> None:
+    raw = render_error(SessionNotFound(), keep_alive=True)
+    assert raw.endswith(
+        b"\r\n\r\n" + b'{"jsonrpc":"2.0","id":null,"error":{"code":-32600,"message":"Session not found"}}'
+    )
+    assert parse(raw).body == errors.error_body(SessionNotFound())
+
+
+def test_custom_message_is_in_the_body() -> None:
+    parsed = parse(render_error(BadRequest("Bad Request: invalid Mcp-Session-Id header"), keep_alive=True))
+    assert body_json(parsed)["error"]["message"] == "Bad Request: invalid Mcp-Session-Id header"
+
+
+def test_non_ascii_message_keeps_content_length_in_bytes() -> None:
+    raw = render_error(BadGateway("backend “b1” said ✗"), keep_alive=True)
+    parsed = parse(raw)
+    assert parsed.complete
+    assert int(parsed.header(b"content-length") or b"-1") == len(parsed.body)
+    assert body_json(parsed)["error"]["message"] == "backend “b1” said ✗"
+
+
+@pytest.mark.parametrize(("retry_after", "expected"), [(None, b"1"), (30, b"30")])
+def test_no_backend_available_has_retry_after(retry_after: int | None, expected: bytes) -> None:
+    err = NoBackendAvailable() if retry_after is None else NoBackendAvailable(retry_after=retry_after)
+    assert parse(render_error(err, keep_alive=True)).header(b"retry-after") == expected
+
+
+def test_retry_after_can_be_turned_off() -> None:
+    assert (
+        parse(render_error(NoBackendAvailable(retry_after=None), keep_alive=True)).header(b"retry-after")
+        is None
+    )
+
+
+@pytest.mark.parametrize(
+    ("cls", "status", "reason", "code"), [a for a in ALL if a[0] is not NoBackendAvailable]
+)
+def test_other_errors_have_no_retry_after(
+    cls: type[ProxyError], status: int, reason: bytes, code: int
+) -> None:
+    assert parse(render_error(cls(), keep_alive=True)).header(b"retry-after") is None
+
+
+@pytest.mark.parametrize("keep_alive", [True, False])
+def test_head_only_has_headers_and_no_body(keep_alive: bool) -> None:
+    full = render_error(SessionNotFound(), keep_alive=keep_alive)
+    head = render_error(SessionNotFound(), keep_alive=keep_alive, head_only=True)
+    assert head.endswith(b"\r\n\r\n")
+    assert full == head + errors.error_body(SessionNotFound())
+    # Content-Length still describes the body a GET would have had (RFC 9110 §9.3.2).
+    assert f"Content-Length: {len(errors.error_body(SessionNotFound()))}\r\n".encode() in head
+
+
+def test_response_is_pipelining_safe() -> None:
+    # Two rendered responses back to back parse as exactly two messages.
+    raw = render_error(SessionNotFound(), keep_alive=True) + render_error(BadRequest(), keep_alive=False)
+    seen: list[tuple[int, bool, bytes]] = []
+
+    class Collect(Parsed):
+        def on_message_complete(self) -> None:
+            seen.append((self.status, self.keep_alive, self.body))
+            self.body = b""
+
+    Collect().parser.feed_data(raw)
+    assert [(status, keep_alive) for status, keep_alive, _ in seen] == [(404, True), (400, False)]
+    assert [json.loads(body)["error"]["code"] for _, _, body in seen] == [-32600, -32600]
+
+
+def test_tree() -> None:
+    for cls, *_ in ALL:
+        assert issubclass(cls, ProxyError)
+    assert issubclass(ProxyError, MCPBalancerError)
+    assert issubclass(errors.ConfigError, MCPBalancerError)
+    assert issubclass(errors.StoreError, MCPBalancerError)
+    assert str(SessionNotFound()) == "Session not found"
