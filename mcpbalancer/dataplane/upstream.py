@@ -22,6 +22,7 @@ log = logging.getLogger(__name__)
 class ResponseSink(Protocol):
     """What an upstream connection reports to the exchange it serves."""
 
+    def response_begun(self) -> None: ...
     def response_head(self, status: int, reason: bytes, headers: list[tuple[bytes, bytes]]) -> None: ...
     def response_body(self, data: bytes) -> None: ...
     def response_done(self) -> None: ...
@@ -35,6 +36,7 @@ class UpstreamConnection(asyncio.Protocol):
         "_interim",
         "_reason",
         "closed",
+        "keep_alive",
         "parser",
         "pool",
         "reused",
@@ -49,6 +51,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.sink: ResponseSink | None = None
         self.reused = False
         self.closed = False
+        self.keep_alive = True  # the last response head allows another request on this connection
         self._headers: list[tuple[bytes, bytes]] = []
         self._reason = b""
         self._interim = False
@@ -90,6 +93,8 @@ class UpstreamConnection(asyncio.Protocol):
     def on_message_begin(self) -> None:
         self._headers = []
         self._reason = b""
+        if self.sink is not None:
+            self.sink.response_begun()
 
     def on_status(self, status: bytes) -> None:
         self._reason += status
@@ -101,7 +106,11 @@ class UpstreamConnection(asyncio.Protocol):
         status = self.parser.get_status_code()
         # Interim 1xx answers (102, 103) are not relayed: we never forward Expect or Upgrade.
         self._interim = 100 <= status < 200
-        if not self._interim and self.sink is not None:
+        if self._interim:
+            return
+        # Read at the head: a HEAD answer swaps the parser before the message completes.
+        self.keep_alive = self.parser.should_keep_alive()
+        if self.sink is not None:
             self.sink.response_head(status, self._reason, self._headers)
 
     def on_body(self, body: bytes) -> None:
@@ -139,7 +148,7 @@ class UpstreamConnection(asyncio.Protocol):
     def release(self, reusable: bool) -> None:
         """The exchange is over: back to the pool, or closed."""
         self.sink = None
-        if reusable and not self.closed:
+        if reusable and self.keep_alive and not self.closed:
             self.pool.release(self)
         else:
             self.close()
