@@ -43,6 +43,10 @@ class SessionStore(Protocol):
         """Forget `sid`."""
         ...
 
+    async def ping(self) -> None:
+        """Return when the store answers; StoreError when it cannot be reached (readiness)."""
+        ...
+
     async def close(self) -> None:
         """Release connections and background tasks."""
         ...

@@ -4,6 +4,12 @@ A known session costs one dict lookup and no round trip: `peek` answers from the
 the shared expiry with a background `touch` at most once per half ttl. Known sessions stay
 routable while the shared store is down. A cache miss is UNKNOWN, never None, since only the
 shared store can say a session does not exist.
+
+Because the expiry slides only every half ttl, a session may be used up to half a ttl after the
+last slide without sliding it again. The shared key is therefore written to live that much longer
+(`LIFETIME` x ttl): a session stays for at least its ttl after its last use, on every replica, as
+it does in the memory store; an idle one goes between one ttl and `LIFETIME` ttls after its last
+use.
 """
 
 from __future__ import annotations
@@ -17,6 +23,9 @@ from collections.abc import Callable
 from mcpbalancer.store.base import UNKNOWN, SessionStore, Unknown
 
 logger = logging.getLogger(__name__)
+
+# The shared key's lifetime, in ttls: one ttl after the last use plus the half ttl between slides.
+LIFETIME = 1.5
 
 
 class _Entry:
@@ -86,13 +95,13 @@ class CachedStore:
         return backend
 
     async def bind(self, sid: str, backend: str, ttl: float) -> str:
-        owner = await self._inner.bind(sid, backend, ttl)
+        owner = await self._inner.bind(sid, backend, ttl * LIFETIME)
         self._ttl_hint = ttl
         self._remember(sid, owner, ttl)
         return owner
 
     async def touch(self, sid: str, ttl: float) -> bool:
-        alive = await self._inner.touch(sid, ttl)
+        alive = await self._inner.touch(sid, ttl * LIFETIME)
         self._ttl_hint = ttl
         entry = self._entries.get(sid)
         if entry is not None:
@@ -106,6 +115,9 @@ class CachedStore:
     async def delete(self, sid: str) -> None:
         self._entries.pop(sid, None)
         await self._inner.delete(sid)
+
+    async def ping(self) -> None:
+        await self._inner.ping()
 
     async def drain(self) -> None:
         """Wait for the background touches in flight (tests; a graceful shutdown)."""
@@ -143,7 +155,7 @@ class CachedStore:
 
     async def _touch(self, sid: str, entry: _Entry) -> None:
         try:
-            alive = await self._inner.touch(sid, entry.ttl)
+            alive = await self._inner.touch(sid, entry.ttl * LIFETIME)
         except Exception as exc:  # a background task has no caller to report to
             logger.debug("background session touch failed: %s", exc)
             return

@@ -87,6 +87,9 @@ class MemoryStore:
     async def delete(self, sid: str) -> None:
         self._entries.pop(sid, None)
 
+    async def ping(self) -> None:
+        return None  # in this process: always reachable
+
     async def close(self) -> None:
         self._entries.clear()
 

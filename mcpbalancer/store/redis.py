@@ -71,6 +71,9 @@ class RedisStore:
     async def delete(self, sid: str) -> None:
         await self._call(self._client.delete(self.key(sid)))
 
+    async def ping(self) -> None:
+        await self._call(self._client.ping())
+
     async def close(self) -> None:
         await self._call(self._client.aclose())
 

@@ -1,0 +1,232 @@
+"""The command line, as a subprocess: `--check`, serving, and a graceful SIGTERM."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import re
+import signal
+import sys
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from tests.fixtures.backends import BackendProcess
+from tests.mcp_helpers import (
+    DEADLINE,
+    call_body,
+    open_session,
+    recorded_client,
+    session_headers,
+    sse_messages,
+    text_of,
+)
+
+SCRIPT = Path(sys.executable).parent / "mcpbalancer"
+LISTENING = re.compile(r"listening on (http://\S+)")
+EXIT_DEADLINE = 5.0
+
+
+def backends_yaml(backends: list[BackendProcess]) -> str:
+    return "".join(f"  - name: {b.name}\n    url: {b.url}\n" for b in backends)
+
+
+async def run(*args: str) -> tuple[int, str, str]:
+    process = await asyncio.create_subprocess_exec(
+        *args, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+    )
+    try:
+        async with asyncio.timeout(DEADLINE):
+            out, err = await process.communicate()
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+    assert process.returncode is not None
+    return process.returncode, out.decode(), err.decode()
+
+
+# --- --check -------------------------------------------------------------------------------------
+
+
+async def test_check_accepts_a_good_file(tmp_path: Path) -> None:
+    config = tmp_path / "good.yaml"
+    config.write_text(
+        "listen: 127.0.0.1:0\nstore: memory\nsession_ttl: 60\nbalance: p2c\nheartbeat: 5\n"
+        "backends:\n  - name: a\n    url: http://127.0.0.1:9001\n    weight: 2\n"
+        "  - name: b\n    url: http://127.0.0.1:9002\n"
+    )
+    status, out, err = await run(sys.executable, "-m", "mcpbalancer", "--config", str(config), "--check")
+    assert (status, err) == (0, "")
+    assert "OK" in out
+    assert "2 backends" in out
+
+
+BACKENDS_OK = "backends:\n  - name: a\n    url: http://127.0.0.1:9001\n"
+
+
+@pytest.mark.parametrize(
+    ("text", "names"),
+    [
+        pytest.param("colour: blue\n" + BACKENDS_OK, ["colour", "unknown key"], id="unknown-key"),
+        pytest.param(
+            BACKENDS_OK + "    colour: blue\n",
+            ["backends[0].colour", "unknown key"],
+            id="unknown-backend-key",
+        ),
+        pytest.param(
+            BACKENDS_OK + "  - name: a\n    url: http://127.0.0.1:9002\n",
+            ["backends[1].name", "duplicate"],
+            id="duplicate-name",
+        ),
+        pytest.param(
+            "backends:\n  - name: a\n    url: ftp://127.0.0.1:9001\n", ["backends[0].url"], id="bad-scheme"
+        ),
+        pytest.param(
+            "backends:\n  - name: a\n    url: http://127.0.0.1:99999\n", ["backends[0].url"], id="bad-port"
+        ),
+        pytest.param("backends: []\n", ["backends", "at least one"], id="empty-backends"),
+        pytest.param("listen: 127.0.0.1:0\n", ["backends", "required"], id="no-backends"),
+    ],
+)
+async def test_check_refuses_a_bad_file_naming_the_key(tmp_path: Path, text: str, names: list[str]) -> None:
+    config = tmp_path / "bad.yaml"
+    config.write_text(text)
+    status, out, err = await run(sys.executable, "-m", "mcpbalancer", "--config", str(config), "--check")
+    assert status != 0
+    assert out == ""
+    assert str(config) in err
+    for name in names:
+        assert name in err, err
+    assert "Traceback" not in err
+
+
+# --- serving -------------------------------------------------------------------------------------
+
+
+@dataclass
+class Served:
+    process: asyncio.subprocess.Process
+    url: str
+    log: list[str] = field(default_factory=list)
+
+    @property
+    def mcp_url(self) -> str:
+        return self.url + "/mcp"
+
+    async def terminate(self) -> float:
+        """SIGTERM; wait for the exit (with a deadline); the seconds it took."""
+        started = time.monotonic()
+        self.process.send_signal(signal.SIGTERM)
+        async with asyncio.timeout(EXIT_DEADLINE):
+            await self.process.wait()
+        return time.monotonic() - started
+
+
+ServeFactory = Callable[[list[BackendProcess]], Awaitable[Served]]
+
+
+@pytest.fixture
+async def serve(tmp_path: Path) -> AsyncIterator[ServeFactory]:
+    """`await serve(backends)` -> the `mcpbalancer` console script serving on a free port."""
+    started: list[tuple[Served, asyncio.Task[None]]] = []
+
+    async def start(backends: list[BackendProcess]) -> Served:
+        config = tmp_path / f"serve{len(started)}.yaml"
+        config.write_text("listen: 127.0.0.1:0\nbackends:\n" + backends_yaml(backends))
+        process = await asyncio.create_subprocess_exec(
+            str(SCRIPT), "--config", str(config), stderr=asyncio.subprocess.PIPE
+        )
+        log: list[str] = []
+        listening = asyncio.get_running_loop().create_future()
+        drain = asyncio.create_task(_drain(process, log, listening))
+        try:
+            async with asyncio.timeout(DEADLINE):
+                url = await listening
+        except BaseException:
+            process.kill()
+            await process.wait()
+            drain.cancel()
+            raise
+        served = Served(process, url, log)
+        started.append((served, drain))
+        return served
+
+    yield start
+    for served, drain in started:
+        if served.process.returncode is None:
+            served.process.kill()
+            await served.process.wait()
+        drain.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await drain
+
+
+async def _drain(process: asyncio.subprocess.Process, log: list[str], listening: asyncio.Future[str]) -> None:
+    """Read stderr to the end (so the pipe never fills), resolving `listening` with the URL."""
+    assert process.stderr is not None
+    async for raw in process.stderr:
+        line = raw.decode(errors="replace").rstrip()
+        log.append(line)
+        match = LISTENING.search(line)
+        if match and not listening.done():
+            listening.set_result(match.group(1))
+    if not listening.done():
+        listening.set_exception(RuntimeError("mcpbalancer exited before listening:\n" + "\n".join(log)))
+
+
+async def test_serves_a_session_and_exits_0_on_sigterm(
+    backends: list[BackendProcess], serve: ServeFactory
+) -> None:
+    served = await serve(backends)
+    async with recorded_client(served.mcp_url) as (client, _):
+        assert text_of(await client.call_tool("whoami")) in {"a", "b", "c"}
+        assert [text_of(await client.call_tool("count")) for _ in range(3)] == ["1", "2", "3"]
+    took = await served.terminate()
+    assert served.process.returncode == 0, "\n".join(served.log)
+    assert took < 3.0
+    assert not any("Traceback" in line for line in served.log)
+
+
+async def test_sigterm_lets_an_in_flight_call_finish(
+    backends: list[BackendProcess], serve: ServeFactory
+) -> None:
+    served = await serve(backends)
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=DEADLINE)) as web:
+        session_id = await open_session(web, served.mcp_url)
+        body = call_body("slow", 7, seconds=1.0)
+        async with web.post(served.mcp_url, json=body, headers=session_headers(session_id)) as resp:
+            # The answer's head is here (an SSE stream), its body not yet: the tool is running.
+            assert resp.status == 200
+            served.process.send_signal(signal.SIGTERM)
+            # The listener closes at once...
+            await _wait_refused(served)
+            assert served.process.returncode is None
+            # ...and the call in flight still completes.
+            [reply] = sse_messages(await resp.text())
+    assert reply["id"] == 7
+    assert reply["result"]["content"][0]["text"] in {"a", "b", "c"}
+    async with asyncio.timeout(EXIT_DEADLINE):
+        assert await served.process.wait() == 0, "\n".join(served.log)
+    assert not any("Traceback" in line for line in served.log)
+
+
+async def _wait_refused(served: Served) -> None:
+    host, _, port = served.url.removeprefix("http://").rpartition(":")
+    async with asyncio.timeout(DEADLINE):
+        while True:
+            try:
+                _, writer = await asyncio.open_connection(host, int(port))
+            except ConnectionRefusedError:
+                return
+            except ConnectionResetError:
+                pass  # accepted into the backlog of a listener being closed: try again
+            else:
+                writer.close()
+                with contextlib.suppress(OSError):
+                    await writer.wait_closed()
+            await asyncio.sleep(0.02)
