@@ -10,12 +10,20 @@ import asyncio
 import contextlib
 import logging
 import socket
+import sys
+from typing import TextIO
+
+from prometheus_client import CollectorRegistry
 
 from mcpbalancer.backends import Backend, BackendSet
 from mcpbalancer.balancer import make_strategy
 from mcpbalancer.config import Config
+from mcpbalancer.control.probes import Readiness, local_endpoints
+from mcpbalancer.control.server import ControlServer
 from mcpbalancer.dataplane.client import DataPlane
 from mcpbalancer.dataplane.upstream import UpstreamPool
+from mcpbalancer.logs import AccessLog, access_enabled
+from mcpbalancer.metrics import Metrics
 from mcpbalancer.routing import Router
 from mcpbalancer.store import SessionStore
 from mcpbalancer.store.factory import create_store
@@ -42,21 +50,50 @@ def build_backends(config: Config) -> BackendSet:
 class Proxy:
     """One running mcpbalancer: `await start()`, serve, `await stop()`."""
 
-    def __init__(self, config: Config, *, shutdown_timeout: float = 5.0) -> None:
+    def __init__(
+        self,
+        config: Config,
+        *,
+        shutdown_timeout: float = 5.0,
+        registry: CollectorRegistry | None = None,
+        access_stream: TextIO | None = None,
+    ) -> None:
         self.config = config
         self.shutdown_timeout = shutdown_timeout
         self.backends = build_backends(config)
+        self.metrics = Metrics(registry or CollectorRegistry(), lambda: self.router.backends, runtime=True)
         self.store: SessionStore = create_store(
             config.store,
             prefix=config.store_prefix,
             cache_size=config.local_cache_size,
             on_expire=lambda sid, owner: self.router.session_expired(sid, owner),
             session_ttl=config.session_ttl,
+            metrics=self.metrics,
         )
-        self.router = Router(self.backends, make_strategy(config.balance), self.store, config.session_ttl)
+        self.router = Router(
+            self.backends, make_strategy(config.balance), self.store, config.session_ttl, self.metrics
+        )
+        self._observability(config, access_stream)
         self._server: asyncio.Server | None = None
         self._plane: DataPlane | None = None
         self._sweeper: asyncio.Task[None] | None = None
+
+    def _observability(self, config: Config, access_stream: TextIO | None) -> None:
+        self.readiness = Readiness(lambda: self.router.backends, self.store.ping)
+        self.access_log = (
+            AccessLog(access_stream or sys.stdout, fmt=config.log.format)
+            if access_enabled(config.log)
+            else None
+        )
+        metrics = self.metrics if config.metrics.enabled else None
+        # /metrics is served on the admin listener when there is one, else on the public one.
+        self.control = (
+            None
+            if config.admin is None
+            else ControlServer(*config.admin, self.readiness, metrics, config.metrics.path)
+        )
+        public_metrics = config.metrics.path if metrics is not None and self.control is None else None
+        self._local = local_endpoints(self.readiness, self.metrics, public_metrics)
 
     @property
     def port(self) -> int:
@@ -80,6 +117,9 @@ class Proxy:
             timeouts=self.config.timeouts,
             limits=self.config.limits,
             loop=loop,
+            metrics=self.metrics,
+            access_log=self.access_log,
+            local=self._local,
         )
         self._server = await loop.create_server(
             self._plane.protocol_factory,
@@ -88,6 +128,8 @@ class Proxy:
             reuse_address=True,
             backlog=1024,
         )
+        if self.control is not None:
+            await self.control.start()
         if hasattr(self.store, "sweep"):
             self._sweeper = loop.create_task(self._sweep_forever())
         log.info("listening on %s with %d backends", self.url, len(self.backends))
@@ -116,5 +158,9 @@ class Proxy:
                 await self._sweeper
         await self.router.close()
         await self.store.close()
+        if self.control is not None:
+            await self.control.stop()
+        if self.access_log is not None:
+            self.access_log.close()
         if self._server is not None:
             await self._server.wait_closed()

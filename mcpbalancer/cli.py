@@ -12,8 +12,9 @@ from typing import Any
 
 from mcpbalancer import __version__
 from mcpbalancer.app import Proxy
-from mcpbalancer.config import Config, load_config
+from mcpbalancer.config import LOG_LEVELS, Config, load_config
 from mcpbalancer.errors import ConfigError
+from mcpbalancer.logs import configure_logging
 
 log = logging.getLogger("mcpbalancer")
 
@@ -24,23 +25,21 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--config", "-c", required=True, help="YAML configuration file")
     parser.add_argument("--check", action="store_true", help="validate the configuration and exit")
-    parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    parser.add_argument(
+        "--log-level", choices=LOG_LEVELS, help="overrides `log.level` of the configuration (default info)"
+    )
     parser.add_argument("--version", action="version", version=f"mcpbalancer {__version__}")
     return parser.parse_args(argv)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    logging.basicConfig(
-        level=args.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
     try:
         config = load_config(args.config)
     except ConfigError as exc:
         print(f"mcpbalancer: invalid configuration: {exc}", file=sys.stderr)
         return 2
+    configure_logging(config.log, level=args.log_level)
     if args.check:
         print(f"{config.source}: OK ({len(config.backends)} backends)")
         return 0

@@ -27,6 +27,11 @@ from mcpbalancer.errors import ConfigError
 BALANCE_STRATEGIES: Final = ("least_sessions", "p2c", "round_robin")
 DEFAULT_STORE_PREFIX: Final = "mcpb:"
 DEFAULT_LOCAL_CACHE_SIZE: Final = 100_000
+LOG_FORMATS: Final = ("json", "text")
+LOG_LEVELS: Final = ("debug", "info", "warning", "error")
+# Paths the proxy answers itself on the public listener; the metrics path must not shadow them.
+PROBE_PATHS: Final = ("/healthz", "/readyz")
+_URL_PATH = re.compile(r"/[!-~]{0,255}", re.ASCII)
 
 # The backend name is the session's owner id in Redis: keep it short and free of separators.
 _BACKEND_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
@@ -66,6 +71,19 @@ class LimitsConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class MetricsConfig:
+    enabled: bool = True
+    path: str = "/metrics"
+
+
+@dataclass(frozen=True, slots=True)
+class LogConfig:
+    format: str = "json"
+    level: str = "info"
+    access: bool = True
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     listen_host: str
     listen_port: int
@@ -79,6 +97,9 @@ class Config:
     store_prefix: str = DEFAULT_STORE_PREFIX
     local_cache_size: int = DEFAULT_LOCAL_CACHE_SIZE
     source: str = "<config>"
+    admin: tuple[str, int] | None = None  # (host, port) of the control listener; None = off
+    metrics: MetricsConfig = MetricsConfig()
+    log: LogConfig = LogConfig()
 
 
 _TOP_KEYS: Final = (
@@ -92,6 +113,9 @@ _TOP_KEYS: Final = (
     "backends",
     "timeouts",
     "limits",
+    "admin",
+    "metrics",
+    "log",
 )
 _BACKEND_KEYS: Final = ("name", "url", "weight")
 
@@ -165,6 +189,9 @@ def _config(top: _Section, source: str) -> Config:
         store_prefix=top.string("store_prefix", DEFAULT_STORE_PREFIX),
         local_cache_size=top.integer("local_cache_size", DEFAULT_LOCAL_CACHE_SIZE, ge=1),
         source=source,
+        admin=top.parsed("admin", _split_host_port) if top.has("admin") else None,
+        metrics=_metrics(top.section("metrics", _field_names(MetricsConfig))),
+        log=_log(top.section("log", _field_names(LogConfig))),
     )
 
 
@@ -209,6 +236,21 @@ def _limits(section: _Section) -> LimitsConfig:
         header_bytes=section.integer("header_bytes", default.header_bytes, ge=1024),
         header_count=section.integer("header_count", default.header_count, ge=8),
         body_bytes=section.integer("body_bytes", default.body_bytes, ge=1024),
+    )
+
+
+def _metrics(section: _Section) -> MetricsConfig:
+    default = MetricsConfig()
+    path = section.parsed("path", _check_metrics_path, default.path)
+    return MetricsConfig(enabled=section.boolean("enabled", default.enabled), path=path)
+
+
+def _log(section: _Section) -> LogConfig:
+    default = LogConfig()
+    return LogConfig(
+        format=section.choice("format", LOG_FORMATS, default.format),
+        level=section.choice("level", LOG_LEVELS, default.level),
+        access=section.boolean("access", default.access),
     )
 
 
@@ -275,6 +317,13 @@ class _Section:
         rule: str = "",
     ) -> str:
         return self.read(key, lambda raw: _as_string(raw, pattern, rule), default)
+
+    def boolean(self, key: str, default: bool | _Required = _REQUIRED) -> bool:
+        return self.read(key, _as_bool, default)
+
+    def has(self, key: str) -> bool:
+        """The key is present and not null."""
+        return self._data.get(key) is not None
 
     def choice(self, key: str, choices: Collection[str], default: str | _Required = _REQUIRED) -> str:
         return self.read(key, lambda raw: _as_choice(raw, choices), default)
@@ -345,6 +394,12 @@ def _as_string(raw: object, pattern: re.Pattern[str] | None = None, rule: str = 
     return raw
 
 
+def _as_bool(raw: object) -> bool:
+    if not isinstance(raw, bool):
+        raise ValueError(f"must be true or false, got {_describe(raw)}")
+    return raw
+
+
 def _as_choice(raw: object, choices: Collection[str]) -> str:
     value = _as_string(raw)
     if value not in choices:
@@ -403,6 +458,14 @@ def _split_backend_url(value: str) -> tuple[str, str, int, str]:
         raise ValueError(f"port must be 1-65535, got {value!r}")
     port = parts.port or (443 if parts.scheme == "https" else 80)
     return parts.scheme, parts.hostname, port, parts.path.rstrip("/")
+
+
+def _check_metrics_path(value: str) -> str:
+    if not _URL_PATH.fullmatch(value):
+        raise ValueError(f"must be a path starting with '/', visible ASCII, at most 256 bytes; got {value!r}")
+    if value in PROBE_PATHS:
+        raise ValueError(f"must not be {value}: the proxy answers that path itself")
+    return value
 
 
 def _check_store(value: str) -> str:

@@ -12,10 +12,13 @@ import logging
 from collections.abc import Awaitable, Collection
 from dataclasses import dataclass
 
+from prometheus_client import CollectorRegistry
+
 from mcpbalancer import protocol
 from mcpbalancer.backends import Backend, BackendSet
 from mcpbalancer.balancer import Strategy
 from mcpbalancer.errors import BadRequest, NoBackendAvailable, SessionNotFound, StoreError
+from mcpbalancer.metrics import Metrics
 from mcpbalancer.protocol import Era
 from mcpbalancer.store import UNKNOWN, SessionStore
 
@@ -43,9 +46,15 @@ def classify(method: bytes, session_id: bytes | None, protocol_version: bytes | 
 
 class Router:
     def __init__(
-        self, backends: BackendSet, strategy: Strategy, store: SessionStore, session_ttl: float
+        self,
+        backends: BackendSet,
+        strategy: Strategy,
+        store: SessionStore,
+        session_ttl: float,
+        metrics: Metrics | None = None,
     ) -> None:
         self.backends = backends
+        self._metrics = metrics or Metrics(CollectorRegistry())
         self._strategy = strategy
         self._store = store
         self._ttl = session_ttl
@@ -64,6 +73,8 @@ class Router:
         owner = self._store.peek(sid)
         if owner is UNKNOWN:
             return self._lookup(sid)
+        # A local answer, the memory store's included, is a cache hit.
+        (self._metrics.lookup_miss if owner is None else self._metrics.lookup_cache_hit).value += 1
         return self._owner_backend(sid, owner)
 
     def pick(self, exclude: Collection[str]) -> Backend:
@@ -80,6 +91,7 @@ class Router:
         except StoreError as exc:
             log.warning("session store lookup failed: %s", exc)
             raise NoBackendAvailable("Session store unavailable") from exc
+        (self._metrics.lookup_miss if owner is None else self._metrics.lookup_store_hit).value += 1
         return self._owner_backend(sid, owner)
 
     def _owner_backend(self, sid: str, owner: str | None) -> Backend:
@@ -88,7 +100,7 @@ class Router:
         backend = self.backends.get(owner)
         if backend is None:
             # The mapping names a backend no longer configured: its sessions are gone.
-            self._forget(sid, None)
+            self._forget(sid, None, "backend_lost")
             raise SessionNotFound()
         return backend
 
@@ -109,14 +121,14 @@ class Router:
                 return self._bind(session_id, backend)
             return None
         if status == 404 or (facts.method == b"DELETE" and 200 <= status < 300):
-            self._forget(sid, backend)
+            self._forget(sid, backend, "backend_404" if status == 404 else "delete")
         return None
 
     def owner_gone(self, facts: RequestFacts, backend: Backend) -> SessionNotFound:
         """The session's backend is unreachable: forget the session; the client must re-initialize."""
         if facts.session_id is not None:
             log.info("backend %s unreachable; ending session", backend.name)
-            self._forget(facts.session_id, backend)
+            self._forget(facts.session_id, backend, "backend_lost")
         return SessionNotFound()
 
     async def _bind(self, raw_sid: bytes, backend: Backend) -> None:
@@ -131,14 +143,16 @@ class Router:
             return
         if owner == backend.name:
             backend.sessions += 1
+            self._metrics.session_created(backend.name)
         else:
             log.warning("backend %s issued a session id bound to %s; not rebound", backend.name, owner)
 
-    def _forget(self, sid: str, backend: Backend | None) -> None:
+    def _forget(self, sid: str, backend: Backend | None, reason: str) -> None:
         # Count the session down once, even when several requests learn of its end together:
         # the store still has it until the delete below has run.
         if sid in self._forgetting:
             return
+        self._metrics.session_ended(reason)
         if backend is not None and backend.sessions > 0 and self._store.peek(sid) is not None:
             backend.sessions -= 1
         self._forgetting.add(sid)
@@ -156,6 +170,7 @@ class Router:
 
     def session_expired(self, sid: str, owner: str) -> None:
         """Store callback: an entry expired; keep the backend's session count honest."""
+        self._metrics.session_ended("expired")
         backend = self.backends.get(owner)
         if backend is not None and backend.sessions > 0:
             backend.sessions -= 1

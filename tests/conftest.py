@@ -6,7 +6,13 @@ from collections.abc import Callable, Mapping
 import pytest
 import uvloop
 
-pytest_plugins = ["tests.fixtures.backends", "tests.fixtures.redis", "tests.fixtures.proxy"]
+pytest_plugins = [
+    "tests.fixtures.backends",
+    "tests.fixtures.redis",
+    "tests.fixtures.proxy",
+    "tests.fixtures.stub",
+    "tests.fixtures.rawhttp",
+]
 
 
 def pytest_asyncio_loop_factories(

@@ -396,7 +396,8 @@ def test_invalid(data: object, message: str) -> None:
 
 
 def test_unknown_key_lists_every_allowed_key() -> None:
-    assert config_error(minimal(Listen="x")).endswith("heartbeat, backends, timeouts, limits")
+    text = config_error(minimal(Listen="x"))
+    assert text.endswith("heartbeat, backends, timeouts, limits, admin, metrics, log")
 
 
 def test_store_password_is_not_echoed() -> None:

@@ -11,21 +11,27 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import deque
+from collections.abc import Mapping
 from typing import cast
 
 import httptools
+from prometheus_client import CollectorRegistry
 
 from mcpbalancer import protocol
 from mcpbalancer.config import LimitsConfig, TimeoutsConfig
 from mcpbalancer.dataplane.exchange import Exchange, RequestHead
+from mcpbalancer.dataplane.local import LocalHandler
 from mcpbalancer.dataplane.upstream import UpstreamPool
 from mcpbalancer.errors import (
     BadRequest,
     HeadersTooLarge,
     NotImplementedMethod,
+    PayloadTooLarge,
     ProxyError,
     render_error,
 )
+from mcpbalancer.logs import AccessLog
+from mcpbalancer.metrics import Metrics
 from mcpbalancer.routing import Router
 
 log = logging.getLogger(__name__)
@@ -45,8 +51,14 @@ class DataPlane:
         timeouts: TimeoutsConfig,
         limits: LimitsConfig,
         loop: asyncio.AbstractEventLoop,
+        metrics: Metrics | None = None,
+        access_log: AccessLog | None = None,
+        local: Mapping[bytes, LocalHandler] | None = None,
     ) -> None:
         self.router = router
+        self.metrics = metrics or Metrics(CollectorRegistry())
+        self.access_log = access_log
+        self.local = local or {}  # paths the proxy answers itself (/healthz, /readyz, /metrics)
         self.pools = pools
         self.heartbeat = heartbeat
         self.timeouts = timeouts
@@ -94,6 +106,8 @@ class ClientConnection(asyncio.Protocol):
         self._paused = False
         self._closing = False  # no new requests; close once the queue is empty
         self._lost = False
+        self.write_paused = False  # the transport's buffer is full: a new response starts paused
+        self._refusal: bytes | None = None  # the answer to a broken byte stream, after the queue
         self._reset_head()
 
     def _reset_head(self) -> None:
@@ -103,9 +117,10 @@ class ClientConnection(asyncio.Protocol):
         self._sid: bytes | None = None
         self._sid_conflict = False
         self._version: bytes | None = None
+        self._mcp_method: bytes | None = None
         self._host: bytes | None = None
         self._length: bytes | None = None
-        self._chunked = False
+        self._te: bytes | None = None  # Transfer-Encoding, all fields joined
         self._expect = False
         self._xff: bytes | None = None
         self._conn_tokens: frozenset[bytes] = frozenset()
@@ -140,8 +155,13 @@ class ClientConnection(asyncio.Protocol):
                 self._refuse(HeadersTooLarge())
 
     def eof_received(self) -> bool:
-        # Half-close: the client has sent all it will; answer what is queued, then close.
+        # Half-close: the client has sent all it will; answer what is queued, then close. An event
+        # stream has no end to wait for, though: a client that closes its side during one has gone,
+        # and its backend must hear of it at once (a backend keeps one GET stream per session and
+        # answers 409 to the client's reconnect while the old one is held open).
         self._closing = True
+        if self._queue and self._queue[0].streaming:
+            return False  # the transport closes: connection_lost -> client_lost aborts upstream
         return bool(self._queue)
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -153,10 +173,12 @@ class ClientConnection(asyncio.Protocol):
             exchange.client_lost()
 
     def pause_writing(self) -> None:
+        self.write_paused = True
         if self._queue:
             self._queue[0].client_writable(False)
 
     def resume_writing(self) -> None:
+        self.write_paused = False
         if self._queue:
             self._queue[0].client_writable(True)
 
@@ -196,8 +218,8 @@ class ClientConnection(asyncio.Protocol):
             headers=self._headers,
             keep_alive=parser.should_keep_alive(),
             http11=http11,
-            chunked=self._chunked,
-            has_body=self._chunked or (self._length is not None and self._length.strip() != b"0"),
+            chunked=self._te is not None,
+            has_body=self._te is not None or (self._length is not None and self._length.strip() != b"0"),
             expect_continue=self._expect and http11,
             session_id=self._sid,
             protocol_version=self._version,
@@ -205,6 +227,8 @@ class ClientConnection(asyncio.Protocol):
             content_length=self._length,
             forwarded_for=self._xff,
             connection_tokens=self._conn_tokens,
+            transfer_encoding=self._te,
+            mcp_method=self._mcp_method,
         )
         exchange = Exchange(self.plane, self, head)
         problem = self._head_problem(head)
@@ -227,6 +251,9 @@ class ClientConnection(asyncio.Protocol):
             return NotImplementedMethod("Protocol upgrade is not supported")
         if self._sid_conflict:
             return BadRequest("Bad Request: conflicting Mcp-Session-Id headers")
+        if not head.chunked and _declared(head.content_length) > self.plane.limits.body_bytes:
+            # Refused on its head: nothing is forwarded, and an Expect client gets no 100 Continue.
+            return PayloadTooLarge()
         target = head.target
         if not target.startswith(b"/") and target != b"*":
             try:
@@ -276,6 +303,9 @@ class ClientConnection(asyncio.Protocol):
             return
         if self._queue:
             self._queue[0].start()
+        elif self._refusal is not None:
+            self.write(self._refusal)
+            self._close()
         elif self._closing:
             self._close()
         if len(self._queue) < PIPELINE_DEPTH:
@@ -292,12 +322,14 @@ class ClientConnection(asyncio.Protocol):
         """The byte stream is broken: answer once the queue ahead drains, then close."""
         log.info("refused request from %s: %s", self.peer_ip.decode(), err)
         self._stop_reading()
+        broken, self._parsing = self._parsing, None
+        if broken is not None and broken.request_broken(err):
+            return  # the exchange whose request broke answers in its turn
         if not self._queue:
             self.write(render_error(err, keep_alive=False))
             self._close()
             return
-        last = self._queue[-1]
-        last.keep_alive = False
+        self._refusal = render_error(err, keep_alive=False)
 
     def _stop_reading(self) -> None:
         self._closing = True
@@ -307,6 +339,14 @@ class ClientConnection(asyncio.Protocol):
         self._closing = True
         if self.transport is not None and not self._lost:
             self.transport.close()
+
+
+def _declared(content_length: bytes | None) -> int:
+    """The Content-Length as a number (httptools has checked its digits), 0 when absent."""
+    try:
+        return int(content_length or b"0")
+    except ValueError:
+        return 0
 
 
 def _session_id(conn: ClientConnection, value: bytes) -> None:
@@ -319,6 +359,10 @@ def _version(conn: ClientConnection, value: bytes) -> None:
     conn._version = value
 
 
+def _mcp_method(conn: ClientConnection, value: bytes) -> None:
+    conn._mcp_method = value  # for metrics and the access log only
+
+
 def _host(conn: ClientConnection, value: bytes) -> None:
     conn._host = value
 
@@ -328,7 +372,9 @@ def _length(conn: ClientConnection, value: bytes) -> None:
 
 
 def _transfer_encoding(conn: ClientConnection, value: bytes) -> None:
-    conn._chunked = True
+    # httptools accepts only codings ending in chunked; the others ("gzip, chunked") stay on the
+    # body it hands over, so they are forwarded as received.
+    conn._te = value if conn._te is None else conn._te + b", " + value
 
 
 def _expect(conn: ClientConnection, value: bytes) -> None:
@@ -346,6 +392,7 @@ def _connection(conn: ClientConnection, value: bytes) -> None:
 _SPECIAL = {
     protocol.SESSION_ID: _session_id,
     protocol.PROTOCOL_VERSION: _version,
+    protocol.MCP_METHOD: _mcp_method,
     protocol.HOST: _host,
     protocol.CONTENT_LENGTH: _length,
     protocol.TRANSFER_ENCODING: _transfer_encoding,

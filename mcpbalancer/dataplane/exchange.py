@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Awaitable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from mcpbalancer import protocol
 from mcpbalancer.backends import Backend
+from mcpbalancer.dataplane.local import LocalAnswer, LocalHandler, render_local
 from mcpbalancer.dataplane.sse import PING, EventBoundary
 from mcpbalancer.dataplane.upstream import UpstreamConnection
 from mcpbalancer.errors import (
@@ -27,6 +29,7 @@ from mcpbalancer.errors import (
     ProxyError,
     render_error,
 )
+from mcpbalancer.metrics import NO_BACKEND
 from mcpbalancer.routing import RequestFacts, classify
 
 if TYPE_CHECKING:
@@ -57,6 +60,8 @@ class RequestHead:
     content_length: bytes | None
     forwarded_for: bytes | None
     connection_tokens: frozenset[bytes]
+    mcp_method: bytes | None = None
+    transfer_encoding: bytes | None = None
 
 
 class Exchange:
@@ -90,6 +95,19 @@ class Exchange:
         self._timer: asyncio.TimerHandle | None = None
         self._task: asyncio.Task[None] | None = None
         self._preset: ProxyError | None = None
+        self._turn = False  # at the head of the client's queue: may write to the client
+        self._beat = 0.0  # heartbeat interval of this response; 0 when none may be injected
+        # For metrics and the access log.
+        self.received_at = time.perf_counter()
+        self.status = 0  # the status the client was sent; 0 while none
+        self.sent = 0  # response body bytes relayed
+        self.outcome = "ok"  # or error, aborted, client_disconnect, local
+        self._stream_at = 0.0
+
+    @property
+    def streaming(self) -> bool:
+        """Relaying an event stream, a response with no end of its own."""
+        return self._boundary is not None and not self.done
 
     # -- lifecycle driven by the client connection ------------------------------------------------
 
@@ -99,10 +117,15 @@ class Exchange:
 
     def start(self) -> None:
         """This exchange is at the head of its connection's queue: route it."""
+        self._turn = True
         if self._preset is not None:
             self._answer_error(self._preset)
             return
         head = self.head
+        local = self.plane.local.get(head.target)
+        if local is not None:
+            self._serve_local(local)
+            return
         try:
             self.facts = classify(head.method, head.session_id, head.protocol_version)
             target = self.plane.router.route(self.facts)
@@ -115,8 +138,8 @@ class Exchange:
             self._await(target)
 
     def request_body(self, data: bytes) -> None:
-        if self.done:
-            return
+        if self.done or self._preset is not None:
+            return  # answered, or to be answered without forwarding: the body is dropped
         self._body_bytes += len(data)
         if self._body_bytes > self.plane.limits.body_bytes:
             self._too_large()
@@ -136,10 +159,26 @@ class Exchange:
             self._send(LAST_CHUNK)
             self._terminated = True
 
+    def request_broken(self, err: ProxyError) -> bool:
+        """The rest of the request cannot be parsed: answer `err` (in turn) instead, and end the
+        upstream request, which would otherwise wait for a body that never comes. False if this
+        exchange is over already."""
+        if self.done:
+            return False
+        self.keep_alive = False
+        if self._turn:
+            self._answer_error(err)
+        else:
+            self._body = []
+            self._preset = err
+        return True
+
     def client_lost(self) -> None:
         """The client went away: closing the upstream request is the cancellation signal."""
         if self.done:
             return
+        self.plane.metrics.disconnects.value += 1
+        self.outcome = "client_disconnect"
         if self.upstream is not None:
             self.upstream.abort()
             self.upstream = None
@@ -204,6 +243,7 @@ class Exchange:
         assert self.facts is not None
         timed_out = isinstance(exc, TimeoutError)
         log.warning("backend %s: connect failed: %s", backend.name, exc or type(exc).__name__)
+        self.plane.metrics.upstream_error(backend.name, "timeout" if timed_out else "connect")
         if self.facts.session_id is not None:
             if timed_out:
                 # A backend slow to accept is not gone: keep its sessions.
@@ -222,11 +262,16 @@ class Exchange:
     def _attach(self, conn: UpstreamConnection) -> None:
         self.upstream = conn
         self._reused = conn.reused
-        conn.attach(self)
+        self._connect_upstream(conn)
         self._send(self._request_head())
         self._flush_pending()
         timeout = self.plane.timeouts.response_headers
         self._timer = asyncio.get_running_loop().call_later(timeout, self._headers_timeout)
+
+    def _connect_upstream(self, conn: UpstreamConnection) -> None:
+        conn.attach(self)
+        if self.client.write_paused:
+            conn.pause_reading()  # the client is still backed up from an earlier response
 
     def _request_head(self) -> bytes:
         head = self.head
@@ -244,8 +289,8 @@ class Exchange:
         if head.host is not None:
             lines += (b"X-Forwarded-Host: ", head.host, b"\r\n")
         if head.chunked:
-            lines.append(b"Transfer-Encoding: chunked\r\n\r\n")
-        elif head.has_body and head.content_length is not None:
+            lines += (b"Transfer-Encoding: ", head.transfer_encoding or b"chunked", b"\r\n\r\n")
+        elif head.content_length is not None:  # "0" too: some servers answer 411 without it
             lines += (b"Content-Length: ", head.content_length, b"\r\n\r\n")
         else:
             lines.append(b"\r\n")
@@ -280,14 +325,25 @@ class Exchange:
 
     # -- the response, called by the upstream connection -----------------------------------------
 
+    def response_begun(self) -> None:
+        # The backend has the request and has started answering: sending it again could run a
+        # tool twice, so it is never retried from here on.
+        self._replay = None
+
     def response_head(self, status: int, reason: bytes, headers: list[tuple[bytes, bytes]]) -> None:
         self._cancel_timer()
         self._replay = None
         assert self.facts is not None and self.backend is not None
+        self.status = status
+        elapsed = time.perf_counter() - self.received_at
+        head = self.head
+        self.plane.metrics.answered(
+            self.backend.name, self.facts.era, head.method, status, head.mcp_method, elapsed
+        )
         response_sid = None
         content_type = b""
         length: bytes | None = None
-        chunked = False
+        coding: bytes | None = None  # Transfer-Encoding
         drop = protocol.HOP_BY_HOP
         lnames = [name.lower() for name, _ in headers]
         for lname, (_, value) in zip(lnames, headers, strict=True):
@@ -298,25 +354,23 @@ class Exchange:
             elif lname == protocol.CONTENT_LENGTH:
                 length = value
             elif lname == protocol.TRANSFER_ENCODING:
-                chunked = True
+                coding = value if coding is None else coding + b", " + value
             elif lname == protocol.CONNECTION:
                 drop = drop | protocol.connection_tokens(value)
         self._no_body = self.head.method == b"HEAD" or status in (204, 304)
-        if not self._no_body and (chunked or length is None):
-            # Chunked or close-delimited upstream: chunked to an HTTP/1.1 client, else until close.
-            self._until_close = not chunked
-            self._chunked_out = self.head.http11
-            if not self.head.http11:
-                self.keep_alive = False
+        if not self._no_body and (coding is not None or length is None):
+            coding = self._unsized_body(coding)
             drop = drop | {protocol.CONTENT_LENGTH}
         lines = [b"HTTP/1.1 %d %b\r\n" % (status, reason)]
         for lname, (name, value) in zip(lnames, headers, strict=True):
             if lname not in drop:
                 lines += (name, b": ", value, b"\r\n")
         if self._chunked_out:
-            lines.append(b"Transfer-Encoding: chunked\r\n")
+            lines += (b"Transfer-Encoding: ", coding or b"chunked", b"\r\n")
         if not self.keep_alive:
             lines.append(b"Connection: close\r\n")
+        elif not self.head.http11:
+            lines.append(b"Connection: keep-alive\r\n")  # HTTP/1.0 closes unless told it persists
         lines.append(b"\r\n")
         out = b"".join(lines)
         if content_type.lstrip().lower().startswith(protocol.EVENT_STREAM) and not self._no_body:
@@ -333,6 +387,22 @@ class Exchange:
             self.upstream.skip_body()
             self.response_done()
 
+    def _unsized_body(self, coding: bytes | None) -> bytes:
+        """Frame a chunked or close-delimited upstream body: chunked to an HTTP/1.1 client, until
+        close to an HTTP/1.0 one. Returns the Transfer-Encoding for the client."""
+        chunked = coding is not None and coding.rstrip().lower().endswith(b"chunked")
+        self._until_close = not chunked
+        self._chunked_out = self.head.http11
+        if not self.head.http11:
+            self.keep_alive = False
+        if coding is None or coding.strip().lower() == b"chunked":
+            # Heartbeats need room in the framing (a Content-Length leaves none) and a body without
+            # a coding of its own (a ping inside gzip would corrupt it).
+            self._beat = self.plane.heartbeat
+            return b"chunked"
+        # Codings before chunked ("gzip, chunked") are still on the body: they keep their label.
+        return coding if chunked else coding + b", chunked"
+
     def _write_head(self, out: bytes) -> None:
         self._started = True
         self.client.write(out)
@@ -346,7 +416,7 @@ class Exchange:
                 if not self.done and held is not None:
                     self._started = True
                     self.client.write(b"".join(held))
-                    if self.upstream is not None:
+                    if self.upstream is not None and not self.client.write_paused:
                         self.upstream.resume_reading()
                     if self._held_complete:
                         self._complete()
@@ -356,6 +426,7 @@ class Exchange:
     def response_body(self, data: bytes) -> None:
         if self.done or self._no_body:
             return
+        self.sent += len(data)
         if self._boundary is not None:
             self._boundary.feed(data)
             self._last_write = self._last_upstream = self.plane.loop.time()
@@ -387,6 +458,7 @@ class Exchange:
             return
         if self._started or self._held is not None:
             # Mid-body: the client sees the truncation as a closed connection.
+            self._upstream_failed("reset")
             self._abort_client()
             return
         assert self.backend is not None and self.facts is not None
@@ -394,6 +466,7 @@ class Exchange:
             self._retry_fresh()
             return
         log.warning("backend %s closed the connection before answering: %s", self.backend.name, exc)
+        self._upstream_failed("reset")
         if self.facts.session_id is not None:
             self._answer_error(self.plane.router.owner_gone(self.facts, self.backend))
         else:
@@ -425,7 +498,7 @@ class Exchange:
                 conn.close()
                 return
             self.upstream = conn
-            conn.attach(self)
+            self._connect_upstream(conn)
             conn.write(b"".join(replay))
             self._flush_pending()
 
@@ -437,12 +510,16 @@ class Exchange:
             return
         name = self.backend.name if self.backend else "?"
         log.warning("backend %s: no response head within %ss", name, self.plane.timeouts.response_headers)
+        self._upstream_failed("timeout")
         if self.upstream is not None:
             self.upstream.abort()
             self.upstream = None
         self._answer_error(GatewayTimeout("Backend response timeout"))
 
     def _start_stream(self) -> None:
+        assert self.backend is not None
+        self.plane.metrics.stream_started(self.backend.name)
+        self._stream_at = time.perf_counter()
         self._boundary = EventBoundary()
         self._last_write = self._last_upstream = self.plane.loop.time()
         interval = self._tick_interval()
@@ -450,7 +527,7 @@ class Exchange:
             self._timer = self.plane.loop.call_later(interval, self._tick)
 
     def _tick_interval(self) -> float:
-        beat, idle = self.plane.heartbeat, self.plane.timeouts.stream_idle
+        beat, idle = self._beat, self.plane.timeouts.stream_idle
         return min(x for x in (beat, idle, float("inf")) if x > 0) if beat > 0 or idle > 0 else 0.0
 
     def _tick(self) -> None:
@@ -463,16 +540,27 @@ class Exchange:
         if idle > 0 and now - self._last_upstream >= idle:
             name = self.backend.name if self.backend else "?"
             log.info("backend %s: stream idle for %ss; closing", name, idle)
+            self._upstream_failed("timeout")
             self._abort_client()
             return
-        beat = self.plane.heartbeat
-        if beat > 0 and now - self._last_write >= beat and self._held is None and self._boundary.at_boundary:
-            self.client.write(b"%x\r\n%b\r\n" % (len(PING), PING) if self._chunked_out else PING)
-            self._last_write = now
-        due = [t for t in (beat and self._last_write + beat, idle and self._last_upstream + idle) if t]
-        delay = max(min(due) - now, 0.05) if due else 0.0
-        if delay:
-            self._timer = self.plane.loop.call_later(delay, self._tick)
+        due = [self._last_upstream + idle] if idle > 0 else []
+        beat = self._beat
+        if beat > 0 and now - self._last_write >= beat:
+            if self._held is None and self._boundary.at_boundary:
+                self.client.write(b"%x\r\n%b\r\n" % (len(PING), PING) if self._chunked_out else PING)
+                self.plane.metrics.heartbeats.value += 1
+                self._last_write = now
+            # Mid-event, nothing can be sent until more data comes, and data moves _last_write:
+            # look again an interval from now rather than polling.
+            due.append(now + beat)
+        elif beat > 0:
+            due.append(self._last_write + beat)
+        if due:
+            self._timer = self.plane.loop.call_later(max(min(due) - now, 0.05), self._tick)
+
+    def _upstream_failed(self, kind: str) -> None:
+        if self.backend is not None:
+            self.plane.metrics.upstream_error(self.backend.name, kind)
 
     def _cancel_timer(self) -> None:
         if self._timer is not None:
@@ -482,6 +570,12 @@ class Exchange:
     # -- endings -------------------------------------------------------------------------------
 
     def _too_large(self) -> None:
+        if not self._turn:
+            # Pipelined behind an exchange still being answered: answer in turn, keep no body.
+            self._body = []
+            self.keep_alive = False
+            self._preset = PayloadTooLarge()
+            return
         if self.upstream is not None:
             self.upstream.abort()
             self.upstream = None
@@ -502,14 +596,47 @@ class Exchange:
             self.keep_alive = False
         target = self.head.target[:200].decode("latin-1")
         log.info("%s %s -> %d %s", self.head.method.decode("latin-1"), target, err.status, err)
+        self._record_own_answer(err.status, "error")
         head_only = self.head.method == b"HEAD"
-        self.client.write(render_error(err, keep_alive=self.keep_alive, head_only=head_only))
+        answer = render_error(err, keep_alive=self.keep_alive, head_only=head_only)
+        self.sent = len(answer) - answer.index(b"\r\n\r\n") - 4
+        self.client.write(answer)
         if self.upstream is not None:
             self.upstream.abort()
             self.upstream = None
         self._finish(reusable=False)
 
+    def _record_own_answer(self, status: int, outcome: str) -> None:
+        self.status, self.outcome = status, outcome
+        era = self.facts.era if self.facts is not None else protocol.era_of(self.head.protocol_version)
+        backend = self.backend.name if self.backend is not None else NO_BACKEND
+        self.plane.metrics.answered(backend, era, self.head.method, status, self.head.mcp_method, None)
+
+    def _serve_local(self, handler: LocalHandler) -> None:
+        """A path the proxy answers itself (/healthz, /readyz, /metrics): never forwarded."""
+        answer = handler(self.head.method)
+        if isinstance(answer, LocalAnswer):
+            self._write_local(answer)
+            return
+
+        async def run() -> None:
+            result = await answer
+            if not self.done:
+                self._write_local(result)
+
+        self._task = asyncio.get_running_loop().create_task(run())
+
+    def _write_local(self, answer: LocalAnswer) -> None:
+        if not self.request_complete and self.head.expect_continue:
+            self.keep_alive = False  # the client may or may not send the body it announced
+        self._record_own_answer(answer.status, "local")
+        self.sent = len(answer.body)
+        head_only = self.head.method == b"HEAD"
+        self.client.write(render_local(answer, keep_alive=self.keep_alive, head_only=head_only))
+        self._finish(reusable=False)
+
     def _abort_client(self) -> None:
+        self.outcome = "aborted"
         self.keep_alive = False
         if self.upstream is not None:
             self.upstream.abort()
@@ -522,6 +649,10 @@ class Exchange:
             return
         self.done = True
         self._cancel_timer()
+        if self._boundary is not None and self.backend is not None:
+            self.plane.metrics.stream_ended(self.backend.name, time.perf_counter() - self._stream_at)
+        if self.plane.access_log is not None:
+            self.plane.access_log.write(self)
         if self.backend is not None:
             self.backend.in_flight -= 1
         if self.upstream is not None:

@@ -1,0 +1,1 @@
+"""The control plane: the admin listener and the health probes (aiohttp)."""

@@ -1,0 +1,203 @@
+"""Logs: the per-request access log, and the format of every other log line.
+
+The access log is one line per exchange on stdout, JSON (the default) or text. It does not go
+through `logging`: a LogRecord, a handler lock and a formatter per request cost more than the rest
+of the line. The line is one f-string whose only untrusted strings (the path, the Mcp-Method value)
+go through the C JSON string encoder; lines are gathered and written in one write every
+FLUSH_INTERVAL seconds (or FLUSH_LINES lines). Session ids are never written: a session is shown as
+the first 8 hex digits of a blake2s of its id keyed with a per-process random key, enough to follow
+one session through one proxy's log and useless for taking it over.
+
+Lifecycle events (start, backend up/down, drain, reload) are ordinary `logging` records on stderr;
+in JSON mode `JsonFormatter` writes them as JSON lines too.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import logging
+import os
+import sys
+import time
+from collections.abc import Callable
+from json.encoder import encode_basestring_ascii as _json_string
+from typing import TYPE_CHECKING, Final, TextIO
+
+from mcpbalancer import protocol
+from mcpbalancer.config import LogConfig
+
+if TYPE_CHECKING:
+    from mcpbalancer.dataplane.exchange import Exchange
+
+FLUSH_INTERVAL: Final = 0.1
+FLUSH_LINES: Final = 1024
+_PATH_LIMIT: Final = 2048
+_HASH_CACHE_SIZE: Final = 4096
+
+
+class SessionHasher:
+    """sid -> 8 hex digits of a keyed blake2s, with a small cache: sessions come back many times."""
+
+    def __init__(self, key: bytes | None = None) -> None:
+        self._key = os.urandom(16) if key is None else key
+        self._cache: dict[bytes, str] = {}
+
+    def __call__(self, sid: bytes) -> str:
+        tag = self._cache.get(sid)
+        if tag is None:
+            if len(self._cache) >= _HASH_CACHE_SIZE:
+                self._cache.clear()
+            tag = self._cache[sid] = hashlib.blake2s(sid, key=self._key, digest_size=4).hexdigest()
+        return tag
+
+
+class AccessLog:
+    """Writes one line per finished exchange to `stream`; `close()` flushes what is buffered."""
+
+    def __init__(
+        self,
+        stream: TextIO,
+        *,
+        fmt: str = "json",
+        hasher: SessionHasher | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._stream = stream
+        self._line = self._json_line if fmt == "json" else self._text_line
+        self._hash = hasher or SessionHasher()
+        self._clock = clock
+        self._milli = -1
+        self._second = -1
+        self._second_text = ""
+        self._ts = ""
+        self._pending: list[str] = []
+        self._flush_handle: asyncio.TimerHandle | None = None
+        self._broken = False
+
+    def write(self, exchange: Exchange) -> None:
+        if self._broken:
+            return
+        pending = self._pending
+        pending.append(self._line(exchange))
+        if len(pending) == 1:
+            self._flush_handle = asyncio.get_running_loop().call_later(FLUSH_INTERVAL, self.flush)
+        elif len(pending) >= FLUSH_LINES:
+            self.flush()
+
+    def flush(self) -> None:
+        """Write the lines gathered since the last flush, in one write."""
+        if self._flush_handle is not None:
+            self._flush_handle.cancel()
+            self._flush_handle = None
+        lines, self._pending = self._pending, []
+        if not lines or self._broken:
+            return
+        try:
+            self._stream.write("".join(lines))
+            self._stream.flush()
+        except (OSError, ValueError) as exc:  # stdout closed, a broken pipe: stop, don't fail requests
+            self._broken = True
+            logging.getLogger(__name__).warning("access log disabled: %s", exc)
+
+    def close(self) -> None:
+        self.flush()
+
+    # -- the two formats ----------------------------------------------------------------------------
+
+    def _json_line(self, ex: Exchange) -> str:
+        head = ex.head
+        sid = head.session_id
+        mcp = head.mcp_method
+        backend = ex.backend
+        micros = int((time.perf_counter() - ex.received_at) * 1_000_000)
+        return (
+            f'{{"ts":"{self._timestamp()}","type":"access","client":"{ex.client.peer_ip.decode()}",'
+            f'"method":"{head.method.decode()}","path":{_json_string(_path(head.target))},'
+            f'"era":"{_era(ex)}",'
+            f'"session":{"null" if sid is None else _quoted(self._hash(sid))},'
+            f'"backend":{"null" if backend is None else _quoted(backend.name)},'
+            f'"status":{ex.status},"bytes":{ex.sent},"duration_us":{micros},'
+            f'"mcp_method":{"null" if mcp is None else _json_string(mcp[:64].decode("latin-1"))},'
+            f'"outcome":"{ex.outcome}"}}\n'
+        )
+
+    def _text_line(self, ex: Exchange) -> str:
+        head = ex.head
+        sid = head.session_id
+        mcp = head.mcp_method
+        backend = ex.backend
+        micros = int((time.perf_counter() - ex.received_at) * 1_000_000)
+        return (
+            f"{self._timestamp()} {ex.client.peer_ip.decode()} "
+            f'"{head.method.decode()} {_path(head.target)}" {ex.status} {ex.sent} '
+            f"{micros}us era={_era(ex)} "
+            f"session={'-' if sid is None else self._hash(sid)} "
+            f"backend={'-' if backend is None else backend.name} "
+            f"mcp={'-' if mcp is None else _path(mcp[:64])} outcome={ex.outcome}\n"
+        )
+
+    def _timestamp(self) -> str:
+        """UTC, ISO 8601, milliseconds; formatted once per millisecond, the date once per second."""
+        milli = int(self._clock() * 1000)
+        if milli != self._milli:
+            self._milli = milli
+            second, fraction = divmod(milli, 1000)
+            if second != self._second:
+                self._second = second
+                self._second_text = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+            self._ts = f"{self._second_text}.{fraction:03d}Z"
+        return self._ts
+
+
+def _era(ex: Exchange) -> str:
+    era = ex.facts.era if ex.facts is not None else protocol.era_of(ex.head.protocol_version)
+    return _ERA_NAMES[era]
+
+
+_ERA_NAMES: Final = {era: era.value for era in protocol.Era}
+
+
+def _path(raw: bytes) -> str:
+    return raw[:_PATH_LIMIT].decode("latin-1")
+
+
+def _quoted(text: str) -> str:
+    return f'"{text}"'  # only for values that need no escaping: hex digits, backend names
+
+
+# --- every other log line ----------------------------------------------------------------------------
+
+
+class JsonFormatter(logging.Formatter):
+    """A LogRecord as one JSON line: ts, type "event", level, logger, msg (and exc when present)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {
+            "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+            + f".{int(record.msecs):03d}Z",
+            "type": "event",
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
+        if record.exc_info:
+            entry["exc"] = self.formatException(record.exc_info)
+        return json.dumps(entry, ensure_ascii=False, separators=(",", ":"))
+
+
+TEXT_FORMAT: Final = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+def configure_logging(config: LogConfig, *, level: str | None = None, stream: TextIO | None = None) -> None:
+    """Root logging on `stream` (stderr; the access log has stdout), in the configured format;
+    `level` overrides the config's."""
+    handler = logging.StreamHandler(stream or sys.stderr)
+    handler.setFormatter(JsonFormatter() if config.format == "json" else logging.Formatter(TEXT_FORMAT))
+    logging.basicConfig(level=(level or config.level).upper(), handlers=[handler], force=True)
+
+
+def access_enabled(config: LogConfig) -> bool:
+    """Access lines are info-level: written when `access` is on and the level is debug or info."""
+    return config.access and config.level in ("debug", "info")

@@ -1,0 +1,543 @@
+"""Metrics, access log and health endpoints, driven by real traffic: real FastMCP backends, raw HTTP
+and the real mcp client, real Redis where the store matters.
+
+Every proxy here has a registry of its own, so a sample's value is the delta caused by the test.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import io
+import json
+import re
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+import pytest
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry
+from prometheus_client.parser import text_string_to_metric_families
+from yarl import URL
+
+from mcpbalancer.app import Proxy
+from mcpbalancer.config import parse_config
+from mcpbalancer.errors import SessionNotFound, error_body
+from tests.fixtures.backends import BackendFactory, BackendProcess
+from tests.fixtures.proxy import HasUrl, proxy_config
+from tests.fixtures.redis import RedisServer
+from tests.mcp_helpers import (
+    DEADLINE,
+    INIT_BODY,
+    INIT_HEADERS,
+    call_tool,
+    from_backend,
+    from_proxy,
+    mcp_url,
+    open_session,
+    recorded_client,
+    session_headers,
+    sse_messages,
+    text_of,
+    wait_until,
+)
+
+# Every family the issue names; the exposition must carry each one (HELP and TYPE at least).
+FAMILIES = {
+    "mcpbalancer_requests",
+    "mcpbalancer_request_duration_seconds",
+    "mcpbalancer_mcp_requests",
+    "mcpbalancer_sessions_active",
+    "mcpbalancer_sessions_created",
+    "mcpbalancer_sessions_ended",
+    "mcpbalancer_session_lookups",
+    "mcpbalancer_sse_streams_active",
+    "mcpbalancer_sse_heartbeats",
+    "mcpbalancer_sse_stream_duration_seconds",
+    "mcpbalancer_backend_up",
+    "mcpbalancer_backend_draining",
+    "mcpbalancer_health_checks",
+    "mcpbalancer_store_operations",
+    "mcpbalancer_store_latency_seconds",
+    "mcpbalancer_upstream_errors",
+    "mcpbalancer_client_disconnects",
+    "mcpbalancer_build_info",
+}
+ACCESS_FIELDS = {
+    "ts",
+    "type",
+    "client",
+    "method",
+    "path",
+    "era",
+    "session",
+    "backend",
+    "status",
+    "bytes",
+    "duration_us",
+    "mcp_method",
+    "outcome",
+}
+
+
+@dataclass
+class Observed:
+    proxy: Proxy
+    registry: CollectorRegistry
+    log: io.StringIO
+
+    @property
+    def url(self) -> str:
+        return mcp_url(self.proxy)
+
+    def value(self, name: str, **labels: str) -> float:
+        """A sample's value; 0 for a labelled child that does not exist yet."""
+        return self.registry.get_sample_value(name, labels) or 0.0
+
+    def requests(self, backend: str, code: str, method: str = "POST", era: str = "legacy") -> float:
+        labels = {"backend": backend, "code": code, "method": method, "era": era}
+        return self.value("mcpbalancer_requests_total", **labels)
+
+    def lookups(self) -> dict[str, float]:
+        results = ("cache_hit", "store_hit", "miss")
+        return {r: self.value("mcpbalancer_session_lookups_total", result=r) for r in results}
+
+    def ended(self) -> dict[str, float]:
+        """Sessions ended, by reason, leaving out the reasons that did not occur."""
+        reasons = ("delete", "expired", "backend_lost", "backend_404")
+        counts = {r: self.value("mcpbalancer_sessions_ended_total", reason=r) for r in reasons}
+        return {reason: count for reason, count in counts.items() if count}
+
+    def access_lines(self) -> list[dict[str, Any]]:
+        assert self.proxy.access_log is not None
+        self.proxy.access_log.flush()
+        return [json.loads(line) for line in self.log.getvalue().splitlines()]
+
+
+ObserveFactory = Callable[..., Awaitable[Observed]]
+
+
+@pytest.fixture
+async def observe() -> AsyncIterator[ObserveFactory]:
+    """`await observe(backends, **config)` -> a started proxy with its own registry and access log."""
+    started: list[Proxy] = []
+
+    async def make(backends: Sequence[HasUrl], **overrides: Any) -> Observed:
+        registry, log = CollectorRegistry(), io.StringIO()
+        config = parse_config(proxy_config(backends, **overrides), source="<test>")
+        proxy = Proxy(config, registry=registry, access_stream=log)
+        await proxy.start()
+        started.append(proxy)
+        return Observed(proxy, registry, log)
+
+    yield make
+    for proxy in reversed(started):
+        await proxy.stop()
+
+
+@pytest.fixture
+async def web() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=DEADLINE)) as session:
+        yield session
+
+
+def owner(obs: Observed, session_id: str) -> str:
+    name = obs.proxy.store.peek(session_id)
+    assert isinstance(name, str), name
+    return name
+
+
+async def session_on(obs: Observed, web: aiohttp.ClientSession, name: str) -> str:
+    """Open raw sessions until one lands on backend `name`."""
+    for _ in range(3 * len(obs.proxy.backends)):
+        session_id = await open_session(web, obs.url)
+        if owner(obs, session_id) == name:
+            return session_id
+    pytest.fail(f"no session landed on {name}")
+
+
+# --- sessions, lookups, requests ------------------------------------------------------------------
+
+
+async def test_a_session_from_initialize_to_delete(
+    backends: list[BackendProcess], observe: ObserveFactory, web: aiohttp.ClientSession
+) -> None:
+    obs = await observe(backends)
+    session_id = await open_session(web, obs.url)  # initialize, then notifications/initialized
+    name = owner(obs, session_id)
+    assert obs.value("mcpbalancer_sessions_created_total", backend=name) == 1
+    assert obs.value("mcpbalancer_sessions_active", backend=name) == 1
+    assert obs.lookups() == {"cache_hit": 1, "store_hit": 0, "miss": 0}
+
+    assert (await call_tool(web, obs.url, session_id, "whoami")).text == name
+    # The memory store answers every known session from memory: a cache hit.
+    assert obs.lookups() == {"cache_hit": 2, "store_hit": 0, "miss": 0}
+    assert obs.requests(name, "2xx") == 3
+    assert obs.value("mcpbalancer_request_duration_seconds_count", backend=name, era="legacy") == 3
+    # Legacy requests carry no Mcp-Method header and bodies are not parsed: "other".
+    assert obs.value("mcpbalancer_mcp_requests_total", era="legacy", mcp_method="other") == 3
+    # initialize and tools/call were answered as SSE; each stream has ended.
+    assert obs.value("mcpbalancer_sse_stream_duration_seconds_count") == 2
+    assert obs.value("mcpbalancer_sse_streams_active", backend=name) == 0
+
+    async with web.delete(obs.url, headers=session_headers(session_id)) as resp:
+        assert resp.status == 200
+    assert obs.ended() == {"delete": 1}
+    assert obs.value("mcpbalancer_sessions_active", backend=name) == 0
+    assert obs.requests(name, "2xx", method="DELETE") == 1
+
+    gone = await call_tool(web, obs.url, session_id, "whoami")
+    assert gone.status == 404
+    assert from_proxy(gone.headers)
+    assert obs.lookups() == {"cache_hit": 3, "store_hit": 0, "miss": 1}
+    assert obs.requests("none", "4xx") == 1
+    # The proxy's own answers are not backend latency.
+    assert obs.value("mcpbalancer_request_duration_seconds_count", backend="none", era="legacy") == 0
+    assert obs.ended() == {"delete": 1}
+
+
+async def test_a_backend_404_ends_the_session(
+    backends: list[BackendProcess], observe: ObserveFactory, web: aiohttp.ClientSession
+) -> None:
+    obs = await observe(backends)
+    session_id = await open_session(web, obs.url)
+    name = owner(obs, session_id)
+    [backend] = [b for b in backends if b.name == name]
+    async with web.delete(backend.mcp_url, headers=session_headers(session_id)) as resp:
+        assert resp.status == 200  # behind the proxy's back
+
+    answer = await call_tool(web, obs.url, session_id, "whoami")
+    assert answer.status == 404
+    assert from_backend(answer.headers)
+    assert obs.ended() == {"backend_404": 1}
+    assert obs.requests(name, "4xx") == 1
+    assert obs.value("mcpbalancer_sessions_active", backend=name) == 0
+
+
+async def test_a_slow_then_dead_owner(
+    backends: list[BackendProcess],
+    backend_factory: BackendFactory,
+    observe: ObserveFactory,
+    web: aiohttp.ClientSession,
+) -> None:
+    [doomed] = await asyncio.to_thread(backend_factory, ["k"])
+    obs = await observe([doomed, backends[0]], timeouts={"response_headers": 0.5})
+    session_id = await session_on(obs, web, "k")
+    assert obs.value("mcpbalancer_backend_up", backend="k") == 1
+
+    doomed.pause()
+    try:
+        slow = await call_tool(web, obs.url, session_id, "whoami")
+    finally:
+        doomed.resume()
+    assert slow.status == 504
+    assert obs.value("mcpbalancer_upstream_errors_total", backend="k", kind="timeout") == 1
+    assert obs.requests("k", "5xx") == 1
+    assert obs.ended() == {}
+
+    await doomed.akill()
+    gone = await call_tool(web, obs.url, session_id, "whoami")
+    assert gone.status == 404
+    assert obs.ended() == {"backend_lost": 1}
+    assert obs.value("mcpbalancer_upstream_errors_total", backend="k", kind="connect") == 1
+    assert obs.value("mcpbalancer_upstream_errors_total", backend="k", kind="reset") == 0
+    assert obs.value("mcpbalancer_sessions_active", backend="k") == 0
+
+    # Nothing marks a backend down yet (active checks and passive ejection are issue 3's); the gauge
+    # reads Backend.up and Backend.draining live at every scrape.
+    backend = obs.proxy.backends.get("k")
+    assert backend is not None
+    backend.up = False
+    backend.draining = True
+    assert obs.value("mcpbalancer_backend_up", backend="k") == 0
+    assert obs.value("mcpbalancer_backend_draining", backend="k") == 1
+    assert obs.value("mcpbalancer_backend_up", backend="a") == 1
+
+
+async def test_lookups_through_a_shared_redis(
+    backends: list[BackendProcess], observe: ObserveFactory, web: aiohttp.ClientSession, redis_url: str
+) -> None:
+    first = await observe(backends, store=redis_url)
+    second = await observe(backends, store=redis_url)
+    session_id = await open_session(web, first.url)
+    name = owner(first, session_id)
+    assert first.value("mcpbalancer_store_operations_total", op="bind", result="ok") == 1
+    assert first.value("mcpbalancer_store_latency_seconds_count", op="bind") == 1
+    assert first.lookups() == {"cache_hit": 1, "store_hit": 0, "miss": 0}
+
+    # The first use on the second proxy asks Redis; the next one is answered by its local cache.
+    assert (await call_tool(web, second.url, session_id, "whoami")).text == name
+    assert second.lookups() == {"cache_hit": 0, "store_hit": 1, "miss": 0}
+    assert (await call_tool(web, second.url, session_id, "count")).text == "1"
+    assert second.lookups() == {"cache_hit": 1, "store_hit": 1, "miss": 0}
+    assert second.value("mcpbalancer_store_operations_total", op="get", result="ok") == 1
+    assert second.value("mcpbalancer_sessions_created_total", backend=name) == 0
+
+    unknown = await call_tool(web, second.url, "never-issued", "whoami")
+    assert unknown.status == 404
+    assert second.lookups() == {"cache_hit": 1, "store_hit": 1, "miss": 1}
+    assert second.value("mcpbalancer_store_operations_total", op="get", result="ok") == 2
+
+
+# --- streams ----------------------------------------------------------------------------------------
+
+
+async def test_heartbeats_and_the_stream_gauge(
+    backends: list[BackendProcess], observe: ObserveFactory, web: aiohttp.ClientSession
+) -> None:
+    obs = await observe(backends, heartbeat=0.2)
+    session_id = await open_session(web, obs.url)
+    name = owner(obs, session_id)
+    headers = {"Accept": "text/event-stream", "Mcp-Session-Id": session_id}
+    pings = 0
+    async with web.get(obs.url, headers=headers, timeout=aiohttp.ClientTimeout()) as stream:
+        assert stream.status == 200
+        assert obs.value("mcpbalancer_sse_streams_active", backend=name) == 1
+        async with asyncio.timeout(DEADLINE):
+            while pings < 2:
+                line = await stream.content.readline()
+                assert line, "the stream ended"
+                pings += line == b": ping\n"
+        # The proxy and this client share the event loop; the next ping is a heartbeat away.
+        assert obs.value("mcpbalancer_sse_heartbeats_total") == pings
+        assert obs.value("mcpbalancer_client_disconnects_total") == 0
+    # Leaving the block closed the connection mid-stream: the client went away.
+    await wait_until(
+        _is(lambda: obs.value("mcpbalancer_sse_streams_active", backend=name), 0), "the stream to end"
+    )
+    assert obs.value("mcpbalancer_client_disconnects_total") == 1
+    assert obs.value("mcpbalancer_sse_stream_duration_seconds_count") == 2  # initialize's, then the GET
+    assert obs.value("mcpbalancer_sse_stream_duration_seconds_sum") >= 0.4
+
+
+def _is(read: Callable[[], float], expected: float) -> Callable[[], Awaitable[bool]]:
+    async def check() -> bool:
+        return read() == expected
+
+    return check
+
+
+# --- the modern era ---------------------------------------------------------------------------------
+
+
+async def test_modern_requests_are_counted_by_mcp_method(
+    backends: list[BackendProcess], observe: ObserveFactory
+) -> None:
+    obs = await observe(backends)
+    async with recorded_client(obs.url, mode="2026-07-28") as (client, wire):
+        assert text_of(await client.call_tool("whoami")) in {"a", "b", "c"}
+        assert text_of(await client.call_tool("whoami")) in {"a", "b", "c"}
+    sent = collections.Counter(h["mcp-method"] for h in wire.requests)
+    assert sent["tools/call"] == 2
+    for method, count in sent.items():
+        assert obs.value("mcpbalancer_mcp_requests_total", era="modern", mcp_method=method) == count
+    answered = sum(obs.requests(b.name, "2xx", era="modern") for b in backends)
+    assert answered == len(wire.requests)
+    assert obs.value("mcpbalancer_sessions_created_total", backend="a") == 0
+
+
+# --- exposition and probes ------------------------------------------------------------------------
+
+
+def parse_exposition(text: str) -> dict[str, Any]:
+    """Family name -> family; the parser raises on anything that is not the text format."""
+    return {family.name: family for family in text_string_to_metric_families(text)}
+
+
+async def test_metrics_on_the_public_listener(
+    backends: list[BackendProcess], observe: ObserveFactory, web: aiohttp.ClientSession
+) -> None:
+    obs = await observe(backends)
+    await open_session(web, obs.url)
+    async with web.get(obs.proxy.url + "/metrics") as resp:
+        assert resp.status == 200
+        assert resp.headers["Content-Type"] == CONTENT_TYPE_LATEST
+        assert from_proxy(resp.headers)  # answered by the proxy, not forwarded
+        families = parse_exposition(await resp.text())
+    assert families.keys() >= FAMILIES
+    assert "process_cpu_seconds" in families
+    [build] = families["mcpbalancer_build_info"].samples
+    assert build.value == 1
+    assert build.labels["version"]
+    created = families["mcpbalancer_sessions_created"].samples
+    assert sum(s.value for s in created if s.name.endswith("_total")) == 1
+    # Scrapes are requests the proxy answered itself.
+    assert obs.requests("none", "2xx", method="GET") == 1
+
+
+async def test_metrics_on_the_admin_listener(
+    backends: list[BackendProcess], observe: ObserveFactory, web: aiohttp.ClientSession
+) -> None:
+    obs = await observe(backends, admin="127.0.0.1:0", metrics={"path": "/prom"})
+    assert obs.proxy.control is not None
+    admin = f"http://127.0.0.1:{obs.proxy.control.port}"
+    await open_session(web, obs.url)
+    async with web.get(admin + "/prom") as resp:
+        assert resp.status == 200
+        assert resp.headers["Content-Type"] == CONTENT_TYPE_LATEST
+        families = parse_exposition(await resp.text())
+    assert families.keys() >= FAMILIES
+    active = families["mcpbalancer_sessions_active"].samples
+    assert sorted(s.value for s in active) == [0, 0, 1]
+    for path, status in (("/healthz", 200), ("/readyz", 200), ("/metrics", 404)):
+        async with web.get(admin + path) as resp:
+            assert resp.status == status, path
+    # With an admin listener, the public one does not answer the metrics path: it is forwarded.
+    async with web.get(obs.proxy.url + "/prom") as resp:
+        assert from_backend(resp.headers)
+
+
+async def test_metrics_can_be_turned_off(
+    backends: list[BackendProcess], observe: ObserveFactory, web: aiohttp.ClientSession
+) -> None:
+    obs = await observe(backends, metrics={"enabled": False})
+    async with web.get(obs.proxy.url + "/metrics") as resp:
+        assert from_backend(resp.headers)
+    async with web.get(obs.proxy.url + "/healthz") as resp:
+        assert resp.status == 200
+
+
+async def test_health_probes_are_answered_by_the_proxy(
+    backends: list[BackendProcess], observe: ObserveFactory, web: aiohttp.ClientSession
+) -> None:
+    obs = await observe(backends)
+    base = obs.proxy.url
+    async with web.get(base + "/healthz") as resp:
+        assert (resp.status, await resp.json()) == (200, {"status": "ok"})
+        assert from_proxy(resp.headers)
+    async with web.get(base + "/readyz") as resp:
+        assert (resp.status, await resp.json()) == (200, {"status": "ready", "reason": "ready"})
+    async with web.head(base + "/readyz") as resp:
+        assert resp.status == 200
+    async with web.post(base + "/healthz", json={}) as resp:
+        assert resp.status == 405
+        assert resp.headers["Allow"] == "GET, HEAD"
+    # Keep-alive works across local answers and forwarded requests on one connection.
+    assert (await open_session(web, obs.url)) is not None
+
+    for backend in obs.proxy.backends:
+        backend.up = False
+    async with web.get(base + "/readyz") as resp:
+        assert resp.status == 503
+        assert await resp.json() == {"status": "unavailable", "reason": "no backend up"}
+    async with web.get(base + "/healthz") as resp:
+        assert resp.status == 200
+
+
+async def test_readyz_follows_the_redis_store(
+    backends: list[BackendProcess],
+    observe: ObserveFactory,
+    web: aiohttp.ClientSession,
+    private_redis_server: RedisServer,
+) -> None:
+    obs = await observe(backends, store=private_redis_server.url)
+    readyz = obs.proxy.url + "/readyz"
+
+    async def status() -> tuple[int, dict[str, str]]:
+        async with web.get(readyz) as resp:
+            return resp.status, await resp.json()
+
+    assert await status() == (200, {"status": "ready", "reason": "ready"})
+    # Probes within a second share one PING.
+    assert (await status())[0] == 200
+    assert obs.value("mcpbalancer_store_operations_total", op="ping", result="ok") == 1
+
+    private_redis_server.kill()
+
+    async def unready() -> bool:
+        return (await status())[0] == 503
+
+    await wait_until(unready, "/readyz to report the store down")
+    code, body = await status()
+    assert code == 503
+    assert body["status"] == "unavailable"
+    assert body["reason"].startswith("session store unreachable: redis:")
+    assert obs.value("mcpbalancer_store_operations_total", op="ping", result="error") >= 1
+
+    private_redis_server.start()
+
+    async def ready() -> bool:
+        return (await status())[0] == 200
+
+    await wait_until(ready, "/readyz to recover with the store")
+
+
+# --- the access log -----------------------------------------------------------------------------------
+
+
+async def test_access_log_lines(
+    backends: list[BackendProcess], observe: ObserveFactory, web: aiohttp.ClientSession
+) -> None:
+    obs = await observe(backends)
+    async with web.post(obs.url, json=INIT_BODY, headers=INIT_HEADERS) as resp:
+        session_id = resp.headers["Mcp-Session-Id"]
+        assert sse_messages(await resp.text())
+    answer = await call_tool(web, obs.url, session_id, "whoami")
+    name = answer.text
+    odd = URL(obs.url + '?q="\\x', encoded=True)  # sent as is: the log must escape it
+    async with web.post(odd, json={}, headers={"Mcp-Session-Id": "no-such-session"}) as resp:
+        assert resp.status == 404
+    headers = {"MCP-Protocol-Version": "2026-07-28", "Mcp-Method": 'tools/"odd"'}
+    async with web.post(obs.url, data=b"{}", headers=headers) as resp:
+        modern_status = resp.status
+        await resp.read()  # the whole answer: the exchange has ended
+
+    lines = obs.access_lines()
+    assert len(lines) == 4, lines
+    assert all(set(line) == ACCESS_FIELDS for line in lines)
+    init, call, unknown, modern = lines
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", init["ts"])
+    assert init | {"ts": "", "duration_us": 0, "bytes": 0} == {
+        "ts": "",
+        "type": "access",
+        "client": "127.0.0.1",
+        "method": "POST",
+        "path": "/mcp",
+        "era": "legacy",
+        "session": None,
+        "backend": name,
+        "status": 200,
+        "bytes": 0,
+        "duration_us": 0,
+        "mcp_method": None,
+        "outcome": "ok",
+    }
+    assert init["bytes"] > 0
+    assert init["duration_us"] > 0
+    assert re.fullmatch(r"[0-9a-f]{8}", call["session"])
+    assert (call["backend"], call["status"], call["outcome"]) == (name, 200, "ok")
+    assert call["bytes"] == len(answer.body.encode())
+    assert unknown["path"] == '/mcp?q="\\x'
+    assert (unknown["backend"], unknown["status"], unknown["outcome"]) == (None, 404, "error")
+    assert unknown["bytes"] == len(error_body(SessionNotFound()))
+    assert unknown["session"] != call["session"]
+    assert (modern["era"], modern["mcp_method"], modern["status"]) == ("modern", 'tools/"odd"', modern_status)
+    assert obs.value("mcpbalancer_mcp_requests_total", era="modern", mcp_method="other") == 1
+    # Session ids never reach the log, whole or in part.
+    text = obs.log.getvalue()
+    assert session_id not in text
+    assert session_id[:8] not in text
+    assert "no-such-session" not in text
+
+
+async def test_access_log_text_format(
+    backends: list[BackendProcess], observe: ObserveFactory, web: aiohttp.ClientSession
+) -> None:
+    obs = await observe(backends, log={"format": "text"})
+    session_id = await open_session(web, obs.url)
+    assert obs.proxy.access_log is not None
+    obs.proxy.access_log.flush()
+    lines = obs.log.getvalue().splitlines()
+    assert len(lines) == 2
+    pattern = (
+        r"\S+Z 127\.0\.0\.1 \"POST /mcp\" (200|202) \d+ \d+us era=legacy session=(-|[0-9a-f]{8}) "
+        r"backend=[abc] mcp=- outcome=ok"
+    )
+    assert all(re.fullmatch(pattern, line) for line in lines), lines
+    assert session_id not in obs.log.getvalue()
+
+
+async def test_access_log_can_be_turned_off(backends: list[BackendProcess], observe: ObserveFactory) -> None:
+    assert (await observe(backends, log={"access": False})).proxy.access_log is None
+    assert (await observe(backends, log={"level": "warning"})).proxy.access_log is None
