@@ -269,7 +269,7 @@ def _metrics(section: _Section) -> MetricsConfig:
 
 def _health(section: _Section) -> HealthConfig:
     default = HealthConfig()
-    interval = section.number("interval", default.interval, gt=0)
+    interval = section.number("interval", default.interval, ge=0)  # 0: no active checks
     timeout = section.number("timeout", default.timeout, gt=0)
     return HealthConfig(
         interval=interval,

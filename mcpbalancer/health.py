@@ -40,6 +40,7 @@ OK, FAIL, TIMEOUT, REFUSED = "ok", "fail", "timeout", "refused"
 HARD_FAILURES = frozenset({"refused", "reset"})  # the process is gone: down at once
 SOFT_FAILURES = frozenset({"timeout", "5xx"})  # the process may be slow: counts toward `fall`
 
+OFF_RECHECK = 1.0
 MODERN_VERSION = "2026-07-28"
 DISCOVER_BODY = json.dumps(
     {
@@ -183,9 +184,13 @@ class HealthChecker:
             return TIMEOUT
 
     async def run(self, backends: Callable[[], Iterable[Backend]]) -> None:
-        """Probe forever, one round per `interval`; cancel to stop."""
+        """Probe forever, one round per `interval`; cancel to stop. `interval` 0: checks are off
+        (looked at again every second, so a reload can turn them on)."""
         loop = asyncio.get_running_loop()
         while True:
+            if self.config.interval <= 0:
+                await asyncio.sleep(OFF_RECHECK)
+                continue
             started = loop.time()
             try:
                 await self.check_once(backends())
