@@ -50,6 +50,7 @@ class Fleet:
         self.pools: dict[str, UpstreamPool] = {}
         self.on_evict: Callable[[Backend], None] = lambda backend: None
         self._timers: dict[str, asyncio.TimerHandle] = {}
+        self._drain_timeouts: dict[str, float] = {}  # the drain_timeout each drain was started with
         self._pending_drains: dict[str, float] = {}  # drains from the config, armed at start()
         members = []
         for config in configs:
@@ -104,11 +105,13 @@ class Fleet:
 
     def _arm(self, backend: Backend, timeout: float) -> None:
         self._disarm(backend.name)
+        self._drain_timeouts[backend.name] = timeout
         if timeout > 0:
             loop = asyncio.get_running_loop()
             self._timers[backend.name] = loop.call_later(timeout, self._evict, backend)
 
     def _disarm(self, name: str) -> None:
+        self._drain_timeouts.pop(name, None)
         timer = self._timers.pop(name, None)
         if timer is not None:
             timer.cancel()
@@ -138,7 +141,10 @@ class Fleet:
                 changes.added.append(backend.name)
             elif self._update(backend, config):
                 changes.updated.append(backend.name)
-            if config.drain:
+            if config.drain and backend.draining:
+                if self._drain_timeouts.get(backend.name) != config.drain_timeout and not backend.evicted:
+                    self._arm(backend, config.drain_timeout)  # a new timeout counts from the reload
+            elif config.drain:
                 self.drain(backend.name, config.drain_timeout)
             else:
                 self.undrain(backend.name)

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import re
 
 import pytest
 from prometheus_client import CollectorRegistry
 
 from mcpbalancer.backends import Backend
-from mcpbalancer.config import HealthConfig, parse_config
+from mcpbalancer.config import BackendConfig, HealthConfig, parse_config
+from mcpbalancer.errors import ConfigError
 from mcpbalancer.health import FAIL, OK, REFUSED, TIMEOUT, HealthChecker, HealthState
 from mcpbalancer.lifecycle import Fleet
 from mcpbalancer.metrics import Metrics
@@ -154,7 +156,7 @@ def test_reconfigure_applies_new_fall_to_known_backends() -> None:
 # --- Fleet -----------------------------------------------------------------------------------------
 
 
-def config(*backends: dict[str, object]) -> tuple[object, ...]:
+def config(*backends: dict[str, object]) -> tuple[BackendConfig, ...]:
     return parse_config({"backends": list(backends)}).backends
 
 
@@ -236,4 +238,67 @@ async def test_undrain_cancels_the_drain_timeout() -> None:
     fleet.drain("a", timeout=0.05)
     fleet.undrain("a")
     await asyncio.sleep(0.1)  # past the cancelled timeout: nothing may fire
+    fleet.close()
+
+
+# --- configuration ---------------------------------------------------------------------------------
+
+
+def test_lifecycle_defaults() -> None:
+    parsed = parse_config({"backends": [{"name": "a", "url": "http://h:1"}]})
+    assert parsed.health == HealthConfig(interval=1.0, timeout=1.0, path="/mcp", fall=2, rise=2)
+    assert parsed.shutdown_timeout == 10.0
+    assert (parsed.backends[0].drain, parsed.backends[0].drain_timeout) == (False, 0.0)
+
+
+def test_lifecycle_keys_are_read() -> None:
+    parsed = parse_config(
+        {
+            "health": {"interval": 0.25, "timeout": 0.5, "path": "/x/mcp", "fall": 3, "rise": 1},
+            "shutdown_timeout": 2.5,
+            "backends": [{"name": "a", "url": "http://h:1", "drain": True, "drain_timeout": 30}],
+        }
+    )
+    assert parsed.health == HealthConfig(interval=0.25, timeout=0.5, path="/x/mcp", fall=3, rise=1)
+    assert parsed.shutdown_timeout == 2.5
+    assert (parsed.backends[0].drain, parsed.backends[0].drain_timeout) == (True, 30.0)
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        ({"health": {"interval": -1}}, "health.interval: must be >= 0"),
+        ({"health": {"timeout": 0}}, "health.timeout: must be > 0"),
+        ({"health": {"fall": 0}}, "health.fall: must be >= 1"),
+        ({"health": {"rise": 1.5}}, "health.rise: must be an integer"),
+        ({"health": {"path": "mcp"}}, "health.path: must be a path"),
+        ({"health": {"every": 1}}, "health.every: unknown key"),
+        ({"shutdown_timeout": -1}, "shutdown_timeout: must be >= 0"),
+    ],
+)
+def test_lifecycle_keys_are_validated(extra: dict[str, object], message: str) -> None:
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        parse_config({"backends": [{"name": "a", "url": "http://h:1"}], **extra})
+
+
+@pytest.mark.parametrize(
+    ("backend", "message"),
+    [
+        ({"drain": "yes"}, "backends[0].drain: must be true or false"),
+        ({"drain_timeout": -5}, "backends[0].drain_timeout: must be >= 0"),
+    ],
+)
+def test_backend_drain_keys_are_validated(backend: dict[str, object], message: str) -> None:
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        parse_config({"backends": [{"name": "a", "url": "http://h:1", **backend}]})
+
+
+async def test_a_reload_giving_a_drain_a_timeout_arms_it() -> None:
+    fleet = Fleet(config({"name": "a", "url": "http://127.0.0.1:1", "drain": True}), connect_timeout=1.0)
+    fleet.start()
+    evicted = asyncio.Event()
+    fleet.on_evict = lambda backend: evicted.set()
+    fleet.apply(config({"name": "a", "url": "http://127.0.0.1:1", "drain": True, "drain_timeout": 0.01}))
+    async with asyncio.timeout(5):
+        await evicted.wait()
     fleet.close()

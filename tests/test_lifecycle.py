@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -15,7 +16,9 @@ import pytest
 import yaml
 
 from mcpbalancer.app import Proxy
-from mcpbalancer.config import load_config
+from mcpbalancer.backends import Backend
+from mcpbalancer.config import HealthConfig, load_config
+from mcpbalancer.health import DISCOVER_BODY, DISCOVER_HEADERS, OK, REFUSED, HttpProbe
 from tests.fixtures.backends import BackendFactory, BackendProcess
 from tests.mcp_helpers import (
     DEADLINE,
@@ -328,3 +331,29 @@ async def test_invalid_reload_keeps_the_running_config(
     assert "invalid YAML" in body["error"]
     async with recorded_client(m.mcp) as (client, _):
         assert text_of(await client.call_tool("whoami")) in {"a", "b"}
+
+
+async def test_default_probe_is_stateless_on_a_stock_fastmcp(backends: list[BackendProcess]) -> None:
+    a = backends[0]
+    probe = HttpProbe(HealthConfig)
+    target = Backend(a.name, a.host, a.port)
+    try:
+        assert probe.url(target) == a.mcp_url
+        assert await probe(target) == OK
+        async with (
+            aiohttp.ClientSession() as http,
+            http.post(a.mcp_url, data=DISCOVER_BODY, headers=DISCOVER_HEADERS) as resp,
+        ):
+            # 200 and no session: the probe does not make the backend create one.
+            assert resp.status == 200
+            assert "Mcp-Session-Id" not in resp.headers
+        closed = Backend("closed", "127.0.0.1", _free_port())
+        assert await probe(closed) == REFUSED
+    finally:
+        await probe.close()
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
