@@ -20,6 +20,8 @@ from mcpbalancer.backends import Backend
 from mcpbalancer.config import HealthConfig, load_config
 from mcpbalancer.health import DISCOVER_BODY, DISCOVER_HEADERS, OK, REFUSED, HttpProbe
 from tests.fixtures.backends import BackendFactory, BackendProcess
+from tests.fixtures.proxy import ProxyFactory
+from tests.fixtures.stub import StubFactory, StubRequest, response
 from tests.mcp_helpers import (
     DEADLINE,
     INIT_BODY,
@@ -357,3 +359,33 @@ def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+async def test_5xx_count_toward_fall_but_the_session_stays(
+    make_proxy: ProxyFactory, make_stub: StubFactory
+) -> None:
+    # A raw stub: a real server does not answer 503 on demand.
+    async def handle(req: StubRequest) -> None:
+        await req.complete.wait()
+        if req.header("mcp-session-id") is None:
+            req.conn.write(response(200, [("Mcp-Session-Id", "sid-1")], b"{}"))
+        else:
+            req.conn.write(response(503, [("Content-Type", "text/plain")], b"overloaded"))
+
+    stub = await make_stub(handle)
+    proxy = await make_proxy([stub], health={"interval": 0, "fall": 2})
+    backend = proxy.backends.get(stub.name)
+    assert backend is not None
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=DEADLINE)) as http:
+        async with http.post(mcp_url(proxy), data=b"{}", headers=INIT_HEADERS) as resp:
+            assert resp.headers["Mcp-Session-Id"] == "sid-1"
+        for n in range(3):
+            async with http.post(mcp_url(proxy), data=b"{}", headers=session_headers("sid-1")) as resp:
+                # The backend's own answer, every time: the session is not moved or ended.
+                assert (resp.status, await resp.text()) == (503, "overloaded")
+            assert backend.up is (n == 0)
+        assert backend.sessions == 1
+        async with http.post(mcp_url(proxy), data=b"{}", headers=INIT_HEADERS) as resp:
+            assert resp.status == 503  # the proxy's: no backend for a new session
+            assert resp.headers["Retry-After"] == "1"
+    assert len(stub.requests) == 4
