@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import socket
 import sys
@@ -15,13 +16,15 @@ from typing import TextIO
 
 from prometheus_client import CollectorRegistry
 
-from mcpbalancer.backends import Backend, BackendSet
 from mcpbalancer.balancer import make_strategy
-from mcpbalancer.config import Config
+from mcpbalancer.config import Config, load_config
+from mcpbalancer.control.admin import AdminApi
 from mcpbalancer.control.probes import Readiness, local_endpoints
 from mcpbalancer.control.server import ControlServer
 from mcpbalancer.dataplane.client import DataPlane
-from mcpbalancer.dataplane.upstream import UpstreamPool
+from mcpbalancer.errors import ConfigError
+from mcpbalancer.health import HealthChecker, HttpProbe
+from mcpbalancer.lifecycle import Changes, Fleet
 from mcpbalancer.logs import AccessLog, access_enabled
 from mcpbalancer.metrics import Metrics
 from mcpbalancer.routing import Router
@@ -31,20 +34,9 @@ from mcpbalancer.store.factory import create_store
 log = logging.getLogger(__name__)
 
 SWEEP_INTERVAL = 30.0
-
-
-def build_backends(config: Config) -> BackendSet:
-    return BackendSet(
-        Backend(
-            name=b.name,
-            host=b.host,
-            port=b.port,
-            weight=b.weight,
-            tls=b.scheme == "https",
-            path_prefix=b.path_prefix.encode("ascii"),
-        )
-        for b in config.backends
-    )
+SHUTDOWN_POLL = 0.05
+# Settings a reload applies; a change to any other one is logged and needs a restart.
+RELOADABLE = ("backends", "health", "shutdown_timeout", "source")
 
 
 class Proxy:
@@ -54,13 +46,16 @@ class Proxy:
         self,
         config: Config,
         *,
-        shutdown_timeout: float = 5.0,
+        shutdown_timeout: float | None = None,
         registry: CollectorRegistry | None = None,
         access_stream: TextIO | None = None,
     ) -> None:
         self.config = config
-        self.shutdown_timeout = shutdown_timeout
-        self.backends = build_backends(config)
+        # An explicit argument wins over the config's `shutdown_timeout` (and over its reloads).
+        self._shutdown_override = shutdown_timeout
+        self.fleet = Fleet(config.backends, connect_timeout=config.timeouts.connect)
+        self.backends = self.fleet.backends
+        self._probe = HttpProbe(lambda: self.health.config)
         self.metrics = Metrics(registry or CollectorRegistry(), lambda: self.router.backends, runtime=True)
         self.store: SessionStore = create_store(
             config.store,
@@ -73,10 +68,46 @@ class Proxy:
         self.router = Router(
             self.backends, make_strategy(config.balance), self.store, config.session_ttl, self.metrics
         )
+        self.health = HealthChecker(config.health, self.fleet.set_status, self._probe, metrics=self.metrics)
         self._observability(config, access_stream)
+        if self.control is not None:
+            AdminApi(self.fleet, self.health.last_check, self.reload).install(self.control.app)
         self._server: asyncio.Server | None = None
         self._plane: DataPlane | None = None
         self._sweeper: asyncio.Task[None] | None = None
+        self._checker: asyncio.Task[None] | None = None
+
+    @property
+    def shutdown_timeout(self) -> float:
+        return self.config.shutdown_timeout if self._shutdown_override is None else self._shutdown_override
+
+    def reload(self) -> Changes:
+        """Re-read the config file and apply its backends and health settings.
+
+        Raises ConfigError (and changes nothing) when the file is invalid.
+        """
+        try:
+            new = load_config(self.config.source)
+        except ConfigError as exc:
+            log.error("reload rejected, running configuration kept: %s", exc)
+            raise
+        for f in dataclasses.fields(Config):
+            if f.name not in RELOADABLE and getattr(new, f.name) != getattr(self.config, f.name):
+                log.warning("reload: `%s` changed; it takes effect after a restart", f.name)
+        changes = self.fleet.apply(new.backends)
+        self.health.reconfigure(new.health)
+        self.health.forget(b.name for b in self.backends)
+        self.config = dataclasses.replace(
+            self.config, backends=new.backends, health=new.health, shutdown_timeout=new.shutdown_timeout
+        )
+        log.info(
+            "reloaded %s: added %s, removed %s, updated %s",
+            new.source,
+            changes.added or "none",
+            changes.removed or "none",
+            changes.updated or "none",
+        )
+        return changes
 
     def _observability(self, config: Config, access_stream: TextIO | None) -> None:
         self.readiness = Readiness(lambda: self.router.backends, self.store.ping)
@@ -109,10 +140,9 @@ class Proxy:
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
-        pools = {b.name: UpstreamPool(b, connect_timeout=self.config.timeouts.connect) for b in self.backends}
         self._plane = DataPlane(
             self.router,
-            pools,
+            self.fleet.pools,
             heartbeat=self.config.heartbeat,
             timeouts=self.config.timeouts,
             limits=self.config.limits,
@@ -121,6 +151,9 @@ class Proxy:
             access_log=self.access_log,
             local=self._local,
         )
+        self._plane.on_backend_failure = self.health.passive
+        self.fleet.on_evict = self._plane.abort_streams
+        self.fleet.start()
         self._server = await loop.create_server(
             self._plane.protocol_factory,
             self.config.listen_host,
@@ -132,7 +165,18 @@ class Proxy:
             await self.control.start()
         if hasattr(self.store, "sweep"):
             self._sweeper = loop.create_task(self._sweep_forever())
+        self._checker = loop.create_task(self.health.run(lambda: self.backends))
         log.info("listening on %s with %d backends", self.url, len(self.backends))
+
+    @staticmethod
+    async def _wait_quiet(plane: DataPlane) -> None:
+        """Until every connection closed, or only standalone GET streams are left (they never end)."""
+        closed = asyncio.ensure_future(plane.wait_closed())
+        try:
+            while not closed.done() and plane.busy():
+                await asyncio.wait([closed], timeout=SHUTDOWN_POLL)
+        finally:
+            closed.cancel()
 
     async def _sweep_forever(self) -> None:
         while True:
@@ -148,14 +192,15 @@ class Proxy:
             plane.close_idle()
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(self.shutdown_timeout):
-                    await plane.wait_closed()
+                    await self._wait_quiet(plane)
             plane.abort_all()
-            for pool in plane.pools.values():
-                pool.close()
-        if self._sweeper is not None:
-            self._sweeper.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._sweeper
+        self.fleet.close()
+        for task in (self._sweeper, self._checker):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        await self._probe.close()
         await self.router.close()
         await self.store.close()
         if self.control is not None:

@@ -20,11 +20,16 @@ class Backend:
     path_prefix: bytes = b""
     up: bool = True
     draining: bool = False
+    evicted: bool = False  # drain_timeout passed: its sessions answer 404
     sessions: int = 0
     in_flight: int = 0
     host_header: bytes = field(init=False)
 
     def __post_init__(self) -> None:
+        self.set_address(self.host, self.port, self.tls)
+
+    def set_address(self, host: str, port: int, tls: bool) -> None:
+        self.host, self.port, self.tls = host, port, tls
         default_port = 443 if self.tls else 80
         authority = self.host if self.port == default_port else f"{self.host}:{self.port}"
         if ":" in self.host and not self.host.startswith("["):
@@ -36,17 +41,30 @@ class Backend:
         """May take a new session."""
         return self.up and not self.draining
 
+    @property
+    def state(self) -> str:
+        """up, down, draining, or drained (draining, and no session or exchange left)."""
+        if self.draining:
+            idle = self.in_flight == 0 and (self.sessions == 0 or self.evicted)
+            return "drained" if idle else "draining"
+        return "up" if self.up else "down"
+
 
 class BackendSet:
     """The configured backends by name, in configuration order."""
 
     def __init__(self, backends: Iterable[Backend]) -> None:
-        self._by_name: dict[str, Backend] = {}
+        self.replace(backends)
+
+    def replace(self, backends: Iterable[Backend]) -> None:
+        """Swap the members in place (hot reload): holders of this set see the new members."""
+        by_name: dict[str, Backend] = {}
         for backend in backends:
-            if backend.name in self._by_name:
+            if backend.name in by_name:
                 raise ValueError(f"duplicate backend name {backend.name!r}")
-            self._by_name[backend.name] = backend
-        self._ordered = tuple(self._by_name.values())
+            by_name[backend.name] = backend
+        self._by_name = by_name
+        self._ordered = tuple(by_name.values())
 
     def get(self, name: str) -> Backend | None:
         return self._by_name.get(name)

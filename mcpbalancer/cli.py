@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
 import signal
 import sys
@@ -67,7 +68,15 @@ async def serve(config: Config) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, _reload, proxy)
     await stop.wait()
     log.info("shutting down")
     await proxy.stop()
     return 0
+
+
+def _reload(proxy: Proxy) -> None:
+    log.info("SIGHUP: reloading %s", proxy.config.source)
+    # An invalid file is logged by reload() and the running configuration stays.
+    with contextlib.suppress(ConfigError):
+        proxy.reload()

@@ -27,6 +27,7 @@ from mcpbalancer.errors import ConfigError
 BALANCE_STRATEGIES: Final = ("least_sessions", "p2c", "round_robin")
 DEFAULT_STORE_PREFIX: Final = "mcpb:"
 DEFAULT_LOCAL_CACHE_SIZE: Final = 100_000
+DEFAULT_SHUTDOWN_TIMEOUT: Final = 10.0
 LOG_FORMATS: Final = ("json", "text")
 LOG_LEVELS: Final = ("debug", "info", "warning", "error")
 # Paths the proxy answers itself on the public listener; the metrics path must not shadow them.
@@ -53,6 +54,8 @@ class BackendConfig:
     port: int
     path_prefix: str
     weight: int = 1
+    drain: bool = False
+    drain_timeout: float = 0.0  # seconds after the drain starts; 0 = wait for the sessions forever
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,6 +64,17 @@ class TimeoutsConfig:
     # Legacy JSON tools send their response head only when the tool is done, hence the long default.
     response_headers: float = 300.0
     stream_idle: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class HealthConfig:
+    # One probe per `interval` (seconds, fractional allowed): `fall` failures in a row mark a backend
+    # down, `rise` successes in a row bring it back. `path` is appended to the backend URL's path.
+    interval: float = 1.0
+    timeout: float = 1.0
+    path: str = "/mcp"
+    fall: int = 2
+    rise: int = 2
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,6 +114,8 @@ class Config:
     admin: tuple[str, int] | None = None  # (host, port) of the control listener; None = off
     metrics: MetricsConfig = MetricsConfig()
     log: LogConfig = LogConfig()
+    health: HealthConfig = HealthConfig()
+    shutdown_timeout: float = DEFAULT_SHUTDOWN_TIMEOUT
 
 
 _TOP_KEYS: Final = (
@@ -116,8 +132,10 @@ _TOP_KEYS: Final = (
     "admin",
     "metrics",
     "log",
+    "health",
+    "shutdown_timeout",
 )
-_BACKEND_KEYS: Final = ("name", "url", "weight")
+_BACKEND_KEYS: Final = ("name", "url", "weight", "drain", "drain_timeout")
 
 
 class _Required:
@@ -192,6 +210,8 @@ def _config(top: _Section, source: str) -> Config:
         admin=top.parsed("admin", _split_host_port) if top.has("admin") else None,
         metrics=_metrics(top.section("metrics", _field_names(MetricsConfig))),
         log=_log(top.section("log", _field_names(LogConfig))),
+        health=_health(top.section("health", _field_names(HealthConfig))),
+        shutdown_timeout=top.number("shutdown_timeout", DEFAULT_SHUTDOWN_TIMEOUT, ge=0),
     )
 
 
@@ -212,7 +232,9 @@ def _backend(entry: _Section) -> BackendConfig:
     url = entry.string("url")
     scheme, host, port, path_prefix = entry.parsed("url", _split_backend_url)
     weight = entry.integer("weight", 1, ge=1, le=1000)
-    return BackendConfig(name, url, scheme, host, port, path_prefix, weight)
+    drain = entry.boolean("drain", False)
+    drain_timeout = entry.number("drain_timeout", 0.0, ge=0)
+    return BackendConfig(name, url, scheme, host, port, path_prefix, weight, drain, drain_timeout)
 
 
 def _timeouts(section: _Section, heartbeat: float) -> TimeoutsConfig:
@@ -243,6 +265,19 @@ def _metrics(section: _Section) -> MetricsConfig:
     default = MetricsConfig()
     path = section.parsed("path", _check_metrics_path, default.path)
     return MetricsConfig(enabled=section.boolean("enabled", default.enabled), path=path)
+
+
+def _health(section: _Section) -> HealthConfig:
+    default = HealthConfig()
+    interval = section.number("interval", default.interval, ge=0)  # 0: no active checks
+    timeout = section.number("timeout", default.timeout, gt=0)
+    return HealthConfig(
+        interval=interval,
+        timeout=timeout,
+        path=section.parsed("path", _check_probe_path, default.path),
+        fall=section.integer("fall", default.fall, ge=1, le=100),
+        rise=section.integer("rise", default.rise, ge=1, le=100),
+    )
 
 
 def _log(section: _Section) -> LogConfig:
@@ -465,6 +500,12 @@ def _check_metrics_path(value: str) -> str:
         raise ValueError(f"must be a path starting with '/', visible ASCII, at most 256 bytes; got {value!r}")
     if value in PROBE_PATHS:
         raise ValueError(f"must not be {value}: the proxy answers that path itself")
+    return value
+
+
+def _check_probe_path(value: str) -> str:
+    if not _URL_PATH.fullmatch(value):
+        raise ValueError(f"must be a path starting with '/', visible ASCII, at most 256 bytes; got {value!r}")
     return value
 
 

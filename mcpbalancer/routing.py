@@ -102,6 +102,10 @@ class Router:
             # The mapping names a backend no longer configured: its sessions are gone.
             self._forget(sid, None, "backend_lost")
             raise SessionNotFound()
+        if backend.evicted:
+            # Its drain_timeout passed: the sessions left on it are ended.
+            self._forget(sid, backend, "backend_lost")
+            raise SessionNotFound()
         return backend
 
     def learn(

@@ -19,11 +19,14 @@ from tests.fixtures.backends import BackendProcess
 from tests.mcp_helpers import (
     DEADLINE,
     call_body,
+    call_tool,
     open_session,
+    read_sse_event,
     recorded_client,
     session_headers,
     sse_messages,
     text_of,
+    wait_until,
 )
 
 SCRIPT = Path(sys.executable).parent / "mcpbalancer"
@@ -113,6 +116,7 @@ class Served:
     process: asyncio.subprocess.Process
     url: str
     log: list[str] = field(default_factory=list)
+    config: Path | None = None
 
     @property
     def mcp_url(self) -> str:
@@ -127,17 +131,18 @@ class Served:
         return time.monotonic() - started
 
 
-ServeFactory = Callable[[list[BackendProcess]], Awaitable[Served]]
+ServeFactory = Callable[..., Awaitable[Served]]
 
 
 @pytest.fixture
 async def serve(tmp_path: Path) -> AsyncIterator[ServeFactory]:
-    """`await serve(backends)` -> the `mcpbalancer` console script serving on a free port."""
+    """`await serve(backends, extra="top: level\n")` -> the `mcpbalancer` console script serving on a
+    free port."""
     started: list[tuple[Served, asyncio.Task[None]]] = []
 
-    async def start(backends: list[BackendProcess]) -> Served:
+    async def start(backends: list[BackendProcess], extra: str = "") -> Served:
         config = tmp_path / f"serve{len(started)}.yaml"
-        config.write_text("listen: 127.0.0.1:0\nbackends:\n" + backends_yaml(backends))
+        config.write_text("listen: 127.0.0.1:0\n" + extra + "backends:\n" + backends_yaml(backends))
         process = await asyncio.create_subprocess_exec(
             str(SCRIPT), "--config", str(config), stderr=asyncio.subprocess.PIPE
         )
@@ -152,7 +157,7 @@ async def serve(tmp_path: Path) -> AsyncIterator[ServeFactory]:
             await process.wait()
             drain.cancel()
             raise
-        served = Served(process, url, log)
+        served = Served(process, url, log, config)
         started.append((served, drain))
         return served
 
@@ -230,3 +235,77 @@ async def _wait_refused(served: Served) -> None:
                 with contextlib.suppress(OSError):
                     await writer.wait_closed()
             await asyncio.sleep(0.02)
+
+
+# --- SIGHUP and shutdown_timeout ------------------------------------------------------------------
+
+
+async def test_sighup_adds_and_removes_backends_while_a_stream_stays_open(
+    backends: list[BackendProcess], serve: ServeFactory
+) -> None:
+    a, b, c = backends
+    served = await serve([a, b])
+    assert served.config is not None
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=DEADLINE * 3)) as web:
+        sessions: dict[str, str] = {}
+        while len(sessions) < 2:
+            sid = await open_session(web, served.mcp_url)
+            sessions.setdefault((await call_tool(web, served.mcp_url, sid, "whoami")).text, sid)
+        headers = {**session_headers(sessions["a"]), "Accept": "text/event-stream"}
+        async with web.get(served.mcp_url, headers=headers) as stream:
+            assert stream.status == 200
+            served.config.write_text("listen: 127.0.0.1:0\nbackends:\n" + backends_yaml([a, c]))
+            served.process.send_signal(signal.SIGHUP)
+            await _wait_logged(served, "reloaded")
+            gone = await call_tool(web, served.mcp_url, sessions["b"], "whoami")
+            assert gone.status == 404
+            assert (await call_tool(web, served.mcp_url, sessions["a"], "notify_stream")).text == "sent"
+            event = await read_sse_event(stream)
+            assert "notifications/tools/list_changed" in event["data"]
+            sid = await open_session(web, served.mcp_url)
+            assert (await call_tool(web, served.mcp_url, sid, "whoami")).text == "c"
+            # An invalid file is refused with a log line; the running backends stay.
+            served.config.write_text("backends: [\n")
+            served.process.send_signal(signal.SIGHUP)
+            await _wait_logged(served, "reload rejected")
+            assert (await call_tool(web, served.mcp_url, sessions["a"], "whoami")).text == "a"
+    assert await served.terminate() < EXIT_DEADLINE
+    assert served.process.returncode == 0
+    assert not any("Traceback" in line for line in served.log)
+
+
+async def test_shutdown_timeout_bounds_an_in_flight_call(
+    backends: list[BackendProcess], serve: ServeFactory
+) -> None:
+    served = await serve(backends, extra="shutdown_timeout: 0.5\n")
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=DEADLINE)) as web:
+        session_id = await open_session(web, served.mcp_url)
+        body = call_body("slow", 7, seconds=30.0)
+        async with web.post(served.mcp_url, json=body, headers=session_headers(session_id)) as resp:
+            assert resp.status == 200
+            took = await served.terminate()
+            with pytest.raises(aiohttp.ClientPayloadError):
+                await resp.read()  # cut at the timeout: the tool did not finish
+    assert served.process.returncode == 0
+    assert 0.5 <= took < 3.0
+
+
+async def test_standalone_get_streams_do_not_hold_shutdown(
+    backends: list[BackendProcess], serve: ServeFactory
+) -> None:
+    served = await serve(backends, extra="shutdown_timeout: 30\n")
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=DEADLINE)) as web:
+        session_id = await open_session(web, served.mcp_url)
+        headers = {**session_headers(session_id), "Accept": "text/event-stream"}
+        async with web.get(served.mcp_url, headers=headers) as stream:
+            assert stream.status == 200
+            took = await served.terminate()
+    assert served.process.returncode == 0
+    assert took < 3.0
+
+
+async def _wait_logged(served: Served, text: str) -> None:
+    async def logged() -> bool:
+        return any(text in line for line in served.log)
+
+    await wait_until(logged, f"a log line with {text!r}")

@@ -11,13 +11,14 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import cast
 
 import httptools
 from prometheus_client import CollectorRegistry
 
 from mcpbalancer import protocol
+from mcpbalancer.backends import Backend
 from mcpbalancer.config import LimitsConfig, TimeoutsConfig
 from mcpbalancer.dataplane.exchange import Exchange, RequestHead
 from mcpbalancer.dataplane.local import LocalHandler
@@ -68,6 +69,8 @@ class DataPlane:
         self.accepting = True
         self._none_open = asyncio.Event()
         self._none_open.set()
+        # Passive health: (backend name, refused|reset|timeout|5xx), set by the composition root.
+        self.on_backend_failure: Callable[[str, str], None] = _ignore_failure
 
     def opened(self, conn: ClientConnection) -> None:
         self.connections.add(conn)
@@ -93,6 +96,24 @@ class DataPlane:
     def abort_all(self) -> None:
         for conn in list(self.connections):
             conn.abort()
+
+    def busy(self) -> bool:
+        """Some exchange is still working, other than a standalone GET stream (which has no end)."""
+        return any(not _standalone_stream(ex) for conn in self.connections for ex in conn.exchanges)
+
+    def abort_streams(self, backend: Backend) -> None:
+        """Cut the event streams relayed from `backend` (its sessions were ended)."""
+        for conn in list(self.connections):
+            if any(ex.backend is backend and ex.streaming for ex in conn.exchanges):
+                conn.abort()
+
+
+def _ignore_failure(backend: str, kind: str) -> None:
+    pass
+
+
+def _standalone_stream(exchange: Exchange) -> bool:
+    return exchange.head.method == b"GET" and exchange.streaming
 
 
 class ClientConnection(asyncio.Protocol):
@@ -292,6 +313,10 @@ class ClientConnection(asyncio.Protocol):
         if self._paused and self.transport is not None and not self._lost:
             self._paused = False
             self.transport.resume_reading()
+
+    @property
+    def exchanges(self) -> tuple[Exchange, ...]:
+        return tuple(self._queue)
 
     def exchange_finished(self, exchange: Exchange) -> None:
         if self._lost:

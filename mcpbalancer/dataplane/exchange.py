@@ -244,6 +244,7 @@ class Exchange:
         timed_out = isinstance(exc, TimeoutError)
         log.warning("backend %s: connect failed: %s", backend.name, exc or type(exc).__name__)
         self.plane.metrics.upstream_error(backend.name, "timeout" if timed_out else "connect")
+        self.plane.on_backend_failure(backend.name, "timeout" if timed_out else "refused")
         if self.facts.session_id is not None:
             if timed_out:
                 # A backend slow to accept is not gone: keep its sessions.
@@ -340,6 +341,8 @@ class Exchange:
         self.plane.metrics.answered(
             self.backend.name, self.facts.era, head.method, status, head.mcp_method, elapsed
         )
+        if status >= 500:
+            self.plane.on_backend_failure(self.backend.name, "5xx")
         response_sid = None
         content_type = b""
         length: bytes | None = None
@@ -467,6 +470,7 @@ class Exchange:
             return
         log.warning("backend %s closed the connection before answering: %s", self.backend.name, exc)
         self._upstream_failed("reset")
+        self.plane.on_backend_failure(self.backend.name, "reset")
         if self.facts.session_id is not None:
             self._answer_error(self.plane.router.owner_gone(self.facts, self.backend))
         else:
@@ -511,6 +515,8 @@ class Exchange:
         name = self.backend.name if self.backend else "?"
         log.warning("backend %s: no response head within %ss", name, self.plane.timeouts.response_headers)
         self._upstream_failed("timeout")
+        if self.backend is not None:
+            self.plane.on_backend_failure(self.backend.name, "timeout")
         if self.upstream is not None:
             self.upstream.abort()
             self.upstream = None

@@ -192,6 +192,7 @@ class UpstreamPool:
         self._max_idle = max_idle
         self._ssl = ssl_context if backend.tls else None
         self._idle: list[UpstreamConnection] = []
+        self._closed = False  # replaced or removed (reload, shutdown): keep nothing idle
 
     def take(self) -> UpstreamConnection | None:
         """A warm idle connection, or None."""
@@ -212,7 +213,7 @@ class UpstreamPool:
         return conn
 
     def release(self, conn: UpstreamConnection) -> None:
-        if len(self._idle) >= self._max_idle:
+        if self._closed or len(self._idle) >= self._max_idle:
             conn.close()
             return
         conn.resume_reading()
@@ -223,6 +224,7 @@ class UpstreamPool:
             self._idle.remove(conn)
 
     def close(self) -> None:
+        self._closed = True
         idle, self._idle = self._idle, []
         for conn in idle:
             conn.close()

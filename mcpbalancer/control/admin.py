@@ -1,0 +1,65 @@
+"""The admin API, on the control listener only (never on the public one).
+
+    GET  /admin/backends                 {"backends": [{name, state, weight, sessions, in_flight,
+                                                        last_check}]}
+    POST /admin/backends/{name}/drain    {"backend": name, "state": ...}; 404 JSON for an unknown name
+    POST /admin/backends/{name}/undrain
+    POST /admin/reload                   {"reloaded": true, "added": [...], ...}; 400 JSON with the reason
+
+`last_check` is the Unix time of the last active probe result, or null before the first one.
+A drain or undrain from the API lasts until the next reload: the file is the source of truth.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from aiohttp import web
+
+from mcpbalancer.errors import ConfigError
+from mcpbalancer.lifecycle import Changes, Fleet
+
+Reload = Callable[[], Changes]  # raises ConfigError with the reason
+
+
+class AdminApi:
+    def __init__(self, fleet: Fleet, last_check: dict[str, float], reload: Reload) -> None:
+        self._fleet = fleet
+        self._last_check = last_check
+        self._reload = reload
+
+    def install(self, app: web.Application) -> None:
+        app.router.add_get("/admin/backends", self._backends)
+        app.router.add_post("/admin/backends/{name}/drain", self._drain)
+        app.router.add_post("/admin/backends/{name}/undrain", self._undrain)
+        app.router.add_post("/admin/reload", self._reload_file)
+
+    async def _backends(self, request: web.Request) -> web.Response:
+        return _json({"backends": self._fleet.snapshot(self._last_check)})
+
+    async def _drain(self, request: web.Request) -> web.Response:
+        return self._change(request.match_info["name"], self._fleet.drain)
+
+    async def _undrain(self, request: web.Request) -> web.Response:
+        return self._change(request.match_info["name"], self._fleet.undrain)
+
+    def _change(self, name: str, change: Callable[[str], bool]) -> web.Response:
+        if not change(name):
+            return _json({"error": f"unknown backend {name!r}"}, status=404)
+        backend = self._fleet.backends.get(name)
+        assert backend is not None
+        return _json({"backend": name, "state": backend.state})
+
+    async def _reload_file(self, request: web.Request) -> web.Response:
+        try:
+            changes = self._reload()
+        except ConfigError as exc:
+            return _json({"reloaded": False, "error": str(exc)}, status=400)
+        return _json({"reloaded": True, **changes.as_json()})
+
+
+def _json(payload: dict[str, Any], status: int = 200) -> web.Response:
+    response = web.json_response(payload, status=status)
+    response.headers["Cache-Control"] = "no-store"
+    return response

@@ -1,0 +1,196 @@
+"""The backends at run time: built from the config, re-shaped by a reload, drained, reported.
+
+The BackendSet and the pools dict are updated in place, because the router and the data plane hold
+references to them. A removed backend leaves the set at once (its sessions answer 404), but its
+exchanges in flight keep their Backend object and connections and run to their end.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from mcpbalancer.backends import Backend, BackendSet
+from mcpbalancer.config import BackendConfig
+from mcpbalancer.dataplane.upstream import UpstreamPool
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Changes:
+    added: list[str] = field(default_factory=list)
+    removed: list[str] = field(default_factory=list)
+    updated: list[str] = field(default_factory=list)
+
+    def as_json(self) -> dict[str, list[str]]:
+        return {"added": self.added, "removed": self.removed, "updated": self.updated}
+
+
+def _backend(config: BackendConfig) -> Backend:
+    return Backend(
+        name=config.name,
+        host=config.host,
+        port=config.port,
+        weight=config.weight,
+        tls=config.scheme == "https",
+        path_prefix=config.path_prefix.encode("ascii"),
+    )
+
+
+class Fleet:
+    """Owns the BackendSet, the upstream pools, and the drain timers."""
+
+    def __init__(self, configs: Iterable[BackendConfig], *, connect_timeout: float) -> None:
+        self._connect_timeout = connect_timeout
+        self.backends = BackendSet(())
+        self.pools: dict[str, UpstreamPool] = {}
+        self.on_evict: Callable[[Backend], None] = lambda backend: None
+        self._timers: dict[str, asyncio.TimerHandle] = {}
+        self._drain_timeouts: dict[str, float] = {}  # the drain_timeout each drain was started with
+        self._pending_drains: dict[str, float] = {}  # drains from the config, armed at start()
+        members = []
+        for config in configs:
+            backend = _backend(config)
+            self.pools[backend.name] = self._pool(backend)
+            if config.drain:
+                backend.draining = True
+                self._pending_drains[backend.name] = config.drain_timeout
+            members.append(backend)
+        self.backends.replace(members)
+
+    def _pool(self, backend: Backend) -> UpstreamPool:
+        return UpstreamPool(backend, connect_timeout=self._connect_timeout)
+
+    def start(self) -> None:
+        """Arm the drain timeouts of backends drained by the config (needs the running loop)."""
+        for name, timeout in self._pending_drains.items():
+            backend = self.backends.get(name)
+            if backend is not None and backend.draining:
+                self._arm(backend, timeout)
+        self._pending_drains.clear()
+
+    # -- the narrow interface of the health checker -----------------------------------------------
+
+    def set_status(self, name: str, up: bool) -> None:
+        backend = self.backends.get(name)
+        if backend is not None:
+            backend.up = up
+
+    # -- drain ------------------------------------------------------------------------------------
+
+    def drain(self, name: str, timeout: float = 0.0) -> bool:
+        """No new sessions for `name`; after `timeout` (> 0) its sessions answer 404. False if unknown."""
+        backend = self.backends.get(name)
+        if backend is None:
+            return False
+        if not backend.draining:
+            backend.draining = True
+            log.info("backend %s draining", name)
+            self._arm(backend, timeout)
+        return True
+
+    def undrain(self, name: str) -> bool:
+        backend = self.backends.get(name)
+        if backend is None:
+            return False
+        self._disarm(name)
+        if backend.draining:
+            log.info("backend %s undrained", name)
+        backend.draining = backend.evicted = False
+        return True
+
+    def _arm(self, backend: Backend, timeout: float) -> None:
+        self._disarm(backend.name)
+        self._drain_timeouts[backend.name] = timeout
+        if timeout > 0:
+            loop = asyncio.get_running_loop()
+            self._timers[backend.name] = loop.call_later(timeout, self._evict, backend)
+
+    def _disarm(self, name: str) -> None:
+        self._drain_timeouts.pop(name, None)
+        timer = self._timers.pop(name, None)
+        if timer is not None:
+            timer.cancel()
+
+    def _evict(self, backend: Backend) -> None:
+        self._timers.pop(backend.name, None)
+        if not backend.draining:
+            return
+        log.warning("backend %s: drain timeout; ending its %d sessions", backend.name, backend.sessions)
+        backend.evicted = True
+        self.on_evict(backend)
+
+    # -- reload -----------------------------------------------------------------------------------
+
+    def apply(self, configs: Iterable[BackendConfig]) -> Changes:
+        """Make the running backends match `configs`; the file is the source of truth."""
+        changes = Changes()
+        members = []
+        for config in configs:
+            backend = self.backends.get(config.name)
+            if backend is None:
+                backend = _backend(config)
+                old = self.pools.get(backend.name)  # a pool left by an earlier removal
+                if old is not None:
+                    old.close()
+                self.pools[backend.name] = self._pool(backend)
+                changes.added.append(backend.name)
+            elif self._update(backend, config):
+                changes.updated.append(backend.name)
+            if config.drain and backend.draining:
+                if self._drain_timeouts.get(backend.name) != config.drain_timeout and not backend.evicted:
+                    self._arm(backend, config.drain_timeout)  # a new timeout counts from the reload
+            elif config.drain:
+                self.drain(backend.name, config.drain_timeout)
+            else:
+                self.undrain(backend.name)
+            members.append(backend)
+        names = {b.name for b in members}
+        for backend in self.backends:
+            if backend.name not in names:
+                # Its pool stays in the dict (closed) for its exchanges still in flight.
+                self._disarm(backend.name)
+                self.pools[backend.name].close()
+                changes.removed.append(backend.name)
+        self.backends.replace(members)
+        return changes
+
+    def _update(self, backend: Backend, config: BackendConfig) -> bool:
+        tls = config.scheme == "https"
+        prefix = config.path_prefix.encode("ascii")
+        address = (config.host, config.port, tls, prefix)
+        changed = backend.weight != config.weight
+        backend.weight = config.weight
+        if address != (backend.host, backend.port, backend.tls, backend.path_prefix):
+            # Same name, so its sessions stay bound to it; new connections go to the new address.
+            backend.set_address(config.host, config.port, tls)
+            backend.path_prefix = prefix
+            self.pools[backend.name].close()
+            self.pools[backend.name] = self._pool(backend)
+            changed = True
+        return changed
+
+    # -- report -----------------------------------------------------------------------------------
+
+    def snapshot(self, last_check: dict[str, float]) -> list[dict[str, Any]]:
+        return [
+            {
+                "name": b.name,
+                "state": b.state,
+                "weight": b.weight,
+                "sessions": b.sessions,
+                "in_flight": b.in_flight,
+                "last_check": last_check.get(b.name),
+            }
+            for b in self.backends
+        ]
+
+    def close(self) -> None:
+        for name in list(self._timers):
+            self._disarm(name)
+        for pool in self.pools.values():
+            pool.close()
