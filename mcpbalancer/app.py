@@ -24,6 +24,7 @@ from mcpbalancer.dataplane.client import DataPlane
 from mcpbalancer.dataplane.upstream import UpstreamPool
 from mcpbalancer.logs import AccessLog, access_enabled
 from mcpbalancer.metrics import Metrics
+from mcpbalancer.protocol import Era
 from mcpbalancer.routing import Router
 from mcpbalancer.store import SessionStore
 from mcpbalancer.store.factory import create_store
@@ -42,6 +43,7 @@ def build_backends(config: Config) -> BackendSet:
             weight=b.weight,
             tls=b.scheme == "https",
             path_prefix=b.path_prefix.encode("ascii"),
+            eras=frozenset(Era(era) for era in b.eras),
         )
         for b in config.backends
     )

@@ -28,6 +28,7 @@ BALANCE_STRATEGIES: Final = ("least_sessions", "p2c", "round_robin")
 DEFAULT_STORE_PREFIX: Final = "mcpb:"
 DEFAULT_LOCAL_CACHE_SIZE: Final = 100_000
 LOG_FORMATS: Final = ("json", "text")
+ERAS: Final = ("legacy", "modern")
 LOG_LEVELS: Final = ("debug", "info", "warning", "error")
 # Paths the proxy answers itself on the public listener; the metrics path must not shadow them.
 PROBE_PATHS: Final = ("/healthz", "/readyz")
@@ -53,6 +54,7 @@ class BackendConfig:
     port: int
     path_prefix: str
     weight: int = 1
+    eras: tuple[str, ...] = ERAS  # the MCP protocol eras this backend serves
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,7 +119,7 @@ _TOP_KEYS: Final = (
     "metrics",
     "log",
 )
-_BACKEND_KEYS: Final = ("name", "url", "weight")
+_BACKEND_KEYS: Final = ("name", "url", "weight", "eras")
 
 
 class _Required:
@@ -212,7 +214,8 @@ def _backend(entry: _Section) -> BackendConfig:
     url = entry.string("url")
     scheme, host, port, path_prefix = entry.parsed("url", _split_backend_url)
     weight = entry.integer("weight", 1, ge=1, le=1000)
-    return BackendConfig(name, url, scheme, host, port, path_prefix, weight)
+    eras = entry.read("eras", _as_eras, list(ERAS))
+    return BackendConfig(name, url, scheme, host, port, path_prefix, weight, eras)
 
 
 def _timeouts(section: _Section, heartbeat: float) -> TimeoutsConfig:
@@ -405,6 +408,14 @@ def _as_choice(raw: object, choices: Collection[str]) -> str:
     if value not in choices:
         raise ValueError(f"must be one of {', '.join(choices)}; got {value!r}")
     return value
+
+
+def _as_eras(raw: object) -> tuple[str, ...]:
+    items = _as_nonempty_list(raw)
+    eras = tuple(_as_choice(item, ERAS) for item in items)
+    if len(set(eras)) != len(eras):
+        raise ValueError(f"lists an era twice: {', '.join(eras)}")
+    return eras
 
 
 def _as_nonempty_list(raw: object) -> list[object]:

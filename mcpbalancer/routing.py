@@ -69,7 +69,7 @@ class Router:
         """
         sid = facts.session_id
         if sid is None:
-            return self.pick(())
+            return self.pick(facts)
         owner = self._store.peek(sid)
         if owner is UNKNOWN:
             return self._lookup(sid)
@@ -77,9 +77,11 @@ class Router:
         (self._metrics.lookup_miss if owner is None else self._metrics.lookup_cache_hit).value += 1
         return self._owner_backend(sid, owner)
 
-    def pick(self, exclude: Collection[str]) -> Backend:
-        """A backend for a new session or a stateless request, skipping names in `exclude`."""
-        candidates = [b for b in self.backends.available() if b.name not in exclude]
+    def pick(self, facts: RequestFacts, exclude: Collection[str] = ()) -> Backend:
+        """A backend for a new session or a stateless request, skipping names in `exclude`: one that
+        serves the request's era (legacy sessions never land on a modern-only backend, and back)."""
+        era = facts.era
+        candidates = [b for b in self.backends.available() if era in b.eras and b.name not in exclude]
         backend = self._strategy.pick(candidates)
         if backend is None:
             raise NoBackendAvailable("No backend available")

@@ -253,7 +253,7 @@ class Exchange:
             return
         # Nothing reached the backend: a new session or a stateless request may try another.
         try:
-            other = self.plane.router.pick(self._tried)
+            other = self.plane.router.pick(self.facts, self._tried)
         except NoBackendAvailable:
             self._answer_error(BadGateway("No backend reachable"))
             return
