@@ -15,6 +15,7 @@ from typing import TextIO
 
 from prometheus_client import CollectorRegistry
 
+from mcpbalancer.affinity import Affinity
 from mcpbalancer.backends import Backend, BackendSet
 from mcpbalancer.balancer import make_strategy
 from mcpbalancer.config import Config
@@ -26,6 +27,7 @@ from mcpbalancer.logs import AccessLog, access_enabled
 from mcpbalancer.metrics import Metrics
 from mcpbalancer.protocol import Era
 from mcpbalancer.routing import Router
+from mcpbalancer.rules import compile_rules
 from mcpbalancer.store import SessionStore
 from mcpbalancer.store.factory import create_store
 
@@ -73,7 +75,14 @@ class Proxy:
             metrics=self.metrics,
         )
         self.router = Router(
-            self.backends, make_strategy(config.balance), self.store, config.session_ttl, self.metrics
+            self.backends,
+            make_strategy(config.balance),
+            self.store,
+            config.session_ttl,
+            self.metrics,
+            rules=compile_rules(config.routes, config.pools),
+            affinity=Affinity(config.affinity),
+            validate_headers=config.validate_headers,
         )
         self._observability(config, access_stream)
         self._server: asyncio.Server | None = None
