@@ -8,7 +8,7 @@ modern-only here still serve both eras (FastMCP does): the tests are about the p
 from __future__ import annotations
 
 import base64
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
 
 import aiohttp
@@ -19,7 +19,7 @@ from mcp.shared.exceptions import MCPError
 
 from mcpbalancer.app import Proxy
 from mcpbalancer.config import parse_config
-from tests.fixtures.backends import BackendProcess
+from tests.fixtures.backends import BackendProcess, start_all, stop_all
 from tests.fixtures.proxy import ProxyFactory, proxy_config
 from tests.fixtures.stub import StubFactory
 from tests.mcp_helpers import (
@@ -34,6 +34,7 @@ from tests.mcp_helpers import (
     open_session,
     recorded_client,
     text_of,
+    wait_until,
 )
 
 
@@ -312,3 +313,80 @@ async def test_mrtr_retry_reaches_the_instance_that_sealed_the_state(
         assert (
             sample_value(proxy, "mcpbalancer_affinity_lookups_total", kind="request_state", result="hit") == 0
         )
+
+
+# --- Tasks affinity ----------------------------------------------------------------------------------
+
+TASKS_META = {
+    **MODERN_META,
+    "io.modelcontextprotocol/clientCapabilities": {"extensions": {"io.modelcontextprotocol/tasks": {}}},
+}
+
+
+async def task_request(
+    web: aiohttp.ClientSession, proxy: Proxy, method: str, name: str, params: dict[str, Any]
+) -> tuple[int, dict[str, Any]]:
+    body = {"jsonrpc": "2.0", "id": 7, "method": method, "params": {**params, "_meta": TASKS_META}}
+    async with web.post(mcp_url(proxy), json=body, headers=modern_headers(method, name)) as resp:
+        return resp.status, await resp.json()
+
+
+@pytest.fixture(scope="module")
+def task_backends() -> Iterator[list[BackendProcess]]:
+    """Two instances with the fastmcp-tasks extension on its in-memory Docket: per-process tasks."""
+    procs = [BackendProcess(name, extra_args=["--tasks"]) for name in ("t1", "t2")]
+    try:
+        yield start_all(procs)
+    finally:
+        stop_all(procs)
+
+
+@pytest.mark.parametrize("affinity", [True, False])
+async def test_tasks_get_reaches_the_instance_that_created_the_task(
+    task_backends: list[BackendProcess], make_proxy: ProxyFactory, web: aiohttp.ClientSession, affinity: bool
+) -> None:
+    # Round robin over two instances: every tasks/get right after its tools/call goes to the other
+    # instance unless the proxy remembers where the task was created.
+    proxy = await make_proxy(task_backends, balance="round_robin", affinity={"tasks": affinity})
+    outcomes = []
+    for _ in range(4):
+        status, created = await task_request(
+            web, proxy, "tools/call", "background", {"name": "background", "arguments": {"seconds": 0}}
+        )
+        assert status == 200, created
+        task = created["result"]
+        assert task["resultType"] == "task"
+        task_id = task["taskId"]
+        status, got = await task_request(web, proxy, "tasks/get", task_id, {"taskId": task_id})
+        outcomes.append("ok" if status == 200 and got["result"]["taskId"] == task_id else "not found")
+    if not affinity:
+        assert outcomes == ["not found"] * 4  # the test can fail: tasks live in one process
+        return
+    assert outcomes == ["ok"] * 4
+    assert sample_value(proxy, "mcpbalancer_affinity_lookups_total", kind="tasks", result="hit") == 4
+    # Poll to completion: the result names the creating instance; a base64 task id routes too.
+    created_on: set[str] = set()
+    for _ in range(2):
+        _, created = await task_request(
+            web, proxy, "tools/call", "background", {"name": "background", "arguments": {"seconds": 0}}
+        )
+        task_id = created["result"]["taskId"]
+        result: dict[str, Any] = {}
+
+        async def completed(task_id: str = task_id) -> bool:
+            nonlocal result
+            status, got = await task_request(web, proxy, "tasks/get", b64(task_id), {"taskId": task_id})
+            assert status == 200, got
+            result = got["result"]
+            return bool(result["status"] == "completed")
+
+        await wait_until(completed, "the task to complete")
+        created_on.add(result["result"]["content"][0]["text"])
+        status, cancelled = await task_request(web, proxy, "tasks/cancel", task_id, {"taskId": task_id})
+        assert status != 404, cancelled
+    assert created_on == {"t1", "t2"}
+    # An unknown task id is balanced and answered by a backend.
+    status, missing = await task_request(web, proxy, "tasks/get", "nope", {"taskId": "nope"})
+    assert status == 400
+    assert missing["error"]["message"] == "Task nope not found"
+    assert sample_value(proxy, "mcpbalancer_affinity_lookups_total", kind="tasks", result="miss") == 1
