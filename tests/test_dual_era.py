@@ -8,6 +8,7 @@ modern-only here still serve both eras (FastMCP does): the tests are about the p
 from __future__ import annotations
 
 import base64
+import json
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
 
@@ -21,6 +22,7 @@ from mcpbalancer.app import Proxy
 from mcpbalancer.config import parse_config
 from tests.fixtures.backends import BackendProcess, start_all, stop_all
 from tests.fixtures.proxy import ProxyFactory, proxy_config
+from tests.fixtures.rawhttp import ClientFactory, request, rpc_error
 from tests.fixtures.stub import StubFactory
 from tests.mcp_helpers import (
     DEADLINE,
@@ -390,3 +392,38 @@ async def test_tasks_get_reaches_the_instance_that_created_the_task(
     assert status == 400
     assert missing["error"]["message"] == "Task nope not found"
     assert sample_value(proxy, "mcpbalancer_affinity_lookups_total", kind="tasks", result="miss") == 1
+
+
+# --- strict mode: the request body on the wire -------------------------------------------------------
+
+
+async def test_strict_mode_reads_chunked_expect_and_oversized_bodies(
+    backends: list[BackendProcess], make_proxy: ProxyFactory, open_client: ClientFactory
+) -> None:
+    proxy = await make_proxy(backends[:1], validate_headers=True, limits={"body_bytes": 4096})
+    body = json.dumps(modern_call("whoami")).encode()
+    head = [(k, v) for k, v in modern_headers(name="whoami").items()]
+    client = await open_client(proxy)
+    # Chunked, in two chunks: checked once whole, then forwarded.
+    client.send(request("POST", "/mcp", [*head, ("Transfer-Encoding", "chunked")]))
+    client.send(b"%x\r\n%b\r\n" % (10, body[:10]))
+    client.send(b"%x\r\n%b\r\n0\r\n\r\n" % (len(body) - 10, body[10:]))
+    resp = await client.response()
+    assert resp.status == 200, bytes(resp.body)
+    assert json.loads(resp.body)["result"]["content"][0]["text"] == "a"
+    # Expect: 100-continue gets its 100 before the body is read and checked.
+    lying = json.dumps(modern_call("count")).encode()
+    client.send(
+        request("POST", "/mcp", [*head, ("Expect", "100-continue"), ("Content-Length", str(len(lying)))])
+    )
+    assert await client.read_exactly(25) == b"HTTP/1.1 100 Continue\r\n\r\n"
+    client.send(lying)
+    resp = await client.response()
+    assert resp.status == 400
+    assert rpc_error(resp)["code"] == -32020
+    # Over limits.body_bytes while being read: 413, nothing forwarded.
+    big = json.dumps(modern_call("whoami", pad="x" * 5000)).encode()
+    client.send(request("POST", "/mcp", [*head, ("Transfer-Encoding", "chunked")]))
+    client.send(b"%x\r\n%b\r\n0\r\n\r\n" % (len(big), big))
+    resp = await client.response()
+    assert resp.status == 413

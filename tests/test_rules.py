@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import random
+from typing import Any
 
 import pytest
 from prometheus_client import CollectorRegistry
@@ -12,7 +14,8 @@ from prometheus_client import CollectorRegistry
 from mcpbalancer.affinity import Affinity, AffinityMap, ResultSniffer, state_digest
 from mcpbalancer.backends import Backend, BackendSet
 from mcpbalancer.balancer import LeastSessions
-from mcpbalancer.config import AffinityConfig, RouteConfig, parse_config
+from mcpbalancer.config import AffinityConfig, LimitsConfig, RouteConfig, TimeoutsConfig, parse_config
+from mcpbalancer.dataplane.client import DataPlane
 from mcpbalancer.errors import BadRequest, ConfigError, Denied, HeaderMismatch, render_error
 from mcpbalancer.headercheck import check
 from mcpbalancer.metrics import Metrics
@@ -312,3 +315,36 @@ def test_router_counts_rule_hits_and_affinity_lookups() -> None:
     assert value("mcpbalancer_affinity_lookups_total", kind="tasks", result="hit") == 2
     assert value("mcpbalancer_affinity_lookups_total", kind="tasks", result="miss") == 2
     assert value("mcpbalancer_affinity_lookups_total", kind="request_state", result="hit") == 0
+
+
+# --- the data plane picks Mcp-Name out only when routing reads it -----------------------------------
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "captured"),
+    [
+        ({}, False),
+        ({"rules": compile_rules([RouteConfig(name="x", deny=403)], {})}, True),
+        ({"affinity": Affinity(AffinityConfig(tasks=True))}, True),
+        ({"affinity": Affinity(AffinityConfig(request_state=True))}, False),
+        ({"validate_headers": True}, True),
+    ],
+)
+async def test_mcp_name_is_captured_only_when_read(kwargs: dict[str, Any], captured: bool) -> None:
+    router = Router(
+        BackendSet([Backend("a", "127.0.0.1", 1)]),
+        LeastSessions(random.Random(1)),
+        MemoryStore(),
+        60.0,
+        **kwargs,
+    )
+    plane = DataPlane(
+        router,
+        {},
+        heartbeat=0,
+        timeouts=TimeoutsConfig(),
+        limits=LimitsConfig(),
+        loop=asyncio.get_running_loop(),
+    )
+    assert (b"mcp-name" in plane.special) is captured
+    assert not any(name.startswith(b"mcp-param-") for name in plane.special)

@@ -257,7 +257,7 @@ class ClientConnection(asyncio.Protocol):
             return NotImplementedMethod("Protocol upgrade is not supported")
         if self._sid_conflict:
             return BadRequest("Bad Request: conflicting Mcp-Session-Id headers")
-        if self._name_conflict:
+        if self._name_conflict and protocol.era_of(self._version) is protocol.Era.MODERN:
             return BadRequest("Bad Request: conflicting Mcp-Name headers")
         if not head.chunked and _declared(head.content_length) > self.plane.limits.body_bytes:
             # Refused on its head: nothing is forwarded, and an Expect client gets no 100 Continue.
