@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import time
 from collections import OrderedDict
 from collections.abc import Callable
@@ -32,6 +33,8 @@ MRTR_METHODS: Final = frozenset({b"tools/call", b"prompts/get", b"resources/read
 # Methods whose answer may create a task.
 TASK_CREATING: Final = frozenset({b"tools/call"})
 SNIFF_LIMIT: Final = 1024 * 1024  # response bytes kept for parsing; a larger answer is not learned from
+# Only these results are parsed; every ordinary 2026-07-28 result says "resultType": "complete".
+_LEARNABLE = re.compile(rb'"resultType"\s*:\s*"(?:task|input_required)"')
 
 
 class AffinityMap:
@@ -115,7 +118,8 @@ class ResultSniffer:
     """Picks the task and input_required results out of a response body as it streams past.
 
     JSON bodies are parsed when `expected` (Content-Length) bytes have arrived, or at `finish`
-    when unsized; SSE bodies event by event. Only messages that name a `resultType` are parsed.
+    when unsized; SSE bodies event by event. Only a message whose text has a task or input_required
+    `resultType` is parsed at all.
     """
 
     def __init__(self, sse: bool, expected: int | None) -> None:
@@ -143,7 +147,7 @@ class ResultSniffer:
     def finish(self) -> list[object]:
         """The end of a JSON body: its message, when it names a resultType."""
         buffer, self._buffer = self._buffer, b""
-        if self._dead or self._sse or b"resultType" not in buffer:
+        if self._dead or self._sse or _LEARNABLE.search(buffer) is None:
             return []
         self._dead = True
         message = parse_json(buffer)
@@ -152,6 +156,6 @@ class ResultSniffer:
 
 def _event_message(event: bytes) -> object:
     data = b"\n".join(line[5:].lstrip(b" ") for line in event.split(b"\n") if line.startswith(b"data:"))
-    if b"resultType" not in data:
+    if _LEARNABLE.search(data) is None:
         return None
     return parse_json(data)

@@ -237,9 +237,12 @@ def test_sniffer_reads_json_at_its_length_or_end() -> None:
     unsized = ResultSniffer(sse=False, expected=None)
     assert unsized.feed(body) == []
     assert unsized.finish() == [json.loads(body)]
-    plain = ResultSniffer(sse=False, expected=None)
-    plain.feed(b'{"result": {"content": []}}')
-    assert plain.finish() == []
+    spaced = b'{"result": {"resultType" : "task", "taskId": "t"}}'
+    assert ResultSniffer(sse=False, expected=len(spaced)).feed(spaced) == [json.loads(spaced)]
+    for plain in (b'{"result": {"content": []}}', b'{"result": {"resultType": "complete", "taskId": "t"}}'):
+        sniffer = ResultSniffer(sse=False, expected=None)
+        assert sniffer.feed(plain) == []
+        assert sniffer.finish() == []
 
 
 # --- strict header check -------------------------------------------------------------------------------
