@@ -9,6 +9,7 @@ Pure policy and parsing, no I/O. `Affinity.learn` takes a JSON-RPC response a ba
 
 The maps live in this process, bounded (least recently used first out) and with expiry checked on
 read: an affinity is a hint, and a miss forwards by balance (the backend then answers for itself).
+With a Redis store the router also shares them through Redis (store/shared.py).
 `ResultSniffer` picks those responses out of a JSON or SSE body as it streams past.
 """
 
@@ -20,7 +21,7 @@ import re
 import time
 from collections import OrderedDict
 from collections.abc import Callable
-from typing import Final
+from typing import Final, NamedTuple
 
 from mcpbalancer.config import AffinityConfig
 
@@ -35,6 +36,12 @@ TASK_CREATING: Final = frozenset({b"tools/call"})
 SNIFF_LIMIT: Final = 1024 * 1024  # response bytes kept for parsing; a larger answer is not learned from
 # Only these results are parsed; every ordinary 2026-07-28 result says "resultType": "complete".
 _LEARNABLE = re.compile(rb'"resultType"\s*:\s*"(?:task|input_required)"')
+
+
+class Learned(NamedTuple):
+    kind: str  # TASKS or REQUEST_STATE
+    key: str  # the task id, or the digest of the request state
+    ttl: float
 
 
 class AffinityMap:
@@ -77,20 +84,25 @@ class Affinity:
         self.tasks = AffinityMap(config.max_entries, clock) if config.tasks else None
         self.states = AffinityMap(config.max_entries, clock) if config.request_state else None
 
-    def learn(self, message: object, backend: str) -> None:
-        """Remember what a response to a watched request created on `backend`."""
+    def learn(self, message: object, backend: str) -> Learned | None:
+        """Remember what a response to a watched request created on `backend`; what, if anything."""
         result = message.get("result") if isinstance(message, dict) else None
         if not isinstance(result, dict):
-            return
+            return None
         kind = result.get("resultType")
         if kind == "task" and self.tasks is not None:
             task_id = result.get("taskId")
             if isinstance(task_id, str) and task_id:
-                self.tasks.put(task_id, backend, self._task_ttl(result.get("ttlMs")))
+                ttl = self._task_ttl(result.get("ttlMs"))
+                self.tasks.put(task_id, backend, ttl)
+                return Learned(TASKS, task_id, ttl)
         elif kind == "input_required" and self.states is not None:
             state = result.get("requestState")
             if isinstance(state, str) and state:
-                self.states.put(state_digest(state), backend, self._config.request_state_ttl)
+                key, ttl = state_digest(state), self._config.request_state_ttl
+                self.states.put(key, backend, ttl)
+                return Learned(REQUEST_STATE, key, ttl)
+        return None
 
     def _task_ttl(self, ttl_ms: object) -> float:
         cap = self._config.task_ttl

@@ -30,6 +30,7 @@ from mcpbalancer.routing import Router
 from mcpbalancer.rules import compile_rules
 from mcpbalancer.store import SessionStore
 from mcpbalancer.store.factory import create_store
+from mcpbalancer.store.shared import SharedAffinity
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +50,13 @@ def build_backends(config: Config) -> BackendSet:
         )
         for b in config.backends
     )
+
+
+def _shared_affinity(config: Config) -> SharedAffinity | None:
+    """With a Redis store and affinity on, affinity entries are shared with the other replicas."""
+    if config.store == "memory" or not (config.affinity.tasks or config.affinity.request_state):
+        return None
+    return SharedAffinity.from_url(config.store, prefix=config.store_prefix)
 
 
 class Proxy:
@@ -83,6 +91,7 @@ class Proxy:
             rules=compile_rules(config.routes, config.pools),
             affinity=Affinity(config.affinity),
             validate_headers=config.validate_headers,
+            shared_affinity=_shared_affinity(config),
         )
         self._observability(config, access_stream)
         self._server: asyncio.Server | None = None

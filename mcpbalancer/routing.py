@@ -13,6 +13,7 @@ import asyncio
 import logging
 from collections.abc import Awaitable, Collection, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry
 
@@ -35,6 +36,9 @@ from mcpbalancer.metrics import Metrics
 from mcpbalancer.protocol import Era
 from mcpbalancer.rules import RuleSet, decoded, header_lookup
 from mcpbalancer.store import UNKNOWN, SessionStore
+
+if TYPE_CHECKING:
+    from mcpbalancer.store.shared import SharedAffinity
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +90,7 @@ class Router:
         rules: RuleSet | None = None,
         affinity: Affinity | None = None,
         validate_headers: bool = False,
+        shared_affinity: SharedAffinity | None = None,
     ) -> None:
         self.backends = backends
         self._metrics = metrics or Metrics(CollectorRegistry())
@@ -95,6 +100,7 @@ class Router:
         self._tasks = affinity.tasks if affinity is not None else None
         self._states = affinity.states if affinity is not None else None
         self._validate = validate_headers
+        self._shared = shared_affinity if self._tasks is not None or self._states is not None else None
         self._strategy = strategy
         self._store = store
         self._ttl = session_ttl
@@ -155,7 +161,7 @@ class Router:
             state = request_state_of(message if message is not None else parse_json(body))
             facts.state_key = None if state is None else state_digest(state)
 
-    def _route_modern(self, facts: RequestFacts) -> Backend:
+    def _route_modern(self, facts: RequestFacts) -> Backend | Awaitable[Backend]:
         if self._rules is not None:
             rule = self._rules.match(facts.mcp_method, facts.mcp_name, header_lookup(facts.headers))
             if rule is not None:
@@ -168,11 +174,22 @@ class Router:
         facts.watch = (states is not None and method in MRTR_METHODS) or (
             tasks is not None and method in TASK_CREATING
         )
-        owner: Backend | None = None
         if tasks is not None and method in TASK_METHODS and facts.mcp_name is not None:
-            owner = self._sticky(TASKS, tasks.get(decoded(facts.mcp_name) or ""))
+            kind, key, amap = TASKS, decoded(facts.mcp_name) or "", tasks
         elif states is not None and facts.state_key is not None:
-            owner = self._sticky(REQUEST_STATE, states.get(facts.state_key))
+            kind, key, amap = REQUEST_STATE, facts.state_key, states
+        else:
+            return self.pick(facts)
+        name = amap.get(key)
+        if name is None and self._shared is not None:
+            return self._shared_lookup(kind, key, facts)
+        owner = self._sticky(kind, name)
+        return owner if owner is not None else self.pick(facts)
+
+    async def _shared_lookup(self, kind: str, key: str, facts: RequestFacts) -> Backend:
+        """Unknown here: another replica may have learned it (Redis). A failure is a miss."""
+        assert self._shared is not None
+        owner = self._sticky(kind, await self._shared.get(kind, key))
         return owner if owner is not None else self.pick(facts)
 
     def _sticky(self, kind: str, name: str | None) -> Backend | None:
@@ -185,8 +202,17 @@ class Router:
 
     def learn_result(self, backend: Backend, message: object) -> None:
         """A message of a watched response: remember the task or request state it created."""
-        if self.affinity is not None:
-            self.affinity.learn(message, backend.name)
+        learned = self.affinity.learn(message, backend.name) if self.affinity is not None else None
+        if learned is not None and self._shared is not None:
+            self._spawn(self._shared.put(learned.kind, learned.key, backend.name, learned.ttl))
+
+    def _spawn(self, work: Awaitable[None]) -> None:
+        async def run() -> None:
+            await work
+
+        task = asyncio.get_running_loop().create_task(run())
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     async def _lookup(self, sid: str) -> Backend:
         try:
@@ -281,3 +307,5 @@ class Router:
     async def close(self) -> None:
         if self._background:
             await asyncio.gather(*self._background, return_exceptions=True)
+        if self._shared is not None:
+            await self._shared.close()

@@ -15,6 +15,7 @@ from typing import Any
 import aiohttp
 import mcp_types
 import pytest
+import redis.asyncio
 from mcp.client.session import ClientRequestContext
 from mcp.shared.exceptions import MCPError
 
@@ -23,6 +24,7 @@ from mcpbalancer.config import parse_config
 from tests.fixtures.backends import BackendProcess, start_all, stop_all
 from tests.fixtures.proxy import ProxyFactory, proxy_config
 from tests.fixtures.rawhttp import ClientFactory, request, rpc_error
+from tests.fixtures.redis import RedisServer
 from tests.fixtures.stub import StubFactory
 from tests.mcp_helpers import (
     DEADLINE,
@@ -427,3 +429,72 @@ async def test_strict_mode_reads_chunked_expect_and_oversized_bodies(
     client.send(b"%x\r\n%b\r\n0\r\n\r\n" % (len(big), big))
     resp = await client.response()
     assert resp.status == 413
+
+
+# --- affinity shared by proxy replicas through Redis ------------------------------------------------
+
+
+async def test_replicas_share_affinity_through_redis(
+    task_backends: list[BackendProcess],
+    backends: list[BackendProcess],
+    make_proxy: ProxyFactory,
+    web: aiohttp.ClientSession,
+    redis_server: RedisServer,
+) -> None:
+    redis_server.start()
+    url = redis_server.url
+    client = redis.asyncio.Redis.from_url(url, decode_responses=True)
+    try:
+        await client.flushall()
+        settings = {
+            "store": url,
+            "balance": "round_robin",
+            "affinity": {"tasks": True, "request_state": True},
+        }
+        first, second = [await make_proxy(task_backends, **settings) for _ in range(2)]
+        created: dict[str, str] = {}
+        for _ in range(4):
+            _, answer = await task_request(
+                web, first, "tools/call", "background", {"name": "background", "arguments": {"seconds": 0}}
+            )
+            created[answer["result"]["taskId"]] = ""
+
+        async def shared() -> bool:
+            return len([key async for key in client.scan_iter("mcpb:t:*")]) == 4
+
+        await wait_until(shared, "the task ids written to Redis")
+        for task_id in created:
+            status, got = await task_request(web, second, "tasks/get", task_id, {"taskId": task_id})
+            assert status == 200, got
+        assert sample_value(second, "mcpbalancer_affinity_lookups_total", kind="tasks", result="hit") == 4
+        # An MRTR retry sent to the other replica reaches the instance that sealed its state.
+        mrtr_first, mrtr_second = [await make_proxy(backends[:2], **settings) for _ in range(2)]
+        for round_ in range(2):
+            async with web.post(
+                mcp_url(mrtr_first), json=modern_call("ask_user", 1), headers=modern_headers(name="ask_user")
+            ) as resp:
+                result = (await resp.json())["result"]
+            assert result["resultType"] == "input_required"
+            [key] = result["inputRequests"]
+            retry = modern_call("ask_user", 2)
+            retry["params"].update(
+                requestState=result["requestState"],
+                inputResponses={key: {"action": "accept", "content": {"value": "x"}}},
+            )
+
+            async def stored(count: int = round_ + 1) -> bool:
+                return len([k async for k in client.scan_iter("mcpb:r:*")]) == count
+
+            await wait_until(stored, "the request state written to Redis")
+            async with web.post(
+                mcp_url(mrtr_second), json=retry, headers=modern_headers(name="ask_user")
+            ) as resp:
+                assert resp.status == 200, await resp.text()
+                assert (await resp.json())["result"]["content"][0]["text"] == "accepted:x"
+        hits = sample_value(
+            mrtr_second, "mcpbalancer_affinity_lookups_total", kind="request_state", result="hit"
+        )
+        assert hits == 2
+    finally:
+        await client.flushall()
+        await client.aclose()

@@ -6,6 +6,7 @@ import asyncio
 import base64
 import json
 import random
+import socket
 from typing import Any
 
 import pytest
@@ -22,6 +23,7 @@ from mcpbalancer.metrics import Metrics
 from mcpbalancer.routing import Router, classify
 from mcpbalancer.rules import compile_rules, header_lookup
 from mcpbalancer.store.memory import MemoryStore
+from mcpbalancer.store.shared import SharedAffinity
 
 MODERN = b"2026-07-28"
 
@@ -351,3 +353,15 @@ async def test_mcp_name_is_captured_only_when_read(kwargs: dict[str, Any], captu
     )
     assert (b"mcp-name" in plane.special) is captured
     assert not any(name.startswith(b"mcp-param-") for name in plane.special)
+
+
+async def test_shared_affinity_failures_are_misses() -> None:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]  # closed again when the block ends: connections are refused
+    shared = SharedAffinity.from_url(f"redis://127.0.0.1:{port}/0", prefix="mcpb:")
+    try:
+        await shared.put("tasks", "t1", "a", 10)
+        assert await shared.get("tasks", "t1") is None
+    finally:
+        await shared.close()
