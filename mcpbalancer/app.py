@@ -16,6 +16,7 @@ from typing import TextIO
 
 from prometheus_client import CollectorRegistry
 
+from mcpbalancer.affinity import Affinity
 from mcpbalancer.balancer import make_strategy
 from mcpbalancer.config import Config, load_config
 from mcpbalancer.control.admin import AdminApi
@@ -28,8 +29,10 @@ from mcpbalancer.lifecycle import Changes, Fleet
 from mcpbalancer.logs import AccessLog, access_enabled
 from mcpbalancer.metrics import Metrics
 from mcpbalancer.routing import Router
+from mcpbalancer.rules import compile_rules
 from mcpbalancer.store import SessionStore
 from mcpbalancer.store.factory import create_store
+from mcpbalancer.store.shared import SharedAffinity
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +40,13 @@ SWEEP_INTERVAL = 30.0
 SHUTDOWN_POLL = 0.05
 # Settings a reload applies; a change to any other one is logged and needs a restart.
 RELOADABLE = ("backends", "health", "shutdown_timeout", "source")
+
+
+def _shared_affinity(config: Config) -> SharedAffinity | None:
+    """With a Redis store and affinity on, affinity entries are shared with the other replicas."""
+    if config.store == "memory" or not (config.affinity.tasks or config.affinity.request_state):
+        return None
+    return SharedAffinity.from_url(config.store, prefix=config.store_prefix)
 
 
 class Proxy:
@@ -66,7 +76,15 @@ class Proxy:
             metrics=self.metrics,
         )
         self.router = Router(
-            self.backends, make_strategy(config.balance), self.store, config.session_ttl, self.metrics
+            self.backends,
+            make_strategy(config.balance),
+            self.store,
+            config.session_ttl,
+            self.metrics,
+            rules=compile_rules(config.routes, config.pools),
+            affinity=Affinity(config.affinity),
+            validate_headers=config.validate_headers,
+            shared_affinity=_shared_affinity(config),
         )
         self.health = HealthChecker(config.health, self.fleet.set_status, self._probe, metrics=self.metrics)
         self._observability(config, access_stream)

@@ -9,6 +9,10 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
+from mcpbalancer.protocol import Era
+
+BOTH_ERAS = frozenset(Era)
+
 
 @dataclass(eq=False)
 class Backend:
@@ -18,6 +22,7 @@ class Backend:
     weight: int = 1
     tls: bool = False
     path_prefix: bytes = b""
+    eras: frozenset[Era] = BOTH_ERAS  # legacy: takes sessions; modern: takes 2026-07-28 requests
     up: bool = True
     draining: bool = False
     evicted: bool = False  # drain_timeout passed: its sessions answer 404

@@ -16,7 +16,8 @@ import math
 import os
 import re
 from collections.abc import Callable, Collection, Mapping
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
+from http import HTTPStatus
 from typing import Final, TypeVar
 from urllib.parse import SplitResult, urlsplit
 
@@ -29,6 +30,7 @@ DEFAULT_STORE_PREFIX: Final = "mcpb:"
 DEFAULT_LOCAL_CACHE_SIZE: Final = 100_000
 DEFAULT_SHUTDOWN_TIMEOUT: Final = 10.0
 LOG_FORMATS: Final = ("json", "text")
+ERAS: Final = ("legacy", "modern")
 LOG_LEVELS: Final = ("debug", "info", "warning", "error")
 # Paths the proxy answers itself on the public listener; the metrics path must not shadow them.
 PROBE_PATHS: Final = ("/healthz", "/readyz")
@@ -40,6 +42,8 @@ _BACKEND_NAME_RULE = "1-64 letters, digits, '.', '_' or '-', starting with a let
 # Bracketed IPv6 or a host without colons, then a decimal port. re.ASCII keeps \d to 0-9.
 _HOST_PORT = re.compile(r"(?:\[(?P<v6>[^\]]*)\]|(?P<host>[^\s:/\[\]]+)):(?P<port>\d{1,5})", re.ASCII)
 _REDIS_SCHEMES: Final = ("redis", "rediss")
+
+_HTTP_STATUSES: Final = frozenset(int(status) for status in HTTPStatus)
 
 _T = TypeVar("_T")
 _N = TypeVar("_N", int, float)
@@ -56,6 +60,7 @@ class BackendConfig:
     weight: int = 1
     drain: bool = False
     drain_timeout: float = 0.0  # seconds after the drain starts; 0 = wait for the sessions forever
+    eras: tuple[str, ...] = ERAS  # the MCP protocol eras this backend serves
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,6 +103,26 @@ class LogConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class RouteConfig:
+    """One `routes` entry: match on a 2026-07-28 request's headers, then a pool or a deny status."""
+
+    method: str | None = None  # Mcp-Method, exact
+    name: str | None = None  # glob on the decoded Mcp-Name
+    params: tuple[tuple[str, str], ...] = ()  # (Name, value): header Mcp-Param-<Name> equals value
+    pool: str | None = None
+    deny: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class AffinityConfig:
+    tasks: bool = False  # taskId -> the backend that created the task
+    request_state: bool = False  # MRTR requestState -> the backend that issued it
+    max_entries: int = 100_000  # per map; the least recently used entry goes first
+    task_ttl: float = 86_400.0  # seconds; a task's own ttlMs is used when shorter
+    request_state_ttl: float = 600.0  # seconds a requestState is remembered
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     listen_host: str
     listen_port: int
@@ -116,6 +141,10 @@ class Config:
     log: LogConfig = LogConfig()
     health: HealthConfig = HealthConfig()
     shutdown_timeout: float = DEFAULT_SHUTDOWN_TIMEOUT
+    pools: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    routes: tuple[RouteConfig, ...] = ()
+    affinity: AffinityConfig = AffinityConfig()
+    validate_headers: bool = False
 
 
 _TOP_KEYS: Final = (
@@ -134,8 +163,16 @@ _TOP_KEYS: Final = (
     "log",
     "health",
     "shutdown_timeout",
+    "pools",
+    "routes",
+    "affinity",
+    "validate_headers",
 )
-_BACKEND_KEYS: Final = ("name", "url", "weight", "drain", "drain_timeout")
+_BACKEND_KEYS: Final = ("name", "url", "weight", "drain", "drain_timeout", "eras")
+_ROUTE_KEYS: Final = ("match", "pool", "deny")
+_MATCH_KEYS: Final = ("method", "name", "param")
+# Mcp-Param-<Name>: the name part is an HTTP token without the characters headers may not carry.
+_PARAM_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}", re.ASCII)
 
 
 class _Required:
@@ -194,6 +231,8 @@ def parse_listen(value: str, key: str = "listen") -> tuple[str, int]:
 def _config(top: _Section, source: str) -> Config:
     host, port = top.parsed("listen", _split_host_port, "127.0.0.1:8080")
     heartbeat = top.number("heartbeat", 15.0, ge=0)
+    backends = _backends(top)
+    pools = _pools(top, {b.name for b in backends})
     return Config(
         listen_host=host,
         listen_port=port,
@@ -201,7 +240,7 @@ def _config(top: _Section, source: str) -> Config:
         session_ttl=top.number("session_ttl", 3600.0, gt=0),
         balance=top.choice("balance", BALANCE_STRATEGIES, "least_sessions"),
         heartbeat=heartbeat,
-        backends=_backends(top),
+        backends=backends,
         timeouts=_timeouts(top.section("timeouts", _field_names(TimeoutsConfig)), heartbeat),
         limits=_limits(top.section("limits", _field_names(LimitsConfig))),
         store_prefix=top.string("store_prefix", DEFAULT_STORE_PREFIX),
@@ -212,6 +251,10 @@ def _config(top: _Section, source: str) -> Config:
         log=_log(top.section("log", _field_names(LogConfig))),
         health=_health(top.section("health", _field_names(HealthConfig))),
         shutdown_timeout=top.number("shutdown_timeout", DEFAULT_SHUTDOWN_TIMEOUT, ge=0),
+        pools=pools,
+        routes=_routes(top, pools),
+        affinity=_affinity(top.section("affinity", _field_names(AffinityConfig))),
+        validate_headers=top.boolean("validate_headers", False),
     )
 
 
@@ -234,7 +277,66 @@ def _backend(entry: _Section) -> BackendConfig:
     weight = entry.integer("weight", 1, ge=1, le=1000)
     drain = entry.boolean("drain", False)
     drain_timeout = entry.number("drain_timeout", 0.0, ge=0)
-    return BackendConfig(name, url, scheme, host, port, path_prefix, weight, drain, drain_timeout)
+    eras = entry.read("eras", _as_eras, list(ERAS))
+    return BackendConfig(name, url, scheme, host, port, path_prefix, weight, drain, drain_timeout, eras)
+
+
+def _pools(top: _Section, backends: Collection[str]) -> dict[str, tuple[str, ...]]:
+    raw = top.read("pools", _as_mapping, {})
+    pools: dict[str, tuple[str, ...]] = {}
+    for name, members in raw.items():
+        path = top.at(f"pools.{name}")
+        if not isinstance(name, str) or not _BACKEND_NAME.fullmatch(name):
+            raise _Invalid(path, f"a pool name must be {_BACKEND_NAME_RULE}")
+        try:
+            items = _as_nonempty_list(members)
+        except ValueError as exc:
+            raise _Invalid(path, str(exc)) from None
+        for i, member in enumerate(items):
+            if member not in backends:
+                raise _Invalid(f"{path}[{i}]", f"unknown backend {member!r}; backends: {', '.join(backends)}")
+        pools[name] = tuple(dict.fromkeys(str(m) for m in items))
+    return pools
+
+
+def _routes(top: _Section, pools: Mapping[str, tuple[str, ...]]) -> tuple[RouteConfig, ...]:
+    if not top.has("routes"):
+        return ()
+    return tuple(_route(entry, pools) for entry in top.section_list("routes", _ROUTE_KEYS))
+
+
+def _route(entry: _Section, pools: Mapping[str, tuple[str, ...]]) -> RouteConfig:
+    if entry.has("pool") == entry.has("deny"):
+        raise _Invalid(entry.path, "needs exactly one of `pool` (where to send) or `deny` (a 4xx status)")
+    pool = deny = None
+    if entry.has("pool"):
+        pool = entry.string("pool")
+        if pool not in pools:
+            known = ", ".join(pools) or "none defined"
+            raise entry.invalid("pool", f"unknown pool {pool!r}; pools: {known}")
+    else:
+        deny = entry.integer("deny")
+        if not 400 <= deny <= 499 or deny not in _HTTP_STATUSES:
+            raise entry.invalid("deny", f"must be an HTTP 4xx status such as 403, got {deny}")
+    match = entry.section("match", _MATCH_KEYS)
+    return RouteConfig(
+        method=match.string("method") if match.has("method") else None,
+        name=match.string("name") if match.has("name") else None,
+        params=match.read("param", _as_params, {}),
+        pool=pool,
+        deny=deny,
+    )
+
+
+def _affinity(section: _Section) -> AffinityConfig:
+    default = AffinityConfig()
+    return AffinityConfig(
+        tasks=section.boolean("tasks", default.tasks),
+        request_state=section.boolean("request_state", default.request_state),
+        max_entries=section.integer("max_entries", default.max_entries, ge=1),
+        task_ttl=section.number("task_ttl", default.task_ttl, gt=0),
+        request_state_ttl=section.number("request_state_ttl", default.request_state_ttl, gt=0),
+    )
 
 
 def _timeouts(section: _Section, heartbeat: float) -> TimeoutsConfig:
@@ -440,6 +542,33 @@ def _as_choice(raw: object, choices: Collection[str]) -> str:
     if value not in choices:
         raise ValueError(f"must be one of {', '.join(choices)}; got {value!r}")
     return value
+
+
+def _as_mapping(raw: object) -> Mapping[object, object]:
+    if raw is None:
+        return {}
+    if not isinstance(raw, Mapping):
+        raise ValueError(f"must be a mapping, got {_describe(raw)}")
+    return raw
+
+
+def _as_params(raw: object) -> tuple[tuple[str, str], ...]:
+    params = []
+    for name, value in _as_mapping(raw).items():
+        if not isinstance(name, str) or not _PARAM_NAME.fullmatch(name):
+            raise ValueError(f"{name!r} is not a parameter name (header Mcp-Param-<name>)")
+        if not isinstance(value, str):
+            raise ValueError(f"{name}: the value must be a string, got {_describe(value)} (quote it)")
+        params.append((name, value))
+    return tuple(params)
+
+
+def _as_eras(raw: object) -> tuple[str, ...]:
+    items = _as_nonempty_list(raw)
+    eras = tuple(_as_choice(item, ERAS) for item in items)
+    if len(set(eras)) != len(eras):
+        raise ValueError(f"lists an era twice: {', '.join(eras)}")
+    return eras
 
 
 def _as_nonempty_list(raw: object) -> list[object]:

@@ -5,7 +5,9 @@
      ├── StoreError                   the session store could not answer (Redis down, timeout)
      └── ProxyError                   an answer the proxy itself gives a client
           ├── BadRequest              400: malformed framing, session id, header encoding
+          │    └── HeaderMismatch     400: Mcp-Method/Mcp-Name disagree with the body (-32020)
           ├── Forbidden               403
+          ├── Denied                  a `deny:` routing rule (403 or the rule's 4xx status)
           ├── SessionNotFound         404: unknown or expired session, or its owner is gone
           ├── PayloadTooLarge         413
           ├── HeadersTooLarge         431
@@ -21,6 +23,8 @@ JSON-RPC error object, because MCP clients parse the body of a failed POST as JS
 from __future__ import annotations
 
 import json
+from functools import cache
+from http import HTTPStatus
 from typing import ClassVar
 
 
@@ -52,8 +56,25 @@ class BadRequest(ProxyError):
     status, reason, rpc_code, default_message = 400, "Bad Request", -32600, "Bad Request"
 
 
+class HeaderMismatch(BadRequest):
+    rpc_code, default_message = -32020, "Header mismatch"  # MCP 2026-07-28 HEADER_MISMATCH
+
+
 class Forbidden(ProxyError):
     status, reason, rpc_code, default_message = 403, "Forbidden", -32600, "Forbidden"
+
+
+class Denied(ProxyError):
+    """A request refused by a `deny:` routing rule; `denied(status)` makes the class of a status."""
+
+    status, reason, rpc_code, default_message = 403, "Forbidden", -32600, "Denied by a routing rule"
+
+
+@cache
+def denied(status: int) -> type[Denied]:
+    """The Denied class answering `status` (a 4xx), made once per status."""
+    attrs = {"status": status, "reason": HTTPStatus(status).phrase}
+    return type(f"Denied{status}", (Denied,), attrs)
 
 
 class SessionNotFound(ProxyError):

@@ -16,6 +16,7 @@ from typing import Any
 from mcpbalancer.backends import Backend, BackendSet
 from mcpbalancer.config import BackendConfig
 from mcpbalancer.dataplane.upstream import UpstreamPool
+from mcpbalancer.protocol import Era
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +39,7 @@ def _backend(config: BackendConfig) -> Backend:
         weight=config.weight,
         tls=config.scheme == "https",
         path_prefix=config.path_prefix.encode("ascii"),
+        eras=frozenset(Era(era) for era in config.eras),
     )
 
 
@@ -163,8 +165,10 @@ class Fleet:
         tls = config.scheme == "https"
         prefix = config.path_prefix.encode("ascii")
         address = (config.host, config.port, tls, prefix)
-        changed = backend.weight != config.weight
+        eras = frozenset(Era(era) for era in config.eras)
+        changed = backend.weight != config.weight or backend.eras != eras
         backend.weight = config.weight
+        backend.eras = eras
         if address != (backend.host, backend.port, backend.tls, backend.path_prefix):
             # Same name, so its sessions stay bound to it; new connections go to the new address.
             backend.set_address(config.host, config.port, tls)

@@ -53,6 +53,8 @@ STORE_BUCKETS: Final = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.0
 SESSION_END_REASONS: Final = ("delete", "expired", "backend_lost", "backend_404")
 LOOKUP_RESULTS: Final = ("cache_hit", "store_hit", "miss")
 UPSTREAM_ERROR_KINDS: Final = ("connect", "reset", "timeout")
+AFFINITY_KINDS: Final = ("tasks", "request_state")
+AFFINITY_RESULTS: Final = ("hit", "miss")
 _HTTP_METHODS: Final = frozenset({"GET", "POST", "DELETE", "HEAD", "OPTIONS", "PUT", "PATCH"})
 
 # JSON-RPC methods of the MCP revisions 2025-03-26 … 2026-07-28; anything else is counted as "other".
@@ -317,6 +319,18 @@ class Metrics:
         self.client_disconnects = _Counter(
             r, "mcpbalancer_client_disconnects_total", "Clients that went away before their response ended."
         )
+        self.route_rule_hits = _Counter(
+            r,
+            "mcpbalancer_route_rule_hits_total",
+            "2026-07-28 requests matched by a routing rule: its index in `routes`, or 'deny'.",
+            ("rule",),
+        )
+        self.affinity_lookups = _Counter(
+            r,
+            "mcpbalancer_affinity_lookups_total",
+            "Affinity lookups (kind: tasks, request_state) by result (hit, miss).",
+            ("kind", "result"),
+        )
         self.build_info = _Gauge(
             r, "mcpbalancer_build_info", "Always 1; the version is a label.", ("version",)
         )
@@ -333,6 +347,15 @@ class Metrics:
         self._responses: dict[_ResponseKey, tuple[Value, Observations | None]] = {}
         self._mcp: dict[tuple[Era, bytes], Value] = {}
         self._mcp_other = {era: self.mcp_requests.labels(era.value, OTHER) for era in Era}
+        self.affinity = {
+            (kind, result): self.affinity_lookups.labels(kind, result)
+            for kind in AFFINITY_KINDS
+            for result in AFFINITY_RESULTS
+        }
+
+    def rule_hits(self, label: str) -> Value:
+        """The counter child of one routing rule, for the router to resolve once per rule."""
+        return self.route_rule_hits.labels(label)
 
     # -- per request (hot) --------------------------------------------------------------------------
 

@@ -1,26 +1,44 @@
 """The routing decision: request facts + what the store knows -> a backend, or an error answer.
 
-Pure policy over injected parts (backends, strategy, store); no sockets. The data plane calls
-`route` when a request head is complete, `learn` when the backend's response head arrives, and
-`owner_gone` when a session's backend cannot be reached.
+Pure policy over injected parts (backends, strategy, store, rules, affinity maps); no sockets. The
+data plane calls `route` when a request head is complete (after `inspect` of the body, for the
+2026-07-28 requests `needs_body` names), `learn` when the backend's response head arrives,
+`learn_result` for the messages of a watched response, and `owner_gone` when a session's backend
+cannot be reached.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Collection
+from collections.abc import Awaitable, Collection, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry
 
-from mcpbalancer import protocol
+from mcpbalancer import headercheck, protocol
+from mcpbalancer.affinity import (
+    MRTR_METHODS,
+    REQUEST_STATE,
+    TASK_CREATING,
+    TASK_METHODS,
+    TASKS,
+    Affinity,
+    parse_json,
+    request_state_of,
+    state_digest,
+)
 from mcpbalancer.backends import Backend, BackendSet
 from mcpbalancer.balancer import Strategy
 from mcpbalancer.errors import BadRequest, NoBackendAvailable, SessionNotFound, StoreError
 from mcpbalancer.metrics import Metrics
 from mcpbalancer.protocol import Era
+from mcpbalancer.rules import RuleSet, decoded, header_lookup
 from mcpbalancer.store import UNKNOWN, SessionStore
+
+if TYPE_CHECKING:
+    from mcpbalancer.store.shared import SharedAffinity
 
 log = logging.getLogger(__name__)
 
@@ -32,12 +50,28 @@ class RequestFacts:
     method: bytes
     era: Era
     session_id: str | None
+    # 2026-07-28 requests only: the routing headers as received, and what routing made of them.
+    mcp_method: bytes | None = None
+    mcp_name: bytes | None = None
+    headers: Sequence[tuple[bytes, bytes, bytes]] = ()
+    pool: frozenset[str] | None = None  # the backends a matching rule allows
+    state_key: str | None = None  # digest of the requestState an MRTR retry carries
+    watch: bool = False  # the response may create a task or a request state: learn from it
 
 
-def classify(method: bytes, session_id: bytes | None, protocol_version: bytes | None) -> RequestFacts:
+def classify(
+    method: bytes,
+    session_id: bytes | None,
+    protocol_version: bytes | None,
+    mcp_method: bytes | None = None,
+    mcp_name: bytes | None = None,
+    headers: Sequence[tuple[bytes, bytes, bytes]] = (),
+) -> RequestFacts:
     """Facts of a request from its raw header values; BadRequest for a malformed session id."""
     era = protocol.era_of(protocol_version)
-    if session_id is None or era is Era.MODERN:
+    if era is Era.MODERN:
+        return RequestFacts(method, era, None, mcp_method, mcp_name, headers)
+    if session_id is None:
         return RequestFacts(method, era, None)
     if not protocol.valid_session_id(session_id):
         raise BadRequest("Bad Request: invalid Mcp-Session-Id header")
@@ -52,9 +86,21 @@ class Router:
         store: SessionStore,
         session_ttl: float,
         metrics: Metrics | None = None,
+        *,
+        rules: RuleSet | None = None,
+        affinity: Affinity | None = None,
+        validate_headers: bool = False,
+        shared_affinity: SharedAffinity | None = None,
     ) -> None:
         self.backends = backends
         self._metrics = metrics or Metrics(CollectorRegistry())
+        self._rules = rules if rules else None
+        self._rule_hits = [self._metrics.rule_hits(rule.label) for rule in rules.rules] if rules else []
+        self.affinity = affinity
+        self._tasks = affinity.tasks if affinity is not None else None
+        self._states = affinity.states if affinity is not None else None
+        self._validate = validate_headers
+        self._shared = shared_affinity if self._tasks is not None or self._states is not None else None
         self._strategy = strategy
         self._store = store
         self._ttl = session_ttl
@@ -67,9 +113,11 @@ class Router:
         Raises SessionNotFound for an unknown session and NoBackendAvailable when nothing can take
         a new one.
         """
+        if facts.era is Era.MODERN:
+            return self._route_modern(facts)
         sid = facts.session_id
         if sid is None:
-            return self.pick(())
+            return self.pick(facts)
         owner = self._store.peek(sid)
         if owner is UNKNOWN:
             return self._lookup(sid)
@@ -77,13 +125,94 @@ class Router:
         (self._metrics.lookup_miss if owner is None else self._metrics.lookup_cache_hit).value += 1
         return self._owner_backend(sid, owner)
 
-    def pick(self, exclude: Collection[str]) -> Backend:
-        """A backend for a new session or a stateless request, skipping names in `exclude`."""
-        candidates = [b for b in self.backends.available() if b.name not in exclude]
+    def pick(self, facts: RequestFacts, exclude: Collection[str] = ()) -> Backend:
+        """A backend for a new session or a stateless request, skipping names in `exclude`: one that
+        serves the request's era (legacy sessions never land on a modern-only backend, and back)."""
+        era, pool = facts.era, facts.pool
+        candidates = [
+            b
+            for b in self.backends.available()
+            if era in b.eras and b.name not in exclude and (pool is None or b.name in pool)
+        ]
         backend = self._strategy.pick(candidates)
         if backend is None:
             raise NoBackendAvailable("No backend available")
         return backend
+
+    # -- 2026-07-28 requests ------------------------------------------------------------------------
+
+    @property
+    def reads_names(self) -> bool:
+        """Routing looks at Mcp-Name: the data plane must capture it."""
+        return self._rules is not None or self._tasks is not None or self._validate
+
+    def needs_body(self, facts: RequestFacts) -> bool:
+        """The request body must be read before routing: strict mode, or a possible MRTR retry."""
+        if facts.era is not Era.MODERN or facts.method != b"POST":
+            return False
+        return self._validate or (self._states is not None and facts.mcp_method in MRTR_METHODS)
+
+    def inspect(self, facts: RequestFacts, body: bytes) -> None:
+        """Check and read the whole body of a request `needs_body` named (HeaderMismatch, BadRequest)."""
+        message: object = None
+        if self._validate:
+            message = headercheck.check(facts.mcp_method, facts.mcp_name, body)
+        if self._states is not None and b"requestState" in body:
+            state = request_state_of(message if message is not None else parse_json(body))
+            facts.state_key = None if state is None else state_digest(state)
+
+    def _route_modern(self, facts: RequestFacts) -> Backend | Awaitable[Backend]:
+        if self._rules is not None:
+            rule = self._rules.match(facts.mcp_method, facts.mcp_name, header_lookup(facts.headers))
+            if rule is not None:
+                self._rule_hits[rule.index].value += 1
+                if rule.deny is not None:
+                    raise rule.deny()
+                facts.pool = rule.pool
+        method = facts.mcp_method
+        tasks, states = self._tasks, self._states
+        facts.watch = (states is not None and method in MRTR_METHODS) or (
+            tasks is not None and method in TASK_CREATING
+        )
+        if tasks is not None and method in TASK_METHODS and facts.mcp_name is not None:
+            kind, key, amap = TASKS, decoded(facts.mcp_name) or "", tasks
+        elif states is not None and facts.state_key is not None:
+            kind, key, amap = REQUEST_STATE, facts.state_key, states
+        else:
+            return self.pick(facts)
+        name = amap.get(key)
+        if name is None and self._shared is not None:
+            return self._shared_lookup(kind, key, facts)
+        owner = self._sticky(kind, name)
+        return owner if owner is not None else self.pick(facts)
+
+    async def _shared_lookup(self, kind: str, key: str, facts: RequestFacts) -> Backend:
+        """Unknown here: another replica may have learned it (Redis). A failure is a miss."""
+        assert self._shared is not None
+        owner = self._sticky(kind, await self._shared.get(kind, key))
+        return owner if owner is not None else self.pick(facts)
+
+    def _sticky(self, kind: str, name: str | None) -> Backend | None:
+        """The backend an affinity map names, if it is still configured, up and modern-capable. It
+        wins over a rule's pool: the task or the state exists nowhere else."""
+        backend = self.backends.get(name) if name is not None else None
+        usable = backend is not None and backend.up and Era.MODERN in backend.eras
+        self._metrics.affinity[(kind, "hit" if usable else "miss")].value += 1
+        return backend if usable else None
+
+    def learn_result(self, backend: Backend, message: object) -> None:
+        """A message of a watched response: remember the task or request state it created."""
+        learned = self.affinity.learn(message, backend.name) if self.affinity is not None else None
+        if learned is not None and self._shared is not None:
+            self._spawn(self._shared.put(learned.kind, learned.key, backend.name, learned.ttl))
+
+    def _spawn(self, work: Awaitable[None]) -> None:
+        async def run() -> None:
+            await work
+
+        task = asyncio.get_running_loop().create_task(run())
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     async def _lookup(self, sid: str) -> Backend:
         try:
@@ -182,3 +311,5 @@ class Router:
     async def close(self) -> None:
         if self._background:
             await asyncio.gather(*self._background, return_exceptions=True)
+        if self._shared is not None:
+            await self._shared.close()

@@ -65,6 +65,8 @@ class DataPlane:
         self.timeouts = timeouts
         self.limits = limits
         self.loop = loop
+        # Mcp-Name is picked out of the headers only when routing reads it (rules, affinity, strict).
+        self.special = {**_SPECIAL, protocol.MCP_NAME: _mcp_name} if router.reads_names else _SPECIAL
         self.connections: set[ClientConnection] = set()
         self.accepting = True
         self._none_open = asyncio.Event()
@@ -119,6 +121,7 @@ def _standalone_stream(exchange: Exchange) -> bool:
 class ClientConnection(asyncio.Protocol):
     def __init__(self, plane: DataPlane) -> None:
         self.plane = plane
+        self._special = plane.special
         self.transport: asyncio.Transport | None = None
         self.parser = httptools.HttpRequestParser(self)
         self.peer_ip = b"unknown"
@@ -139,6 +142,8 @@ class ClientConnection(asyncio.Protocol):
         self._sid_conflict = False
         self._version: bytes | None = None
         self._mcp_method: bytes | None = None
+        self._mcp_name: bytes | None = None
+        self._name_conflict = False
         self._host: bytes | None = None
         self._length: bytes | None = None
         self._te: bytes | None = None  # Transfer-Encoding, all fields joined
@@ -217,7 +222,7 @@ class ClientConnection(asyncio.Protocol):
         if len(self._headers) >= self.plane.limits.header_count:
             raise HeadersTooLarge("Too many request header fields")
         lname = name.lower()
-        special = _SPECIAL.get(lname)
+        special = self._special.get(lname)
         if special is not None:
             special(self, value)
         self._headers.append((lname, name, value))
@@ -250,6 +255,7 @@ class ClientConnection(asyncio.Protocol):
             connection_tokens=self._conn_tokens,
             transfer_encoding=self._te,
             mcp_method=self._mcp_method,
+            mcp_name=self._mcp_name,
         )
         exchange = Exchange(self.plane, self, head)
         problem = self._head_problem(head)
@@ -272,6 +278,8 @@ class ClientConnection(asyncio.Protocol):
             return NotImplementedMethod("Protocol upgrade is not supported")
         if self._sid_conflict:
             return BadRequest("Bad Request: conflicting Mcp-Session-Id headers")
+        if self._name_conflict and protocol.era_of(self._version) is protocol.Era.MODERN:
+            return BadRequest("Bad Request: conflicting Mcp-Name headers")
         if not head.chunked and _declared(head.content_length) > self.plane.limits.body_bytes:
             # Refused on its head: nothing is forwarded, and an Expect client gets no 100 Continue.
             return PayloadTooLarge()
@@ -386,6 +394,13 @@ def _version(conn: ClientConnection, value: bytes) -> None:
 
 def _mcp_method(conn: ClientConnection, value: bytes) -> None:
     conn._mcp_method = value  # for metrics and the access log only
+
+
+def _mcp_name(conn: ClientConnection, value: bytes) -> None:
+    # Two different names: the proxy and the backend could each believe another one.
+    if conn._mcp_name is not None and conn._mcp_name != value:
+        conn._name_conflict = True
+    conn._mcp_name = value
 
 
 def _host(conn: ClientConnection, value: bytes) -> None:

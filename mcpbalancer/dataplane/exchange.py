@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from mcpbalancer import protocol
+from mcpbalancer.affinity import ResultSniffer
 from mcpbalancer.backends import Backend
 from mcpbalancer.dataplane.local import LocalAnswer, LocalHandler, render_local
 from mcpbalancer.dataplane.sse import PING, EventBoundary
@@ -62,6 +63,7 @@ class RequestHead:
     connection_tokens: frozenset[bytes]
     mcp_method: bytes | None = None
     transfer_encoding: bytes | None = None
+    mcp_name: bytes | None = None  # captured only when routing reads it
 
 
 class Exchange:
@@ -103,6 +105,8 @@ class Exchange:
         self.sent = 0  # response body bytes relayed
         self.outcome = "ok"  # or error, aborted, client_disconnect, local
         self._stream_at = 0.0
+        self._awaiting_body = False  # routing waits for the whole request body (2026-07-28 only)
+        self._sniffer: ResultSniffer | None = None  # reads a watched response for affinity
 
     @property
     def streaming(self) -> bool:
@@ -127,7 +131,30 @@ class Exchange:
             self._serve_local(local)
             return
         try:
-            self.facts = classify(head.method, head.session_id, head.protocol_version)
+            self.facts = facts = classify(
+                head.method,
+                head.session_id,
+                head.protocol_version,
+                head.mcp_method,
+                head.mcp_name,
+                head.headers,
+            )
+        except ProxyError as err:
+            self._answer_error(err)
+            return
+        if head.has_body and self.plane.router.needs_body(facts):
+            self._awaiting_body = True
+            if head.expect_continue and not self.request_complete:
+                self.client.write(CONTINUE)
+                head.expect_continue = False
+            if self.request_complete:
+                self._route_with_body()
+            return
+        self._route()
+
+    def _route(self) -> None:
+        assert self.facts is not None
+        try:
             target = self.plane.router.route(self.facts)
         except ProxyError as err:
             self._answer_error(err)
@@ -136,6 +163,17 @@ class Exchange:
             self._use(target)
         else:
             self._await(target)
+
+    def _route_with_body(self) -> None:
+        """The whole body is here (bounded by limits.body_bytes): check it, then route."""
+        assert self.facts is not None
+        self._awaiting_body = False
+        try:
+            self.plane.router.inspect(self.facts, b"".join(self._body))
+        except ProxyError as err:
+            self._answer_error(err)
+            return
+        self._route()
 
     def request_body(self, data: bytes) -> None:
         if self.done or self._preset is not None:
@@ -146,7 +184,7 @@ class Exchange:
             return
         if self.upstream is None:
             self._body.append(data)
-            if self._body_bytes > REPLAY_LIMIT:
+            if self._body_bytes > REPLAY_LIMIT and not self._awaiting_body:
                 self.client.pause_reading()
             return
         self._send(self._frame_request(data))
@@ -154,6 +192,9 @@ class Exchange:
     def request_done(self) -> None:
         self.request_complete = True
         if self.done:
+            return
+        if self._awaiting_body:
+            self._route_with_body()
             return
         if self.upstream is not None and self.head.chunked:
             self._send(LAST_CHUNK)
@@ -254,7 +295,7 @@ class Exchange:
             return
         # Nothing reached the backend: a new session or a stateless request may try another.
         try:
-            other = self.plane.router.pick(self._tried)
+            other = self.plane.router.pick(self.facts, self._tried)
         except NoBackendAvailable:
             self._answer_error(BadGateway("No backend reachable"))
             return
@@ -376,8 +417,11 @@ class Exchange:
             lines.append(b"Connection: keep-alive\r\n")  # HTTP/1.0 closes unless told it persists
         lines.append(b"\r\n")
         out = b"".join(lines)
-        if content_type.lstrip().lower().startswith(protocol.EVENT_STREAM) and not self._no_body:
+        is_stream = content_type.lstrip().lower().startswith(protocol.EVENT_STREAM)
+        if is_stream and not self._no_body:
             self._start_stream()
+        if self.facts.watch and 200 <= status < 300 and not self._no_body:
+            self._sniffer = ResultSniffer(is_stream, _length(length) if coding is None else None)
         wait = self.plane.router.learn(self.facts, self.backend, status, response_sid)
         if wait is None:
             self._write_head(out)
@@ -389,6 +433,11 @@ class Exchange:
         if self.head.method == b"HEAD" and self.upstream is not None:
             self.upstream.skip_body()
             self.response_done()
+
+    def _learn(self, messages: list[object]) -> None:
+        if messages and self.backend is not None:
+            for message in messages:
+                self.plane.router.learn_result(self.backend, message)
 
     def _unsized_body(self, coding: bytes | None) -> bytes:
         """Frame a chunked or close-delimited upstream body: chunked to an HTTP/1.1 client, until
@@ -430,6 +479,8 @@ class Exchange:
         if self.done or self._no_body:
             return
         self.sent += len(data)
+        if self._sniffer is not None:
+            self._learn(self._sniffer.feed(data))  # before the client can see it and ask again
         if self._boundary is not None:
             self._boundary.feed(data)
             self._last_write = self._last_upstream = self.plane.loop.time()
@@ -442,6 +493,9 @@ class Exchange:
     def response_done(self) -> None:
         if self.done:
             return
+        if self._sniffer is not None:
+            self._learn(self._sniffer.finish())
+            self._sniffer = None
         if self._held is not None:
             self._held_complete = True
             return
@@ -665,6 +719,13 @@ class Exchange:
             self.upstream.release(reusable)
             self.upstream = None
         self.client.exchange_finished(self)
+
+
+def _length(value: bytes | None) -> int | None:
+    try:
+        return int(value) if value is not None else None
+    except ValueError:
+        return None
 
 
 # Hop-by-hop headers, and the ones this proxy writes itself.

@@ -29,13 +29,17 @@ class RedisStore:
     """SessionStore on Redis. `peek` cannot answer without I/O, so it is always UNKNOWN: put a
     CachedStore in front of it for the hot path."""
 
-    def __init__(self, client: redis.asyncio.Redis, prefix: str = "mcpb:", op_timeout: float = 0.25) -> None:
+    def __init__(
+        self, client: redis.asyncio.Redis, prefix: str = "mcpb:", op_timeout: float = 0.25, space: str = "s"
+    ) -> None:
         self._client = client
-        self._key_prefix = f"{prefix}s:"
+        self._key_prefix = f"{prefix}{space}:"  # space: s sessions; t, r affinity (store/shared.py)
         self._op_timeout = op_timeout
 
     @classmethod
-    def from_url(cls, url: str, prefix: str = "mcpb:", op_timeout: float = 0.25) -> RedisStore:
+    def from_url(
+        cls, url: str, prefix: str = "mcpb:", op_timeout: float = 0.25, space: str = "s"
+    ) -> RedisStore:
         """A store on `url` (redis://, rediss:// or unix://); connects on first use, not here."""
         client = redis.asyncio.from_url(
             url,
@@ -46,7 +50,11 @@ class RedisStore:
             # anything slower would only eat into op_timeout on the request path.
             retry=Retry(NoBackoff(), retries=1),
         )
-        return cls(client, prefix=prefix, op_timeout=op_timeout)
+        return cls(client, prefix=prefix, op_timeout=op_timeout, space=space)
+
+    @property
+    def client(self) -> redis.asyncio.Redis:
+        return self._client
 
     def key(self, sid: str) -> str:
         return self._key_prefix + sid

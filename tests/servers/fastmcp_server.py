@@ -52,6 +52,12 @@ Tools and their behaviour per era:
     also stored for replay). Returns ``"sent"``. Modern: there is no standalone stream, the SDK drops the
     notification; the tool still answers ``"sent"``.
 
+``background(seconds)`` (only with ``--tasks``)
+    Registered with ``task=True`` under the fastmcp-tasks extension (in-memory Docket, so tasks live in
+    this process only): a 2026-07-28 client that opts in (``_meta`` clientCapabilities ``extensions``
+    ``io.modelcontextprotocol/tasks``) gets a task (``resultType: "task"``, ``taskId``, ``ttlMs``) to
+    poll with ``tasks/get``; other calls run it inline. Returns the instance name.
+
 Options useful to the proxy's tests: ``--json-response`` (answer POSTs with ``application/json``
 instead of SSE), ``--stateless-http`` (legacy clients get no session), ``--event-store`` (in-memory
 FastMCP ``EventStore``: SSE events carry ``id:``, 2025-11-25 POST streams start with a priming event
@@ -128,9 +134,11 @@ def _elicit_outcome(result: Any) -> str:
     return "declined" if action == "decline" else "cancelled"
 
 
-def build_server(name: str) -> FastMCP:
+def build_server(name: str, *, tasks: bool = False) -> FastMCP:
     """The FastMCP app of one backend instance called ``name``."""
     mcp: FastMCP = FastMCP(f"backend-{name}")
+    if tasks:
+        _add_tasks(mcp, name)
     release_events: dict[str, asyncio.Event] = {}
 
     def event_for(key: str) -> asyncio.Event:
@@ -238,6 +246,20 @@ def build_server(name: str) -> FastMCP:
     return mcp
 
 
+def _add_tasks(mcp: FastMCP, name: str) -> None:
+    """The SEP-2663 tasks extension (fastmcp-tasks, in-memory ``memory://`` Docket: tasks live in this
+    process only) and a tool that runs as a task when the client opts in."""
+    from fastmcp_tasks import TasksExtension
+
+    mcp.add_extension(TasksExtension(url="memory://"))
+
+    @mcp.tool(task=True)
+    async def background(seconds: float = 0.0) -> str:
+        """Sleep in the background, then return the instance name (a task when the client opts in)."""
+        await asyncio.sleep(seconds)
+        return name
+
+
 class _Server(uvicorn.Server):
     """uvicorn.Server that announces readiness and exits with status 0 on SIGTERM/SIGINT."""
 
@@ -299,6 +321,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--host-origin-protection", choices=("off", "auto", "strict"), default="off", help="FastMCP guard"
     )
     parser.add_argument("--allowed-host", action="append", default=None, help="extra allowed Host values")
+    parser.add_argument(
+        "--tasks", action="store_true", help="fastmcp-tasks extension (in memory) + the `background` tool"
+    )
     parser.add_argument("--graceful-timeout", type=float, default=3.0, help="seconds to drain on SIGTERM")
     parser.add_argument(
         "--exit-on-stdin-eof", action="store_true", help="shut down when stdin closes (the parent died)"
@@ -310,7 +335,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     protections: dict[str, HostOriginProtection] = {"off": False, "auto": "auto", "strict": True}
     protection = protections[args.host_origin_protection]
-    mcp = build_server(args.name)
+    mcp = build_server(args.name, tasks=args.tasks)
     event_store = None
     if args.event_store:
         from fastmcp.server.event_store import EventStore

@@ -1,0 +1,55 @@
+"""Strict mode (`validate_headers: true`): a 2026-07-28 request's routing headers must agree with its
+JSON body, so that routing and deny rules cannot be bypassed by headers that lie.
+
+Pure: `check` takes the raw header values and the whole body, returns the parsed message, and raises
+HeaderMismatch (400, JSON-RPC -32020, as MCP servers answer) or BadRequest for a body that is not
+JSON. Only `Mcp-Method` and `Mcp-Name` are checked; `Mcp-Param-*` mirror tool arguments and their
+meaning is the tool's to define.
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+from mcpbalancer.affinity import parse_json
+from mcpbalancer.errors import BadRequest, HeaderMismatch
+from mcpbalancer.protocol import HeaderEncodingError, decode_header_value
+
+# The body field each name-bearing method mirrors into Mcp-Name.
+NAME_FIELDS: Final = {
+    "tools/call": "name",
+    "prompts/get": "name",
+    "resources/read": "uri",
+    "tasks/get": "taskId",
+    "tasks/update": "taskId",
+    "tasks/cancel": "taskId",
+    "tasks/result": "taskId",
+}
+
+
+def check(mcp_method: bytes | None, mcp_name: bytes | None, body: bytes) -> dict[str, object]:
+    """The request message, after checking that the headers say what the body says."""
+    message = parse_json(body)
+    if not isinstance(message, dict):
+        raise BadRequest("Parse error: the body of a 2026-07-28 request must be one JSON-RPC object")
+    method = message.get("method")
+    if not isinstance(method, str):
+        return message  # a response or malformed message: nothing is routed on it
+    if _decode(mcp_method, "Mcp-Method") != method:
+        raise HeaderMismatch("Mcp-Method header does not match the request body's method")
+    field = NAME_FIELDS.get(method)
+    if field is not None:
+        params = message.get("params")
+        value = params.get(field) if isinstance(params, dict) else None
+        if _decode(mcp_name, "Mcp-Name") != value:
+            raise HeaderMismatch(f"Mcp-Name header does not match the request body's {field!r} parameter")
+    return message
+
+
+def _decode(value: bytes | None, header: str) -> str | None:
+    if value is None:
+        return None
+    try:
+        return decode_header_value(value)
+    except HeaderEncodingError as exc:
+        raise BadRequest(f"Bad Request: {header}: {exc}") from exc
