@@ -22,7 +22,9 @@ from mcpbalancer.control.probes import Readiness, local_endpoints
 from mcpbalancer.control.server import ControlServer
 from mcpbalancer.dataplane.client import DataPlane
 from mcpbalancer.dataplane.upstream import UpstreamPool
+from mcpbalancer.errors import BackendStartError
 from mcpbalancer.logs import AccessLog, access_enabled
+from mcpbalancer.managed import ManagedBackends
 from mcpbalancer.metrics import Metrics
 from mcpbalancer.routing import Router
 from mcpbalancer.store import SessionStore
@@ -42,6 +44,7 @@ def build_backends(config: Config) -> BackendSet:
             weight=b.weight,
             tls=b.scheme == "https",
             path_prefix=b.path_prefix.encode("ascii"),
+            up=b.command is None,  # a managed backend is up once its process serves
         )
         for b in config.backends
     )
@@ -61,6 +64,7 @@ class Proxy:
         self.config = config
         self.shutdown_timeout = shutdown_timeout
         self.backends = build_backends(config)
+        self.managed = ManagedBackends(config.backends, self.backends)
         self.metrics = Metrics(registry or CollectorRegistry(), lambda: self.router.backends, runtime=True)
         self.store: SessionStore = create_store(
             config.store,
@@ -108,6 +112,13 @@ class Proxy:
         return f"http://{host}:{self.port}"
 
     async def start(self) -> None:
+        """Start the managed backends (BackendStartError if one fails), then serve."""
+        if self.managed:
+            try:
+                await self.managed.start()
+            except BackendStartError:
+                await self.store.close()
+                raise
         loop = asyncio.get_running_loop()
         pools = {b.name: UpstreamPool(b, connect_timeout=self.config.timeouts.connect) for b in self.backends}
         self._plane = DataPlane(
@@ -152,6 +163,8 @@ class Proxy:
             plane.abort_all()
             for pool in plane.pools.values():
                 pool.close()
+        # After the in-flight exchanges: a tool call running on a managed backend may finish.
+        await self.managed.stop()
         if self._sweeper is not None:
             self._sweeper.cancel()
             with contextlib.suppress(asyncio.CancelledError):

@@ -15,6 +15,7 @@ import ipaddress
 import math
 import os
 import re
+import shlex
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, fields
 from typing import Final, TypeVar
@@ -53,6 +54,9 @@ class BackendConfig:
     port: int
     path_prefix: str
     weight: int = 1
+    # A managed backend (`command` in YAML): the proxy runs this command line; host and port are
+    # known once the process is up (port 0 here). None for a backend given by `url`.
+    command: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,7 +121,9 @@ _TOP_KEYS: Final = (
     "metrics",
     "log",
 )
-_BACKEND_KEYS: Final = ("name", "url", "weight")
+_BACKEND_KEYS: Final = ("name", "url", "command", "replicas", "weight")
+MANAGED_HOST: Final = "127.0.0.1"
+MAX_REPLICAS: Final = 64
 
 
 class _Required:
@@ -197,22 +203,45 @@ def _config(top: _Section, source: str) -> Config:
 
 def _backends(top: _Section) -> tuple[BackendConfig, ...]:
     entries = top.section_list("backends", _BACKEND_KEYS)
-    backends = tuple(_backend(entry) for entry in entries)
+    backends: list[BackendConfig] = []
     first_seen: dict[str, str] = {}
-    for entry, backend in zip(entries, backends, strict=True):
-        if backend.name in first_seen:
-            # Names are session owners in the store; two backends with one name would share sessions.
-            raise entry.invalid("name", f"duplicate name {backend.name!r} (also {first_seen[backend.name]})")
-        first_seen[backend.name] = entry.at("name")
-    return backends
+    for entry in entries:
+        for backend in _backend(entry):
+            if backend.name in first_seen:
+                # Names are session owners in the store; two backends with one name would share sessions.
+                also = first_seen[backend.name]
+                raise entry.invalid("name", f"duplicate name {backend.name!r} (also {also})")
+            first_seen[backend.name] = entry.at("name")
+            backends.append(backend)
+    return tuple(backends)
 
 
-def _backend(entry: _Section) -> BackendConfig:
+def _backend(entry: _Section) -> list[BackendConfig]:
     name = entry.string("name", pattern=_BACKEND_NAME, rule=_BACKEND_NAME_RULE)
+    weight = entry.integer("weight", 1, ge=1, le=1000)
+    if entry.has("command"):
+        return _managed(entry, name, weight)
+    if entry.has("replicas"):
+        raise entry.invalid("replicas", "is only allowed with `command` (a managed backend), not with `url`")
+    if not entry.has("url"):
+        raise entry.invalid("url", "is required (or `command` for a backend the proxy runs itself)")
     url = entry.string("url")
     scheme, host, port, path_prefix = entry.parsed("url", _split_backend_url)
-    weight = entry.integer("weight", 1, ge=1, le=1000)
-    return BackendConfig(name, url, scheme, host, port, path_prefix, weight)
+    return [BackendConfig(name, url, scheme, host, port, path_prefix, weight)]
+
+
+def _managed(entry: _Section, name: str, weight: int) -> list[BackendConfig]:
+    """`replicas` backends named `<name>-1` ... `<name>-N`, each running `command`."""
+    if entry.has("url"):
+        raise entry.invalid("url", "give either `url` or `command`, not both")
+    command = entry.parsed("command", _check_command)
+    replicas = entry.integer("replicas", 1, ge=1, le=MAX_REPLICAS)
+    names = [f"{name}-{i}" for i in range(1, replicas + 1)]
+    if not _BACKEND_NAME.fullmatch(names[-1]):
+        raise entry.invalid(
+            "name", f"with the replica suffix must be {_BACKEND_NAME_RULE}, got {names[-1]!r}"
+        )
+    return [BackendConfig(n, "", "http", MANAGED_HOST, 0, "", weight, command) for n in names]
 
 
 def _timeouts(section: _Section, heartbeat: float) -> TimeoutsConfig:
@@ -458,6 +487,37 @@ def _split_backend_url(value: str) -> tuple[str, str, int, str]:
         raise ValueError(f"port must be 1-65535, got {value!r}")
     port = parts.port or (443 if parts.scheme == "https" else 80)
     return parts.scheme, parts.hostname, port, parts.path.rstrip("/")
+
+
+def _check_command(value: str) -> str:
+    try:
+        words = shlex.split(value)
+    except ValueError as exc:
+        raise ValueError(f"cannot be split into words ({exc}): {value!r}") from None
+    if not words:
+        raise ValueError("must name a program")
+    try:
+        for word in words:
+            word.format_map(_CommandCheck())
+    except (ValueError, KeyError, IndexError, AttributeError) as exc:
+        problem = f"unknown placeholder {{{exc.args[0]}}}" if isinstance(exc, KeyError) else str(exc)
+        raise ValueError(
+            f"{problem}; placeholders: {', '.join('{' + p + '}' for p in PLACEHOLDERS)} "
+            "(double a brace for a literal one)"
+        ) from None
+    return value
+
+
+PLACEHOLDERS: Final = ("port", "host", "name", "python")
+
+
+class _CommandCheck(dict[str, str]):
+    """format_map mapping that accepts exactly the command placeholders."""
+
+    def __missing__(self, key: str) -> str:
+        if key in PLACEHOLDERS:
+            return ""
+        raise KeyError(key)
 
 
 def _check_metrics_path(value: str) -> str:

@@ -97,9 +97,10 @@ class Router:
     def _owner_backend(self, sid: str, owner: str | None) -> Backend:
         if owner is None:
             raise SessionNotFound()
-        backend = self.backends.get(owner)
+        backend = self.backends.owner(owner)
         if backend is None:
-            # The mapping names a backend no longer configured: its sessions are gone.
+            # The mapping names a backend no longer configured, or a managed backend's process that
+            # has since been replaced: its sessions are gone.
             self._forget(sid, None, "backend_lost")
             raise SessionNotFound()
         return backend
@@ -137,11 +138,11 @@ class Router:
             return
         sid = raw_sid.decode("ascii")
         try:
-            owner = await self._store.bind(sid, backend.name, self._ttl)
+            owner = await self._store.bind(sid, backend.owner_id, self._ttl)
         except StoreError as exc:
             log.warning("could not store session of backend %s: %s", backend.name, exc)
             return
-        if owner == backend.name:
+        if owner == backend.owner_id:
             backend.sessions += 1
             self._metrics.session_created(backend.name)
         else:
@@ -171,7 +172,7 @@ class Router:
     def session_expired(self, sid: str, owner: str) -> None:
         """Store callback: an entry expired; keep the backend's session count honest."""
         self._metrics.session_ended("expired")
-        backend = self.backends.get(owner)
+        backend = self.backends.owner(owner)
         if backend is not None and backend.sessions > 0:
             backend.sessions -= 1
 
