@@ -121,7 +121,7 @@ _TOP_KEYS: Final = (
     "metrics",
     "log",
 )
-_BACKEND_KEYS: Final = ("name", "url", "command", "replicas", "weight")
+_BACKEND_KEYS: Final = ("name", "url", "weight", "command", "replicas")
 MANAGED_HOST: Final = "127.0.0.1"
 MAX_REPLICAS: Final = 64
 
