@@ -251,12 +251,9 @@ class ManagedInstance:
 
     def _failure(self, problem: str) -> BackendStartError:
         tail = "\n".join(f"  {line}" for line in self._output)
-        argv = " ".join(
-            command_line(
-                self.template, name=self.backend.name, host=self.backend.host, port=self.backend.port
-            )
-        )
-        message = f"managed backend {self.backend.name} ({argv}) {problem}"
+        backend = self.backend
+        argv = command_line(self.template, name=backend.name, host=backend.host, port=backend.port)
+        message = f"managed backend {backend.name} ({shlex.join(argv)}) {problem}"
         return BackendStartError(f"{message}; its last output:\n{tail}" if tail else message)
 
     async def _kill(self) -> None:
