@@ -124,7 +124,9 @@ class ManagedInstance:
         self.start_timeout = start_timeout
         self.stop_timeout = stop_timeout
         self.process: asyncio.subprocess.Process | None = None
-        self.restarts = 0
+        self.restarts = 0  # successful restarts after an exit
+        self.failed_starts = 0  # restart attempts that failed
+        self._reaped = True  # the current process, if any, is reaped and its group swept
         self._output: collections.deque[str] = collections.deque(maxlen=OUTPUT_LINES)
         self._announced: asyncio.Future[int] | None = None
         self._readers: list[asyncio.Task[None]] = []
@@ -148,7 +150,7 @@ class ManagedInstance:
         except TimeoutError:
             await self._kill()
             raise self._failure(f"did not answer HTTP within {self.start_timeout:g}s") from None
-        except BackendStartError:
+        except BaseException:  # failed, or cancelled by stop(): leave no half-started child
             await self._kill()
             raise
         took = asyncio.get_running_loop().time() - started
@@ -191,6 +193,7 @@ class ManagedInstance:
         argv = command_line(self.template, name=backend.name, host=backend.host, port=port)
         backend.relocate(port)
         self._output.clear()
+        self.process = None
         self._announced = asyncio.get_running_loop().create_future()
         try:
             self.process = await asyncio.create_subprocess_exec(
@@ -206,6 +209,7 @@ class ManagedInstance:
             raise BackendStartError(
                 f"managed backend {backend.name}: cannot run {argv[0]!r}: {exc}"
             ) from None
+        self._reaped = False
         assert self.process.stdout is not None and self.process.stderr is not None
         self._readers = [
             asyncio.get_running_loop().create_task(self._read(self.process.stdout, announces=True)),
@@ -259,10 +263,11 @@ class ManagedInstance:
     async def _kill(self) -> None:
         """SIGKILL whatever is left of the child's process group, reap the child, end the readers."""
         process = self.process
-        if process is None:
+        if process is None or self._reaped:
             return
         _signal_group(process.pid, signal.SIGKILL)
         await process.wait()
+        self._reaped = True
         readers, self._readers = self._readers, []
         # A grandchild outside the group could hold the pipes open: do not wait on them for long.
         _, pending = await asyncio.wait(readers, timeout=1.0) if readers else (set(), set())
@@ -287,7 +292,8 @@ class ManagedInstance:
                 delay = min(delay * 2, RESTART_DELAY[1])
                 try:
                     await self.start()
-                except BackendStartError as exc:
+                except (BackendStartError, OSError) as exc:
+                    self.failed_starts += 1
                     log.warning("%s; retrying in %gs", exc, delay)
                     continue
                 self.restarts += 1

@@ -270,3 +270,48 @@ def test_owner_ids_tell_processes_apart() -> None:
     assert backends.owner("c~0001") is None
     b.relocate(8080)
     assert (b.port, b.host_header) == (8080, b"127.0.0.1:8080")
+
+
+async def test_instance_failing_to_restart_stays_down_and_is_retried(tmp_path: Path) -> None:
+    # Serves the first time; refuses to start while the marker file exists (a broken deploy).
+    marker = tmp_path / "started-once"
+    script = (
+        "import os, socket, sys\n"
+        "if os.path.exists(sys.argv[1]): sys.exit('refusing to start: ' + sys.argv[1])\n"
+        "open(sys.argv[1], 'w').close()\n"
+        "s = socket.socket(); s.bind(('127.0.0.1', 0)); s.listen()\n"
+        "print('READY', s.getsockname()[1], flush=True)\n"
+        "while True:\n"
+        "    c = s.accept()[0]; c.recv(1000); c.sendall(b'HTTP/1.1 204 No Content\\r\\n\\r\\n'); c.close()\n"
+    )
+    child = tmp_path / "child.py"
+    child.write_text(script)
+    managed, backends = _managed(f"python {child} {marker}")
+    [backend] = backends
+    [instance] = managed.instances
+    await managed.start()
+    try:
+        first_pid = instance.pid
+        assert first_pid is not None
+        first_owner = backend.owner_id
+        os.kill(first_pid, signal.SIGKILL)
+
+        async def failed_twice() -> bool:
+            return instance.failed_starts >= 2
+
+        await wait_until(failed_twice, "two failed restarts", RESTART_DEADLINE)
+        assert not backend.up
+        assert instance.restarts == 0
+        assert backend.owner_id != first_owner
+
+        marker.unlink()  # the deploy is fixed: the next attempt (after a longer delay) succeeds
+
+        async def restarted() -> bool:
+            return instance.restarts == 1 and backend.up
+
+        await wait_until(restarted, "the instance to come back", RESTART_DEADLINE)
+        assert instance.pid not in (None, first_pid)
+    finally:
+        pids = managed.pids()
+        await managed.stop()
+    assert not any(alive(pid) for pid in pids)
