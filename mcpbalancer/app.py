@@ -23,6 +23,7 @@ from mcpbalancer.control.server import ControlServer
 from mcpbalancer.dataplane.client import DataPlane
 from mcpbalancer.dataplane.upstream import UpstreamPool
 from mcpbalancer.errors import BackendStartError
+from mcpbalancer.failover import Failover
 from mcpbalancer.logs import AccessLog, access_enabled
 from mcpbalancer.managed import ManagedBackends
 from mcpbalancer.metrics import Metrics
@@ -74,8 +75,22 @@ class Proxy:
             session_ttl=config.session_ttl,
             metrics=self.metrics,
         )
+        failover = (
+            Failover(
+                max_records=config.local_cache_size,
+                connect_timeout=config.timeouts.connect,
+                response_timeout=config.timeouts.response_headers,
+            )
+            if config.failover == "replay"
+            else None
+        )
         self.router = Router(
-            self.backends, make_strategy(config.balance), self.store, config.session_ttl, self.metrics
+            self.backends,
+            make_strategy(config.balance),
+            self.store,
+            config.session_ttl,
+            self.metrics,
+            failover=failover,
         )
         self._observability(config, access_stream)
         self._server: asyncio.Server | None = None

@@ -26,6 +26,7 @@ import yaml
 from mcpbalancer.errors import ConfigError
 
 BALANCE_STRATEGIES: Final = ("least_sessions", "p2c", "round_robin")
+FAILOVER_MODES: Final = ("reinitialize", "replay")
 DEFAULT_STORE_PREFIX: Final = "mcpb:"
 DEFAULT_LOCAL_CACHE_SIZE: Final = 100_000
 LOG_FORMATS: Final = ("json", "text")
@@ -104,6 +105,7 @@ class Config:
     admin: tuple[str, int] | None = None  # (host, port) of the control listener; None = off
     metrics: MetricsConfig = MetricsConfig()
     log: LogConfig = LogConfig()
+    failover: str = "reinitialize"  # or "replay": re-run a lost session's initialize elsewhere
 
 
 _TOP_KEYS: Final = (
@@ -120,6 +122,7 @@ _TOP_KEYS: Final = (
     "admin",
     "metrics",
     "log",
+    "failover",
 )
 _BACKEND_KEYS: Final = ("name", "url", "weight", "command", "replicas")
 MANAGED_HOST: Final = "127.0.0.1"
@@ -198,6 +201,7 @@ def _config(top: _Section, source: str) -> Config:
         admin=top.parsed("admin", _split_host_port) if top.has("admin") else None,
         metrics=_metrics(top.section("metrics", _field_names(MetricsConfig))),
         log=_log(top.section("log", _field_names(LogConfig))),
+        failover=top.choice("failover", FAILOVER_MODES, "reinitialize"),
     )
 
 

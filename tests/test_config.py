@@ -397,7 +397,7 @@ def test_invalid(data: object, message: str) -> None:
 
 def test_unknown_key_lists_every_allowed_key() -> None:
     text = config_error(minimal(Listen="x"))
-    assert text.endswith("heartbeat, backends, timeouts, limits, admin, metrics, log")
+    assert text.endswith("heartbeat, backends, timeouts, limits, admin, metrics, log, failover")
 
 
 def test_store_password_is_not_echoed() -> None:
@@ -538,3 +538,12 @@ def test_invalid_managed_backend(backends: list[dict[str, Any]], message: str) -
     text = config_error({"backends": backends})
     assert text.startswith(f"cfg.yaml: {message}"), text
     assert "Traceback" not in text
+
+
+def test_failover_modes() -> None:
+    assert parse_config(minimal()).failover == "reinitialize"
+    assert parse_config(minimal(failover="replay")).failover == "replay"
+    assert parse_config(minimal(failover="reinitialize")).failover == "reinitialize"
+    assert config_error(minimal(failover="retry")).startswith(
+        "cfg.yaml: failover: must be one of reinitialize, replay; got 'retry'"
+    )

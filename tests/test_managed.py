@@ -315,3 +315,28 @@ async def test_instance_failing_to_restart_stays_down_and_is_retried(tmp_path: P
         pids = managed.pids()
         await managed.stop()
     assert not any(alive(pid) for pid in pids)
+
+
+async def test_replay_failover_keeps_a_session_of_a_killed_instance(
+    managed_proxy: ManagedFactory, web: aiohttp.ClientSession
+) -> None:
+    proxy = await managed_proxy(EXAMPLE + " --port {port}", replicas=2, failover="replay")
+    url = mcp_url(proxy)
+    doomed = proxy.managed.instances[0]
+    session_id = await session_on(web, url, "m-1")
+    assert (await call_tool(web, url, session_id, "count")).text == "1"
+    assert doomed.pid is not None
+    os.kill(doomed.pid, signal.SIGKILL)
+
+    async def restarted() -> bool:
+        return doomed.restarts == 1 and doomed.backend.up
+
+    await wait_until(restarted, "the killed instance to be serving again", RESTART_DEADLINE)
+    # The process that knew the session is gone (its owner id with it), yet the session goes on: its
+    # initialize was replayed on a live instance; the counter, kept by the dead process, restarts.
+    moved = await call_tool(web, url, session_id, "count")
+    assert moved.status == 200
+    assert moved.text == "1"
+    assert (await call_tool(web, url, session_id, "count")).text == "2"
+    assert proxy.router.failover is not None
+    assert proxy.router.failover.replays == 1
