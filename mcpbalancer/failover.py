@@ -74,7 +74,9 @@ class Failover:
     # -- the replay ------------------------------------------------------------------------------
 
     def replay(self, router: Router, facts: RequestFacts, gone: Backend | None) -> asyncio.Future[Backend]:
-        """The backend now holding `facts.session_id`; one replay per session at a time."""
+        """The backend now holding `facts.session_id`; one replay per session at a time, shared by
+        every request of the session that arrives meanwhile (a waiter going away does not cancel it).
+        Raises SessionNotFound when the session cannot be moved."""
         sid = facts.session_id
         assert sid is not None
         running = self._inflight.get(sid)
@@ -82,10 +84,13 @@ class Failover:
             running = asyncio.ensure_future(self._replay(router, sid, facts.protocol_version, gone))
             self._inflight[sid] = running
             running.add_done_callback(lambda _: self._inflight.pop(sid, None))
-        return running
+        return asyncio.shield(running)
 
     async def _replay(self, router: Router, sid: str, version: bytes | None, gone: Backend | None) -> Backend:
-        target, body = self._records[sid]
+        record = self._records.get(sid)
+        if record is None:  # ended (DELETE, expiry) meanwhile
+            raise SessionNotFound()
+        target, body = record
         tried = {gone.name} if gone is not None else set()
         while True:
             try:
@@ -100,11 +105,12 @@ class Failover:
             except _ReplayFailed as exc:
                 log.warning("replay failover: backend %s refused the session: %s", backend.name, exc)
                 continue
-            await router.rebind(sid, backend, gone)
+            # The alias first: a request routed by the new binding must already carry the new id.
             if new_sid == sid.encode("ascii"):
                 self._aliases.pop(sid, None)
             else:
                 self._aliases[sid] = new_sid
+            await router.rebind(sid, backend, gone)
             self.replays += 1
             log.info("replay failover: session moved from %s to %s", gone.name if gone else "?", backend.name)
             return backend
