@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Collection
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry
@@ -36,7 +36,8 @@ class RequestFacts:
     method: bytes
     era: Era
     session_id: str | None
-    protocol_version: bytes | None = None
+    # Only what replay failover needs to re-run `notifications/initialized`; not a routing fact.
+    protocol_version: bytes | None = field(default=None, compare=False)
 
 
 def classify(method: bytes, session_id: bytes | None, protocol_version: bytes | None) -> RequestFacts:
