@@ -283,8 +283,17 @@ class ManagedInstance:
             began = loop.time()
             assert self.process is not None
             status = await self.process.wait()
-            self._gone(status)
-            await self._kill()
+            pid, lost = self.pid, self._gone()
+            await self._kill()  # also lets the readers take the child's last words
+            tail = "".join(f"\n  {line}" for line in list(self._output)[-5:])
+            log.warning(
+                "managed backend %s (pid %s) exited with status %d; %d sessions lost; restarting%s",
+                self.backend.name,
+                pid,
+                status,
+                lost,
+                f"; its last output:{tail}" if tail else "",
+            )
             if loop.time() - began >= STABLE_AFTER:
                 delay = RESTART_DELAY[0]
             while not self._stopping:
@@ -299,20 +308,14 @@ class ManagedInstance:
                 self.restarts += 1
                 break
 
-    def _gone(self, status: int) -> None:
-        """The child exited: its sessions are lost with it."""
+    def _gone(self) -> int:
+        """The child exited: its sessions are lost with it. Returns how many."""
         backend = self.backend
         backend.up = False
         # A token no session is bound to: the old sessions stop matching at once.
         backend.owner_id = f"{backend.name}{OWNER_SEP}{secrets.token_hex(4)}"
         lost, backend.sessions = backend.sessions, 0
-        log.warning(
-            "managed backend %s (pid %s) exited with status %d; %d sessions lost; restarting",
-            backend.name,
-            self.pid,
-            status,
-            lost,
-        )
+        return lost
 
 
 class ManagedBackends:

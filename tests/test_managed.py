@@ -7,6 +7,7 @@ Real processes throughout: the proxy in the test's event loop starts real FastMC
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import signal
 import sys
@@ -272,7 +273,10 @@ def test_owner_ids_tell_processes_apart() -> None:
     assert (b.port, b.host_header) == (8080, b"127.0.0.1:8080")
 
 
-async def test_instance_failing_to_restart_stays_down_and_is_retried(tmp_path: Path) -> None:
+async def test_instance_failing_to_restart_stays_down_and_is_retried(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger="mcpbalancer.managed")
     # Serves the first time; refuses to start while the marker file exists (a broken deploy).
     marker = tmp_path / "started-once"
     script = (
@@ -303,6 +307,11 @@ async def test_instance_failing_to_restart_stays_down_and_is_retried(tmp_path: P
         assert not backend.up
         assert instance.restarts == 0
         assert backend.owner_id != first_owner
+        messages = [r.getMessage() for r in caplog.records]
+        exited = f"managed backend x-1 (pid {first_pid}) exited with status -9; 0 sessions lost; restarting"
+        assert any(m.startswith(exited) for m in messages), messages
+        # Each failed attempt says why, in the child's own words, and when it tries again.
+        assert any("refusing to start" in m and "retrying in" in m for m in messages), messages
 
         marker.unlink()  # the deploy is fixed: the next attempt (after a longer delay) succeeds
 
