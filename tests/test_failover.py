@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator
 
 import aiohttp
 import pytest
+import redis.asyncio
 from mcp.shared.exceptions import MCPError
 
 from mcpbalancer.app import Proxy
@@ -24,9 +25,16 @@ from tests.mcp_helpers import (
     mcp_url,
     open_session,
     recorded_client,
+    redis_keys,
+    store_spec,
     text_of,
     wait_until,
 )
+
+
+@pytest.fixture(params=["memory", "redis"])
+async def store(request: pytest.FixtureRequest) -> str:
+    return await store_spec(request)
 
 
 @pytest.fixture
@@ -43,10 +51,10 @@ def pair(backends: list[BackendProcess], name: str) -> tuple[BackendProcess, Bac
 
 
 async def test_replay_keeps_the_mcp_client_session_when_its_owner_is_killed(
-    backend_factory: BackendFactory, make_proxy: ProxyFactory
+    backend_factory: BackendFactory, make_proxy: ProxyFactory, store: str
 ) -> None:
     started = await asyncio.to_thread(backend_factory, ["r1", "r2"])
-    proxy = await make_proxy(started, failover="replay")
+    proxy = await make_proxy(started, failover="replay", store=store)
     failover = proxy.router.failover
     assert failover is not None
     async with recorded_client(mcp_url(proxy)) as (client, wire):
@@ -69,6 +77,13 @@ async def test_replay_keeps_the_mcp_client_session_when_its_owner_is_killed(
         sid = wire.session_id
         assert failover.alias(sid) not in (None, sid.encode())
         assert proxy.store.peek(sid) == other.name
+        if store != "memory":  # the shared store names the new owner too
+            assert await redis_keys(store) == [f"mcpb:s:{sid}"]
+            client = redis.asyncio.Redis.from_url(store, decode_responses=True)
+            try:
+                assert await client.get(f"mcpb:s:{sid}") == other.name
+            finally:
+                await client.aclose()
     # Its DELETE reached the new owner under the new id (2xx), which ended the mapping.
     await wait_until(lambda: _forgotten(proxy, sid), "the moved session's DELETE to end it")
     assert failover.alias(sid) is None
