@@ -65,7 +65,6 @@ class Proxy:
         self.config = config
         self.shutdown_timeout = shutdown_timeout
         self.backends = build_backends(config)
-        self.managed = ManagedBackends(config.backends, self.backends)
         self.metrics = Metrics(registry or CollectorRegistry(), lambda: self.router.backends, runtime=True)
         self.store: SessionStore = create_store(
             config.store,
@@ -80,6 +79,7 @@ class Proxy:
                 max_records=config.local_cache_size,
                 connect_timeout=config.timeouts.connect,
                 response_timeout=config.timeouts.response_headers,
+                metrics=self.metrics,
             )
             if config.failover == "replay"
             else None
@@ -93,6 +93,7 @@ class Proxy:
             failover=failover,
         )
         self._observability(config, access_stream)
+        self.managed = ManagedBackends(config.backends, self.backends, metrics=self.metrics)
         self._server: asyncio.Server | None = None
         self._plane: DataPlane | None = None
         self._sweeper: asyncio.Task[None] | None = None

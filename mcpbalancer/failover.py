@@ -24,6 +24,7 @@ import aiohttp
 from mcpbalancer import protocol
 from mcpbalancer.backends import Backend
 from mcpbalancer.errors import NoBackendAvailable, SessionNotFound
+from mcpbalancer.metrics import Metrics
 
 if TYPE_CHECKING:
     from mcpbalancer.routing import RequestFacts, Router
@@ -40,7 +41,15 @@ class _ReplayFailed(Exception):
 
 
 class Failover:
-    def __init__(self, *, max_records: int, connect_timeout: float, response_timeout: float) -> None:
+    def __init__(
+        self,
+        *,
+        max_records: int,
+        connect_timeout: float,
+        response_timeout: float,
+        metrics: Metrics | None = None,
+    ) -> None:
+        self._metrics = metrics
         self._records: collections.OrderedDict[str, tuple[bytes, bytes]] = collections.OrderedDict()
         self._aliases: dict[str, bytes] = {}  # client's session id -> the backend's
         self._inflight: dict[str, asyncio.Future[Backend]] = {}
@@ -98,6 +107,8 @@ class Failover:
             except NoBackendAvailable:
                 log.warning("replay failover: no live backend for a session; it ends")
                 router.session_lost(sid, gone)
+                if self._metrics is not None:
+                    self._metrics.session_failover("failed")
                 raise SessionNotFound() from None
             tried.add(backend.name)
             try:
@@ -112,6 +123,8 @@ class Failover:
                 self._aliases[sid] = new_sid
             await router.rebind(sid, backend, gone)
             self.replays += 1
+            if self._metrics is not None:
+                self._metrics.session_failover("moved")
             log.info("replay failover: session moved from %s to %s", gone.name if gone else "?", backend.name)
             return backend
 

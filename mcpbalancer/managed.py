@@ -36,6 +36,7 @@ from typing import Final
 from mcpbalancer.backends import OWNER_SEP, Backend, BackendSet
 from mcpbalancer.config import BackendConfig
 from mcpbalancer.errors import BackendStartError
+from mcpbalancer.metrics import Metrics
 
 log = logging.getLogger(__name__)
 
@@ -118,8 +119,17 @@ def _signal_group(pid: int, sig: int) -> None:
 class ManagedInstance:
     """One child process behind one Backend, started again whenever it exits."""
 
-    def __init__(self, backend: Backend, template: str, *, start_timeout: float, stop_timeout: float) -> None:
+    def __init__(
+        self,
+        backend: Backend,
+        template: str,
+        *,
+        start_timeout: float,
+        stop_timeout: float,
+        metrics: Metrics | None = None,
+    ) -> None:
         self.backend = backend
+        self.metrics = metrics
         self.template = template
         self.start_timeout = start_timeout
         self.stop_timeout = stop_timeout
@@ -284,6 +294,8 @@ class ManagedInstance:
             assert self.process is not None
             status = await self.process.wait()
             pid, lost = self.pid, self._gone()
+            if self.metrics is not None:
+                self.metrics.managed_exit(self.backend.name)
             await self._kill()  # also lets the readers take the child's last words
             tail = "".join(f"\n  {line}" for line in list(self._output)[-5:])
             log.warning(
@@ -328,13 +340,18 @@ class ManagedBackends:
         *,
         start_timeout: float = START_TIMEOUT,
         stop_timeout: float = STOP_TIMEOUT,
+        metrics: Metrics | None = None,
     ) -> None:
         self.instances: list[ManagedInstance] = []
         for config in configs:
             backend = backends.get(config.name)
             if config.command is not None and backend is not None:
                 instance = ManagedInstance(
-                    backend, config.command, start_timeout=start_timeout, stop_timeout=stop_timeout
+                    backend,
+                    config.command,
+                    start_timeout=start_timeout,
+                    stop_timeout=stop_timeout,
+                    metrics=metrics,
                 )
                 self.instances.append(instance)
 

@@ -69,6 +69,12 @@ async def test_replay_keeps_the_mcp_client_session_when_its_owner_is_killed(
         assert text_of(await client.call_tool("whoami")) == other.name
         assert text_of(await client.call_tool("count")) == "2"
         assert failover.replays == 1
+        assert (
+            proxy.metrics.registry.get_sample_value(
+                "mcpbalancer_session_failovers_total", {"result": "moved"}
+            )
+            == 1
+        )
         # The client initialized once, and only ever saw its own session id.
         assert sum("mcp-session-id" not in h for h in wire.requests) == 1
         ids = {h["mcp-session-id"] for status, h in wire.responses if "mcp-session-id" in h}
@@ -142,3 +148,8 @@ async def test_replay_with_no_backend_left_is_404(
     answer = await call_tool(web, url, sid, "count")
     assert answer.status == 404
     assert answer.json()["error"]["message"] == "Session not found"
+    samples = {
+        r: proxy.metrics.registry.get_sample_value("mcpbalancer_session_failovers_total", {"result": r})
+        for r in ("moved", "failed")
+    }
+    assert samples == {"moved": 0, "failed": 1}

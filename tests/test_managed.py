@@ -144,6 +144,11 @@ async def test_killed_instance_is_restarted_and_its_sessions_answer_404(
         return doomed.restarts == 1 and doomed.backend.up
 
     await wait_until(restarted, "the killed instance to be serving again", RESTART_DEADLINE)
+    exits = {
+        name: proxy.metrics.registry.get_sample_value("mcpbalancer_managed_exits_total", {"backend": name})
+        for name in ("m-1", "m-2")
+    }
+    assert exits == {"m-1": 1, "m-2": None}
     assert doomed.pid != old_pid
     assert not alive(old_pid)
     assert doomed.backend.owner_id != old_owner
