@@ -148,13 +148,17 @@ class Proxy:
             access_log=self.access_log,
             local=self._local,
         )
-        self._server = await loop.create_server(
-            self._plane.protocol_factory,
-            self.config.listen_host,
-            self.config.listen_port,
-            reuse_address=True,
-            backlog=1024,
-        )
+        try:
+            self._server = await loop.create_server(
+                self._plane.protocol_factory,
+                self.config.listen_host,
+                self.config.listen_port,
+                reuse_address=True,
+                backlog=1024,
+            )
+        except BaseException:
+            await self.managed.stop()  # cannot listen: the children started for nothing
+            raise
         if self.control is not None:
             await self.control.start()
         if hasattr(self.store, "sweep"):

@@ -10,6 +10,7 @@ import contextlib
 import logging
 import os
 import signal
+import socket
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -354,3 +355,20 @@ async def test_replay_failover_keeps_a_session_of_a_killed_instance(
     assert (await call_tool(web, url, session_id, "count")).text == "2"
     assert proxy.router.failover is not None
     assert proxy.router.failover.replays == 1
+
+
+async def test_listen_failure_stops_the_started_children() -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        data = {
+            "listen": f"127.0.0.1:{port}",
+            "backends": [{"name": "m", "command": EXAMPLE + " --port {port}"}],
+        }
+        proxy = Proxy(parse_config(data, source="<test>"))
+        with pytest.raises(OSError, match="in use"):
+            await proxy.start()
+    [pid] = proxy.managed.pids()
+    assert not alive(pid)
+    await proxy.stop()  # still safe to call
