@@ -18,15 +18,17 @@ from prometheus_client import CollectorRegistry
 
 from mcpbalancer.affinity import Affinity
 from mcpbalancer.balancer import make_strategy
-from mcpbalancer.config import Config, load_config
+from mcpbalancer.config import BackendConfig, Config, load_config
 from mcpbalancer.control.admin import AdminApi
 from mcpbalancer.control.probes import Readiness, local_endpoints
 from mcpbalancer.control.server import ControlServer
 from mcpbalancer.dataplane.client import DataPlane
-from mcpbalancer.errors import ConfigError
+from mcpbalancer.errors import BackendStartError, ConfigError
+from mcpbalancer.failover import Failover
 from mcpbalancer.health import HealthChecker, HttpProbe
 from mcpbalancer.lifecycle import Changes, Fleet
 from mcpbalancer.logs import AccessLog, access_enabled
+from mcpbalancer.managed import ManagedBackends
 from mcpbalancer.metrics import Metrics
 from mcpbalancer.routing import Router
 from mcpbalancer.rules import compile_rules
@@ -75,6 +77,16 @@ class Proxy:
             session_ttl=config.session_ttl,
             metrics=self.metrics,
         )
+        failover = (
+            Failover(
+                max_records=config.local_cache_size,
+                connect_timeout=config.timeouts.connect,
+                response_timeout=config.timeouts.response_headers,
+                metrics=self.metrics,
+            )
+            if config.failover == "replay"
+            else None
+        )
         self.router = Router(
             self.backends,
             make_strategy(config.balance),
@@ -85,11 +97,13 @@ class Proxy:
             affinity=Affinity(config.affinity),
             validate_headers=config.validate_headers,
             shared_affinity=_shared_affinity(config),
+            failover=failover,
         )
         self.health = HealthChecker(config.health, self.fleet.set_status, self._probe, metrics=self.metrics)
         self._observability(config, access_stream)
         if self.control is not None:
             AdminApi(self.fleet, self.health.last_check, self.reload).install(self.control.app)
+        self.managed = ManagedBackends(config.backends, self.backends, metrics=self.metrics)
         self._server: asyncio.Server | None = None
         self._plane: DataPlane | None = None
         self._sweeper: asyncio.Task[None] | None = None
@@ -112,11 +126,12 @@ class Proxy:
         for f in dataclasses.fields(Config):
             if f.name not in RELOADABLE and getattr(new, f.name) != getattr(self.config, f.name):
                 log.warning("reload: `%s` changed; it takes effect after a restart", f.name)
-        changes = self.fleet.apply(new.backends)
+        backends = self._keep_managed(new.backends)
+        changes = self.fleet.apply(backends)
         self.health.reconfigure(new.health)
         self.health.forget(b.name for b in self.backends)
         self.config = dataclasses.replace(
-            self.config, backends=new.backends, health=new.health, shutdown_timeout=new.shutdown_timeout
+            self.config, backends=backends, health=new.health, shutdown_timeout=new.shutdown_timeout
         )
         log.info(
             "reloaded %s: added %s, removed %s, updated %s",
@@ -126,6 +141,14 @@ class Proxy:
             changes.updated or "none",
         )
         return changes
+
+    def _keep_managed(self, new: tuple[BackendConfig, ...]) -> tuple[BackendConfig, ...]:
+        """Managed (`command`) backends are started and stopped with the process: a reload applies
+        the file's `url` backends and keeps the managed ones as they run."""
+        running = tuple(b for b in self.config.backends if b.command is not None)
+        if tuple(b for b in new if b.command is not None) != running:
+            log.warning("reload: managed (`command`) backends change only on restart; kept as running")
+        return tuple(b for b in new if b.command is None) + running
 
     def _observability(self, config: Config, access_stream: TextIO | None) -> None:
         self.readiness = Readiness(lambda: self.router.backends, self.store.ping)
@@ -157,6 +180,13 @@ class Proxy:
         return f"http://{host}:{self.port}"
 
     async def start(self) -> None:
+        """Start the managed backends (BackendStartError if one fails), then serve."""
+        if self.managed:
+            try:
+                await self.managed.start()
+            except BackendStartError:
+                await self.store.close()
+                raise
         loop = asyncio.get_running_loop()
         self._plane = DataPlane(
             self.router,
@@ -172,13 +202,17 @@ class Proxy:
         self._plane.on_backend_failure = self.health.passive
         self.fleet.on_evict = self._plane.abort_streams
         self.fleet.start()
-        self._server = await loop.create_server(
-            self._plane.protocol_factory,
-            self.config.listen_host,
-            self.config.listen_port,
-            reuse_address=True,
-            backlog=1024,
-        )
+        try:
+            self._server = await loop.create_server(
+                self._plane.protocol_factory,
+                self.config.listen_host,
+                self.config.listen_port,
+                reuse_address=True,
+                backlog=1024,
+            )
+        except BaseException:
+            await self.managed.stop()  # cannot listen: the children started for nothing
+            raise
         if self.control is not None:
             await self.control.start()
         if hasattr(self.store, "sweep"):
@@ -213,6 +247,8 @@ class Proxy:
                     await self._wait_quiet(plane)
             plane.abort_all()
         self.fleet.close()
+        # After the in-flight exchanges: a tool call running on a managed backend may finish.
+        await self.managed.stop()
         for task in (self._sweeper, self._checker):
             if task is not None:
                 task.cancel()

@@ -8,10 +8,15 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
+from typing import Final
 
 from mcpbalancer.protocol import Era
 
 BOTH_ERAS = frozenset(Era)
+
+# Separates a backend's name from an incarnation token in the owner id stored with each session.
+# Backend names cannot contain it (see config), so a name-only owner id never does.
+OWNER_SEP: Final = "~"
 
 
 @dataclass(eq=False)
@@ -29,8 +34,13 @@ class Backend:
     sessions: int = 0
     in_flight: int = 0
     host_header: bytes = field(init=False)
+    # What the session store records as a session's owner: the name, or for a managed backend
+    # `<name>~<token>` with a token new for every process, so a restarted process never inherits
+    # the sessions of the one before it (see managed.py).
+    owner_id: str = field(init=False)
 
     def __post_init__(self) -> None:
+        self.owner_id = self.name
         self.set_address(self.host, self.port, self.tls)
 
     def set_address(self, host: str, port: int, tls: bool) -> None:
@@ -40,6 +50,10 @@ class Backend:
         if ":" in self.host and not self.host.startswith("["):
             authority = f"[{self.host}]" if self.port == default_port else f"[{self.host}]:{self.port}"
         self.host_header = authority.encode("ascii")
+
+    def relocate(self, port: int) -> None:
+        """The backend now listens on `port` (a managed backend's new process)."""
+        self.set_address(self.host, port, self.tls)
 
     @property
     def available(self) -> bool:
@@ -73,6 +87,11 @@ class BackendSet:
 
     def get(self, name: str) -> Backend | None:
         return self._by_name.get(name)
+
+    def owner(self, owner_id: str) -> Backend | None:
+        """The backend whose current owner id is `owner_id`: None once that process is gone."""
+        backend = self._by_name.get(owner_id.partition(OWNER_SEP)[0])
+        return backend if backend is not None and backend.owner_id == owner_id else None
 
     def available(self) -> list[Backend]:
         return [b for b in self._ordered if b.available]

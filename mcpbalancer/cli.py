@@ -14,7 +14,7 @@ from typing import Any
 from mcpbalancer import __version__
 from mcpbalancer.app import Proxy
 from mcpbalancer.config import LOG_LEVELS, Config, load_config
-from mcpbalancer.errors import ConfigError
+from mcpbalancer.errors import BackendStartError, ConfigError
 from mcpbalancer.logs import configure_logging
 
 log = logging.getLogger("mcpbalancer")
@@ -63,7 +63,11 @@ def _run(main: Coroutine[Any, Any, int]) -> int:
 
 async def serve(config: Config) -> int:
     proxy = Proxy(config)
-    await proxy.start()
+    try:
+        await proxy.start()
+    except BackendStartError as exc:
+        print(f"mcpbalancer: {exc}", file=sys.stderr)
+        return 1
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

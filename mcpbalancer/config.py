@@ -15,6 +15,7 @@ import ipaddress
 import math
 import os
 import re
+import shlex
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field, fields
 from http import HTTPStatus
@@ -26,6 +27,7 @@ import yaml
 from mcpbalancer.errors import ConfigError
 
 BALANCE_STRATEGIES: Final = ("least_sessions", "p2c", "round_robin")
+FAILOVER_MODES: Final = ("reinitialize", "replay")
 DEFAULT_STORE_PREFIX: Final = "mcpb:"
 DEFAULT_LOCAL_CACHE_SIZE: Final = 100_000
 DEFAULT_SHUTDOWN_TIMEOUT: Final = 10.0
@@ -61,6 +63,9 @@ class BackendConfig:
     drain: bool = False
     drain_timeout: float = 0.0  # seconds after the drain starts; 0 = wait for the sessions forever
     eras: tuple[str, ...] = ERAS  # the MCP protocol eras this backend serves
+    # A managed backend (`command` in YAML): the proxy runs this command line; host and port are
+    # known once the process is up (port 0 here). None for a backend given by `url`.
+    command: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -145,6 +150,7 @@ class Config:
     routes: tuple[RouteConfig, ...] = ()
     affinity: AffinityConfig = AffinityConfig()
     validate_headers: bool = False
+    failover: str = "reinitialize"  # or "replay": re-run a lost session's initialize elsewhere
 
 
 _TOP_KEYS: Final = (
@@ -167,12 +173,15 @@ _TOP_KEYS: Final = (
     "routes",
     "affinity",
     "validate_headers",
+    "failover",
 )
-_BACKEND_KEYS: Final = ("name", "url", "weight", "drain", "drain_timeout", "eras")
+_BACKEND_KEYS: Final = ("name", "url", "weight", "drain", "drain_timeout", "eras", "command", "replicas")
 _ROUTE_KEYS: Final = ("match", "pool", "deny")
 _MATCH_KEYS: Final = ("method", "name", "param")
 # Mcp-Param-<Name>: the name part is an HTTP token without the characters headers may not carry.
 _PARAM_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}", re.ASCII)
+MANAGED_HOST: Final = "127.0.0.1"
+MAX_REPLICAS: Final = 64
 
 
 class _Required:
@@ -255,30 +264,45 @@ def _config(top: _Section, source: str) -> Config:
         routes=_routes(top, pools),
         affinity=_affinity(top.section("affinity", _field_names(AffinityConfig))),
         validate_headers=top.boolean("validate_headers", False),
+        failover=top.choice("failover", FAILOVER_MODES, "reinitialize"),
     )
 
 
 def _backends(top: _Section) -> tuple[BackendConfig, ...]:
     entries = top.section_list("backends", _BACKEND_KEYS)
-    backends = tuple(_backend(entry) for entry in entries)
+    backends: list[BackendConfig] = []
     first_seen: dict[str, str] = {}
-    for entry, backend in zip(entries, backends, strict=True):
-        if backend.name in first_seen:
-            # Names are session owners in the store; two backends with one name would share sessions.
-            raise entry.invalid("name", f"duplicate name {backend.name!r} (also {first_seen[backend.name]})")
-        first_seen[backend.name] = entry.at("name")
-    return backends
+    for entry in entries:
+        for backend in _backend(entry):
+            if backend.name in first_seen:
+                # Names are session owners in the store; two backends with one name would share sessions.
+                also = first_seen[backend.name]
+                raise entry.invalid("name", f"duplicate name {backend.name!r} (also {also})")
+            first_seen[backend.name] = entry.at("name")
+            backends.append(backend)
+    return tuple(backends)
 
 
-def _backend(entry: _Section) -> BackendConfig:
+def _backend(entry: _Section) -> list[BackendConfig]:
     name = entry.string("name", pattern=_BACKEND_NAME, rule=_BACKEND_NAME_RULE)
+    weight = entry.integer("weight", 1, ge=1, le=1000)
+    if entry.has("command"):
+        return _managed(entry, name, weight)
+    if entry.has("replicas"):
+        raise entry.invalid("replicas", "is only allowed with `command` (a managed backend), not with `url`")
+    if not entry.has("url"):
+        raise entry.invalid("url", "is required (or `command` for a backend the proxy runs itself)")
     url = entry.string("url")
     scheme, host, port, path_prefix = entry.parsed("url", _split_backend_url)
-    weight = entry.integer("weight", 1, ge=1, le=1000)
+    return [BackendConfig(name, url, scheme, host, port, path_prefix, *_placement(entry, weight))]
+
+
+def _placement(entry: _Section, weight: int) -> tuple[int, bool, float, tuple[str, ...]]:
+    """What url and command backends share: weight, drain, drain_timeout, eras."""
     drain = entry.boolean("drain", False)
     drain_timeout = entry.number("drain_timeout", 0.0, ge=0)
     eras = entry.read("eras", _as_eras, list(ERAS))
-    return BackendConfig(name, url, scheme, host, port, path_prefix, weight, drain, drain_timeout, eras)
+    return weight, drain, drain_timeout, eras
 
 
 def _pools(top: _Section, backends: Collection[str]) -> dict[str, tuple[str, ...]]:
@@ -337,6 +361,21 @@ def _affinity(section: _Section) -> AffinityConfig:
         task_ttl=section.number("task_ttl", default.task_ttl, gt=0),
         request_state_ttl=section.number("request_state_ttl", default.request_state_ttl, gt=0),
     )
+
+
+def _managed(entry: _Section, name: str, weight: int) -> list[BackendConfig]:
+    """`replicas` backends named `<name>-1` ... `<name>-N`, each running `command`."""
+    if entry.has("url"):
+        raise entry.invalid("url", "give either `url` or `command`, not both")
+    command = entry.parsed("command", _check_command)
+    replicas = entry.integer("replicas", 1, ge=1, le=MAX_REPLICAS)
+    names = [f"{name}-{i}" for i in range(1, replicas + 1)]
+    if not _BACKEND_NAME.fullmatch(names[-1]):
+        raise entry.invalid(
+            "name", f"with the replica suffix must be {_BACKEND_NAME_RULE}, got {names[-1]!r}"
+        )
+    placement = _placement(entry, weight)
+    return [BackendConfig(n, "", "http", MANAGED_HOST, 0, "", *placement, command) for n in names]
 
 
 def _timeouts(section: _Section, heartbeat: float) -> TimeoutsConfig:
@@ -622,6 +661,37 @@ def _split_backend_url(value: str) -> tuple[str, str, int, str]:
         raise ValueError(f"port must be 1-65535, got {value!r}")
     port = parts.port or (443 if parts.scheme == "https" else 80)
     return parts.scheme, parts.hostname, port, parts.path.rstrip("/")
+
+
+def _check_command(value: str) -> str:
+    try:
+        words = shlex.split(value)
+    except ValueError as exc:
+        raise ValueError(f"cannot be split into words ({exc}): {value!r}") from None
+    if not words:
+        raise ValueError("must name a program")
+    try:
+        for word in words:
+            word.format_map(_CommandCheck())
+    except (ValueError, KeyError, IndexError, AttributeError) as exc:
+        problem = f"unknown placeholder {{{exc.args[0]}}}" if isinstance(exc, KeyError) else str(exc)
+        raise ValueError(
+            f"{problem}; placeholders: {', '.join('{' + p + '}' for p in PLACEHOLDERS)} "
+            "(double a brace for a literal one)"
+        ) from None
+    return value
+
+
+PLACEHOLDERS: Final = ("port", "host", "name", "python")
+
+
+class _CommandCheck(dict[str, str]):
+    """format_map mapping that accepts exactly the command placeholders."""
+
+    def __missing__(self, key: str) -> str:
+        if key in PLACEHOLDERS:
+            return ""
+        raise KeyError(key)
 
 
 def _check_metrics_path(value: str) -> str:

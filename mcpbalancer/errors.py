@@ -3,6 +3,7 @@
     MCPBalancerError
      ├── ConfigError                  bad YAML: names the file and the key path
      ├── StoreError                   the session store could not answer (Redis down, timeout)
+     ├── BackendStartError            a managed backend's process did not start or answer
      └── ProxyError                   an answer the proxy itself gives a client
           ├── BadRequest              400: malformed framing, session id, header encoding
           │    └── HeaderMismatch     400: Mcp-Method/Mcp-Name disagree with the body (-32020)
@@ -38,6 +39,10 @@ class ConfigError(MCPBalancerError):
 
 class StoreError(MCPBalancerError):
     """The session store failed to answer."""
+
+
+class BackendStartError(MCPBalancerError):
+    """A managed backend's process could not be started, or died or stayed silent before serving."""
 
 
 class ProxyError(MCPBalancerError):

@@ -40,6 +40,7 @@ def _backend(config: BackendConfig) -> Backend:
         tls=config.scheme == "https",
         path_prefix=config.path_prefix.encode("ascii"),
         eras=frozenset(Era(era) for era in config.eras),
+        up=config.command is None,  # a managed backend is up once its process serves
     )
 
 
@@ -141,7 +142,8 @@ class Fleet:
                     old.close()
                 self.pools[backend.name] = self._pool(backend)
                 changes.added.append(backend.name)
-            elif self._update(backend, config):
+            elif config.command is None and self._update(backend, config):
+                # (A managed backend's address is its process's; managed.py moves it.)
                 changes.updated.append(backend.name)
             if config.drain and backend.draining:
                 if self._drain_timeouts.get(backend.name) != config.drain_timeout and not backend.evicted:

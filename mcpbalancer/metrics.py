@@ -51,6 +51,7 @@ STREAM_BUCKETS: Final = (0.1, 1, 5, 15, 60, 300, 900, 1800, 3600, 3 * 3600, 8 * 
 STORE_BUCKETS: Final = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1)
 
 SESSION_END_REASONS: Final = ("delete", "expired", "backend_lost", "backend_404")
+FAILOVER_RESULTS: Final = ("moved", "failed")
 LOOKUP_RESULTS: Final = ("cache_hit", "store_hit", "miss")
 UPSTREAM_ERROR_KINDS: Final = ("connect", "reset", "timeout")
 AFFINITY_KINDS: Final = ("tasks", "request_state")
@@ -275,6 +276,18 @@ class Metrics:
         self.sessions_ended = _Counter(
             r, "mcpbalancer_sessions_ended_total", "Sessions forgotten, by reason.", ("reason",)
         )
+        self.session_failovers = _Counter(
+            r,
+            "mcpbalancer_session_failovers_total",
+            "Replay failovers of sessions whose owner was gone: moved to a live backend, or failed (404).",
+            ("result",),
+        )
+        self.managed_exits = _Counter(
+            r,
+            "mcpbalancer_managed_exits_total",
+            "Managed backend processes that exited after they had started (each is started again).",
+            ("backend",),
+        )
         self.session_lookups = _Counter(
             r,
             "mcpbalancer_session_lookups_total",
@@ -344,6 +357,7 @@ class Metrics:
         self.disconnects = self.client_disconnects.labels()
         self._stream_durations = self.sse_stream_duration.labels()
         self._ended = {reason: self.sessions_ended.labels(reason) for reason in SESSION_END_REASONS}
+        self._failovers = {result: self.session_failovers.labels(result) for result in FAILOVER_RESULTS}
         self._responses: dict[_ResponseKey, tuple[Value, Observations | None]] = {}
         self._mcp: dict[tuple[Era, bytes], Value] = {}
         self._mcp_other = {era: self.mcp_requests.labels(era.value, OTHER) for era in Era}
@@ -414,6 +428,13 @@ class Metrics:
     def session_ended(self, reason: str) -> None:
         """`reason` is one of SESSION_END_REASONS."""
         self._ended[reason].value += 1
+
+    def session_failover(self, result: str) -> None:
+        """`result` is one of FAILOVER_RESULTS."""
+        self._failovers[result].value += 1
+
+    def managed_exit(self, backend: str) -> None:
+        self.managed_exits.labels(backend).value += 1
 
     def upstream_error(self, backend: str, kind: str) -> None:
         """`kind` is one of UPSTREAM_ERROR_KINDS."""

@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Collection, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry
@@ -38,6 +38,7 @@ from mcpbalancer.rules import RuleSet, decoded, header_lookup
 from mcpbalancer.store import UNKNOWN, SessionStore
 
 if TYPE_CHECKING:
+    from mcpbalancer.failover import Failover
     from mcpbalancer.store.shared import SharedAffinity
 
 log = logging.getLogger(__name__)
@@ -57,6 +58,8 @@ class RequestFacts:
     pool: frozenset[str] | None = None  # the backends a matching rule allows
     state_key: str | None = None  # digest of the requestState an MRTR retry carries
     watch: bool = False  # the response may create a task or a request state: learn from it
+    # Only what replay failover needs to re-run `notifications/initialized`; not a routing fact.
+    protocol_version: bytes | None = field(default=None, compare=False)
 
 
 def classify(
@@ -75,7 +78,7 @@ def classify(
         return RequestFacts(method, era, None)
     if not protocol.valid_session_id(session_id):
         raise BadRequest("Bad Request: invalid Mcp-Session-Id header")
-    return RequestFacts(method, era, session_id.decode("ascii"))
+    return RequestFacts(method, era, session_id.decode("ascii"), protocol_version=protocol_version)
 
 
 class Router:
@@ -91,8 +94,10 @@ class Router:
         affinity: Affinity | None = None,
         validate_headers: bool = False,
         shared_affinity: SharedAffinity | None = None,
+        failover: Failover | None = None,
     ) -> None:
         self.backends = backends
+        self.failover = failover  # `failover: replay`; None for `reinitialize`
         self._metrics = metrics or Metrics(CollectorRegistry())
         self._rules = rules if rules else None
         self._rule_hits = [self._metrics.rule_hits(rule.label) for rule in rules.rules] if rules else []
@@ -120,10 +125,10 @@ class Router:
             return self.pick(facts)
         owner = self._store.peek(sid)
         if owner is UNKNOWN:
-            return self._lookup(sid)
+            return self._lookup(facts)
         # A local answer, the memory store's included, is a cache hit.
         (self._metrics.lookup_miss if owner is None else self._metrics.lookup_cache_hit).value += 1
-        return self._owner_backend(sid, owner)
+        return self._owner_backend(facts, owner)
 
     def pick(self, facts: RequestFacts, exclude: Collection[str] = ()) -> Backend:
         """A backend for a new session or a stateless request, skipping names in `exclude`: one that
@@ -214,21 +219,29 @@ class Router:
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
-    async def _lookup(self, sid: str) -> Backend:
+    async def _lookup(self, facts: RequestFacts) -> Backend:
+        sid = facts.session_id
+        assert sid is not None
         try:
             owner = await self._store.get(sid)
         except StoreError as exc:
             log.warning("session store lookup failed: %s", exc)
             raise NoBackendAvailable("Session store unavailable") from exc
         (self._metrics.lookup_miss if owner is None else self._metrics.lookup_store_hit).value += 1
-        return self._owner_backend(sid, owner)
+        backend = self._owner_backend(facts, owner)
+        return backend if isinstance(backend, Backend) else await backend
 
-    def _owner_backend(self, sid: str, owner: str | None) -> Backend:
+    def _owner_backend(self, facts: RequestFacts, owner: str | None) -> Backend | Awaitable[Backend]:
+        sid = facts.session_id
+        assert sid is not None
         if owner is None:
             raise SessionNotFound()
-        backend = self.backends.get(owner)
+        backend = self.backends.owner(owner)
+        if backend is None and self.failover is not None and self.failover.can_replay(sid):
+            return self.failover.replay(self, facts, None)
         if backend is None:
-            # The mapping names a backend no longer configured: its sessions are gone.
+            # The mapping names a backend no longer configured, or a managed backend's process that
+            # has since been replaced: its sessions are gone.
             self._forget(sid, None, "backend_lost")
             raise SessionNotFound()
         if backend.evicted:
@@ -264,17 +277,32 @@ class Router:
             self._forget(facts.session_id, backend, "backend_lost")
         return SessionNotFound()
 
+    def session_lost(self, sid: str, backend: Backend | None) -> None:
+        """A session that could not be moved elsewhere ends."""
+        self._forget(sid, backend, "backend_lost")
+
+    async def rebind(self, sid: str, backend: Backend, gone: Backend | None) -> None:
+        """Replay failover moved `sid` to `backend`: record the new owner (over the old one)."""
+        try:
+            await self._store.delete(sid)
+            await self._store.bind(sid, backend.owner_id, self._ttl)
+        except StoreError as exc:
+            log.warning("could not store a moved session: %s", exc)
+        if gone is not None and gone.sessions > 0:
+            gone.sessions -= 1
+        backend.sessions += 1
+
     async def _bind(self, raw_sid: bytes, backend: Backend) -> None:
         if not protocol.valid_session_id(raw_sid):
             log.warning("backend %s issued a malformed Mcp-Session-Id; not bound", backend.name)
             return
         sid = raw_sid.decode("ascii")
         try:
-            owner = await self._store.bind(sid, backend.name, self._ttl)
+            owner = await self._store.bind(sid, backend.owner_id, self._ttl)
         except StoreError as exc:
             log.warning("could not store session of backend %s: %s", backend.name, exc)
             return
-        if owner == backend.name:
+        if owner == backend.owner_id:
             backend.sessions += 1
             self._metrics.session_created(backend.name)
         else:
@@ -285,6 +313,8 @@ class Router:
         # the store still has it until the delete below has run.
         if sid in self._forgetting:
             return
+        if self.failover is not None:
+            self.failover.discard(sid)
         self._metrics.session_ended(reason)
         if backend is not None and backend.sessions > 0 and self._store.peek(sid) is not None:
             backend.sessions -= 1
@@ -304,11 +334,15 @@ class Router:
     def session_expired(self, sid: str, owner: str) -> None:
         """Store callback: an entry expired; keep the backend's session count honest."""
         self._metrics.session_ended("expired")
-        backend = self.backends.get(owner)
+        if self.failover is not None:
+            self.failover.discard(sid)
+        backend = self.backends.owner(owner)
         if backend is not None and backend.sessions > 0:
             backend.sessions -= 1
 
     async def close(self) -> None:
+        if self.failover is not None:
+            await self.failover.close()
         if self._background:
             await asyncio.gather(*self._background, return_exceptions=True)
         if self._shared is not None:

@@ -399,7 +399,7 @@ def test_unknown_key_lists_every_allowed_key() -> None:
     text = config_error(minimal(Listen="x"))
     assert text.endswith(
         "heartbeat, backends, timeouts, limits, admin, metrics, log, health, shutdown_timeout, "
-        "pools, routes, affinity, validate_headers"
+        "pools, routes, affinity, validate_headers, failover"
     )
 
 
@@ -460,3 +460,93 @@ def test_yaml_tags_are_refused(tmp_path: Path) -> None:
     path = write(tmp_path, "backends: !!python/object/apply:os.getcwd []\n")
     with pytest.raises(ConfigError, match=r"cfg\.yaml: .*invalid YAML"):
         load_config(path)
+
+
+# --- managed backends (`command`) -----------------------------------------------------------------
+
+
+def managed(name: str = "m", command: str = "python server.py --port {port}", **extra: Any) -> dict[str, Any]:
+    return {"name": name, "command": command, **extra}
+
+
+def test_managed_backend_expands_to_named_replicas() -> None:
+    config = parse_config({"backends": [backend("a"), managed(replicas=3, weight=2)]})
+    assert [b.name for b in config.backends] == ["a", "m-1", "m-2", "m-3"]
+    first, *replicas = config.backends
+    assert first.command is None
+    for b in replicas:
+        assert (b.command, b.url, b.host, b.port, b.weight) == (
+            "python server.py --port {port}",
+            "",
+            "127.0.0.1",
+            0,
+            2,
+        )
+
+
+def test_managed_backend_without_replicas_is_one_suffixed_instance() -> None:
+    config = parse_config({"backends": [managed("solo", "srv")]})
+    assert [b.name for b in config.backends] == ["solo-1"]
+
+
+def test_demo_file_parses() -> None:
+    config = load_config(EXAMPLE.parent / "demo.yaml")
+    assert [b.name for b in config.backends] == ["demo-1", "demo-2", "demo-3"]
+    assert all(b.command is not None and "{port}" in b.command for b in config.backends)
+    assert config.store == "memory"
+
+
+MANAGED_ERRORS = [
+    pytest.param(
+        [managed(url="http://127.0.0.1:1")],
+        "backends[0].url: give either `url` or `command`",
+        id="url-and-command",
+    ),
+    pytest.param([{"name": "m"}], "backends[0].url: is required (or `command`", id="neither"),
+    pytest.param(
+        [backend(replicas=2)], "backends[0].replicas: is only allowed with `command`", id="replicas-with-url"
+    ),
+    pytest.param([managed(replicas=0)], "backends[0].replicas: must be >= 1, got 0", id="replicas-0"),
+    pytest.param([managed(replicas=65)], "backends[0].replicas: must be <= 64, got 65", id="replicas-65"),
+    pytest.param([managed(replicas="3")], "backends[0].replicas: must be an integer", id="replicas-str"),
+    pytest.param([managed(command="")], "backends[0].command: must not be empty", id="command-empty"),
+    pytest.param([managed(command="  ")], "backends[0].command: must name a program", id="command-blank"),
+    pytest.param([managed(command=["srv"])], "backends[0].command: must be a string", id="command-list"),
+    pytest.param(
+        [managed(command="srv 'unclosed")],
+        "backends[0].command: cannot be split into words",
+        id="command-quote",
+    ),
+    pytest.param(
+        [managed(command="srv --port {prot}")],
+        "backends[0].command: unknown placeholder {prot}; placeholders: {port}, {host}, {name}, {python}",
+        id="placeholder-typo",
+    ),
+    pytest.param([managed(command="srv {0}")], "backends[0].command: ", id="placeholder-positional"),
+    pytest.param(
+        [managed("a" * 63, replicas=2)],
+        "backends[0].name: with the replica suffix must be 1-64",
+        id="name-long",
+    ),
+    pytest.param(
+        [backend("m-2"), managed(replicas=2)],
+        "backends[1].name: duplicate name 'm-2' (also backends[0].name)",
+        id="replica-name-taken",
+    ),
+]
+
+
+@pytest.mark.parametrize(("backends", "message"), MANAGED_ERRORS)
+def test_invalid_managed_backend(backends: list[dict[str, Any]], message: str) -> None:
+    text = config_error({"backends": backends})
+    assert text.startswith(f"cfg.yaml: {message}"), text
+    assert "Traceback" not in text
+
+
+def test_failover_modes() -> None:
+    assert parse_config(minimal()).failover == "reinitialize"
+    assert parse_config(minimal(failover="replay")).failover == "replay"
+    assert parse_config(minimal(failover="reinitialize")).failover == "reinitialize"
+    assert config_error(minimal(failover="retry")).startswith(
+        "cfg.yaml: failover: must be one of reinitialize, replay; got 'retry'"
+    )

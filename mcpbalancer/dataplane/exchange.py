@@ -30,6 +30,7 @@ from mcpbalancer.errors import (
     ProxyError,
     render_error,
 )
+from mcpbalancer.failover import BODY_LIMIT as INITIALIZE_LIMIT
 from mcpbalancer.metrics import NO_BACKEND
 from mcpbalancer.routing import RequestFacts, classify
 
@@ -107,6 +108,17 @@ class Exchange:
         self._stream_at = 0.0
         self._awaiting_body = False  # routing waits for the whole request body (2026-07-28 only)
         self._sniffer: ResultSniffer | None = None  # reads a watched response for affinity
+        # Replay failover: the body of a legacy request without a session (an initialize, if it
+        # binds one), and the backend's own id for this request's session when it was moved.
+        self._capture: list[bytes] | None = None
+        self._alias: bytes | None = None
+        if (
+            plane.router.failover is not None
+            and head.session_id is None
+            and head.method == b"POST"
+            and protocol.era_of(head.protocol_version) is protocol.Era.LEGACY
+        ):
+            self._capture = []
 
     @property
     def streaming(self) -> bool:
@@ -182,6 +194,11 @@ class Exchange:
         if self._body_bytes > self.plane.limits.body_bytes:
             self._too_large()
             return
+        if self._capture is not None:
+            if self._body_bytes > INITIALIZE_LIMIT:
+                self._capture = None
+            else:
+                self._capture.append(data)
         if self.upstream is None:
             self._body.append(data)
             if self._body_bytes > REPLAY_LIMIT and not self._awaiting_body:
@@ -287,9 +304,12 @@ class Exchange:
         self.plane.metrics.upstream_error(backend.name, "timeout" if timed_out else "connect")
         self.plane.on_backend_failure(backend.name, "timeout" if timed_out else "refused")
         if self.facts.session_id is not None:
+            failover = self.plane.router.failover
             if timed_out:
                 # A backend slow to accept is not gone: keep its sessions.
                 self._answer_error(GatewayTimeout("Backend connect timeout"))
+            elif failover is not None and failover.can_replay(self.facts.session_id):
+                self._await(failover.replay(self.plane.router, self.facts, backend))
             else:
                 self._answer_error(self.plane.router.owner_gone(self.facts, backend))
             return
@@ -322,6 +342,12 @@ class Exchange:
         drop = _DROP_REQUEST | head.connection_tokens if head.connection_tokens else _DROP_REQUEST
         lines = [head.method, b" ", backend.path_prefix, head.target, b" HTTP/1.1\r\nHost: "]
         lines += (backend.host_header, b"\r\n")
+        failover = self.plane.router.failover
+        if failover is not None and self.facts is not None and self.facts.session_id is not None:
+            self._alias = failover.alias(self.facts.session_id)
+            if self._alias is not None:  # the session was moved: the backend knows it by its own id
+                drop = drop | {protocol.SESSION_ID}
+                lines += (b"Mcp-Session-Id: ", self._alias, b"\r\n")
         for lname, name, value in head.headers:
             if lname not in drop:
                 lines += (name, b": ", value, b"\r\n")
@@ -384,6 +410,9 @@ class Exchange:
         )
         if status >= 500:
             self.plane.on_backend_failure(self.backend.name, "5xx")
+        if self._alias is not None and head.session_id is not None:
+            client_sid = head.session_id
+            headers = [(n, client_sid if n.lower() == protocol.SESSION_ID else v) for n, v in headers]
         response_sid = None
         content_type = b""
         length: bytes | None = None
@@ -423,6 +452,11 @@ class Exchange:
         if self.facts.watch and 200 <= status < 300 and not self._no_body:
             self._sniffer = ResultSniffer(is_stream, _length(length) if coding is None else None)
         wait = self.plane.router.learn(self.facts, self.backend, status, response_sid)
+        if self._capture is not None and response_sid is not None and 200 <= status < 300:
+            failover = self.plane.router.failover
+            if failover is not None and self.request_complete:
+                failover.remember(response_sid, head.target, b"".join(self._capture))
+            self._capture = None
         if wait is None:
             self._write_head(out)
         else:

@@ -1,0 +1,155 @@
+"""Replay failover (issue 3, item 8): `failover: replay` keeps a client's session when its owner dies.
+
+Real FastMCP backends (killed with SIGKILL), the real mcp legacy client, and raw aiohttp where
+concurrency or headers must be controlled.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import aiohttp
+import pytest
+import redis.asyncio
+from mcp.shared.exceptions import MCPError
+
+from mcpbalancer.app import Proxy
+from mcpbalancer.store import UNKNOWN
+from tests.fixtures.backends import BackendFactory, BackendProcess
+from tests.fixtures.proxy import ProxyFactory
+from tests.mcp_helpers import (
+    DEADLINE,
+    call_tool,
+    from_backend,
+    mcp_url,
+    open_session,
+    recorded_client,
+    redis_keys,
+    store_spec,
+    text_of,
+    wait_until,
+)
+
+
+@pytest.fixture(params=["memory", "redis"])
+async def store(request: pytest.FixtureRequest) -> str:
+    return await store_spec(request)
+
+
+@pytest.fixture
+async def web() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=DEADLINE)) as session:
+        yield session
+
+
+def pair(backends: list[BackendProcess], name: str) -> tuple[BackendProcess, BackendProcess]:
+    """(the backend called `name`, the other one)."""
+    [doomed] = [b for b in backends if b.name == name]
+    [other] = [b for b in backends if b.name != name]
+    return doomed, other
+
+
+async def test_replay_keeps_the_mcp_client_session_when_its_owner_is_killed(
+    backend_factory: BackendFactory, make_proxy: ProxyFactory, store: str
+) -> None:
+    started = await asyncio.to_thread(backend_factory, ["r1", "r2"])
+    proxy = await make_proxy(started, failover="replay", store=store)
+    failover = proxy.router.failover
+    assert failover is not None
+    async with recorded_client(mcp_url(proxy)) as (client, wire):
+        first = text_of(await client.call_tool("whoami"))
+        assert [text_of(await client.call_tool("count")) for _ in range(2)] == ["1", "2"]
+        doomed, other = pair(started, first)
+
+        await doomed.akill()
+
+        # The same client object goes on: the proxy re-ran its initialize on the other backend.
+        assert text_of(await client.call_tool("count")) == "1"  # the old process's state is lost
+        assert text_of(await client.call_tool("whoami")) == other.name
+        assert text_of(await client.call_tool("count")) == "2"
+        assert failover.replays == 1
+        assert (
+            proxy.metrics.registry.get_sample_value(
+                "mcpbalancer_session_failovers_total", {"result": "moved"}
+            )
+            == 1
+        )
+        # The client initialized once, and only ever saw its own session id.
+        assert sum("mcp-session-id" not in h for h in wire.requests) == 1
+        ids = {h["mcp-session-id"] for status, h in wire.responses if "mcp-session-id" in h}
+        assert ids == {wire.session_id}
+        assert {h["mcp-session-id"] for h in wire.requests if "mcp-session-id" in h} == {wire.session_id}
+        sid = wire.session_id
+        assert failover.alias(sid) not in (None, sid.encode())
+        assert proxy.store.peek(sid) == other.name
+        if store != "memory":  # the shared store names the new owner too
+            assert await redis_keys(store) == [f"mcpb:s:{sid}"]
+            client = redis.asyncio.Redis.from_url(store, decode_responses=True)
+            try:
+                assert await client.get(f"mcpb:s:{sid}") == other.name
+            finally:
+                await client.aclose()
+    # Its DELETE reached the new owner under the new id (2xx), which ended the mapping.
+    await wait_until(lambda: _forgotten(proxy, sid), "the moved session's DELETE to end it")
+    assert failover.alias(sid) is None
+    assert not failover.can_replay(sid)
+
+
+async def _forgotten(proxy: Proxy, sid: str) -> bool:
+    owner = proxy.store.peek(sid)
+    return owner is None or (owner is UNKNOWN and await proxy.store.get(sid) is None)
+
+
+async def test_without_replay_the_same_scenario_gives_404(
+    backend_factory: BackendFactory, make_proxy: ProxyFactory
+) -> None:
+    started = await asyncio.to_thread(backend_factory, ["n1", "n2"])
+    proxy = await make_proxy(started)  # failover: reinitialize, the default
+    assert proxy.router.failover is None
+    async with recorded_client(mcp_url(proxy)) as (client, _):
+        first = text_of(await client.call_tool("whoami"))
+        assert text_of(await client.call_tool("count")) == "1"
+        doomed, _ = pair(started, first)
+        await doomed.akill()
+        with pytest.raises(MCPError) as raised:
+            await client.call_tool("count")
+        assert (raised.value.error.code, raised.value.error.message) == (-32600, "Session not found")
+
+
+async def test_concurrent_requests_of_a_moved_session_replay_once(
+    backend_factory: BackendFactory, make_proxy: ProxyFactory, web: aiohttp.ClientSession
+) -> None:
+    started = await asyncio.to_thread(backend_factory, ["c1", "c2"])
+    proxy = await make_proxy(started, failover="replay")
+    url = mcp_url(proxy)
+    sid = await open_session(web, url)
+    first = (await call_tool(web, url, sid, "whoami")).text
+    doomed, other = pair(started, first)
+    await doomed.akill()
+
+    answers = await asyncio.gather(*(call_tool(web, url, sid, "count") for _ in range(4)))
+    assert [a.status for a in answers] == [200] * 4
+    assert all(from_backend(a.headers) for a in answers)
+    assert sorted(a.text for a in answers) == ["1", "2", "3", "4"]  # one new session, shared
+    assert proxy.router.failover is not None
+    assert proxy.router.failover.replays == 1
+    assert (await call_tool(web, url, sid, "whoami")).text == other.name
+
+
+async def test_replay_with_no_backend_left_is_404(
+    backend_factory: BackendFactory, make_proxy: ProxyFactory, web: aiohttp.ClientSession
+) -> None:
+    [only] = await asyncio.to_thread(backend_factory, ["solo"])
+    proxy = await make_proxy([only], failover="replay")
+    url = mcp_url(proxy)
+    sid = await open_session(web, url)
+    await only.akill()
+    answer = await call_tool(web, url, sid, "count")
+    assert answer.status == 404
+    assert answer.json()["error"]["message"] == "Session not found"
+    samples = {
+        r: proxy.metrics.registry.get_sample_value("mcpbalancer_session_failovers_total", {"result": r})
+        for r in ("moved", "failed")
+    }
+    assert samples == {"moved": 0, "failed": 1}
