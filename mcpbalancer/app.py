@@ -120,6 +120,7 @@ class Proxy:
             metrics=self.metrics,
             access_log=self.access_log,
             local=self._local,
+            allowed_origins=self.config.allowed_origins,
         )
         self._server = await loop.create_server(
             self._plane.protocol_factory,

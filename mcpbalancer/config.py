@@ -68,6 +68,9 @@ class LimitsConfig:
     header_bytes: int = 65536
     header_count: int = 100
     body_bytes: int = 16 * 1024 * 1024
+    connections: int = 10_000  # open client connections; more are answered 503 and closed
+    head_timeout: float = 10.0  # seconds from a connection's (or a request's) first byte to its whole head
+    keepalive_timeout: float = 60.0  # seconds an idle keep-alive client connection is kept
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,6 +103,9 @@ class Config:
     admin: tuple[str, int] | None = None  # (host, port) of the control listener; None = off
     metrics: MetricsConfig = MetricsConfig()
     log: LogConfig = LogConfig()
+    # Exact origins ("https://app.example") allowed to call cross-origin, or "*"; empty = only
+    # requests without Origin or whose Origin names the request's Host.
+    allowed_origins: tuple[str, ...] = ()
 
 
 _TOP_KEYS: Final = (
@@ -116,6 +122,7 @@ _TOP_KEYS: Final = (
     "admin",
     "metrics",
     "log",
+    "allowed_origins",
 )
 _BACKEND_KEYS: Final = ("name", "url", "weight")
 
@@ -192,6 +199,7 @@ def _config(top: _Section, source: str) -> Config:
         admin=top.parsed("admin", _split_host_port) if top.has("admin") else None,
         metrics=_metrics(top.section("metrics", _field_names(MetricsConfig))),
         log=_log(top.section("log", _field_names(LogConfig))),
+        allowed_origins=top.read("allowed_origins", _as_origins, []),
     )
 
 
@@ -236,6 +244,9 @@ def _limits(section: _Section) -> LimitsConfig:
         header_bytes=section.integer("header_bytes", default.header_bytes, ge=1024),
         header_count=section.integer("header_count", default.header_count, ge=8),
         body_bytes=section.integer("body_bytes", default.body_bytes, ge=1024),
+        connections=section.integer("connections", default.connections, ge=1),
+        head_timeout=section.number("head_timeout", default.head_timeout, gt=0),
+        keepalive_timeout=section.number("keepalive_timeout", default.keepalive_timeout, gt=0),
     )
 
 
@@ -413,6 +424,26 @@ def _as_nonempty_list(raw: object) -> list[object]:
     if not raw:
         raise ValueError("must have at least one entry")
     return raw
+
+
+_ORIGIN = re.compile(r"(?:https?)://(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]+)(?::\d{1,5})?", re.ASCII)
+
+
+def _as_origins(raw: object) -> tuple[str, ...]:
+    """`allowed_origins`: a list of "*" or exact origins (scheme://host[:port], no path)."""
+    if raw is None:
+        return ()
+    if not isinstance(raw, list):
+        raise ValueError(f"must be a list of origins, got {_describe(raw)}")
+    origins = []
+    for item in raw:
+        value = _as_string(item)
+        if value != "*" and not _ORIGIN.fullmatch(value):
+            raise ValueError(
+                f"entries must be '*' or an origin like 'https://app.example:8443', got {value!r}"
+            )
+        origins.append(value.lower())
+    return tuple(origins)
 
 
 def _split_host_port(value: str) -> tuple[str, int]:

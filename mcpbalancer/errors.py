@@ -7,6 +7,7 @@
           ├── BadRequest              400: malformed framing, session id, header encoding
           ├── Forbidden               403
           ├── SessionNotFound         404: unknown or expired session, or its owner is gone
+          ├── RequestTimeout          408: the request head did not arrive in time
           ├── PayloadTooLarge         413
           ├── HeadersTooLarge         431
           ├── NotImplementedMethod    501: CONNECT, Upgrade
@@ -58,6 +59,10 @@ class Forbidden(ProxyError):
 
 class SessionNotFound(ProxyError):
     status, reason, rpc_code, default_message = 404, "Not Found", -32600, "Session not found"
+
+
+class RequestTimeout(ProxyError):
+    status, reason, rpc_code, default_message = 408, "Request Timeout", -32600, "Request head timeout"
 
 
 class PayloadTooLarge(ProxyError):

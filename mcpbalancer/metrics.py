@@ -53,6 +53,19 @@ STORE_BUCKETS: Final = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.0
 SESSION_END_REASONS: Final = ("delete", "expired", "backend_lost", "backend_404")
 LOOKUP_RESULTS: Final = ("cache_hit", "store_hit", "miss")
 UPSTREAM_ERROR_KINDS: Final = ("connect", "reset", "timeout")
+# Why the proxy refused a request (or a connection) before routing it.
+REJECT_REASONS: Final = (
+    "framing",  # unparseable or ambiguous HTTP: CL+TE, bad lengths or chunks, obs-fold, control bytes
+    "version",  # not HTTP/1.0 or 1.1, or Transfer-Encoding on HTTP/1.0
+    "host",  # HTTP/1.1 without Host, several Host fields, absolute-form for another host
+    "method",  # CONNECT, Upgrade
+    "session_id",  # conflicting Mcp-Session-Id fields
+    "header_limit",  # header_bytes, header_count
+    "body_limit",  # body_bytes
+    "origin",  # Origin not allowed
+    "connections",  # limits.connections reached
+    "head_timeout",  # the request head did not arrive within limits.head_timeout
+)
 _HTTP_METHODS: Final = frozenset({"GET", "POST", "DELETE", "HEAD", "OPTIONS", "PUT", "PATCH"})
 
 # JSON-RPC methods of the MCP revisions 2025-03-26 … 2026-07-28; anything else is counted as "other".
@@ -317,6 +330,12 @@ class Metrics:
         self.client_disconnects = _Counter(
             r, "mcpbalancer_client_disconnects_total", "Clients that went away before their response ended."
         )
+        self.rejected_requests = _Counter(
+            r,
+            "mcpbalancer_rejected_requests_total",
+            "Requests and connections the proxy refused before routing, by reason.",
+            ("reason",),
+        )
         self.build_info = _Gauge(
             r, "mcpbalancer_build_info", "Always 1; the version is a label.", ("version",)
         )
@@ -330,6 +349,7 @@ class Metrics:
         self.disconnects = self.client_disconnects.labels()
         self._stream_durations = self.sse_stream_duration.labels()
         self._ended = {reason: self.sessions_ended.labels(reason) for reason in SESSION_END_REASONS}
+        self._rejected = {reason: self.rejected_requests.labels(reason) for reason in REJECT_REASONS}
         self._responses: dict[_ResponseKey, tuple[Value, Observations | None]] = {}
         self._mcp: dict[tuple[Era, bytes], Value] = {}
         self._mcp_other = {era: self.mcp_requests.labels(era.value, OTHER) for era in Era}
@@ -391,6 +411,10 @@ class Metrics:
     def session_ended(self, reason: str) -> None:
         """`reason` is one of SESSION_END_REASONS."""
         self._ended[reason].value += 1
+
+    def rejected(self, reason: str) -> None:
+        """`reason` is one of REJECT_REASONS."""
+        self._rejected[reason].value += 1
 
     def upstream_error(self, backend: str, kind: str) -> None:
         """`kind` is one of UPSTREAM_ERROR_KINDS."""
