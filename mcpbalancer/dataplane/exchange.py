@@ -129,8 +129,8 @@ class Exchange:
             return
         if self._preset_raw is not None:
             status, answer = self._preset_raw
-            if not self.request_complete:
-                self.keep_alive = False  # the answer is complete; a body that may follow is not read
+            if not self.request_complete and self.head.expect_continue:
+                self.keep_alive = False  # the client may or may not send the body it announced
             self._record_own_answer(status, "local")
             self.client.write(answer)
             self._finish(reusable=False)
