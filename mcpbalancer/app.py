@@ -17,6 +17,7 @@ from prometheus_client import CollectorRegistry
 
 from mcpbalancer.backends import Backend, BackendSet
 from mcpbalancer.balancer import make_strategy
+from mcpbalancer.binding import SessionBinder
 from mcpbalancer.config import Config
 from mcpbalancer.control.probes import Readiness, local_endpoints
 from mcpbalancer.control.server import ControlServer
@@ -70,8 +71,17 @@ class Proxy:
             session_ttl=config.session_ttl,
             metrics=self.metrics,
         )
+        binder = None
+        if config.bind_sessions is not None:
+            key = config.session_binding_key
+            binder = SessionBinder(config.bind_sessions, key.encode() if key is not None else None)
         self.router = Router(
-            self.backends, make_strategy(config.balance), self.store, config.session_ttl, self.metrics
+            self.backends,
+            make_strategy(config.balance),
+            self.store,
+            config.session_ttl,
+            self.metrics,
+            binder=binder,
         )
         self._observability(config, access_stream)
         self._server: asyncio.Server | None = None

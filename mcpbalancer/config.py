@@ -106,6 +106,9 @@ class Config:
     # Exact origins ("https://app.example") allowed to call cross-origin, or "*"; empty = only
     # requests without Origin or whose Origin names the request's Host.
     allowed_origins: tuple[str, ...] = ()
+    # Header whose value a session is bound to (lower-case), e.g. "authorization"; None = off.
+    bind_sessions: str | None = None
+    session_binding_key: str | None = None  # HMAC key of the binding; random per process if None
 
 
 _TOP_KEYS: Final = (
@@ -123,6 +126,8 @@ _TOP_KEYS: Final = (
     "metrics",
     "log",
     "allowed_origins",
+    "bind_sessions",
+    "session_binding_key",
 )
 _BACKEND_KEYS: Final = ("name", "url", "weight")
 
@@ -200,7 +205,31 @@ def _config(top: _Section, source: str) -> Config:
         metrics=_metrics(top.section("metrics", _field_names(MetricsConfig))),
         log=_log(top.section("log", _field_names(LogConfig))),
         allowed_origins=top.read("allowed_origins", _as_origins, []),
+        **_binding(top),
     )
+
+
+def _binding(top: _Section) -> dict[str, str | None]:
+    header = (
+        top.string("bind_sessions", pattern=_HEADER_NAME, rule=_HEADER_RULE)
+        if top.has("bind_sessions")
+        else None
+    )
+    key = top.string("session_binding_key") if top.has("session_binding_key") else None
+    if key is not None and len(key) < 16:
+        raise top.invalid("session_binding_key", "must be at least 16 characters (a random secret)")
+    if (
+        header is not None
+        and key is None
+        and top.has("store")
+        and top.parsed("store", _check_store) != "memory"
+    ):
+        raise top.invalid(
+            "session_binding_key",
+            "is required when bind_sessions is set and the store is Redis: every proxy replica must "
+            "hash credentials with the same key (a per-process random key would tie sessions to one replica)",
+        )
+    return {"bind_sessions": header.lower() if header else None, "session_binding_key": key}
 
 
 def _backends(top: _Section) -> tuple[BackendConfig, ...]:
@@ -426,6 +455,8 @@ def _as_nonempty_list(raw: object) -> list[object]:
     return raw
 
 
+_HEADER_NAME = re.compile(r"[A-Za-z0-9!#$%&'*+.^_`|~-]{1,64}", re.ASCII)
+_HEADER_RULE = "an HTTP header name such as 'authorization'"
 _ORIGIN = re.compile(r"(?:https?)://(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]+)(?::\d{1,5})?", re.ASCII)
 
 

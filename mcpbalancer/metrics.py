@@ -65,6 +65,7 @@ REJECT_REASONS: Final = (
     "origin",  # Origin not allowed
     "connections",  # limits.connections reached
     "head_timeout",  # the request head did not arrive within limits.head_timeout
+    "credential",  # a bound session used with another credential (answered 404)
 )
 _HTTP_METHODS: Final = frozenset({"GET", "POST", "DELETE", "HEAD", "OPTIONS", "PUT", "PATCH"})
 

@@ -8,6 +8,7 @@ Pure policy over injected parts (backends, strategy, store); no sockets. The dat
 from __future__ import annotations
 
 import asyncio
+import hmac
 import logging
 from collections.abc import Awaitable, Collection
 from dataclasses import dataclass
@@ -17,6 +18,7 @@ from prometheus_client import CollectorRegistry
 from mcpbalancer import protocol
 from mcpbalancer.backends import Backend, BackendSet
 from mcpbalancer.balancer import Strategy
+from mcpbalancer.binding import SessionBinder, backend_of, decode_owner, encode_owner
 from mcpbalancer.errors import BadRequest, NoBackendAvailable, SessionNotFound, StoreError
 from mcpbalancer.metrics import Metrics
 from mcpbalancer.protocol import Era
@@ -32,6 +34,7 @@ class RequestFacts:
     method: bytes
     era: Era
     session_id: str | None
+    tag: str | None = None  # keyed hash of the bound credential (bind_sessions), else None
 
 
 def classify(method: bytes, session_id: bytes | None, protocol_version: bytes | None) -> RequestFacts:
@@ -52,8 +55,10 @@ class Router:
         store: SessionStore,
         session_ttl: float,
         metrics: Metrics | None = None,
+        binder: SessionBinder | None = None,
     ) -> None:
         self.backends = backends
+        self.binder = binder
         self._metrics = metrics or Metrics(CollectorRegistry())
         self._strategy = strategy
         self._store = store
@@ -72,10 +77,10 @@ class Router:
             return self.pick(())
         owner = self._store.peek(sid)
         if owner is UNKNOWN:
-            return self._lookup(sid)
+            return self._lookup(sid, facts.tag)
         # A local answer, the memory store's included, is a cache hit.
         (self._metrics.lookup_miss if owner is None else self._metrics.lookup_cache_hit).value += 1
-        return self._owner_backend(sid, owner)
+        return self._owner_backend(sid, owner, facts.tag)
 
     def pick(self, exclude: Collection[str]) -> Backend:
         """A backend for a new session or a stateless request, skipping names in `exclude`."""
@@ -85,19 +90,26 @@ class Router:
             raise NoBackendAvailable("No backend available")
         return backend
 
-    async def _lookup(self, sid: str) -> Backend:
+    async def _lookup(self, sid: str, tag: str | None) -> Backend:
         try:
             owner = await self._store.get(sid)
         except StoreError as exc:
             log.warning("session store lookup failed: %s", exc)
             raise NoBackendAvailable("Session store unavailable") from exc
         (self._metrics.lookup_miss if owner is None else self._metrics.lookup_store_hit).value += 1
-        return self._owner_backend(sid, owner)
+        return self._owner_backend(sid, owner, tag)
 
-    def _owner_backend(self, sid: str, owner: str | None) -> Backend:
+    def _owner_backend(self, sid: str, owner: str | None, tag: str | None) -> Backend:
         if owner is None:
             raise SessionNotFound()
-        backend = self.backends.get(owner)
+        name, bound = decode_owner(owner)
+        if self.binder is not None and not _same_tag(bound, tag):
+            # Another credential than the session's: it does not exist for this caller. The
+            # session itself stays: its owner may still use it.
+            log.info("session used with another credential than its own; answered as unknown")
+            self._metrics.rejected("credential")
+            raise SessionNotFound()
+        backend = self.backends.get(name)
         if backend is None:
             # The mapping names a backend no longer configured: its sessions are gone.
             self._forget(sid, None, "backend_lost")
@@ -118,7 +130,7 @@ class Router:
         sid = facts.session_id
         if sid is None:
             if session_id is not None and 200 <= status < 300:
-                return self._bind(session_id, backend)
+                return self._bind(session_id, backend, facts.tag if self.binder is not None else None)
             return None
         if status == 404 or (facts.method == b"DELETE" and 200 <= status < 300):
             self._forget(sid, backend, "backend_404" if status == 404 else "delete")
@@ -131,21 +143,24 @@ class Router:
             self._forget(facts.session_id, backend, "backend_lost")
         return SessionNotFound()
 
-    async def _bind(self, raw_sid: bytes, backend: Backend) -> None:
+    async def _bind(self, raw_sid: bytes, backend: Backend, tag: str | None) -> None:
         if not protocol.valid_session_id(raw_sid):
             log.warning("backend %s issued a malformed Mcp-Session-Id; not bound", backend.name)
             return
         sid = raw_sid.decode("ascii")
         try:
-            owner = await self._store.bind(sid, backend.name, self._ttl)
+            value = encode_owner(backend.name, tag)
+            owner = await self._store.bind(sid, value, self._ttl)
         except StoreError as exc:
             log.warning("could not store session of backend %s: %s", backend.name, exc)
             return
-        if owner == backend.name:
+        if owner == value:
             backend.sessions += 1
             self._metrics.session_created(backend.name)
         else:
-            log.warning("backend %s issued a session id bound to %s; not rebound", backend.name, owner)
+            log.warning(
+                "backend %s issued a session id bound to %s; not rebound", backend.name, backend_of(owner)
+            )
 
     def _forget(self, sid: str, backend: Backend | None, reason: str) -> None:
         # Count the session down once, even when several requests learn of its end together:
@@ -171,10 +186,16 @@ class Router:
     def session_expired(self, sid: str, owner: str) -> None:
         """Store callback: an entry expired; keep the backend's session count honest."""
         self._metrics.session_ended("expired")
-        backend = self.backends.get(owner)
+        backend = self.backends.get(backend_of(owner))
         if backend is not None and backend.sessions > 0:
             backend.sessions -= 1
 
     async def close(self) -> None:
         if self._background:
             await asyncio.gather(*self._background, return_exceptions=True)
+
+
+def _same_tag(bound: str | None, tag: str | None) -> bool:
+    if bound is None or tag is None:
+        return bound is tag
+    return hmac.compare_digest(bound, tag)

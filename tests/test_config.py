@@ -397,7 +397,10 @@ def test_invalid(data: object, message: str) -> None:
 
 def test_unknown_key_lists_every_allowed_key() -> None:
     text = config_error(minimal(Listen="x"))
-    assert text.endswith("heartbeat, backends, timeouts, limits, admin, metrics, log, allowed_origins")
+    assert text.endswith(
+        "heartbeat, backends, timeouts, limits, admin, metrics, log, allowed_origins, bind_sessions, "
+        "session_binding_key"
+    )
 
 
 def test_store_password_is_not_echoed() -> None:

@@ -30,6 +30,7 @@ from mcpbalancer.errors import (
     render_error,
 )
 from mcpbalancer.metrics import NO_BACKEND
+from mcpbalancer.protocol import Era
 from mcpbalancer.routing import RequestFacts, classify
 
 if TYPE_CHECKING:
@@ -142,7 +143,10 @@ class Exchange:
             return
         try:
             self.facts = classify(head.method, head.session_id, head.protocol_version)
-            target = self.plane.router.route(self.facts)
+            router = self.plane.router
+            if router.binder is not None and self.facts.era is Era.LEGACY:
+                self.facts.tag = router.binder.credential(head.headers)
+            target = router.route(self.facts)
         except ProxyError as err:
             self._answer_error(err)
             return
