@@ -27,6 +27,7 @@ from mcpbalancer.logs import AccessLog, access_enabled
 from mcpbalancer.metrics import Metrics
 from mcpbalancer.routing import Router
 from mcpbalancer.store import SessionStore
+from mcpbalancer.store.cache import CachedStore
 from mcpbalancer.store.factory import create_store
 
 log = logging.getLogger(__name__)
@@ -82,11 +83,13 @@ class Proxy:
             config.session_ttl,
             self.metrics,
             binder=binder,
+            refuse_new=self._store_down if config.on_store_error == "fail" else None,
         )
         self._observability(config, access_stream)
         self._server: asyncio.Server | None = None
         self._plane: DataPlane | None = None
         self._sweeper: asyncio.Task[None] | None = None
+        self._watcher: asyncio.Task[None] | None = None
 
     def _observability(self, config: Config, access_stream: TextIO | None) -> None:
         self.readiness = Readiness(lambda: self.router.backends, self.store.ping)
@@ -143,7 +146,12 @@ class Proxy:
             await self.control.start()
         if hasattr(self.store, "sweep"):
             self._sweeper = loop.create_task(self._sweep_forever())
+        if isinstance(self.store, CachedStore):
+            self._watcher = loop.create_task(self.store.watch())
         log.info("listening on %s with %d backends", self.url, len(self.backends))
+
+    def _store_down(self) -> bool:
+        return isinstance(self.store, CachedStore) and self.store.degraded
 
     async def _sweep_forever(self) -> None:
         while True:
@@ -163,10 +171,11 @@ class Proxy:
             plane.abort_all()
             for pool in plane.pools.values():
                 pool.close()
-        if self._sweeper is not None:
-            self._sweeper.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._sweeper
+        for task in (self._sweeper, self._watcher):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         await self.router.close()
         await self.store.close()
         if self.control is not None:

@@ -28,6 +28,7 @@ BALANCE_STRATEGIES: Final = ("least_sessions", "p2c", "round_robin")
 DEFAULT_STORE_PREFIX: Final = "mcpb:"
 DEFAULT_LOCAL_CACHE_SIZE: Final = 100_000
 LOG_FORMATS: Final = ("json", "text")
+STORE_ERROR_MODES: Final = ("degrade", "fail")
 LOG_LEVELS: Final = ("debug", "info", "warning", "error")
 # Paths the proxy answers itself on the public listener; the metrics path must not shadow them.
 PROBE_PATHS: Final = ("/healthz", "/readyz")
@@ -109,6 +110,7 @@ class Config:
     # Header whose value a session is bound to (lower-case), e.g. "authorization"; None = off.
     bind_sessions: str | None = None
     session_binding_key: str | None = None  # HMAC key of the binding; random per process if None
+    on_store_error: str = "degrade"  # or "fail": what new sessions get while the shared store is down
 
 
 _TOP_KEYS: Final = (
@@ -128,6 +130,7 @@ _TOP_KEYS: Final = (
     "allowed_origins",
     "bind_sessions",
     "session_binding_key",
+    "on_store_error",
 )
 _BACKEND_KEYS: Final = ("name", "url", "weight")
 
@@ -206,6 +209,7 @@ def _config(top: _Section, source: str) -> Config:
         log=_log(top.section("log", _field_names(LogConfig))),
         allowed_origins=top.read("allowed_origins", _as_origins, []),
         **_binding(top),
+        on_store_error=top.choice("on_store_error", STORE_ERROR_MODES, "degrade"),
     )
 
 

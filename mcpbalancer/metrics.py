@@ -337,6 +337,17 @@ class Metrics:
             "Requests and connections the proxy refused before routing, by reason.",
             ("reason",),
         )
+        self.store_degraded_state = _Gauge(
+            r,
+            "mcpbalancer_store_degraded",
+            "1 while the shared session store fails: known sessions route from the local cache, new ones "
+            "are bound locally (on_store_error: degrade) or refused (fail).",
+        )
+        self.store_resynced_sessions = _Counter(
+            r,
+            "mcpbalancer_store_resynced_sessions_total",
+            "Sessions re-asserted (SET NX) to the shared store after an outage or a loss of its data.",
+        )
         self.build_info = _Gauge(
             r, "mcpbalancer_build_info", "Always 1; the version is a label.", ("version",)
         )
@@ -350,6 +361,8 @@ class Metrics:
         self.disconnects = self.client_disconnects.labels()
         self._stream_durations = self.sse_stream_duration.labels()
         self._ended = {reason: self.sessions_ended.labels(reason) for reason in SESSION_END_REASONS}
+        self.store_degraded = self.store_degraded_state.labels()
+        self.store_resynced = self.store_resynced_sessions.labels()
         self._rejected = {reason: self.rejected_requests.labels(reason) for reason in REJECT_REASONS}
         self._responses: dict[_ResponseKey, tuple[Value, Observations | None]] = {}
         self._mcp: dict[tuple[Era, bytes], Value] = {}

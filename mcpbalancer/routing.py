@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import logging
-from collections.abc import Awaitable, Collection
+from collections.abc import Awaitable, Callable, Collection
 from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry
@@ -56,9 +56,12 @@ class Router:
         session_ttl: float,
         metrics: Metrics | None = None,
         binder: SessionBinder | None = None,
+        refuse_new: Callable[[], bool] | None = None,
     ) -> None:
         self.backends = backends
         self.binder = binder
+        # True while new sessions must be refused (on_store_error: fail, and the store is down).
+        self._refuse_new = refuse_new
         self._metrics = metrics or Metrics(CollectorRegistry())
         self._strategy = strategy
         self._store = store
@@ -74,6 +77,8 @@ class Router:
         """
         sid = facts.session_id
         if sid is None:
+            if self._refuse_new is not None and facts.era is Era.LEGACY and self._refuse_new():
+                raise NoBackendAvailable("Session store unavailable")  # 503 + Retry-After
             return self.pick(())
         owner = self._store.peek(sid)
         if owner is UNKNOWN:
