@@ -167,3 +167,20 @@ async def test_equal_repeated_session_ids_are_not_a_conflict(
     assert resp.status == 404  # unknown session, but not refused as ambiguous
     assert rejected(proxy, "session_id") == 0
     assert stub.requests == []
+
+
+async def test_body_cut_short_by_a_half_close_ends_the_upstream_request(
+    make_proxy: ProxyFactory, make_stub: StubFactory, open_client: ClientFactory
+) -> None:
+    stub = await make_stub()
+    proxy = await make_proxy([stub])
+    client = await open_client(proxy)
+    client.send(request("POST", "/mcp", [("Content-Length", "100")]) + b"0123456789")
+    await stub.wait_requests(1)
+    await stub.requests[0].wait_body(10)
+    client.writer.write_eof()  # the rest of the body can never come
+    resp = await until_eof(client)
+    assert resp.status == 400
+    assert rpc_error(resp)["message"] == "Bad Request: the request body was cut short"
+    async with asyncio.timeout(5):  # the backend is not left waiting for 90 more bytes
+        await stub.connections[0].closed.wait()

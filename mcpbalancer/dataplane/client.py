@@ -207,6 +207,10 @@ class ClientConnection(asyncio.Protocol):
         self._closing = True
         if self._queue and self._queue[0].streaming:
             return False  # the transport closes: connection_lost -> client_lost aborts upstream
+        if self._parsing is not None:
+            # A body cut short can never complete: end its upstream request now rather than leave
+            # the backend waiting for the rest until a timeout.
+            self._refuse(BadRequest("Bad Request: the request body was cut short"), "framing")
         return bool(self._queue)
 
     def connection_lost(self, exc: Exception | None) -> None:
