@@ -175,4 +175,4 @@ async def test_slowloris_connections_do_not_slow_real_sessions_and_are_closed_wi
     assert closed_after < head_timeout + 5
     assert rejected(proxy, "head_timeout") == 300
     assert len(latencies) >= 10
-    assert max(latencies) < 2.0, latencies
+    assert max(latencies) < 2.5, latencies

@@ -207,7 +207,7 @@ class ClientConnection(asyncio.Protocol):
         self._closing = True
         if self._queue and self._queue[0].streaming:
             return False  # the transport closes: connection_lost -> client_lost aborts upstream
-        if self._parsing is not None:
+        if self._parsing is not None and not self._parsing.done:
             # A body cut short can never complete: end its upstream request now rather than leave
             # the backend waiting for the rest until a timeout.
             self._refuse(BadRequest("Bad Request: the request body was cut short"), "framing")
