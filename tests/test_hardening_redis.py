@@ -11,6 +11,9 @@ import aiohttp
 import redis.asyncio
 
 from mcpbalancer.app import Proxy
+from mcpbalancer.store import UNKNOWN
+from mcpbalancer.store.cache import CachedStore
+from mcpbalancer.store.redis import RedisStore
 from tests.fixtures.backends import BackendProcess
 from tests.fixtures.proxy import ProxyFactory
 from tests.fixtures.redis import RedisServer
@@ -172,3 +175,44 @@ async def test_on_store_error_fail_refuses_new_sessions_but_keeps_known_ones(
 
         await wait_until(recovered, "the proxy to notice Redis is back")
         await open_session(http, mcp_url(proxy))
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+async def test_background_touch_after_a_flush_rewrites_the_session_instead_of_dropping_it(
+    redis_url: str,
+) -> None:
+    clock = Clock()
+    cached = CachedStore(RedisStore.from_url(redis_url), clock=clock)
+    raw = redis.asyncio.Redis.from_url(redis_url, decode_responses=True)
+    watcher = asyncio.create_task(cached.watch(interval=0.01))
+    try:
+        await cached.bind("s1", "b1", 60)
+        await cached.bind("s2", "b2", 60)
+        await wait_until(lambda: _marked(raw), "the marker key")
+        watcher.cancel()  # from here only the touch can notice the loss
+        await raw.flushall()
+        clock.now += 30  # half a ttl: the next peek slides the expiry in the background
+        assert cached.peek("s1") == "b1"
+        await cached.drain()
+        assert cached.peek("s1") == "b1"  # kept: the marker shows Redis lost its data
+        assert await raw.get("mcpb:s:s1") == "b1"
+        assert await raw.get("mcpb:s:s2") == "b2"  # the whole cache was re-asserted
+        # Whereas a key deleted while the marker survived was ended by another replica: dropped.
+        await raw.delete("mcpb:s:s2")
+        clock.now += 30
+        assert cached.peek("s2") == "b2"
+        await cached.drain()
+        assert cached.peek("s2") is UNKNOWN
+    finally:
+        watcher.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await watcher
+        await raw.aclose()
+        await cached.close()
