@@ -171,7 +171,11 @@ async def test_slowloris_connections_do_not_slow_real_sessions_and_are_closed_wi
         async with asyncio.timeout(10):
             await asyncio.gather(*trickles)
         closed_after = time.monotonic() - started
-    assert results.count("408") == 300, results
+    # Every one was closed by the proxy. Most read the 408 first; a client whose next byte crossed
+    # the close gets a reset instead, which may drop the 408 from its receive buffer (TCP).
+    assert len(results) == 300
+    assert set(results) <= {"408", "closed"}, results
+    assert results.count("408") > 0
     assert closed_after < head_timeout + 5
     assert rejected(proxy, "head_timeout") == 300
     assert len(latencies) >= 10
