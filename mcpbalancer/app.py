@@ -18,6 +18,7 @@ from prometheus_client import CollectorRegistry
 
 from mcpbalancer.affinity import Affinity
 from mcpbalancer.balancer import make_strategy
+from mcpbalancer.binding import SessionBinder
 from mcpbalancer.config import BackendConfig, Config, load_config
 from mcpbalancer.control.admin import AdminApi
 from mcpbalancer.control.probes import Readiness, local_endpoints
@@ -33,6 +34,7 @@ from mcpbalancer.metrics import Metrics
 from mcpbalancer.routing import Router
 from mcpbalancer.rules import compile_rules
 from mcpbalancer.store import SessionStore
+from mcpbalancer.store.cache import CachedStore
 from mcpbalancer.store.factory import create_store
 from mcpbalancer.store.shared import SharedAffinity
 
@@ -87,6 +89,10 @@ class Proxy:
             if config.failover == "replay"
             else None
         )
+        binder = None
+        if config.bind_sessions is not None:
+            key = config.session_binding_key
+            binder = SessionBinder(config.bind_sessions, key.encode() if key is not None else None)
         self.router = Router(
             self.backends,
             make_strategy(config.balance),
@@ -98,6 +104,8 @@ class Proxy:
             validate_headers=config.validate_headers,
             shared_affinity=_shared_affinity(config),
             failover=failover,
+            binder=binder,
+            refuse_new=self._store_down if config.on_store_error == "fail" else None,
         )
         self.health = HealthChecker(config.health, self.fleet.set_status, self._probe, metrics=self.metrics)
         self._observability(config, access_stream)
@@ -108,6 +116,7 @@ class Proxy:
         self._plane: DataPlane | None = None
         self._sweeper: asyncio.Task[None] | None = None
         self._checker: asyncio.Task[None] | None = None
+        self._watcher: asyncio.Task[None] | None = None
 
     @property
     def shutdown_timeout(self) -> float:
@@ -198,6 +207,7 @@ class Proxy:
             metrics=self.metrics,
             access_log=self.access_log,
             local=self._local,
+            allowed_origins=self.config.allowed_origins,
         )
         self._plane.on_backend_failure = self.health.passive
         self.fleet.on_evict = self._plane.abort_streams
@@ -218,7 +228,12 @@ class Proxy:
         if hasattr(self.store, "sweep"):
             self._sweeper = loop.create_task(self._sweep_forever())
         self._checker = loop.create_task(self.health.run(lambda: self.backends))
+        if isinstance(self.store, CachedStore):
+            self._watcher = loop.create_task(self.store.watch())
         log.info("listening on %s with %d backends", self.url, len(self.backends))
+
+    def _store_down(self) -> bool:
+        return isinstance(self.store, CachedStore) and self.store.degraded
 
     @staticmethod
     async def _wait_quiet(plane: DataPlane) -> None:
@@ -249,7 +264,7 @@ class Proxy:
         self.fleet.close()
         # After the in-flight exchanges: a tool call running on a managed backend may finish.
         await self.managed.stop()
-        for task in (self._sweeper, self._checker):
+        for task in (self._sweeper, self._checker, self._watcher):
             if task is not None:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):

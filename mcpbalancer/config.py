@@ -33,6 +33,7 @@ DEFAULT_LOCAL_CACHE_SIZE: Final = 100_000
 DEFAULT_SHUTDOWN_TIMEOUT: Final = 10.0
 LOG_FORMATS: Final = ("json", "text")
 ERAS: Final = ("legacy", "modern")
+STORE_ERROR_MODES: Final = ("degrade", "fail")
 LOG_LEVELS: Final = ("debug", "info", "warning", "error")
 # Paths the proxy answers itself on the public listener; the metrics path must not shadow them.
 PROBE_PATHS: Final = ("/healthz", "/readyz")
@@ -92,6 +93,9 @@ class LimitsConfig:
     header_bytes: int = 65536
     header_count: int = 100
     body_bytes: int = 16 * 1024 * 1024
+    connections: int = 10_000  # open client connections; more are answered 503 and closed
+    head_timeout: float = 10.0  # seconds from a connection's (or a request's) first byte to its whole head
+    keepalive_timeout: float = 60.0  # seconds an idle keep-alive client connection is kept
 
 
 @dataclass(frozen=True, slots=True)
@@ -151,6 +155,13 @@ class Config:
     affinity: AffinityConfig = AffinityConfig()
     validate_headers: bool = False
     failover: str = "reinitialize"  # or "replay": re-run a lost session's initialize elsewhere
+    # Exact origins ("https://app.example") allowed to call cross-origin, or "*"; empty = only
+    # requests without Origin or whose Origin names the request's Host.
+    allowed_origins: tuple[str, ...] = ()
+    # Header whose value a session is bound to (lower-case), e.g. "authorization"; None = off.
+    bind_sessions: str | None = None
+    session_binding_key: str | None = None  # HMAC key of the binding; random per process if None
+    on_store_error: str = "degrade"  # or "fail": what new sessions get while the shared store is down
 
 
 _TOP_KEYS: Final = (
@@ -174,6 +185,10 @@ _TOP_KEYS: Final = (
     "affinity",
     "validate_headers",
     "failover",
+    "allowed_origins",
+    "bind_sessions",
+    "session_binding_key",
+    "on_store_error",
 )
 _BACKEND_KEYS: Final = ("name", "url", "weight", "drain", "drain_timeout", "eras", "command", "replicas")
 _ROUTE_KEYS: Final = ("match", "pool", "deny")
@@ -265,7 +280,33 @@ def _config(top: _Section, source: str) -> Config:
         affinity=_affinity(top.section("affinity", _field_names(AffinityConfig))),
         validate_headers=top.boolean("validate_headers", False),
         failover=top.choice("failover", FAILOVER_MODES, "reinitialize"),
+        allowed_origins=top.read("allowed_origins", _as_origins, []),
+        **_binding(top),
+        on_store_error=top.choice("on_store_error", STORE_ERROR_MODES, "degrade"),
     )
+
+
+def _binding(top: _Section) -> dict[str, str | None]:
+    header = (
+        top.string("bind_sessions", pattern=_HEADER_NAME, rule=_HEADER_RULE)
+        if top.has("bind_sessions")
+        else None
+    )
+    key = top.string("session_binding_key") if top.has("session_binding_key") else None
+    if key is not None and len(key) < 16:
+        raise top.invalid("session_binding_key", "must be at least 16 characters (a random secret)")
+    if (
+        header is not None
+        and key is None
+        and top.has("store")
+        and top.parsed("store", _check_store) != "memory"
+    ):
+        raise top.invalid(
+            "session_binding_key",
+            "is required when bind_sessions is set and the store is Redis: every proxy replica must "
+            "hash credentials with the same key (a per-process random key would tie sessions to one replica)",
+        )
+    return {"bind_sessions": header.lower() if header else None, "session_binding_key": key}
 
 
 def _backends(top: _Section) -> tuple[BackendConfig, ...]:
@@ -399,6 +440,9 @@ def _limits(section: _Section) -> LimitsConfig:
         header_bytes=section.integer("header_bytes", default.header_bytes, ge=1024),
         header_count=section.integer("header_count", default.header_count, ge=8),
         body_bytes=section.integer("body_bytes", default.body_bytes, ge=1024),
+        connections=section.integer("connections", default.connections, ge=1),
+        head_timeout=section.number("head_timeout", default.head_timeout, gt=0),
+        keepalive_timeout=section.number("keepalive_timeout", default.keepalive_timeout, gt=0),
     )
 
 
@@ -616,6 +660,28 @@ def _as_nonempty_list(raw: object) -> list[object]:
     if not raw:
         raise ValueError("must have at least one entry")
     return raw
+
+
+_HEADER_NAME = re.compile(r"[A-Za-z0-9!#$%&'*+.^_`|~-]{1,64}", re.ASCII)
+_HEADER_RULE = "an HTTP header name such as 'authorization'"
+_ORIGIN = re.compile(r"(?:https?)://(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]+)(?::\d{1,5})?", re.ASCII)
+
+
+def _as_origins(raw: object) -> tuple[str, ...]:
+    """`allowed_origins`: a list of "*" or exact origins (scheme://host[:port], no path)."""
+    if raw is None:
+        return ()
+    if not isinstance(raw, list):
+        raise ValueError(f"must be a list of origins, got {_describe(raw)}")
+    origins = []
+    for item in raw:
+        value = _as_string(item)
+        if value != "*" and not _ORIGIN.fullmatch(value):
+            raise ValueError(
+                f"entries must be '*' or an origin like 'https://app.example:8443', got {value!r}"
+            )
+        origins.append(value.lower())
+    return tuple(origins)
 
 
 def _split_host_port(value: str) -> tuple[str, int]:

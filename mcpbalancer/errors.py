@@ -10,6 +10,7 @@
           ├── Forbidden               403
           ├── Denied                  a `deny:` routing rule (403 or the rule's 4xx status)
           ├── SessionNotFound         404: unknown or expired session, or its owner is gone
+          ├── RequestTimeout          408: the request head did not arrive in time
           ├── PayloadTooLarge         413
           ├── HeadersTooLarge         431
           ├── NotImplementedMethod    501: CONNECT, Upgrade
@@ -84,6 +85,10 @@ def denied(status: int) -> type[Denied]:
 
 class SessionNotFound(ProxyError):
     status, reason, rpc_code, default_message = 404, "Not Found", -32600, "Session not found"
+
+
+class RequestTimeout(ProxyError):
+    status, reason, rpc_code, default_message = 408, "Request Timeout", -32600, "Request head timeout"
 
 
 class PayloadTooLarge(ProxyError):

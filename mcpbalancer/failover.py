@@ -123,7 +123,7 @@ class Failover:
                 self._aliases.pop(sid, None)
             else:
                 self._aliases[sid] = new_sid
-            await router.rebind(sid, backend, gone)
+            await router.rebind(sid, backend, gone, facts.tag)
             self.replays += 1
             if self._metrics is not None:
                 self._metrics.session_failover("moved")

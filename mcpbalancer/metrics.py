@@ -56,6 +56,21 @@ LOOKUP_RESULTS: Final = ("cache_hit", "store_hit", "miss")
 UPSTREAM_ERROR_KINDS: Final = ("connect", "reset", "timeout")
 AFFINITY_KINDS: Final = ("tasks", "request_state")
 AFFINITY_RESULTS: Final = ("hit", "miss")
+# Why the proxy refused a request (or a connection) before routing it.
+REJECT_REASONS: Final = (
+    "framing",  # unparseable or ambiguous HTTP: CL+TE, bad lengths or chunks, obs-fold, control bytes
+    "version",  # not HTTP/1.0 or 1.1, or Transfer-Encoding on HTTP/1.0
+    "host",  # HTTP/1.1 without Host, several Host fields, absolute-form for another host
+    "method",  # CONNECT, Upgrade
+    "session_id",  # conflicting Mcp-Session-Id fields
+    "mcp_name",  # conflicting Mcp-Name fields on a 2026-07-28 request
+    "header_limit",  # header_bytes, header_count
+    "body_limit",  # body_bytes
+    "origin",  # Origin not allowed
+    "connections",  # limits.connections reached
+    "head_timeout",  # the request head did not arrive within limits.head_timeout
+    "credential",  # a bound session used with another credential (answered 404)
+)
 _HTTP_METHODS: Final = frozenset({"GET", "POST", "DELETE", "HEAD", "OPTIONS", "PUT", "PATCH"})
 
 # JSON-RPC methods of the MCP revisions 2025-03-26 … 2026-07-28; anything else is counted as "other".
@@ -344,6 +359,23 @@ class Metrics:
             "Affinity lookups (kind: tasks, request_state) by result (hit, miss).",
             ("kind", "result"),
         )
+        self.rejected_requests = _Counter(
+            r,
+            "mcpbalancer_rejected_requests_total",
+            "Requests and connections the proxy refused before routing, by reason.",
+            ("reason",),
+        )
+        self.store_degraded_state = _Gauge(
+            r,
+            "mcpbalancer_store_degraded",
+            "1 while the shared session store fails: known sessions route from the local cache, new ones "
+            "are bound locally (on_store_error: degrade) or refused (fail).",
+        )
+        self.store_resynced_sessions = _Counter(
+            r,
+            "mcpbalancer_store_resynced_sessions_total",
+            "Sessions re-asserted (SET NX) to the shared store after an outage or a loss of its data.",
+        )
         self.build_info = _Gauge(
             r, "mcpbalancer_build_info", "Always 1; the version is a label.", ("version",)
         )
@@ -358,6 +390,9 @@ class Metrics:
         self._stream_durations = self.sse_stream_duration.labels()
         self._ended = {reason: self.sessions_ended.labels(reason) for reason in SESSION_END_REASONS}
         self._failovers = {result: self.session_failovers.labels(result) for result in FAILOVER_RESULTS}
+        self.store_degraded = self.store_degraded_state.labels()
+        self.store_resynced = self.store_resynced_sessions.labels()
+        self._rejected = {reason: self.rejected_requests.labels(reason) for reason in REJECT_REASONS}
         self._responses: dict[_ResponseKey, tuple[Value, Observations | None]] = {}
         self._mcp: dict[tuple[Era, bytes], Value] = {}
         self._mcp_other = {era: self.mcp_requests.labels(era.value, OTHER) for era in Era}
@@ -435,6 +470,10 @@ class Metrics:
 
     def managed_exit(self, backend: str) -> None:
         self.managed_exits.labels(backend).value += 1
+
+    def rejected(self, reason: str) -> None:
+        """`reason` is one of REJECT_REASONS."""
+        self._rejected[reason].value += 1
 
     def upstream_error(self, backend: str, kind: str) -> None:
         """`kind` is one of UPSTREAM_ERROR_KINDS."""

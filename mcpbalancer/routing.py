@@ -10,8 +10,9 @@ cannot be reached.
 from __future__ import annotations
 
 import asyncio
+import hmac
 import logging
-from collections.abc import Awaitable, Collection, Sequence
+from collections.abc import Awaitable, Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -31,6 +32,7 @@ from mcpbalancer.affinity import (
 )
 from mcpbalancer.backends import Backend, BackendSet
 from mcpbalancer.balancer import Strategy
+from mcpbalancer.binding import SessionBinder, backend_of, decode_owner, encode_owner
 from mcpbalancer.errors import BadRequest, NoBackendAvailable, SessionNotFound, StoreError
 from mcpbalancer.metrics import Metrics
 from mcpbalancer.protocol import Era
@@ -60,6 +62,7 @@ class RequestFacts:
     watch: bool = False  # the response may create a task or a request state: learn from it
     # Only what replay failover needs to re-run `notifications/initialized`; not a routing fact.
     protocol_version: bytes | None = field(default=None, compare=False)
+    tag: str | None = None  # keyed hash of the bound credential (bind_sessions), else None
 
 
 def classify(
@@ -95,9 +98,14 @@ class Router:
         validate_headers: bool = False,
         shared_affinity: SharedAffinity | None = None,
         failover: Failover | None = None,
+        binder: SessionBinder | None = None,
+        refuse_new: Callable[[], bool] | None = None,
     ) -> None:
         self.backends = backends
         self.failover = failover  # `failover: replay`; None for `reinitialize`
+        self.binder = binder
+        # True while new sessions must be refused (on_store_error: fail, and the store is down).
+        self._refuse_new = refuse_new
         self._metrics = metrics or Metrics(CollectorRegistry())
         self._rules = rules if rules else None
         self._rule_hits = [self._metrics.rule_hits(rule.label) for rule in rules.rules] if rules else []
@@ -122,6 +130,8 @@ class Router:
             return self._route_modern(facts)
         sid = facts.session_id
         if sid is None:
+            if self._refuse_new is not None and facts.era is Era.LEGACY and self._refuse_new():
+                raise NoBackendAvailable("Session store unavailable")  # 503 + Retry-After
             return self.pick(facts)
         owner = self._store.peek(sid)
         if owner is UNKNOWN:
@@ -236,7 +246,14 @@ class Router:
         assert sid is not None
         if owner is None:
             raise SessionNotFound()
-        backend = self.backends.owner(owner)
+        owner_id, bound = decode_owner(owner)
+        if self.binder is not None and not _same_tag(bound, facts.tag):
+            # Another credential than the session's: it does not exist for this caller. The
+            # session itself stays: its owner may still use it.
+            log.info("session used with another credential than its own; answered as unknown")
+            self._metrics.rejected("credential")
+            raise SessionNotFound()
+        backend = self.backends.owner(owner_id)
         if backend is None and self.failover is not None and self.failover.can_replay(sid):
             return self.failover.replay(self, facts, None)
         if backend is None:
@@ -264,7 +281,7 @@ class Router:
         sid = facts.session_id
         if sid is None:
             if session_id is not None and 200 <= status < 300:
-                return self._bind(session_id, backend)
+                return self._bind(session_id, backend, facts.tag if self.binder is not None else None)
             return None
         if status == 404 or (facts.method == b"DELETE" and 200 <= status < 300):
             self._forget(sid, backend, "backend_404" if status == 404 else "delete")
@@ -281,32 +298,35 @@ class Router:
         """A session that could not be moved elsewhere ends."""
         self._forget(sid, backend, "backend_lost")
 
-    async def rebind(self, sid: str, backend: Backend, gone: Backend | None) -> None:
+    async def rebind(self, sid: str, backend: Backend, gone: Backend | None, tag: str | None) -> None:
         """Replay failover moved `sid` to `backend`: record the new owner (over the old one)."""
         try:
             await self._store.delete(sid)
-            await self._store.bind(sid, backend.owner_id, self._ttl)
+            await self._store.bind(sid, encode_owner(backend.owner_id, tag), self._ttl)
         except StoreError as exc:
             log.warning("could not store a moved session: %s", exc)
         if gone is not None and gone.sessions > 0:
             gone.sessions -= 1
         backend.sessions += 1
 
-    async def _bind(self, raw_sid: bytes, backend: Backend) -> None:
+    async def _bind(self, raw_sid: bytes, backend: Backend, tag: str | None) -> None:
         if not protocol.valid_session_id(raw_sid):
             log.warning("backend %s issued a malformed Mcp-Session-Id; not bound", backend.name)
             return
         sid = raw_sid.decode("ascii")
         try:
-            owner = await self._store.bind(sid, backend.owner_id, self._ttl)
+            value = encode_owner(backend.owner_id, tag)
+            owner = await self._store.bind(sid, value, self._ttl)
         except StoreError as exc:
             log.warning("could not store session of backend %s: %s", backend.name, exc)
             return
-        if owner == backend.owner_id:
+        if owner == value:
             backend.sessions += 1
             self._metrics.session_created(backend.name)
         else:
-            log.warning("backend %s issued a session id bound to %s; not rebound", backend.name, owner)
+            log.warning(
+                "backend %s issued a session id bound to %s; not rebound", backend.name, backend_of(owner)
+            )
 
     def _forget(self, sid: str, backend: Backend | None, reason: str) -> None:
         # Count the session down once, even when several requests learn of its end together:
@@ -336,7 +356,7 @@ class Router:
         self._metrics.session_ended("expired")
         if self.failover is not None:
             self.failover.discard(sid)
-        backend = self.backends.owner(owner)
+        backend = self.backends.owner(backend_of(owner))
         if backend is not None and backend.sessions > 0:
             backend.sessions -= 1
 
@@ -347,3 +367,9 @@ class Router:
             await asyncio.gather(*self._background, return_exceptions=True)
         if self._shared is not None:
             await self._shared.close()
+
+
+def _same_tag(bound: str | None, tag: str | None) -> bool:
+    if bound is None or tag is None:
+        return bound is tag
+    return hmac.compare_digest(bound, tag)

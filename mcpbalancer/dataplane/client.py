@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections import deque
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import cast
 
 import httptools
@@ -25,19 +26,25 @@ from mcpbalancer.dataplane.local import LocalHandler
 from mcpbalancer.dataplane.upstream import UpstreamPool
 from mcpbalancer.errors import (
     BadRequest,
+    Forbidden,
     HeadersTooLarge,
+    NoBackendAvailable,
     NotImplementedMethod,
     PayloadTooLarge,
     ProxyError,
+    RequestTimeout,
     render_error,
 )
 from mcpbalancer.logs import AccessLog
 from mcpbalancer.metrics import Metrics
+from mcpbalancer.origin import OriginPolicy, same_host
 from mcpbalancer.routing import Router
 
 log = logging.getLogger(__name__)
 
 PIPELINE_DEPTH = 16
+CONNECTION_WARNING_INTERVAL = 10.0  # seconds between log lines about refused connections
+_VERSIONS = frozenset({"1.0", "1.1"})
 
 
 class DataPlane:
@@ -55,6 +62,7 @@ class DataPlane:
         metrics: Metrics | None = None,
         access_log: AccessLog | None = None,
         local: Mapping[bytes, LocalHandler] | None = None,
+        allowed_origins: Iterable[str] = (),
     ) -> None:
         self.router = router
         self.metrics = metrics or Metrics(CollectorRegistry())
@@ -67,7 +75,10 @@ class DataPlane:
         self.loop = loop
         # Mcp-Name is picked out of the headers only when routing reads it (rules, affinity, strict).
         self.special = {**_SPECIAL, protocol.MCP_NAME: _mcp_name} if router.reads_names else _SPECIAL
+        self.origins = OriginPolicy(allowed_origins)
         self.connections: set[ClientConnection] = set()
+        self.refused_connections = 0  # since the last log line about them
+        self._refusal_logged_at = float("-inf")
         self.accepting = True
         self._none_open = asyncio.Event()
         self._none_open.set()
@@ -77,6 +88,20 @@ class DataPlane:
     def opened(self, conn: ClientConnection) -> None:
         self.connections.add(conn)
         self._none_open.clear()
+
+    def refuse_connection(self) -> bytes:
+        """Count (and now and then log) a connection over `limits.connections`; the answer to it."""
+        self.metrics.rejected("connections")
+        self.refused_connections += 1
+        now = time.monotonic()
+        if now - self._refusal_logged_at >= CONNECTION_WARNING_INTERVAL:
+            log.warning(
+                "connection limit (%d) reached: refused %d connections",
+                self.limits.connections,
+                self.refused_connections,
+            )
+            self._refusal_logged_at, self.refused_connections = now, 0
+        return _TOO_MANY_CONNECTIONS
 
     def closed(self, conn: ClientConnection) -> None:
         self.connections.discard(conn)
@@ -132,6 +157,11 @@ class ClientConnection(asyncio.Protocol):
         self._lost = False
         self.write_paused = False  # the transport's buffer is full: a new response starts paused
         self._refusal: bytes | None = None  # the answer to a broken byte stream, after the queue
+        # One timer per connection: the head timeout (waiting for a request head to complete) or
+        # the keep-alive timeout (idle between requests); none while a request is being served.
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_idle = False
+        self._in_head = False  # a request head has begun and is not complete
         self._reset_head()
 
     def _reset_head(self) -> None:
@@ -140,6 +170,9 @@ class ClientConnection(asyncio.Protocol):
         self._head_bytes = 0
         self._sid: bytes | None = None
         self._sid_conflict = False
+        self._hosts = 0
+        self._origin: bytes | None = None
+        self._cors_headers: bytes | None = None  # Access-Control-Request-Headers of a preflight
         self._version: bytes | None = None
         self._mcp_method: bytes | None = None
         self._mcp_name: bytes | None = None
@@ -158,10 +191,19 @@ class ClientConnection(asyncio.Protocol):
         peer = self.transport.get_extra_info("peername")
         if isinstance(peer, tuple) and peer:
             self.peer_ip = str(peer[0]).encode("ascii", "replace")
-        self.plane.opened(self)
-        if not self.plane.accepting:
+        plane = self.plane
+        if len(plane.connections) >= plane.limits.connections:
+            # Accept and close at once: the kernel backlog is not left to fill, nothing is queued.
+            self._closing = self._lost = True
+            self.transport.write(plane.refuse_connection())
+            self.transport.close()
+            return
+        plane.opened(self)
+        if not plane.accepting:
             self._closing = True
             transport.close()
+            return
+        self._arm(plane.limits.head_timeout, idle=False)
 
     def data_received(self, data: bytes) -> None:
         if self._closing:
@@ -173,12 +215,15 @@ class ClientConnection(asyncio.Protocol):
             self._stop_reading()
         except httptools.HttpParserCallbackError as exc:
             cause = exc.__context__
-            self._refuse(cause if isinstance(cause, ProxyError) else BadRequest(f"Bad request: {exc}"))
+            if isinstance(cause, ProxyError):
+                self._refuse(cause, "header_limit" if isinstance(cause, HeadersTooLarge) else "framing")
+            else:
+                self._refuse(BadRequest(f"Bad request: {exc}"), "framing")
         except httptools.HttpParserError as exc:
-            self._refuse(BadRequest(f"Bad request: {exc}"))
+            self._refuse(BadRequest(f"Bad request: {exc}"), "framing")
         else:
             if self._parsing is None and self._head_bytes > 2 * self.plane.limits.header_bytes:
-                self._refuse(HeadersTooLarge())
+                self._refuse(HeadersTooLarge(), "header_limit")
 
     def eof_received(self) -> bool:
         # Half-close: the client has sent all it will; answer what is queued, then close. An event
@@ -188,9 +233,16 @@ class ClientConnection(asyncio.Protocol):
         self._closing = True
         if self._queue and self._queue[0].streaming:
             return False  # the transport closes: connection_lost -> client_lost aborts upstream
+        if self._parsing is not None and not self._parsing.done:
+            # A body cut short can never complete: end its upstream request now rather than leave
+            # the backend waiting for the rest until a timeout.
+            self._refuse(BadRequest("Bad Request: the request body was cut short"), "framing")
         return bool(self._queue)
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
         self._lost = True
         self._closing = True
         self.plane.closed(self)
@@ -212,6 +264,9 @@ class ClientConnection(asyncio.Protocol):
 
     def on_message_begin(self) -> None:
         self._reset_head()
+        self._in_head = True
+        if self._timer_idle and not self._queue:
+            self._arm(self.plane.limits.head_timeout, idle=False)  # the head is due within it
 
     def on_url(self, url: bytes) -> None:
         self._url += url
@@ -233,6 +288,10 @@ class ClientConnection(asyncio.Protocol):
             raise HeadersTooLarge()
 
     def on_headers_complete(self) -> None:
+        self._in_head = False
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
         if self._closing:
             return
         parser = self.parser
@@ -260,9 +319,13 @@ class ClientConnection(asyncio.Protocol):
         exchange = Exchange(self.plane, self, head)
         problem = self._head_problem(head)
         if problem is not None:
+            err, reason = problem
+            self.plane.metrics.rejected(reason)
             head.keep_alive = False
             exchange.keep_alive = False
-            exchange.fail_before_start(problem)
+            exchange.fail_before_start(err)
+        elif self._origin is not None:
+            self._cross_origin(head, exchange)
         self._parsing = exchange
         self._head_bytes = 0
         self._queue.append(exchange)
@@ -271,26 +334,68 @@ class ClientConnection(asyncio.Protocol):
         elif len(self._queue) >= PIPELINE_DEPTH:
             self.pause_reading()
 
-    def _head_problem(self, head: RequestHead) -> ProxyError | None:
+    def _head_problem(self, head: RequestHead) -> tuple[ProxyError, str] | None:
+        """Why this head is refused, with its REJECT_REASONS label; None when it may go on."""
         if head.method == b"CONNECT":
-            return NotImplementedMethod("CONNECT is not supported")
+            return NotImplementedMethod("CONNECT is not supported"), "method"
         if self.parser.should_upgrade():
-            return NotImplementedMethod("Protocol upgrade is not supported")
+            return NotImplementedMethod("Protocol upgrade is not supported"), "method"
+        if self.parser.get_http_version() not in _VERSIONS:
+            return BadRequest("Bad Request: only HTTP/1.0 and HTTP/1.1 are supported"), "version"
+        if head.chunked and not head.http11:
+            # RFC 9112 §6.1: Transfer-Encoding from an HTTP/1.0 client is a framing fault.
+            return BadRequest("Bad Request: Transfer-Encoding in an HTTP/1.0 request"), "version"
+        if self._hosts > 1 or (self._hosts == 0 and head.http11):
+            return BadRequest("Bad Request: an HTTP/1.1 request needs exactly one Host header"), "host"
         if self._sid_conflict:
-            return BadRequest("Bad Request: conflicting Mcp-Session-Id headers")
+            return BadRequest("Bad Request: conflicting Mcp-Session-Id headers"), "session_id"
         if self._name_conflict and protocol.era_of(self._version) is protocol.Era.MODERN:
-            return BadRequest("Bad Request: conflicting Mcp-Name headers")
+            return BadRequest("Bad Request: conflicting Mcp-Name headers"), "mcp_name"
+        if self._origin is not None and not self.plane.origins.allows(self._origin, head.host):
+            return Forbidden("Forbidden: Origin not allowed"), "origin"
         if not head.chunked and _declared(head.content_length) > self.plane.limits.body_bytes:
             # Refused on its head: nothing is forwarded, and an Expect client gets no 100 Continue.
-            return PayloadTooLarge()
+            return PayloadTooLarge(), "body_limit"
         target = head.target
-        if not target.startswith(b"/") and target != b"*":
-            try:
-                url = httptools.parse_url(target)
-            except httptools.HttpParserInvalidURLError:
-                return BadRequest("Bad Request: invalid request target")
-            head.target = (url.path or b"/") + (b"?" + url.query if url.query else b"")
+        if not target.startswith(b"/"):
+            return self._other_form(head)
         return None
+
+    def _other_form(self, head: RequestHead) -> tuple[ProxyError, str] | None:
+        """Absolute-form targets are accepted only for the Host they came with (no open proxying:
+        a target naming another authority than Host is ambiguous about where the request goes);
+        asterisk-form only for OPTIONS."""
+        target = head.target
+        if target == b"*":
+            return (
+                None
+                if head.method == b"OPTIONS"
+                else (BadRequest("Bad Request: invalid request target"), "host")
+            )
+        try:
+            url = httptools.parse_url(target)
+        except httptools.HttpParserInvalidURLError:
+            return BadRequest("Bad Request: invalid request target"), "host"
+        authority = (url.host or b"") + (b":%d" % url.port if url.port is not None else b"")
+        origin = (url.schema or b"").lower() + b"://" + authority.lower()
+        if url.schema is None or url.schema.lower() not in (b"http", b"https") or head.host is None:
+            return BadRequest("Bad Request: invalid request target"), "host"
+        if not same_host(origin, head.host):
+            return BadRequest("Bad Request: absolute-form target for another host than Host"), "host"
+        head.target = (url.path or b"/") + (b"?" + url.query if url.query else b"")
+        return None
+
+    def _cross_origin(self, head: RequestHead, exchange: Exchange) -> None:
+        """An allowed Origin: answer a CORS preflight here; mark other answers for CORS headers."""
+        origin = self._origin
+        assert origin is not None
+        policy = self.plane.origins
+        if head.method == b"OPTIONS" and any(
+            n == b"access-control-request-method" for n, _, _ in head.headers
+        ):
+            exchange.preset_answer(204, policy.preflight(origin, self._cors_headers, head.keep_alive))
+        else:
+            head.cors = policy.cors_headers(origin)
 
     def on_body(self, body: bytes) -> None:
         if self._parsing is not None:
@@ -341,6 +446,12 @@ class ClientConnection(asyncio.Protocol):
             self._close()
         elif self._closing:
             self._close()
+        else:
+            limits = self.plane.limits
+            # Idle: the next request's head is due (it may have begun), or the connection may rest.
+            self._arm(
+                limits.head_timeout if self._in_head else limits.keepalive_timeout, idle=not self._in_head
+            )
         if len(self._queue) < PIPELINE_DEPTH:
             self.resume_reading()
 
@@ -351,8 +462,32 @@ class ClientConnection(asyncio.Protocol):
 
     # -- internals --------------------------------------------------------------------------------
 
-    def _refuse(self, err: ProxyError) -> None:
+    def _arm(self, seconds: float, *, idle: bool) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer_idle = idle
+        self._timer = self.plane.loop.call_later(seconds, self._timed_out)
+
+    def _timed_out(self) -> None:
+        self._timer = None
+        if self._lost or self._queue:
+            return
+        if self._timer_idle:
+            self._close()  # an idle keep-alive connection: nothing to say
+            return
+        self.plane.metrics.rejected("head_timeout")
+        log.info(
+            "closing connection from %s: no request head within %ss",
+            self.peer_ip.decode(),
+            self.plane.limits.head_timeout,
+        )
+        if self._in_head:
+            self.write(render_error(RequestTimeout(), keep_alive=False))
+        self._close()
+
+    def _refuse(self, err: ProxyError, reason: str) -> None:
         """The byte stream is broken: answer once the queue ahead drains, then close."""
+        self.plane.metrics.rejected(reason)
         log.info("refused request from %s: %s", self.peer_ip.decode(), err)
         self._stop_reading()
         broken, self._parsing = self._parsing, None
@@ -405,6 +540,15 @@ def _mcp_name(conn: ClientConnection, value: bytes) -> None:
 
 def _host(conn: ClientConnection, value: bytes) -> None:
     conn._host = value
+    conn._hosts += 1
+
+
+def _origin(conn: ClientConnection, value: bytes) -> None:
+    conn._origin = value
+
+
+def _request_headers(conn: ClientConnection, value: bytes) -> None:
+    conn._cors_headers = value
 
 
 def _length(conn: ClientConnection, value: bytes) -> None:
@@ -439,4 +583,8 @@ _SPECIAL = {
     protocol.EXPECT: _expect,
     b"x-forwarded-for": _forwarded_for,
     protocol.CONNECTION: _connection,
+    b"origin": _origin,
+    b"access-control-request-headers": _request_headers,
 }
+
+_TOO_MANY_CONNECTIONS = render_error(NoBackendAvailable("Too many connections"), keep_alive=False)

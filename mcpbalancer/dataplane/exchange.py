@@ -32,6 +32,7 @@ from mcpbalancer.errors import (
 )
 from mcpbalancer.failover import BODY_LIMIT as INITIALIZE_LIMIT
 from mcpbalancer.metrics import NO_BACKEND
+from mcpbalancer.protocol import Era
 from mcpbalancer.routing import RequestFacts, classify
 
 if TYPE_CHECKING:
@@ -65,6 +66,7 @@ class RequestHead:
     mcp_method: bytes | None = None
     transfer_encoding: bytes | None = None
     mcp_name: bytes | None = None  # captured only when routing reads it
+    cors: bytes | None = None  # CORS header lines for the answer to an allowed cross-origin request
 
 
 class Exchange:
@@ -98,6 +100,7 @@ class Exchange:
         self._timer: asyncio.TimerHandle | None = None
         self._task: asyncio.Task[None] | None = None
         self._preset: ProxyError | None = None
+        self._preset_raw: tuple[int, bytes] | None = None  # (status, whole answer): a CORS preflight
         self._turn = False  # at the head of the client's queue: may write to the client
         self._beat = 0.0  # heartbeat interval of this response; 0 when none may be injected
         # For metrics and the access log.
@@ -131,11 +134,23 @@ class Exchange:
         """Answer `err` instead of forwarding, once this exchange's turn comes."""
         self._preset = err
 
+    def preset_answer(self, status: int, answer: bytes) -> None:
+        """Answer with these bytes instead of forwarding, once this exchange's turn comes."""
+        self._preset_raw = (status, answer)
+
     def start(self) -> None:
         """This exchange is at the head of its connection's queue: route it."""
         self._turn = True
         if self._preset is not None:
             self._answer_error(self._preset)
+            return
+        if self._preset_raw is not None:
+            status, answer = self._preset_raw
+            if not self.request_complete and self.head.expect_continue:
+                self.keep_alive = False  # the client may or may not send the body it announced
+            self._record_own_answer(status, "local")
+            self.client.write(answer)
+            self._finish(reusable=False)
             return
         head = self.head
         local = self.plane.local.get(head.target)
@@ -151,6 +166,9 @@ class Exchange:
                 head.mcp_name,
                 head.headers,
             )
+            router = self.plane.router
+            if router.binder is not None and facts.era is Era.LEGACY:
+                facts.tag = router.binder.credential(head.headers)
         except ProxyError as err:
             self._answer_error(err)
             return
@@ -188,7 +206,7 @@ class Exchange:
         self._route()
 
     def request_body(self, data: bytes) -> None:
-        if self.done or self._preset is not None:
+        if self.done or self._preset is not None or self._preset_raw is not None:
             return  # answered, or to be answered without forwarding: the body is dropped
         self._body_bytes += len(data)
         if self._body_bytes > self.plane.limits.body_bytes:
@@ -440,6 +458,8 @@ class Exchange:
                 lines += (name, b": ", value, b"\r\n")
         if self._chunked_out:
             lines += (b"Transfer-Encoding: ", coding or b"chunked", b"\r\n")
+        if head.cors is not None and b"access-control-allow-origin" not in lnames:
+            lines.append(head.cors)
         if not self.keep_alive:
             lines.append(b"Connection: close\r\n")
         elif not self.head.http11:
@@ -664,6 +684,7 @@ class Exchange:
     # -- endings -------------------------------------------------------------------------------
 
     def _too_large(self) -> None:
+        self.plane.metrics.rejected("body_limit")
         if not self._turn:
             # Pipelined behind an exchange still being answered: answer in turn, keep no body.
             self._body = []
@@ -693,6 +714,9 @@ class Exchange:
         self._record_own_answer(err.status, "error")
         head_only = self.head.method == b"HEAD"
         answer = render_error(err, keep_alive=self.keep_alive, head_only=head_only)
+        if self.head.cors is not None:  # a browser may read the error only with CORS headers
+            end = answer.index(b"\r\n") + 2
+            answer = answer[:end] + self.head.cors + answer[end:]
         self.sent = len(answer) - answer.index(b"\r\n\r\n") - 4
         self.client.write(answer)
         if self.upstream is not None:

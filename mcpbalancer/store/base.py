@@ -50,3 +50,12 @@ class SessionStore(Protocol):
     async def close(self) -> None:
         """Release connections and background tasks."""
         ...
+
+
+class SharedStore(SessionStore, Protocol):
+    """A store shared by proxy replicas (Redis), which can lose its data while we run."""
+
+    async def mark(self, ttl: float) -> bool:
+        """Set this process's marker for `ttl` seconds; True if it was absent (the first call, or
+        the store lost its data since the last one)."""
+        ...

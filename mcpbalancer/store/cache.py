@@ -10,6 +10,13 @@ last slide without sliding it again. The shared key is therefore written to live
 (`LIFETIME` x ttl): a session stays for at least its ttl after its last use, on every replica, as
 it does in the memory store; an idle one goes between one ttl and `LIFETIME` ttls after its last
 use.
+
+When the shared store fails (issue 7), known sessions keep routing from the cache and new ones are
+bound here alone (`degraded`). `watch()` sets a per-process marker key every second: when the store
+answers again, or when the marker is found missing (Redis restarted empty, or was flushed), every
+live entry is re-asserted with SET NX, so no mapping is lost and none is bound twice. A background
+touch that finds a key gone drops the entry only when the marker shows the store did not lose its
+data (another replica ended the session); otherwise the entry is re-asserted.
 """
 
 from __future__ import annotations
@@ -19,13 +26,21 @@ import logging
 import time
 from collections import OrderedDict
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
-from mcpbalancer.store.base import UNKNOWN, SessionStore, Unknown
+from mcpbalancer.errors import StoreError
+from mcpbalancer.store.base import UNKNOWN, SharedStore, Unknown
+
+if TYPE_CHECKING:
+    from mcpbalancer.metrics import Metrics
 
 logger = logging.getLogger(__name__)
 
 # The shared key's lifetime, in ttls: one ttl after the last use plus the half ttl between slides.
 LIFETIME = 1.5
+MARKER_TTL = 600.0  # the marker outlives many watch intervals; a dead process's marker goes away
+WATCH_INTERVAL = 1.0
+RESYNC_BATCH = 100  # SET NX commands in flight at once while re-asserting
 
 
 class _Entry:
@@ -48,11 +63,12 @@ class CachedStore:
 
     def __init__(
         self,
-        inner: SessionStore,
+        inner: SharedStore,
         capacity: int = 100_000,
         clock: Callable[[], float] = time.monotonic,
         *,
         default_ttl: float | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         if capacity < 1:
             raise ValueError("capacity must be at least 1")
@@ -64,6 +80,12 @@ class CachedStore:
         # One in-flight background touch per sid; holding the task also keeps it from being
         # garbage collected before it finishes.
         self._touching: dict[str, asyncio.Task[None]] = {}
+        self._metrics = metrics
+        self.degraded = False  # the last shared-store operation failed: new bindings are local only
+        self._dirty = False  # something was not written to the shared store; re-assert when it answers
+        self._marked = False  # our marker is known to be in the shared store
+        self._generation = 0  # bumped by every re-assertion of the whole cache
+        self._resync: asyncio.Task[None] | None = None
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -95,7 +117,15 @@ class CachedStore:
         return backend
 
     async def bind(self, sid: str, backend: str, ttl: float) -> str:
-        owner = await self._inner.bind(sid, backend, ttl * LIFETIME)
+        try:
+            owner = await self._inner.bind(sid, backend, ttl * LIFETIME)
+        except StoreError as exc:
+            # The backend has made the session: keep it here, and write it when the store returns.
+            self._failed()
+            logger.warning("session store unavailable; session bound locally until it returns: %s", exc)
+            owner = backend
+        else:
+            self._answered()
         self._ttl_hint = ttl
         self._remember(sid, owner, ttl)
         return owner
@@ -119,6 +149,73 @@ class CachedStore:
     async def ping(self) -> None:
         await self._inner.ping()
 
+    async def watch(self, interval: float = WATCH_INTERVAL) -> None:
+        """Run forever (a task of the app): notice outages, recoveries and lost data; re-assert."""
+        while True:
+            await asyncio.sleep(interval)
+            lost = await self._mark()
+            if (lost or self._dirty) and not self.degraded:
+                await self.resync()
+
+    async def resync(self) -> None:
+        """Re-assert every live entry with SET NX (the store's owner wins where one exists)."""
+        if self._resync is None:
+            self._resync = asyncio.get_running_loop().create_task(self._resync_all())
+        try:
+            await asyncio.shield(self._resync)
+        finally:
+            if self._resync is not None and self._resync.done():
+                self._resync = None
+
+    async def _resync_all(self) -> None:
+        self._dirty = False
+        self._generation += 1
+        now = self._clock()
+        live = [(sid, e) for sid, e in self._entries.items() if now - e.touched_at <= e.ttl]
+        written = 0
+        for start in range(0, len(live), RESYNC_BATCH):
+            batch = live[start : start + RESYNC_BATCH]
+            owners = await asyncio.gather(
+                *(self._inner.bind(sid, e.backend, e.ttl * LIFETIME) for sid, e in batch),
+                return_exceptions=True,
+            )
+            for (sid, entry), owner in zip(batch, owners, strict=True):
+                if isinstance(owner, BaseException):
+                    self._failed()  # down again: the next recovery starts over
+                    return
+                if owner != entry.backend and self._entries.get(sid) is entry:
+                    logger.warning("session re-asserted to the store found another owner; using it")
+                    entry.backend = owner
+                written += 1
+        if self._metrics is not None:
+            self._metrics.store_resynced.value += written
+        if written:
+            logger.info("re-asserted %d sessions in the session store", written)
+
+    async def _mark(self) -> bool:
+        """Set our marker; True if the store had lost it (or never had it). False on failure."""
+        try:
+            lost = await self._inner.mark(MARKER_TTL)
+        except StoreError:
+            self._failed()
+            return False
+        self._answered()
+        first, self._marked = not self._marked, True
+        return lost and not first
+
+    def _failed(self) -> None:
+        self._dirty = True
+        if not self.degraded:
+            self.degraded = True
+            if self._metrics is not None:
+                self._metrics.store_degraded.value = 1
+
+    def _answered(self) -> None:
+        if self.degraded:
+            self.degraded = False
+            if self._metrics is not None:
+                self._metrics.store_degraded.value = 0
+
     async def drain(self) -> None:
         """Wait for the background touches in flight (tests; a graceful shutdown)."""
         while self._touching:
@@ -126,7 +223,7 @@ class CachedStore:
             await asyncio.sleep(0)  # let the done callbacks run
 
     async def close(self) -> None:
-        tasks = list(self._touching.values())
+        tasks = list(self._touching.values()) + ([self._resync] if self._resync is not None else [])
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
@@ -154,12 +251,20 @@ class CachedStore:
         task.add_done_callback(lambda _: self._touching.pop(sid, None))
 
     async def _touch(self, sid: str, entry: _Entry) -> None:
+        generation = self._generation
         try:
             alive = await self._inner.touch(sid, entry.ttl * LIFETIME)
         except Exception as exc:  # a background task has no caller to report to
             logger.debug("background session touch failed: %s", exc)
+            self._failed()
             return
-        # The key is gone (expired or deleted by another replica): stop routing from the cache,
-        # unless the entry has been replaced meanwhile.
-        if not alive and self._entries.get(sid) is entry:
+        self._answered()
+        if alive or self._entries.get(sid) is not entry:
+            return
+        # The key is gone. If the store lost its data (our marker is gone too) or was re-filled
+        # since this touch began, the session lives on: write it back. Otherwise another replica
+        # ended it (or it expired there): stop routing it from the cache.
+        if await self._mark() or generation != self._generation:
+            await self.resync()
+        elif not self.degraded and self._entries.get(sid) is entry:
             del self._entries[sid]

@@ -10,7 +10,7 @@ import time
 from collections.abc import Callable
 
 from mcpbalancer.metrics import Metrics
-from mcpbalancer.store.base import SessionStore
+from mcpbalancer.store.base import SessionStore, SharedStore
 from mcpbalancer.store.cache import CachedStore
 from mcpbalancer.store.instrumented import InstrumentedStore
 from mcpbalancer.store.memory import MemoryStore
@@ -39,8 +39,8 @@ def create_store(
     if spec == "memory":
         return MemoryStore(clock=clock, on_expire=on_expire)
     if spec.lower().startswith(_REDIS_SCHEMES):
-        shared: SessionStore = RedisStore.from_url(spec, prefix=prefix, op_timeout=op_timeout)
+        shared: SharedStore = RedisStore.from_url(spec, prefix=prefix, op_timeout=op_timeout)
         if metrics is not None:
             shared = InstrumentedStore(shared, metrics)
-        return CachedStore(shared, capacity=cache_size, clock=clock, default_ttl=session_ttl)
+        return CachedStore(shared, capacity=cache_size, clock=clock, default_ttl=session_ttl, metrics=metrics)
     raise ValueError(f"unknown session store {spec!r}: use 'memory' or a redis://, rediss:// or unix:// URL")

@@ -13,13 +13,13 @@ from typing import TypeVar
 
 from mcpbalancer.errors import StoreError
 from mcpbalancer.metrics import Metrics
-from mcpbalancer.store.base import SessionStore, Unknown
+from mcpbalancer.store.base import SharedStore, Unknown
 
 _T = TypeVar("_T")
 
 
 class InstrumentedStore:
-    def __init__(self, inner: SessionStore, metrics: Metrics) -> None:
+    def __init__(self, inner: SharedStore, metrics: Metrics) -> None:
         self._inner = inner
         self._metrics = metrics
         self.peek: Callable[[str], str | Unknown | None] = inner.peek
@@ -38,6 +38,9 @@ class InstrumentedStore:
 
     async def ping(self) -> None:
         await self._timed("ping", self._inner.ping())
+
+    async def mark(self, ttl: float) -> bool:
+        return await self._timed("mark", self._inner.mark(ttl))
 
     async def close(self) -> None:
         await self._inner.close()

@@ -8,6 +8,7 @@ where this module meets the library's exceptions.
 from __future__ import annotations
 
 import asyncio
+import secrets
 from collections.abc import Awaitable
 from typing import TypeVar
 
@@ -35,6 +36,8 @@ class RedisStore:
         self._client = client
         self._key_prefix = f"{prefix}{space}:"  # space: s sessions; t, r affinity (store/shared.py)
         self._op_timeout = op_timeout
+        # This instance's marker: its absence means Redis lost what we wrote (restart, flush).
+        self._marker = f"{prefix}m:{secrets.token_hex(8)}"
 
     @classmethod
     def from_url(
@@ -81,6 +84,12 @@ class RedisStore:
 
     async def ping(self) -> None:
         await self._call(self._client.ping())
+
+    async def mark(self, ttl: float) -> bool:
+        """Set this instance's marker key for `ttl` seconds; True if it was absent (first call, or
+        Redis lost its data since the last one). One round trip: SET PX GET."""
+        previous = await self._call(self._client.set(self._marker, "1", px=_millis(ttl), get=True))
+        return previous is None
 
     async def close(self) -> None:
         await self._call(self._client.aclose())

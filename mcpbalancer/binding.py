@@ -1,0 +1,52 @@
+"""Credential-bound sessions: a session may be used only with the credential it was created with.
+
+With `bind_sessions: <header>` the store value of a session is `<backend>|<tag>`, where the tag is an
+HMAC-SHA256 of that header's value (absent header: no tag) under `session_binding_key` (or a
+per-process random key with the memory store). The value format lives here and only here; backend
+names cannot contain `|` (config.py), so an untagged value is a plain backend name as before.
+
+Pure: no I/O.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import secrets
+
+SEPARATOR = "|"
+_TAG_HEX = 32  # 128 bits of the HMAC: ample against forgery, short in Redis
+
+
+def encode_owner(backend: str, tag: str | None) -> str:
+    return backend if tag is None else f"{backend}{SEPARATOR}{tag}"
+
+
+def decode_owner(value: str) -> tuple[str, str | None]:
+    backend, sep, tag = value.partition(SEPARATOR)
+    return backend, (tag if sep else None)
+
+
+def backend_of(value: str) -> str:
+    return value.partition(SEPARATOR)[0]
+
+
+class SessionBinder:
+    """Tags credentials of the header `header` (lower-case bytes) with a keyed hash."""
+
+    def __init__(self, header: str, key: bytes | None = None) -> None:
+        self.header = header.lower().encode("ascii")
+        self._key = key if key is not None else secrets.token_bytes(32)
+
+    def tag(self, value: bytes | None) -> str | None:
+        if value is None:
+            return None
+        return hmac.new(self._key, value.strip(), hashlib.sha256).hexdigest()[:_TAG_HEX]
+
+    def credential(self, headers: list[tuple[bytes, bytes, bytes]]) -> str | None:
+        """The tag of the bound header in a request's (lower-case name, name, value) list."""
+        name = self.header
+        for lname, _, value in headers:
+            if lname == name:
+                return self.tag(value)
+        return None
