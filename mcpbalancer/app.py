@@ -153,11 +153,20 @@ class Proxy:
 
     def _keep_managed(self, new: tuple[BackendConfig, ...]) -> tuple[BackendConfig, ...]:
         """Managed (`command`) backends are started and stopped with the process: a reload applies
-        the file's `url` backends and keeps the managed ones as they run."""
+        the file's `url` backends and keeps the managed ones as they run. ConfigError when a `url`
+        backend takes the name of a running managed one."""
         running = tuple(b for b in self.config.backends if b.command is not None)
+        urls = tuple(b for b in new if b.command is None)
+        # A file that renames the managed entry may give a `url` backend a running instance's name:
+        # refuse it here, before Fleet.apply would point the running instance at that url.
+        clash = sorted({b.name for b in urls} & {b.name for b in running})
+        if clash:
+            problem = f"backend {', '.join(map(repr, clash))} is the name of a running managed backend"
+            log.error("reload rejected, running configuration kept: %s", problem)
+            raise ConfigError(f"{self.config.source}: {problem}")
         if tuple(b for b in new if b.command is not None) != running:
             log.warning("reload: managed (`command`) backends change only on restart; kept as running")
-        return tuple(b for b in new if b.command is None) + running
+        return urls + running
 
     def _observability(self, config: Config, access_stream: TextIO | None) -> None:
         self.readiness = Readiness(lambda: self.router.backends, self.store.ping)

@@ -45,8 +45,12 @@ class SessionBinder:
 
     def credential(self, headers: list[tuple[bytes, bytes, bytes]]) -> str | None:
         """The tag of the bound header in a request's (lower-case name, name, value) list."""
+        return self.tag(self.value(headers))
+
+    def value(self, headers: list[tuple[bytes, bytes, bytes]]) -> bytes | None:
+        """The bound header's raw value in a request's (lower-case name, name, value) list."""
         name = self.header
         for lname, _, value in headers:
             if lname == name:
-                return self.tag(value)
+                return value
         return None

@@ -10,6 +10,9 @@ on every response) from then on. The client keeps its session; the server state 
 
 Records and aliases live in this proxy's memory: with a shared Redis, another proxy that has not seen
 the session's `initialize` answers 404 as before.
+
+With `bind_sessions`, the replayed requests carry the bound header (the session's credential, as the
+request that triggered the replay sent it): a backend that authenticates with it accepts them.
 """
 
 from __future__ import annotations
@@ -38,6 +41,14 @@ _ACCEPT: Final = "application/json, text/event-stream"
 
 class _ReplayFailed(Exception):
     pass
+
+
+def _bound(router: Router, facts: RequestFacts) -> dict[str, str]:
+    """With `bind_sessions`, the session's credential (the header the backend authenticates with):
+    the replayed initialize carries it, as the client's own requests do."""
+    if router.binder is None or facts.credential is None:
+        return {}
+    return {router.binder.header.decode("ascii"): facts.credential.decode("latin-1")}
 
 
 class Failover:
@@ -114,7 +125,7 @@ class Failover:
                 raise SessionNotFound() from None
             tried.add(backend.name)
             try:
-                new_sid = await self._initialize(backend, target, body, version)
+                new_sid = await self._initialize(backend, target, body, version, _bound(router, facts))
             except _ReplayFailed as exc:
                 log.warning("replay failover: backend %s refused the session: %s", backend.name, exc)
                 continue
@@ -130,11 +141,13 @@ class Failover:
             log.info("replay failover: session moved from %s to %s", gone.name if gone else "?", backend.name)
             return backend
 
-    async def _initialize(self, backend: Backend, target: bytes, body: bytes, version: bytes | None) -> bytes:
+    async def _initialize(
+        self, backend: Backend, target: bytes, body: bytes, version: bytes | None, bound: dict[str, str]
+    ) -> bytes:
         http = self._session()
         scheme = "https" if backend.tls else "http"
         url = f"{scheme}://{backend.host_header.decode()}{(backend.path_prefix + target).decode('latin-1')}"
-        headers = {"Content-Type": "application/json", "Accept": _ACCEPT}
+        headers = {"Content-Type": "application/json", "Accept": _ACCEPT, **bound}
         try:
             async with http.post(url, data=body, headers=headers) as resp:
                 await resp.read()
@@ -148,7 +161,7 @@ class Failover:
                 await resp.read()
                 if not 200 <= resp.status < 300:
                     raise _ReplayFailed(f"notifications/initialized answered {resp.status}")
-        except (aiohttp.ClientError, TimeoutError, UnicodeError) as exc:
+        except (aiohttp.ClientError, TimeoutError, ValueError) as exc:  # ValueError: a header aiohttp refuses
             raise _ReplayFailed(f"{type(exc).__name__}: {exc}") from None
         return new_sid
 

@@ -63,6 +63,8 @@ class RequestFacts:
     # Only what replay failover needs to re-run `notifications/initialized`; not a routing fact.
     protocol_version: bytes | None = field(default=None, compare=False)
     tag: str | None = None  # keyed hash of the bound credential (bind_sessions), else None
+    # The bound credential itself: replay failover sends it with the replayed initialize.
+    credential: bytes | None = field(default=None, compare=False, repr=False)
 
 
 def classify(

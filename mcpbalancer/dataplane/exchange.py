@@ -168,7 +168,8 @@ class Exchange:
             )
             router = self.plane.router
             if router.binder is not None and facts.era is Era.LEGACY:
-                facts.tag = router.binder.credential(head.headers)
+                facts.credential = router.binder.value(head.headers)
+                facts.tag = router.binder.tag(facts.credential)
         except ProxyError as err:
             self._answer_error(err)
             return
