@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -301,7 +301,9 @@ class Exchange:
         else:
             self._connect(backend)
 
-    def _connect(self, backend: Backend) -> None:
+    def _connect(self, backend: Backend, then: Callable[[UpstreamConnection], None] | None = None) -> None:
+        """Open a new connection to `backend` in a Task, then `then(conn)` (default: attach)."""
+
         async def run() -> None:
             try:
                 conn = await self.plane.pools[backend.name].connect()
@@ -312,7 +314,7 @@ class Exchange:
             if self.done:
                 conn.close()
             else:
-                self._attach(conn)
+                (then or self._attach)(conn)
 
         self._task = asyncio.get_running_loop().create_task(run())
 
@@ -597,25 +599,15 @@ class Exchange:
         """The idle keep-alive connection was stale: send the same bytes on a new one, once."""
         self._retried = True
         replay = self._replay or []
-        backend = self.backend
-        assert backend is not None
+        assert self.backend is not None
 
-        async def run() -> None:
-            try:
-                conn = await self.plane.pools[backend.name].connect()
-            except (OSError, TimeoutError) as exc:
-                if not self.done:
-                    self._connect_failed(backend, exc)
-                return
-            if self.done:
-                conn.close()
-                return
+        def resend(conn: UpstreamConnection) -> None:
             self.upstream = conn
             self._connect_upstream(conn)
             conn.write(b"".join(replay))
             self._flush_pending()
 
-        self._task = asyncio.get_running_loop().create_task(run())
+        self._connect(self.backend, resend)
 
     def _headers_timeout(self) -> None:
         self._timer = None
