@@ -153,6 +153,7 @@ class ClientConnection(asyncio.Protocol):
         self._queue: deque[Exchange] = deque()
         self._parsing: Exchange | None = None
         self._paused = False
+        self._corked: list[bytes] | None = None  # writes held while one upstream read is relayed
         self._closing = False  # no new requests; close once the queue is empty
         self._lost = False
         self.write_paused = False  # the transport's buffer is full: a new response starts paused
@@ -409,10 +410,25 @@ class ClientConnection(asyncio.Protocol):
     # -- used by exchanges ------------------------------------------------------------------------
 
     def write(self, data: bytes) -> None:
-        if self.transport is not None and not self._lost:
+        if self._corked is not None:
+            self._corked.append(data)
+        elif self.transport is not None and not self._lost:
             self.transport.write(data)
 
+    def cork(self) -> bool:
+        """Hold writes until `uncork`, so they leave in one send; False if already corked."""
+        if self._corked is not None:
+            return False
+        self._corked = []
+        return True
+
+    def uncork(self) -> None:
+        held, self._corked = self._corked, None
+        if held:
+            self.write(held[0] if len(held) == 1 else b"".join(held))
+
     def abort(self) -> None:
+        self._corked = None
         self._closing = True
         if self.transport is not None:
             self.transport.abort()
@@ -505,6 +521,7 @@ class ClientConnection(asyncio.Protocol):
 
     def _close(self) -> None:
         self._closing = True
+        self.uncork()
         if self.transport is not None and not self._lost:
             self.transport.close()
 

@@ -124,6 +124,10 @@ class Exchange:
             self._capture = []
 
     @property
+    def output(self) -> ClientConnection:
+        return self.client
+
+    @property
     def streaming(self) -> bool:
         """Relaying an event stream, a response with no end of its own."""
         return self._boundary is not None and not self.done
@@ -280,7 +284,7 @@ class Exchange:
             if not self.done:
                 self._use(backend)
 
-        self._task = asyncio.get_running_loop().create_task(run())
+        self._task = self.plane.loop.create_task(run())
 
     def _use(self, backend: Backend) -> None:
         if self.done:
@@ -316,7 +320,7 @@ class Exchange:
             else:
                 (then or self._attach)(conn)
 
-        self._task = asyncio.get_running_loop().create_task(run())
+        self._task = self.plane.loop.create_task(run())
 
     def _connect_failed(self, backend: Backend, exc: OSError | TimeoutError) -> None:
         assert self.facts is not None
@@ -346,10 +350,9 @@ class Exchange:
         self.upstream = conn
         self._reused = conn.reused
         self._connect_upstream(conn)
-        self._send(self._request_head())
-        self._flush_pending()
+        self._flush_pending(self._request_head())
         timeout = self.plane.timeouts.response_headers
-        self._timer = asyncio.get_running_loop().call_later(timeout, self._headers_timeout)
+        self._timer = self.plane.loop.call_later(timeout, self._headers_timeout)
 
     def _connect_upstream(self, conn: UpstreamConnection) -> None:
         conn.attach(self)
@@ -385,9 +388,10 @@ class Exchange:
             lines.append(b"\r\n")
         return b"".join(lines)
 
-    def _flush_pending(self) -> None:
-        """Send the body that arrived while no backend connection existed."""
-        parts = [self._frame_request(chunk) for chunk in self._body]
+    def _flush_pending(self, head: bytes = b"") -> None:
+        """Send `head` and the body that arrived while no backend connection existed, in one write."""
+        parts = [head] if head else []
+        parts += [self._frame_request(chunk) for chunk in self._body]
         self._body = []
         if self.request_complete and self.head.chunked and not self._terminated:
             parts.append(LAST_CHUNK)
@@ -530,7 +534,7 @@ class Exchange:
                     if self._held_complete:
                         self._complete()
 
-        self._task = asyncio.get_running_loop().create_task(run())
+        self._task = self.plane.loop.create_task(run())
 
     def response_body(self, data: bytes) -> None:
         if self.done or self._no_body:
@@ -735,7 +739,7 @@ class Exchange:
             if not self.done:
                 self._write_local(result)
 
-        self._task = asyncio.get_running_loop().create_task(run())
+        self._task = self.plane.loop.create_task(run())
 
     def _write_local(self, answer: LocalAnswer) -> None:
         if not self.request_complete and self.head.expect_continue:

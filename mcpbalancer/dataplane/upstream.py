@@ -19,8 +19,18 @@ from mcpbalancer.backends import Backend
 log = logging.getLogger(__name__)
 
 
+class Output(Protocol):
+    """The client side an exchange writes to; corked while one upstream read is relayed."""
+
+    def cork(self) -> bool: ...
+    def uncork(self) -> None: ...
+
+
 class ResponseSink(Protocol):
     """What an upstream connection reports to the exchange it serves."""
+
+    @property
+    def output(self) -> Output: ...
 
     def response_begun(self) -> None: ...
     def response_head(self, status: int, reason: bytes, headers: list[tuple[bytes, bytes]]) -> None: ...
@@ -66,11 +76,17 @@ class UpstreamConnection(asyncio.Protocol):
             # A backend has nothing to say on an idle connection; it is not reusable.
             self.close()
             return
+        # Everything one read produces for the client (head, body, last chunk) leaves in one write.
+        output = self.sink.output
+        corked = output.cork()
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserError as exc:
             log.warning("backend %s sent a malformed response: %s", self.pool.backend.name, exc)
             self._lose(exc)
+        finally:
+            if corked:
+                output.uncork()
 
     def eof_received(self) -> bool:
         return False
