@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import signal
 import sys
@@ -33,6 +34,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def with_log_level(config: Config, level: str | None) -> Config:
+    """`--log-level` overrides `log.level` for everything, the access log (info lines) included."""
+    if level is None:
+        return config
+    return dataclasses.replace(config, log=dataclasses.replace(config.log, level=level))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     try:
@@ -40,7 +48,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"mcpbalancer: invalid configuration: {exc}", file=sys.stderr)
         return 2
-    configure_logging(config.log, level=args.log_level)
+    config = with_log_level(config, args.log_level)
+    configure_logging(config.log)
     if args.check:
         print(f"{config.source}: OK ({len(config.backends)} backends)")
         return 0

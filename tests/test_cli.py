@@ -15,6 +15,9 @@ from pathlib import Path
 import aiohttp
 import pytest
 
+from mcpbalancer.cli import with_log_level
+from mcpbalancer.config import parse_config
+from mcpbalancer.logs import access_enabled
 from tests.fixtures.backends import BackendProcess
 from tests.mcp_helpers import (
     DEADLINE,
@@ -309,3 +312,9 @@ async def _wait_logged(served: Served, text: str) -> None:
         return any(text in line for line in served.log)
 
     await wait_until(logged, f"a log line with {text!r}")
+
+
+@pytest.mark.parametrize(("flag", "access"), [(None, True), ("info", True), ("warning", False)])
+def test_log_level_flag_also_governs_the_access_log(flag: str | None, access: bool) -> None:
+    config = parse_config({"backends": [{"name": "a", "url": "http://127.0.0.1:1"}]})
+    assert access_enabled(with_log_level(config, flag).log) is access
