@@ -12,6 +12,7 @@ pytest_plugins = [
     "tests.fixtures.proxy",
     "tests.fixtures.stub",
     "tests.fixtures.rawhttp",
+    "tests.fixtures.mcp",
 ]
 
 

@@ -26,15 +26,9 @@ from tests.mcp_helpers import (
     open_session,
     recorded_client,
     redis_keys,
-    store_spec,
     text_of,
     wait_until,
 )
-
-
-@pytest.fixture(params=["memory", "redis"])
-async def store(request: pytest.FixtureRequest) -> str:
-    return await store_spec(request)
 
 
 @pytest.fixture

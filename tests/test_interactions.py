@@ -41,7 +41,6 @@ from tests.mcp_helpers import (
     recorded_client,
     session_headers,
     sse_messages,
-    store_spec,
     text_of,
     wait_until,
 )
@@ -52,11 +51,6 @@ RESTART_DEADLINE = 30.0  # a managed restart: 0.5 s delay, then a FastMCP start 
 ALICE = "Bearer alice-token"
 MALLORY = "Bearer mallory-token"
 APP = "https://app.example"
-
-
-@pytest.fixture(params=["memory", "redis"])
-async def store(request: pytest.FixtureRequest) -> str:
-    return await store_spec(request)
 
 
 @pytest.fixture

@@ -12,7 +12,6 @@ import collections
 import contextlib
 import json
 import uuid
-from collections.abc import AsyncIterator
 
 import aiohttp
 import mcp_types
@@ -42,22 +41,9 @@ from tests.mcp_helpers import (
     redis_keys,
     session_headers,
     sse_messages,
-    store_spec,
     text_of,
     wait_until,
 )
-
-
-@pytest.fixture(params=["memory", "redis"])
-async def store(request: pytest.FixtureRequest) -> str:
-    return await store_spec(request)
-
-
-@pytest.fixture
-async def web() -> AsyncIterator[aiohttp.ClientSession]:
-    """An aiohttp session for raw requests (closed before the proxy stops)."""
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=DEADLINE)) as session:
-        yield session
 
 
 async def owner_of(proxy: Proxy, session_id: str) -> str | None:

@@ -9,10 +9,8 @@ from __future__ import annotations
 import asyncio
 import itertools
 import time
-from collections.abc import AsyncIterator
 
 import aiohttp
-import pytest
 import redis.asyncio
 
 from mcpbalancer.app import Proxy
@@ -22,7 +20,6 @@ from mcpbalancer.store.memory import MemoryStore
 from tests.fixtures.backends import BackendProcess
 from tests.fixtures.proxy import ProxyFactory, proxy_config
 from tests.mcp_helpers import (
-    DEADLINE,
     LEGACY_VERSION,
     SESSION_NOT_FOUND,
     call_tool,
@@ -30,21 +27,8 @@ from tests.mcp_helpers import (
     from_proxy,
     mcp_url,
     open_session,
-    store_spec,
     wait_until,
 )
-
-
-@pytest.fixture(params=["memory", "redis"])
-async def store(request: pytest.FixtureRequest) -> str:
-    return await store_spec(request)
-
-
-@pytest.fixture
-async def web() -> AsyncIterator[aiohttp.ClientSession]:
-    """An aiohttp session for raw requests (closed before the proxy stops)."""
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=DEADLINE)) as session:
-        yield session
 
 
 async def count(web: aiohttp.ClientSession, proxy: Proxy, session_id: str) -> str:
