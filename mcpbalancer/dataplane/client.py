@@ -154,6 +154,8 @@ class ClientConnection(asyncio.Protocol):
         self._parsing: Exchange | None = None
         self._paused = False
         self._corked: list[bytes] | None = None  # writes held while one upstream read is relayed
+        self.reading = False  # inside data_received: exchanges hold their backend writes
+        self.held_upstream: list[Exchange] = []  # exchanges holding backend writes until the read ends
         self._closing = False  # no new requests; close once the queue is empty
         self._lost = False
         self.write_paused = False  # the transport's buffer is full: a new response starts paused
@@ -209,6 +211,17 @@ class ClientConnection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self._closing:
             return
+        # What one read produces for a backend (a request head and its body) leaves in one send.
+        self.reading = True
+        try:
+            self._feed(data)
+        finally:
+            self.reading = False
+            held, self.held_upstream = self.held_upstream, []
+            for exchange in held:
+                exchange.flush_upstream()
+
+    def _feed(self, data: bytes) -> None:
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade:

@@ -85,6 +85,7 @@ class Exchange:
         self._replay: list[bytes] | None = []
         self._replay_bytes = 0
         self._retried = False
+        self._out: list[bytes] = []  # backend writes held while the client read is handled
         self._terminated = False  # the last chunk of a chunked request body was sent
         self._tried: set[str] = set()
         self._started = False  # response head written to the client
@@ -413,8 +414,20 @@ class Exchange:
                 self._replay = None
             else:
                 replay.append(data)
-        if self.upstream is not None:
+        if self.upstream is None:
+            return
+        if self.client.reading:
+            if not self._out:
+                self.client.held_upstream.append(self)
+            self._out.append(data)
+        else:
             self.upstream.write(data)
+
+    def flush_upstream(self) -> None:
+        """The client read that produced these backend writes is over: send them as one."""
+        out, self._out = self._out, []
+        if out and self.upstream is not None and not self.done:
+            self.upstream.write(out[0] if len(out) == 1 else b"".join(out))
 
     # -- the response, called by the upstream connection -----------------------------------------
 
