@@ -13,7 +13,7 @@ from typing import Final
 
 from mcpbalancer.affinity import parse_json
 from mcpbalancer.errors import BadRequest, HeaderMismatch
-from mcpbalancer.protocol import HeaderEncodingError, decode_header_value
+from mcpbalancer.rules import decoded
 
 # The body field each name-bearing method mirrors into Mcp-Name.
 NAME_FIELDS: Final = {
@@ -35,21 +35,12 @@ def check(mcp_method: bytes | None, mcp_name: bytes | None, body: bytes) -> dict
     method = message.get("method")
     if not isinstance(method, str):
         return message  # a response or malformed message: nothing is routed on it
-    if _decode(mcp_method, "Mcp-Method") != method:
+    if decoded(mcp_method, "Mcp-Method") != method:
         raise HeaderMismatch("Mcp-Method header does not match the request body's method")
     field = NAME_FIELDS.get(method)
     if field is not None:
         params = message.get("params")
         value = params.get(field) if isinstance(params, dict) else None
-        if _decode(mcp_name, "Mcp-Name") != value:
+        if decoded(mcp_name, "Mcp-Name") != value:
             raise HeaderMismatch(f"Mcp-Name header does not match the request body's {field!r} parameter")
     return message
-
-
-def _decode(value: bytes | None, header: str) -> str | None:
-    if value is None:
-        return None
-    try:
-        return decode_header_value(value)
-    except HeaderEncodingError as exc:
-        raise BadRequest(f"Bad Request: {header}: {exc}") from exc

@@ -75,14 +75,16 @@ def _compile(index: int, route: RouteConfig, pools: Mapping[str, Sequence[str]])
     return Rule(index, label, route.method, name, params, pool, deny)
 
 
-def decoded(value: bytes | None) -> str | None:
-    """A routing header value decoded; BadRequest (400) for a malformed =?base64?...?= form."""
+def decoded(value: bytes | None, header: str | None = None) -> str | None:
+    """A routing header value decoded; BadRequest (400, naming `header` if given) for a malformed
+    =?base64?...?= form."""
     if value is None:
         return None
     try:
         return decode_header_value(value)
     except HeaderEncodingError as exc:
-        raise BadRequest(f"Bad Request: {exc}") from exc
+        where = f"{header}: " if header else ""
+        raise BadRequest(f"Bad Request: {where}{exc}") from exc
 
 
 def header_lookup(headers: Sequence[tuple[bytes, bytes, bytes]]) -> HeaderLookup:
