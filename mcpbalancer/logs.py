@@ -29,7 +29,8 @@ from mcpbalancer import protocol
 from mcpbalancer.config import LogConfig
 
 if TYPE_CHECKING:
-    from mcpbalancer.dataplane.exchange import Exchange
+    from mcpbalancer.backends import Backend
+    from mcpbalancer.dataplane.exchange import Exchange, RequestHead
 
 FLUSH_INTERVAL: Final = 0.1
 FLUSH_LINES: Final = 1024
@@ -107,11 +108,7 @@ class AccessLog:
     # -- the two formats ----------------------------------------------------------------------------
 
     def _json_line(self, ex: Exchange) -> str:
-        head = ex.head
-        sid = head.session_id
-        mcp = head.mcp_method
-        backend = ex.backend
-        micros = int((time.perf_counter() - ex.received_at) * 1_000_000)
+        head, sid, mcp, backend, micros = _fields(ex)
         return (
             f'{{"ts":"{self._timestamp()}","type":"access","client":"{ex.client.peer_ip.decode()}",'
             f'"method":"{head.method.decode()}","path":{_json_string(_path(head.target))},'
@@ -124,11 +121,7 @@ class AccessLog:
         )
 
     def _text_line(self, ex: Exchange) -> str:
-        head = ex.head
-        sid = head.session_id
-        mcp = head.mcp_method
-        backend = ex.backend
-        micros = int((time.perf_counter() - ex.received_at) * 1_000_000)
+        head, sid, mcp, backend, micros = _fields(ex)
         return (
             f"{self._timestamp()} {ex.client.peer_ip.decode()} "
             f'"{head.method.decode()} {_path(head.target)}" {ex.status} {ex.sent} '
@@ -157,6 +150,13 @@ def _era(ex: Exchange) -> str:
 
 
 _ERA_NAMES: Final = {era: era.value for era in protocol.Era}
+
+
+def _fields(ex: Exchange) -> tuple[RequestHead, bytes | None, bytes | None, Backend | None, int]:
+    """What both formats read of an exchange: head, session id, MCP method, backend, microseconds."""
+    head = ex.head
+    micros = int((time.perf_counter() - ex.received_at) * 1_000_000)
+    return head, head.session_id, head.mcp_method, ex.backend, micros
 
 
 def _path(raw: bytes) -> str:
