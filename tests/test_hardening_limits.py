@@ -101,6 +101,37 @@ async def test_idle_keepalive_connection_is_closed_after_keepalive_timeout(
     assert rejected(proxy, "head_timeout") == 0  # an idle close is not a refusal
 
 
+async def test_partial_head_after_keepalive_rest_is_timed_by_head_timeout_not_keepalive(
+    make_proxy: ProxyFactory, make_stub: StubFactory, open_client: ClientFactory
+) -> None:
+    # The connection's timer is kept from request to request; a head timeout shorter than the
+    # keep-alive one must still cut a head that starts on a rested connection.
+    stub = await make_stub()
+    proxy = await make_proxy([stub], limits={"keepalive_timeout": 30, "head_timeout": 0.5})
+    client = await open_client(proxy)
+    for _ in range(3):
+        await served(client)
+    started = time.monotonic()
+    client.send(b"GET /mcp HTTP/1.1\r\nHost: proxy.test\r\nX-Slow: ")
+    resp = await client.response()
+    assert resp.status == 408
+    assert 0.4 <= time.monotonic() - started < 3
+    assert rejected(proxy, "head_timeout") == 1
+
+
+async def test_many_quick_requests_outlive_the_head_timeout_armed_at_connect(
+    make_proxy: ProxyFactory, make_stub: StubFactory, open_client: ClientFactory
+) -> None:
+    stub = await make_stub()
+    proxy = await make_proxy([stub], limits={"keepalive_timeout": 30, "head_timeout": 0.3})
+    client = await open_client(proxy)
+    started = time.monotonic()
+    while time.monotonic() - started < 1.0:  # several head timeouts' worth of back-to-back requests
+        await served(client)
+    assert rejected(proxy, "head_timeout") == 0
+    await served(client, "/still-open")
+
+
 async def test_slow_responses_and_busy_connections_are_not_cut_by_the_client_timers(
     make_proxy: ProxyFactory, make_stub: StubFactory, open_client: ClientFactory
 ) -> None:

@@ -142,6 +142,35 @@ async def test_session_on_a_refusing_backend_gets_404_and_is_forgotten(
     assert revived.requests == []
 
 
+async def test_response_headers_timeout_counts_from_each_request_on_a_reused_connection(
+    make_proxy: ProxyFactory, make_stub: StubFactory, open_client: ClientFactory
+) -> None:
+    # The backend connection keeps one timer across requests: a deadline left from an earlier,
+    # quickly answered request must not cut a later one short.
+    answered = 0
+
+    async def handle(req: StubRequest) -> None:
+        nonlocal answered
+        await req.complete.wait()
+        if answered < 3:
+            answered += 1
+            req.conn.write(response(200, [], b"quick"))
+
+    stub = await make_stub(handle)
+    proxy = await make_proxy([stub], timeouts={"response_headers": 0.6})
+    client = await open_client(proxy)
+    for _ in range(3):
+        client.send(request("GET", "/quick"))
+        assert (await client.response()).status == 200
+        await asyncio.sleep(0.25)  # the client's pace: the first deadline passes meanwhile
+    assert len(stub.connections) == 1  # all on one pooled backend connection
+    client.send(request("GET", "/silent"))
+    started = time.monotonic()
+    resp = await client.response()
+    assert resp.status == 504
+    assert time.monotonic() - started >= 0.55
+
+
 async def test_backend_silent_past_response_headers_timeout_gives_504_and_keeps_the_session(
     make_proxy: ProxyFactory, make_stub: StubFactory, open_client: ClientFactory
 ) -> None:

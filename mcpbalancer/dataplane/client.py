@@ -43,6 +43,7 @@ from mcpbalancer.routing import Router
 log = logging.getLogger(__name__)
 
 PIPELINE_DEPTH = 16
+INF = float("inf")
 CONNECTION_WARNING_INTERVAL = 10.0  # seconds between log lines about refused connections
 _VERSIONS = frozenset({"1.0", "1.1"})
 
@@ -160,9 +161,12 @@ class ClientConnection(asyncio.Protocol):
         self._lost = False
         self.write_paused = False  # the transport's buffer is full: a new response starts paused
         self._refusal: bytes | None = None  # the answer to a broken byte stream, after the queue
-        # One timer per connection: the head timeout (waiting for a request head to complete) or
-        # the keep-alive timeout (idle between requests); none while a request is being served.
+        # One deadline per connection: the head timeout (waiting for a request head to complete) or
+        # the keep-alive timeout (idle between requests); none (INF) while a request is served.
+        # Its timer is not moved per request: when it fires early it looks again (see _arm).
+        self._deadline = INF
         self._timer: asyncio.TimerHandle | None = None
+        self._timer_at = INF  # when `_timer` fires
         self._timer_idle = False
         self._in_head = False  # a request head has begun and is not complete
         self._reset_head()
@@ -215,6 +219,10 @@ class ClientConnection(asyncio.Protocol):
         self.reading = True
         try:
             self._feed(data)
+            if self._in_head and self._timer_idle and not self._queue:
+                # A head began and did not complete in this read: it is due within head_timeout.
+                # (One that completes in the read it began in, the usual case, needs no timer.)
+                self._arm(self.plane.limits.head_timeout, idle=False)
         finally:
             self.reading = False
             held, self.held_upstream = self.held_upstream, []
@@ -279,8 +287,6 @@ class ClientConnection(asyncio.Protocol):
     def on_message_begin(self) -> None:
         self._reset_head()
         self._in_head = True
-        if self._timer_idle and not self._queue:
-            self._arm(self.plane.limits.head_timeout, idle=False)  # the head is due within it
 
     def on_url(self, url: bytes) -> None:
         self._url += url
@@ -303,9 +309,7 @@ class ClientConnection(asyncio.Protocol):
 
     def on_headers_complete(self) -> None:
         self._in_head = False
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+        self._deadline = INF
         if self._closing:
             return
         parser = self.parser
@@ -492,14 +496,27 @@ class ClientConnection(asyncio.Protocol):
     # -- internals --------------------------------------------------------------------------------
 
     def _arm(self, seconds: float, *, idle: bool) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
+        # A timer costs more than a request's routing: keep the one that is scheduled when it fires
+        # before the new deadline (it then looks again), replace it only to fire earlier.
+        loop = self.plane.loop
         self._timer_idle = idle
-        self._timer = self.plane.loop.call_later(seconds, self._timed_out)
+        self._deadline = deadline = loop.time() + seconds
+        if self._timer is not None:
+            if self._timer_at <= deadline:
+                return
+            self._timer.cancel()
+        self._timer_at = deadline
+        self._timer = loop.call_at(deadline, self._timed_out)
 
     def _timed_out(self) -> None:
         self._timer = None
-        if self._lost or self._queue:
+        self._timer_at = INF
+        deadline = self._deadline
+        if self._lost or self._queue or deadline == INF:
+            return
+        if self.plane.loop.time() < deadline:
+            self._timer_at = deadline
+            self._timer = self.plane.loop.call_at(deadline, self._timed_out)
             return
         if self._timer_idle:
             self._close()  # an idle keep-alive connection: nothing to say

@@ -352,11 +352,10 @@ class Exchange:
         self._reused = conn.reused
         self._connect_upstream(conn)
         self._flush_pending(self._request_head())
-        timeout = self.plane.timeouts.response_headers
-        self._timer = self.plane.loop.call_later(timeout, self._headers_timeout)
 
     def _connect_upstream(self, conn: UpstreamConnection) -> None:
         conn.attach(self)
+        conn.expect_head(self.plane.loop, self.plane.timeouts.response_headers)
         if self.client.write_paused:
             conn.pause_reading()  # the client is still backed up from an earlier response
 
@@ -626,8 +625,7 @@ class Exchange:
 
         self._connect(self.backend, resend)
 
-    def _headers_timeout(self) -> None:
-        self._timer = None
+    def response_timeout(self) -> None:
         if self.done or self._started:
             return
         name = self.backend.name if self.backend else "?"
@@ -646,9 +644,14 @@ class Exchange:
         self._stream_at = time.perf_counter()
         self._boundary = EventBoundary()
         self._last_write = self._last_upstream = self.plane.loop.time()
-        interval = self._tick_interval()
-        if interval > 0:
-            self._timer = self.plane.loop.call_later(interval, self._tick)
+        if self.upstream is not None and self._tick_interval() > 0:
+            # Armed after this upstream read: a streamed answer that ends in the read it began in
+            # (the usual POST) never needs the timer.
+            self.upstream.after_read = self._arm_tick
+
+    def _arm_tick(self) -> None:
+        if not self.done and self._timer is None:
+            self._timer = self.plane.loop.call_later(self._tick_interval(), self._tick)
 
     def _tick_interval(self) -> float:
         beat, idle = self._beat, self.plane.timeouts.stream_idle

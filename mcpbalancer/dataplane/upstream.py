@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import ssl
+from collections.abc import Callable
 from typing import Protocol, cast
 
 import httptools
@@ -17,6 +18,8 @@ import httptools
 from mcpbalancer.backends import Backend
 
 log = logging.getLogger(__name__)
+
+INF = float("inf")
 
 
 class Output(Protocol):
@@ -36,15 +39,20 @@ class ResponseSink(Protocol):
     def response_head(self, status: int, reason: bytes, headers: list[tuple[bytes, bytes]]) -> None: ...
     def response_body(self, data: bytes) -> None: ...
     def response_done(self) -> None: ...
+    def response_timeout(self) -> None: ...
     def upstream_lost(self, exc: Exception | None) -> None: ...
     def upstream_writable(self, writable: bool) -> None: ...
 
 
 class UpstreamConnection(asyncio.Protocol):
     __slots__ = (
+        "_head_due",
         "_headers",
         "_interim",
+        "_loop",
         "_reason",
+        "_timer",
+        "after_read",
         "closed",
         "keep_alive",
         "parser",
@@ -65,6 +73,12 @@ class UpstreamConnection(asyncio.Protocol):
         self._headers: list[tuple[bytes, bytes]] = []
         self._reason = b""
         self._interim = False
+        # The response head is due by `_head_due` (INF when none is awaited). The timer stays
+        # from request to request and looks again when it fires early: no timer per request.
+        self._head_due = INF
+        self._timer: asyncio.TimerHandle | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self.after_read: Callable[[], None] | None = None  # called once, after the current read
 
     # asyncio.Protocol
 
@@ -87,6 +101,9 @@ class UpstreamConnection(asyncio.Protocol):
         finally:
             if corked:
                 output.uncork()
+            if self.after_read is not None:
+                after, self.after_read = self.after_read, None
+                after()
 
     def eof_received(self) -> bool:
         return False
@@ -124,6 +141,7 @@ class UpstreamConnection(asyncio.Protocol):
         self._interim = 100 <= status < 200
         if self._interim:
             return
+        self._head_due = INF
         # Read at the head: a HEAD answer swaps the parser before the message completes.
         self.keep_alive = self.parser.should_keep_alive()
         if self.sink is not None:
@@ -145,6 +163,31 @@ class UpstreamConnection(asyncio.Protocol):
     def attach(self, sink: ResponseSink) -> None:
         self.sink = sink
 
+    def expect_head(self, loop: asyncio.AbstractEventLoop, timeout: float) -> None:
+        """A request went out: its response head is due within `timeout` seconds, else the sink's
+        `response_timeout` is called."""
+        self._head_due = due = loop.time() + timeout
+        if self._timer is None:
+            self._loop = loop
+            self._timer = loop.call_at(due, self._head_overdue)
+
+    def _head_overdue(self) -> None:
+        self._timer = None
+        due, loop = self._head_due, self._loop
+        if self.sink is None or due == INF or loop is None:
+            return
+        if loop.time() < due:
+            self._timer = loop.call_at(due, self._head_overdue)
+            return
+        self._head_due = INF
+        self.sink.response_timeout()
+
+    def _stop_timer(self) -> None:
+        self._head_due = INF
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
     def write(self, data: bytes) -> None:
         if self.transport is not None and not self.closed:
             self.transport.write(data)
@@ -164,6 +207,8 @@ class UpstreamConnection(asyncio.Protocol):
     def release(self, reusable: bool) -> None:
         """The exchange is over: back to the pool, or closed."""
         self.sink = None
+        self._head_due = INF
+        self.after_read = None
         if reusable and self.keep_alive and not self.closed:
             self.pool.release(self)
         else:
@@ -171,6 +216,7 @@ class UpstreamConnection(asyncio.Protocol):
 
     def close(self) -> None:
         self.sink = None
+        self._stop_timer()
         if self.transport is not None and not self.closed:
             self.closed = True
             self.transport.close()
@@ -178,6 +224,7 @@ class UpstreamConnection(asyncio.Protocol):
 
     def abort(self) -> None:
         self.sink = None
+        self._stop_timer()
         if self.transport is not None and not self.closed:
             self.closed = True
             self.transport.abort()
@@ -185,6 +232,7 @@ class UpstreamConnection(asyncio.Protocol):
 
     def _lose(self, exc: Exception | None) -> None:
         sink, self.sink = self.sink, None
+        self._stop_timer()
         if not self.closed and self.transport is not None:
             self.closed = True
             self.transport.abort()
