@@ -30,7 +30,8 @@ from mcpbalancer.config import LogConfig
 
 if TYPE_CHECKING:
     from mcpbalancer.backends import Backend
-    from mcpbalancer.dataplane.exchange import Exchange, RequestHead
+    from mcpbalancer.dataplane.exchange import Exchange
+    from mcpbalancer.dataplane.head import RequestHead
 
 FLUSH_INTERVAL: Final = 0.1
 FLUSH_LINES: Final = 1024

@@ -21,7 +21,8 @@ from prometheus_client import CollectorRegistry
 from mcpbalancer import protocol
 from mcpbalancer.backends import Backend
 from mcpbalancer.config import LimitsConfig, TimeoutsConfig
-from mcpbalancer.dataplane.exchange import Exchange, RequestHead
+from mcpbalancer.dataplane.exchange import Exchange
+from mcpbalancer.dataplane.head import RequestHead, capture
 from mcpbalancer.dataplane.local import LocalHandler
 from mcpbalancer.dataplane.upstream import UpstreamPool
 from mcpbalancer.errors import (
@@ -74,8 +75,7 @@ class DataPlane:
         self.timeouts = timeouts
         self.limits = limits
         self.loop = loop
-        # Mcp-Name is picked out of the headers only when routing reads it (rules, affinity, strict).
-        self.special = {**_SPECIAL, protocol.MCP_NAME: _mcp_name} if router.reads_names else _SPECIAL
+        self.capture = capture(router.reads_names)
         self.origins = OriginPolicy(allowed_origins)
         self.connections: set[ClientConnection] = set()
         self.refused_connections = 0  # since the last log line about them
@@ -147,7 +147,9 @@ def _standalone_stream(exchange: Exchange) -> bool:
 class ClientConnection(asyncio.Protocol):
     def __init__(self, plane: DataPlane) -> None:
         self.plane = plane
-        self._special = plane.special
+        self._capture = plane.capture
+        limits = plane.limits
+        self._header_bytes, self._header_count = limits.header_bytes, limits.header_count
         self.transport: asyncio.Transport | None = None
         self.parser = httptools.HttpRequestParser(self)
         self.peer_ip = b"unknown"
@@ -169,27 +171,8 @@ class ClientConnection(asyncio.Protocol):
         self._timer_at = INF  # when `_timer` fires
         self._timer_idle = False
         self._in_head = False  # a request head has begun and is not complete
-        self._reset_head()
-
-    def _reset_head(self) -> None:
-        self._url = b""
-        self._headers: list[tuple[bytes, bytes, bytes]] = []
+        self._head = RequestHead()
         self._head_bytes = 0
-        self._sid: bytes | None = None
-        self._sid_conflict = False
-        self._hosts = 0
-        self._origin: bytes | None = None
-        self._cors_headers: bytes | None = None  # Access-Control-Request-Headers of a preflight
-        self._version: bytes | None = None
-        self._mcp_method: bytes | None = None
-        self._mcp_name: bytes | None = None
-        self._name_conflict = False
-        self._host: bytes | None = None
-        self._length: bytes | None = None
-        self._te: bytes | None = None  # Transfer-Encoding, all fields joined
-        self._expect = False
-        self._xff: bytes | None = None
-        self._conn_tokens: frozenset[bytes] = frozenset()
 
     # -- asyncio.Protocol -------------------------------------------------------------------------
 
@@ -285,27 +268,30 @@ class ClientConnection(asyncio.Protocol):
     # -- httptools callbacks ----------------------------------------------------------------------
 
     def on_message_begin(self) -> None:
-        self._reset_head()
+        self._head = RequestHead()
+        self._head_bytes = 0
         self._in_head = True
 
     def on_url(self, url: bytes) -> None:
-        self._url += url
-        self._count(len(url))
+        self._head.target += url
+        self._head_bytes += len(url)
+        if self._head_bytes > self._header_bytes:
+            raise HeadersTooLarge()
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        self._count(len(name) + len(value) + 4)
-        if len(self._headers) >= self.plane.limits.header_count:
+        # Once per header field of every request: kept to the few operations it needs.
+        self._head_bytes += len(name) + len(value) + 4
+        if self._head_bytes > self._header_bytes:
+            raise HeadersTooLarge()
+        head = self._head
+        headers = head.headers
+        if len(headers) >= self._header_count:
             raise HeadersTooLarge("Too many request header fields")
         lname = name.lower()
-        special = self._special.get(lname)
-        if special is not None:
-            special(self, value)
-        self._headers.append((lname, name, value))
-
-    def _count(self, n: int) -> None:
-        self._head_bytes += n
-        if self._head_bytes > self.plane.limits.header_bytes:
-            raise HeadersTooLarge()
+        capture = self._capture.get(lname)
+        if capture is not None:
+            capture(head, value)
+        headers.append((lname, name, value))
 
     def on_headers_complete(self) -> None:
         self._in_head = False
@@ -313,27 +299,17 @@ class ClientConnection(asyncio.Protocol):
         if self._closing:
             return
         parser = self.parser
-        method = parser.get_method()
-        http11 = parser.get_http_version() == "1.1"
-        head = RequestHead(
-            method=method,
-            target=self._url,
-            headers=self._headers,
-            keep_alive=parser.should_keep_alive(),
-            http11=http11,
-            chunked=self._te is not None,
-            has_body=self._te is not None or (self._length is not None and self._length.strip() != b"0"),
-            expect_continue=self._expect and http11,
-            session_id=self._sid,
-            protocol_version=self._version,
-            host=self._host,
-            content_length=self._length,
-            forwarded_for=self._xff,
-            connection_tokens=self._conn_tokens,
-            transfer_encoding=self._te,
-            mcp_method=self._mcp_method,
-            mcp_name=self._mcp_name,
-        )
+        head = self._head
+        head.method = parser.get_method()
+        head.keep_alive = parser.should_keep_alive()
+        if parser.get_http_version() != "1.1":
+            head.http11 = False
+        elif head.expect:
+            head.expect_continue = True
+        if head.transfer_encoding is not None:
+            head.chunked = head.has_body = True
+        elif head.content_length is not None and head.content_length.strip() != b"0":
+            head.has_body = True
         exchange = Exchange(self.plane, self, head)
         problem = self._head_problem(head)
         if problem is not None:
@@ -342,7 +318,7 @@ class ClientConnection(asyncio.Protocol):
             head.keep_alive = False
             exchange.keep_alive = False
             exchange.fail_before_start(err)
-        elif self._origin is not None:
+        elif head.origin is not None:
             self._cross_origin(head, exchange)
         self._parsing = exchange
         self._head_bytes = 0
@@ -363,13 +339,13 @@ class ClientConnection(asyncio.Protocol):
         if head.chunked and not head.http11:
             # RFC 9112 §6.1: Transfer-Encoding from an HTTP/1.0 client is a framing fault.
             return BadRequest("Bad Request: Transfer-Encoding in an HTTP/1.0 request"), "version"
-        if self._hosts > 1 or (self._hosts == 0 and head.http11):
+        if head.hosts > 1 or (head.hosts == 0 and head.http11):
             return BadRequest("Bad Request: an HTTP/1.1 request needs exactly one Host header"), "host"
-        if self._sid_conflict:
+        if head.sid_conflict:
             return BadRequest("Bad Request: conflicting Mcp-Session-Id headers"), "session_id"
-        if self._name_conflict and protocol.era_of(self._version) is protocol.Era.MODERN:
+        if head.name_conflict and protocol.era_of(head.protocol_version) is protocol.Era.MODERN:
             return BadRequest("Bad Request: conflicting Mcp-Name headers"), "mcp_name"
-        if self._origin is not None and not self.plane.origins.allows(self._origin, head.host):
+        if head.origin is not None and not self.plane.origins.allows(head.origin, head.host):
             return Forbidden("Forbidden: Origin not allowed"), "origin"
         if not head.chunked and _declared(head.content_length) > self.plane.limits.body_bytes:
             # Refused on its head: nothing is forwarded, and an Expect client gets no 100 Continue.
@@ -405,13 +381,13 @@ class ClientConnection(asyncio.Protocol):
 
     def _cross_origin(self, head: RequestHead, exchange: Exchange) -> None:
         """An allowed Origin: answer a CORS preflight here; mark other answers for CORS headers."""
-        origin = self._origin
+        origin = head.origin
         assert origin is not None
         policy = self.plane.origins
         if head.method == b"OPTIONS" and any(
             n == b"access-control-request-method" for n, _, _ in head.headers
         ):
-            exchange.preset_answer(204, policy.preflight(origin, self._cors_headers, head.keep_alive))
+            exchange.preset_answer(204, policy.preflight(origin, head.cors_request_headers, head.keep_alive))
         else:
             head.cors = policy.cors_headers(origin)
 
@@ -563,75 +539,5 @@ def _declared(content_length: bytes | None) -> int:
     except ValueError:
         return 0
 
-
-def _session_id(conn: ClientConnection, value: bytes) -> None:
-    if conn._sid is not None and conn._sid != value:
-        conn._sid_conflict = True
-    conn._sid = value
-
-
-def _version(conn: ClientConnection, value: bytes) -> None:
-    conn._version = value
-
-
-def _mcp_method(conn: ClientConnection, value: bytes) -> None:
-    conn._mcp_method = value  # for metrics and the access log only
-
-
-def _mcp_name(conn: ClientConnection, value: bytes) -> None:
-    # Two different names: the proxy and the backend could each believe another one.
-    if conn._mcp_name is not None and conn._mcp_name != value:
-        conn._name_conflict = True
-    conn._mcp_name = value
-
-
-def _host(conn: ClientConnection, value: bytes) -> None:
-    conn._host = value
-    conn._hosts += 1
-
-
-def _origin(conn: ClientConnection, value: bytes) -> None:
-    conn._origin = value
-
-
-def _request_headers(conn: ClientConnection, value: bytes) -> None:
-    conn._cors_headers = value
-
-
-def _length(conn: ClientConnection, value: bytes) -> None:
-    conn._length = value
-
-
-def _transfer_encoding(conn: ClientConnection, value: bytes) -> None:
-    # httptools accepts only codings ending in chunked; the others ("gzip, chunked") stay on the
-    # body it hands over, so they are forwarded as received.
-    conn._te = value if conn._te is None else conn._te + b", " + value
-
-
-def _expect(conn: ClientConnection, value: bytes) -> None:
-    conn._expect = value.strip().lower() == b"100-continue"
-
-
-def _forwarded_for(conn: ClientConnection, value: bytes) -> None:
-    conn._xff = value if conn._xff is None else conn._xff + b", " + value
-
-
-def _connection(conn: ClientConnection, value: bytes) -> None:
-    conn._conn_tokens = conn._conn_tokens | protocol.connection_tokens(value)
-
-
-_SPECIAL = {
-    protocol.SESSION_ID: _session_id,
-    protocol.PROTOCOL_VERSION: _version,
-    protocol.MCP_METHOD: _mcp_method,
-    protocol.HOST: _host,
-    protocol.CONTENT_LENGTH: _length,
-    protocol.TRANSFER_ENCODING: _transfer_encoding,
-    protocol.EXPECT: _expect,
-    b"x-forwarded-for": _forwarded_for,
-    protocol.CONNECTION: _connection,
-    b"origin": _origin,
-    b"access-control-request-headers": _request_headers,
-}
 
 _TOO_MANY_CONNECTIONS = render_error(NoBackendAvailable("Too many connections"), keep_alive=False)

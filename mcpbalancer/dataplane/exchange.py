@@ -13,12 +13,12 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from mcpbalancer import protocol
 from mcpbalancer.affinity import ResultSniffer
 from mcpbalancer.backends import Backend
+from mcpbalancer.dataplane.head import RequestHead
 from mcpbalancer.dataplane.local import LocalAnswer, LocalHandler, render_local
 from mcpbalancer.dataplane.sse import PING, EventBoundary
 from mcpbalancer.dataplane.upstream import UpstreamConnection
@@ -45,28 +45,6 @@ log = logging.getLogger(__name__)
 REPLAY_LIMIT = 64 * 1024
 CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 LAST_CHUNK = b"0\r\n\r\n"
-
-
-@dataclass(slots=True)
-class RequestHead:
-    method: bytes
-    target: bytes
-    headers: list[tuple[bytes, bytes, bytes]]  # (lower-case name, name as received, value)
-    keep_alive: bool
-    http11: bool
-    chunked: bool
-    has_body: bool
-    expect_continue: bool
-    session_id: bytes | None
-    protocol_version: bytes | None
-    host: bytes | None
-    content_length: bytes | None
-    forwarded_for: bytes | None
-    connection_tokens: frozenset[bytes]
-    mcp_method: bytes | None = None
-    transfer_encoding: bytes | None = None
-    mcp_name: bytes | None = None  # captured only when routing reads it
-    cors: bytes | None = None  # CORS header lines for the answer to an allowed cross-origin request
 
 
 class Exchange:
