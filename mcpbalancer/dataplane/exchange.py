@@ -48,52 +48,55 @@ LAST_CHUNK = b"0\r\n\r\n"
 
 
 class Exchange:
+    # Class-level defaults: a new exchange writes only what its request changes (a request makes
+    # one Exchange, and forty assignments in __init__ were a measurable part of its cost).
+    facts: RequestFacts | None = None
+    backend: Backend | None = None
+    upstream: UpstreamConnection | None = None
+    done = False
+    request_complete = False
+    _body_bytes = 0
+    _replay_bytes = 0
+    _retried = False
+    _terminated = False  # the last chunk of a chunked request body was sent
+    _tried: tuple[str, ...] = ()  # backends that refused a connection for this request
+    _started = False  # response head written to the client
+    _held: list[bytes] | None = None  # response bytes held while a binding is stored
+    _chunked_out = False
+    _no_body = False
+    _until_close = False
+    _reused = False
+    _held_complete = False
+    _boundary: EventBoundary | None = None
+    _last_write = 0.0
+    _last_upstream = 0.0
+    _timer: asyncio.TimerHandle | None = None
+    _task: asyncio.Task[None] | None = None
+    _preset: ProxyError | None = None
+    _preset_raw: tuple[int, bytes] | None = None  # (status, whole answer): a CORS preflight
+    _turn = False  # at the head of the client's queue: may write to the client
+    _beat = 0.0  # heartbeat interval of this response; 0 when none may be injected
+    # For metrics and the access log.
+    status = 0  # the status the client was sent; 0 while none
+    sent = 0  # response body bytes relayed
+    outcome = "ok"  # or error, aborted, client_disconnect, local
+    _stream_at = 0.0
+    _awaiting_body = False  # routing waits for the whole request body (2026-07-28 only)
+    _sniffer: ResultSniffer | None = None  # reads a watched response for affinity
+    # Replay failover: the body of a legacy request without a session (an initialize, if it
+    # binds one), and the backend's own id for this request's session when it was moved.
+    _capture: list[bytes] | None = None
+    _alias: bytes | None = None
+
     def __init__(self, plane: DataPlane, client: ClientConnection, head: RequestHead) -> None:
         self.plane = plane
         self.client = client
         self.head = head
-        self.facts: RequestFacts | None = None
-        self.backend: Backend | None = None
-        self.upstream: UpstreamConnection | None = None
-        self.done = False
         self.keep_alive = head.keep_alive
-        self.request_complete = False
-        self._body: list[bytes] = []  # request body received before a backend connection exists
-        self._body_bytes = 0
-        self._replay: list[bytes] | None = []
-        self._replay_bytes = 0
-        self._retried = False
-        self._out: list[bytes] = []  # backend writes held while the client read is handled
-        self._terminated = False  # the last chunk of a chunked request body was sent
-        self._tried: set[str] = set()
-        self._started = False  # response head written to the client
-        self._held: list[bytes] | None = None  # response bytes held while a binding is stored
-        self._chunked_out = False
-        self._no_body = False
-        self._until_close = False
-        self._reused = False
-        self._held_complete = False
-        self._boundary: EventBoundary | None = None
-        self._last_write = 0.0
-        self._last_upstream = 0.0
-        self._timer: asyncio.TimerHandle | None = None
-        self._task: asyncio.Task[None] | None = None
-        self._preset: ProxyError | None = None
-        self._preset_raw: tuple[int, bytes] | None = None  # (status, whole answer): a CORS preflight
-        self._turn = False  # at the head of the client's queue: may write to the client
-        self._beat = 0.0  # heartbeat interval of this response; 0 when none may be injected
-        # For metrics and the access log.
         self.received_at = time.perf_counter()
-        self.status = 0  # the status the client was sent; 0 while none
-        self.sent = 0  # response body bytes relayed
-        self.outcome = "ok"  # or error, aborted, client_disconnect, local
-        self._stream_at = 0.0
-        self._awaiting_body = False  # routing waits for the whole request body (2026-07-28 only)
-        self._sniffer: ResultSniffer | None = None  # reads a watched response for affinity
-        # Replay failover: the body of a legacy request without a session (an initialize, if it
-        # binds one), and the backend's own id for this request's session when it was moved.
-        self._capture: list[bytes] | None = None
-        self._alias: bytes | None = None
+        self._body: list[bytes] = []  # request body received before a backend connection exists
+        self._replay: list[bytes] | None = []
+        self._out: list[bytes] = []  # backend writes held while the client read is handled
         if (
             plane.router.failover is not None
             and head.session_id is None
@@ -274,7 +277,6 @@ class Exchange:
             self.backend.in_flight -= 1
             backend.in_flight += 1
         self.backend = backend
-        self._tried.add(backend.name)
         if self.head.expect_continue and not self.request_complete and not self._started:
             self.client.write(CONTINUE)
             self.head.expect_continue = False
@@ -307,6 +309,7 @@ class Exchange:
         log.warning("backend %s: connect failed: %s", backend.name, exc or type(exc).__name__)
         self.plane.metrics.upstream_error(backend.name, "timeout" if timed_out else "connect")
         self.plane.on_backend_failure(backend.name, "timeout" if timed_out else "refused")
+        self._tried += (backend.name,)
         if self.facts.session_id is not None:
             failover = self.plane.router.failover
             if timed_out:
@@ -428,34 +431,20 @@ class Exchange:
         if self._alias is not None and head.session_id is not None:
             client_sid = head.session_id
             headers = [(n, client_sid if n.lower() == protocol.SESSION_ID else v) for n, v in headers]
-        response_sid = None
-        content_type = b""
-        length: bytes | None = None
-        coding: bytes | None = None  # Transfer-Encoding
-        drop = protocol.HOP_BY_HOP
-        lnames = [name.lower() for name, _ in headers]
-        for lname, (_, value) in zip(lnames, headers, strict=True):
-            if lname == protocol.SESSION_ID:
-                response_sid = value
-            elif lname == protocol.CONTENT_TYPE:
-                content_type = value
-            elif lname == protocol.CONTENT_LENGTH:
-                length = value
-            elif lname == protocol.TRANSFER_ENCODING:
-                coding = value if coding is None else coding + b", " + value
-            elif lname == protocol.CONNECTION:
-                drop = drop | protocol.connection_tokens(value)
+        lines, response_sid, content_type, length, coding, length_at, cors_given = _scan(headers)
         self._no_body = self.head.method == b"HEAD" or status in (204, 304)
-        if not self._no_body and (coding is not None or length is None):
-            coding = self._unsized_body(coding)
-            drop = drop | {protocol.CONTENT_LENGTH}
-        lines = [b"HTTP/1.1 %d %b\r\n" % (status, reason)]
-        for lname, (name, value) in zip(lnames, headers, strict=True):
-            if lname not in drop:
-                lines += (name, b": ", value, b"\r\n")
+        unsized = not self._no_body and (coding is not None or length is None)
+        if unsized:
+            coding = self._unsized_body(coding)  # and its Content-Length, if any, is not relayed
+        if lines is None:  # Connection named more fields to drop: the general, slower pass
+            drop = protocol.HOP_BY_HOP | _tokens(headers)
+            lines = _filtered(headers, drop | {protocol.CONTENT_LENGTH} if unsized else drop)
+        elif unsized and length_at:
+            del lines[length_at : length_at + 4]
+        lines[0] = b"HTTP/1.1 %d %b\r\n" % (status, reason)
         if self._chunked_out:
             lines += (b"Transfer-Encoding: ", coding or b"chunked", b"\r\n")
-        if head.cors is not None and b"access-control-allow-origin" not in lnames:
+        if head.cors is not None and not cors_given:
             lines.append(head.cors)
         if not self.keep_alive:
             lines.append(b"Connection: close\r\n")
@@ -786,3 +775,70 @@ _DROP_REQUEST = protocol.HOP_BY_HOP | {
     b"x-forwarded-proto",
     b"x-forwarded-host",
 }
+
+
+# What the response head scan does with a field, by lower-case name; others are relayed as they are.
+_RELAY, _SID, _TYPE, _LENGTH, _CODING, _HOP, _CONNECTION, _ACAO = range(8)
+_RESPONSE_FIELDS = {name: _HOP for name in protocol.HOP_BY_HOP} | {
+    protocol.SESSION_ID: _SID,
+    protocol.CONTENT_TYPE: _TYPE,
+    protocol.CONTENT_LENGTH: _LENGTH,
+    protocol.TRANSFER_ENCODING: _CODING,
+    protocol.CONNECTION: _CONNECTION,
+    b"access-control-allow-origin": _ACAO,
+}
+_Scan = tuple[list[bytes] | None, bytes | None, bytes, bytes | None, bytes | None, int, bool]
+
+
+def _scan(headers: list[tuple[bytes, bytes]]) -> _Scan:
+    """One pass over a response head: (the lines to relay, with a placeholder for the status
+    line, or None when a Connection header names fields to drop; Mcp-Session-Id; Content-Type;
+    Content-Length; Transfer-Encoding; where the Content-Length line starts, 0 if none; whether
+    Access-Control-Allow-Origin is there). Hop-by-hop fields are left out."""
+    lines: list[bytes] | None = [b""]
+    sid = length = coding = None
+    content_type = b""
+    length_at = 0
+    cors = False
+    fields = _RESPONSE_FIELDS
+    for name, value in headers:
+        kind = fields.get(name.lower(), _RELAY)
+        if kind == _HOP:
+            continue
+        if kind == _CODING:
+            coding = value if coding is None else coding + b", " + value
+            continue
+        if kind == _CONNECTION:
+            if protocol.connection_tokens(value) - protocol.HOP_BY_HOP:
+                lines = None
+            continue
+        if kind == _SID:
+            sid = value
+        elif kind == _TYPE:
+            content_type = value
+        elif kind == _LENGTH:
+            length = value
+            if lines is not None:
+                length_at = len(lines)
+        elif kind == _ACAO:
+            cors = True
+        if lines is not None:
+            lines += (name, b": ", value, b"\r\n")
+    return lines, sid, content_type, length, coding, length_at, cors
+
+
+def _tokens(headers: list[tuple[bytes, bytes]]) -> frozenset[bytes]:
+    tokens: frozenset[bytes] = frozenset()
+    for name, value in headers:
+        if name.lower() == protocol.CONNECTION:
+            tokens = tokens | protocol.connection_tokens(value)
+    return tokens
+
+
+def _filtered(headers: list[tuple[bytes, bytes]], drop: frozenset[bytes]) -> list[bytes]:
+    """The lines of the fields not in `drop`, after a placeholder for the status line."""
+    lines = [b""]
+    for name, value in headers:
+        if name.lower() not in drop:
+            lines += (name, b": ", value, b"\r\n")
+    return lines
