@@ -283,15 +283,12 @@ class ClientConnection(asyncio.Protocol):
         self._head_bytes += len(name) + len(value) + 4
         if self._head_bytes > self._header_bytes:
             raise HeadersTooLarge()
-        head = self._head
-        headers = head.headers
-        if len(headers) >= self._header_count:
-            raise HeadersTooLarge("Too many request header fields")
+        # (The field count is checked once the head is complete: the byte limit bounds it here.)
         lname = name.lower()
         capture = self._capture.get(lname)
         if capture is not None:
-            capture(head, value)
-        headers.append((lname, name, value))
+            capture(self._head, value)
+        self._head.headers.append((lname, name, value))
 
     def on_headers_complete(self) -> None:
         self._in_head = False
@@ -300,6 +297,8 @@ class ClientConnection(asyncio.Protocol):
             return
         parser = self.parser
         head = self._head
+        if len(head.headers) > self._header_count:
+            raise HeadersTooLarge("Too many request header fields")
         head.method = parser.get_method()
         head.keep_alive = parser.should_keep_alive()
         if parser.get_http_version() != "1.1":
