@@ -482,12 +482,13 @@ class Exchange:
     def _unsized_body(self, coding: bytes | None) -> bytes:
         """Frame a chunked or close-delimited upstream body: chunked to an HTTP/1.1 client, until
         close to an HTTP/1.0 one. Returns the Transfer-Encoding for the client."""
-        chunked = coding is not None and coding.rstrip().lower().endswith(b"chunked")
+        plain = coding == b"chunked" or (coding is not None and coding.strip().lower() == b"chunked")
+        chunked = plain or (coding is not None and coding.rstrip().lower().endswith(b"chunked"))
         self._until_close = not chunked
         self._chunked_out = self.head.http11
         if not self.head.http11:
             self.keep_alive = False
-        if coding is None or coding.strip().lower() == b"chunked":
+        if coding is None or plain:
             # Heartbeats need room in the framing (a Content-Length leaves none) and a body without
             # a coding of its own (a ping inside gzip would corrupt it).
             self._beat = self.plane.heartbeat
@@ -611,7 +612,7 @@ class Exchange:
         self._stream_at = time.perf_counter()
         self._boundary = EventBoundary()
         self._last_write = self._last_upstream = self.plane.loop.time()
-        if self.upstream is not None and self._tick_interval() > 0:
+        if self.upstream is not None and (self._beat > 0 or self.plane.timeouts.stream_idle > 0):
             # Armed after this upstream read: a streamed answer that ends in the read it began in
             # (the usual POST) never needs the timer.
             self.upstream.after_read = self._arm_tick
@@ -622,7 +623,7 @@ class Exchange:
 
     def _tick_interval(self) -> float:
         beat, idle = self._beat, self.plane.timeouts.stream_idle
-        return min(x for x in (beat, idle, float("inf")) if x > 0) if beat > 0 or idle > 0 else 0.0
+        return min(beat, idle) if beat > 0 and idle > 0 else max(beat, idle)
 
     def _tick(self) -> None:
         """Heartbeat and idle check, one timer per stream, re-armed rather than reset per chunk."""
