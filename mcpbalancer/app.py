@@ -23,7 +23,7 @@ from mcpbalancer.config import BackendConfig, Config, load_config
 from mcpbalancer.control.admin import AdminApi
 from mcpbalancer.control.probes import Readiness, local_endpoints
 from mcpbalancer.control.server import ControlServer
-from mcpbalancer.dataplane.client import DataPlane
+from mcpbalancer.dataplane.plane import DataPlane
 from mcpbalancer.errors import BackendStartError, ConfigError
 from mcpbalancer.failover import Failover
 from mcpbalancer.health import HealthChecker, HttpProbe

@@ -16,7 +16,7 @@ from mcpbalancer.affinity import Affinity, AffinityMap, ResultSniffer, state_dig
 from mcpbalancer.backends import Backend, BackendSet
 from mcpbalancer.balancer import LeastSessions
 from mcpbalancer.config import AffinityConfig, LimitsConfig, RouteConfig, TimeoutsConfig, parse_config
-from mcpbalancer.dataplane.client import DataPlane
+from mcpbalancer.dataplane.plane import DataPlane
 from mcpbalancer.errors import BadRequest, ConfigError, Denied, HeaderMismatch, render_error
 from mcpbalancer.headercheck import check
 from mcpbalancer.metrics import Metrics

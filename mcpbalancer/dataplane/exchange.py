@@ -18,6 +18,15 @@ from typing import TYPE_CHECKING
 from mcpbalancer import protocol
 from mcpbalancer.affinity import ResultSniffer
 from mcpbalancer.backends import Backend
+from mcpbalancer.dataplane.framing import (
+    CONTINUE,
+    LAST_CHUNK,
+    content_length,
+    filtered,
+    request_head,
+    scan,
+    tokens,
+)
 from mcpbalancer.dataplane.head import RequestHead
 from mcpbalancer.dataplane.local import LocalAnswer, LocalHandler, render_local
 from mcpbalancer.dataplane.sse import PING, EventBoundary
@@ -36,15 +45,14 @@ from mcpbalancer.protocol import Era
 from mcpbalancer.routing import RequestFacts, classify
 
 if TYPE_CHECKING:
-    from mcpbalancer.dataplane.client import ClientConnection, DataPlane
+    from mcpbalancer.dataplane.client import ClientConnection
+    from mcpbalancer.dataplane.plane import DataPlane
 
 log = logging.getLogger(__name__)
 
 # Request bytes kept until the first response byte, so a request sent on a keep-alive connection the
 # backend had just closed can be sent again on a fresh one. Larger requests are not retried.
 REPLAY_LIMIT = 64 * 1024
-CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
-LAST_CHUNK = b"0\r\n\r\n"
 
 
 class Exchange:
@@ -341,33 +349,14 @@ class Exchange:
             conn.pause_reading()  # the client is still backed up from an earlier response
 
     def _request_head(self) -> bytes:
-        head = self.head
         backend = self.backend
         assert backend is not None
-        drop = _DROP_REQUEST | head.connection_tokens if head.connection_tokens else _DROP_REQUEST
-        lines = [head.method, b" ", backend.path_prefix, head.target, b" HTTP/1.1\r\nHost: "]
-        lines += (backend.host_header, b"\r\n")
         failover = self.plane.router.failover
         if failover is not None and self.facts is not None and self.facts.session_id is not None:
-            self._alias = failover.alias(self.facts.session_id)
-            if self._alias is not None:  # the session was moved: the backend knows it by its own id
-                drop = drop | {protocol.SESSION_ID}
-                lines += (b"Mcp-Session-Id: ", self._alias, b"\r\n")
-        for lname, name, value in head.headers:
-            if lname not in drop:
-                lines += (name, b": ", value, b"\r\n")
-        peer = self.client.peer_ip
-        forwarded_for = peer if head.forwarded_for is None else head.forwarded_for + b", " + peer
-        lines += (b"X-Forwarded-For: ", forwarded_for, b"\r\nX-Forwarded-Proto: http\r\n")
-        if head.host is not None:
-            lines += (b"X-Forwarded-Host: ", head.host, b"\r\n")
-        if head.chunked:
-            lines += (b"Transfer-Encoding: ", head.transfer_encoding or b"chunked", b"\r\n\r\n")
-        elif head.content_length is not None:  # "0" too: some servers answer 411 without it
-            lines += (b"Content-Length: ", head.content_length, b"\r\n\r\n")
-        else:
-            lines.append(b"\r\n")
-        return b"".join(lines)
+            self._alias = failover.alias(self.facts.session_id)  # the session was moved here
+        return request_head(
+            self.head, backend.path_prefix, backend.host_header, self.client.peer_ip, self._alias
+        )
 
     def _flush_pending(self, head: bytes = b"") -> None:
         """Send `head` and the body that arrived while no backend connection existed, in one write."""
@@ -431,14 +420,14 @@ class Exchange:
         if self._alias is not None and head.session_id is not None:
             client_sid = head.session_id
             headers = [(n, client_sid if n.lower() == protocol.SESSION_ID else v) for n, v in headers]
-        lines, response_sid, content_type, length, coding, length_at, cors_given = _scan(headers)
+        lines, response_sid, content_type, length, coding, length_at, cors_given = scan(headers)
         self._no_body = self.head.method == b"HEAD" or status in (204, 304)
         unsized = not self._no_body and (coding is not None or length is None)
         if unsized:
             coding = self._unsized_body(coding)  # and its Content-Length, if any, is not relayed
         if lines is None:  # Connection named more fields to drop: the general, slower pass
-            drop = protocol.HOP_BY_HOP | _tokens(headers)
-            lines = _filtered(headers, drop | {protocol.CONTENT_LENGTH} if unsized else drop)
+            drop = protocol.HOP_BY_HOP | tokens(headers)
+            lines = filtered(headers, drop | {protocol.CONTENT_LENGTH} if unsized else drop)
         elif unsized and length_at:
             del lines[length_at : length_at + 4]
         lines[0] = b"HTTP/1.1 %d %b\r\n" % (status, reason)
@@ -456,7 +445,7 @@ class Exchange:
         if is_stream and not self._no_body:
             self._start_stream()
         if self.facts.watch and 200 <= status < 300 and not self._no_body:
-            self._sniffer = ResultSniffer(is_stream, _length(length) if coding is None else None)
+            self._sniffer = ResultSniffer(is_stream, content_length(length) if coding is None else None)
         wait = self.plane.router.learn(self.facts, self.backend, status, response_sid)
         if self._capture is not None and response_sid is not None and 200 <= status < 300:
             failover = self.plane.router.failover
@@ -758,88 +747,3 @@ class Exchange:
             self.upstream.release(reusable)
             self.upstream = None
         self.client.exchange_finished(self)
-
-
-def _length(value: bytes | None) -> int | None:
-    try:
-        return int(value) if value is not None else None
-    except ValueError:
-        return None
-
-
-# Hop-by-hop headers, and the ones this proxy writes itself.
-_DROP_REQUEST = protocol.HOP_BY_HOP | {
-    protocol.HOST,
-    protocol.EXPECT,
-    protocol.CONTENT_LENGTH,
-    b"x-forwarded-for",
-    b"x-forwarded-proto",
-    b"x-forwarded-host",
-}
-
-
-# What the response head scan does with a field, by lower-case name; others are relayed as they are.
-_RELAY, _SID, _TYPE, _LENGTH, _CODING, _HOP, _CONNECTION, _ACAO = range(8)
-_RESPONSE_FIELDS = {name: _HOP for name in protocol.HOP_BY_HOP} | {
-    protocol.SESSION_ID: _SID,
-    protocol.CONTENT_TYPE: _TYPE,
-    protocol.CONTENT_LENGTH: _LENGTH,
-    protocol.TRANSFER_ENCODING: _CODING,
-    protocol.CONNECTION: _CONNECTION,
-    b"access-control-allow-origin": _ACAO,
-}
-_Scan = tuple[list[bytes] | None, bytes | None, bytes, bytes | None, bytes | None, int, bool]
-
-
-def _scan(headers: list[tuple[bytes, bytes]]) -> _Scan:
-    """One pass over a response head: (the lines to relay, with a placeholder for the status
-    line, or None when a Connection header names fields to drop; Mcp-Session-Id; Content-Type;
-    Content-Length; Transfer-Encoding; where the Content-Length line starts, 0 if none; whether
-    Access-Control-Allow-Origin is there). Hop-by-hop fields are left out."""
-    lines: list[bytes] | None = [b""]
-    sid = length = coding = None
-    content_type = b""
-    length_at = 0
-    cors = False
-    fields = _RESPONSE_FIELDS
-    for name, value in headers:
-        kind = fields.get(name.lower(), _RELAY)
-        if kind == _HOP:
-            continue
-        if kind == _CODING:
-            coding = value if coding is None else coding + b", " + value
-            continue
-        if kind == _CONNECTION:
-            if protocol.connection_tokens(value) - protocol.HOP_BY_HOP:
-                lines = None
-            continue
-        if kind == _SID:
-            sid = value
-        elif kind == _TYPE:
-            content_type = value
-        elif kind == _LENGTH:
-            length = value
-            if lines is not None:
-                length_at = len(lines)
-        elif kind == _ACAO:
-            cors = True
-        if lines is not None:
-            lines += (name, b": ", value, b"\r\n")
-    return lines, sid, content_type, length, coding, length_at, cors
-
-
-def _tokens(headers: list[tuple[bytes, bytes]]) -> frozenset[bytes]:
-    tokens: frozenset[bytes] = frozenset()
-    for name, value in headers:
-        if name.lower() == protocol.CONNECTION:
-            tokens = tokens | protocol.connection_tokens(value)
-    return tokens
-
-
-def _filtered(headers: list[tuple[bytes, bytes]], drop: frozenset[bytes]) -> list[bytes]:
-    """The lines of the fields not in `drop`, after a placeholder for the status line."""
-    lines = [b""]
-    for name, value in headers:
-        if name.lower() not in drop:
-            lines += (name, b": ", value, b"\r\n")
-    return lines
