@@ -351,7 +351,7 @@ async def test_mcp_name_is_captured_only_when_read(kwargs: dict[str, Any], captu
         limits=LimitsConfig(),
         loop=asyncio.get_running_loop(),
     )
-    assert (b"mcp-name" in plane.special) is captured
+    assert (b"mcp-name" in plane.capture) is captured
     assert not any(name.startswith(b"mcp-param-") for name in plane.special)
 
 
