@@ -352,7 +352,7 @@ async def test_mcp_name_is_captured_only_when_read(kwargs: dict[str, Any], captu
         loop=asyncio.get_running_loop(),
     )
     assert (b"mcp-name" in plane.capture) is captured
-    assert not any(name.startswith(b"mcp-param-") for name in plane.special)
+    assert not any(name.startswith(b"mcp-param-") for name in plane.capture)
 
 
 async def test_shared_affinity_failures_are_misses() -> None:
