@@ -12,6 +12,7 @@ import dataclasses
 import logging
 import socket
 import sys
+from collections.abc import Callable
 from typing import TextIO
 
 from prometheus_client import CollectorRegistry
@@ -19,7 +20,7 @@ from prometheus_client import CollectorRegistry
 from mcpbalancer.affinity import Affinity
 from mcpbalancer.balancer import make_strategy
 from mcpbalancer.binding import SessionBinder
-from mcpbalancer.config import BackendConfig, Config, load_config
+from mcpbalancer.config import BackendConfig, Config, host_port, load_config
 from mcpbalancer.control.admin import AdminApi
 from mcpbalancer.control.probes import Readiness, local_endpoints
 from mcpbalancer.control.server import ControlServer
@@ -53,6 +54,10 @@ def _shared_affinity(config: Config) -> SharedAffinity | None:
     return SharedAffinity.from_url(config.store, prefix=config.store_prefix)
 
 
+def _unchanged(config: Config) -> Config:
+    return config
+
+
 class Proxy:
     """One running mcpbalancer: `await start()`, serve, `await stop()`."""
 
@@ -63,8 +68,12 @@ class Proxy:
         shutdown_timeout: float | None = None,
         registry: CollectorRegistry | None = None,
         access_stream: TextIO | None = None,
+        adjust: Callable[[Config], Config] | None = None,
     ) -> None:
         self.config = config
+        # What the command line changed in `config` (--log-level, --workers, a worker's admin port),
+        # applied to every reloaded file too, so a reload neither drops it nor warns about it.
+        self._adjust = adjust or _unchanged
         # An explicit argument wins over the config's `shutdown_timeout` (and over its reloads).
         self._shutdown_override = shutdown_timeout
         self.fleet = Fleet(config.backends, connect_timeout=config.timeouts.connect)
@@ -128,7 +137,7 @@ class Proxy:
         Raises ConfigError (and changes nothing) when the file is invalid.
         """
         try:
-            new = load_config(self.config.source)
+            new = self._adjust(load_config(self.config.source))
         except ConfigError as exc:
             log.error("reload rejected, running configuration kept: %s", exc)
             raise
@@ -171,7 +180,7 @@ class Proxy:
     def _observability(self, config: Config, access_stream: TextIO | None) -> None:
         self.readiness = Readiness(lambda: self.router.backends, self.store.ping)
         self.access_log = (
-            AccessLog(access_stream or sys.stdout, fmt=config.log.format)
+            AccessLog(access_stream or sys.stdout, fmt=config.log.format, shared=config.workers > 1)
             if access_enabled(config.log)
             else None
         )
@@ -193,9 +202,7 @@ class Proxy:
 
     @property
     def url(self) -> str:
-        host = self.config.listen_host
-        host = f"[{host}]" if ":" in host else host
-        return f"http://{host}:{self.port}"
+        return f"http://{host_port(self.config.listen_host, self.port)}"
 
     async def start(self) -> None:
         """Start the managed backends (BackendStartError if one fails), then serve."""
@@ -227,6 +234,8 @@ class Proxy:
                 self.config.listen_host,
                 self.config.listen_port,
                 reuse_address=True,
+                # Worker processes share the port; the kernel spreads connections over them.
+                reuse_port=self.config.workers > 1,
                 backlog=1024,
             )
         except BaseException:
@@ -239,7 +248,9 @@ class Proxy:
         self._checker = loop.create_task(self.health.run(lambda: self.backends))
         if isinstance(self.store, CachedStore):
             self._watcher = loop.create_task(self.store.watch())
-        log.info("listening on %s with %d backends", self.url, len(self.backends))
+        control = self.control
+        admin = "" if control is None else f"; admin on {host_port(control.host, control.port)}"
+        log.info("listening on %s with %d backends%s", self.url, len(self.backends), admin)
 
     def _store_down(self) -> bool:
         return isinstance(self.store, CachedStore) and self.store.degraded
