@@ -66,7 +66,9 @@ def check_listen(host: str, port: int) -> None:
 
 def announce_ready(fd: int) -> None:
     """In a worker: tell the supervisor it is serving."""
-    os.write(fd, READY)
+    # A supervisor gone already (a broken pipe) has sent us SIGTERM through PR_SET_PDEATHSIG.
+    with contextlib.suppress(OSError):
+        os.write(fd, READY)
     os.close(fd)
 
 
@@ -225,6 +227,9 @@ class Supervisor:
             log.error("cannot start worker %d: %s", worker.index, exc)
             os.close(read_fd)
             return 1, False
+        except BaseException:
+            os.close(read_fd)
+            raise
         finally:
             os.close(write_fd)  # the worker holds the only write end: its exit is our end of file
         worker.process = process
