@@ -29,7 +29,7 @@ from mcpbalancer.errors import BackendStartError, ConfigError
 from mcpbalancer.failover import Failover
 from mcpbalancer.health import HealthChecker, HttpProbe
 from mcpbalancer.lifecycle import Changes, Fleet
-from mcpbalancer.logs import AccessLog, access_enabled
+from mcpbalancer.logs import AccessLog, SessionHasher, access_enabled
 from mcpbalancer.managed import ManagedBackends
 from mcpbalancer.metrics import Metrics
 from mcpbalancer.routing import Router
@@ -69,6 +69,7 @@ class Proxy:
         registry: CollectorRegistry | None = None,
         access_stream: TextIO | None = None,
         adjust: Callable[[Config], Config] | None = None,
+        session_tag_key: bytes | None = None,
     ) -> None:
         self.config = config
         # What the command line changed in `config` (--log-level, --workers, a worker's admin port),
@@ -117,7 +118,7 @@ class Proxy:
             refuse_new=self._store_down if config.on_store_error == "fail" else None,
         )
         self.health = HealthChecker(config.health, self.fleet.set_status, self._probe, metrics=self.metrics)
-        self._observability(config, access_stream)
+        self._observability(config, access_stream, session_tag_key)
         if self.control is not None:
             AdminApi(self.fleet, self.health.last_check, self.reload).install(self.control.app)
         self.managed = ManagedBackends(config.backends, self.backends, metrics=self.metrics)
@@ -177,10 +178,18 @@ class Proxy:
             log.warning("reload: managed (`command`) backends change only on restart; kept as running")
         return urls + running
 
-    def _observability(self, config: Config, access_stream: TextIO | None) -> None:
+    def _observability(
+        self, config: Config, access_stream: TextIO | None, session_tag_key: bytes | None
+    ) -> None:
         self.readiness = Readiness(lambda: self.router.backends, self.store.ping)
         self.access_log = (
-            AccessLog(access_stream or sys.stdout, fmt=config.log.format, shared=config.workers > 1)
+            AccessLog(
+                access_stream or sys.stdout,
+                fmt=config.log.format,
+                # Workers share one key, so a session reads the same in every worker's lines.
+                hasher=SessionHasher(session_tag_key) if session_tag_key is not None else None,
+                shared=config.workers > 1,
+            )
             if access_enabled(config.log)
             else None
         )

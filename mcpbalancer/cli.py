@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
+import os
 import signal
 import sys
 from collections.abc import Callable, Coroutine, Sequence
@@ -21,7 +22,13 @@ from mcpbalancer.app import Proxy
 from mcpbalancer.config import LOG_LEVELS, Config, admin_of_worker, check_workers, load_config
 from mcpbalancer.errors import BackendStartError, ConfigError
 from mcpbalancer.logs import configure_logging
-from mcpbalancer.supervisor import Supervisor, WorkerCommand, announce_ready, check_listen
+from mcpbalancer.supervisor import (
+    SESSION_TAG_KEY_ENV,
+    Supervisor,
+    WorkerCommand,
+    announce_ready,
+    check_listen,
+)
 
 log = logging.getLogger("mcpbalancer")
 
@@ -85,7 +92,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if config.workers > 1 and args.worker_index is None:
         return _supervise(config, args, adjust)
     try:
-        return _run(serve(config, adjust=adjust, ready_fd=args.ready_fd))
+        return _run(serve(config, adjust=adjust, ready_fd=args.ready_fd, session_tag_key=_tag_key(args)))
     except OSError as exc:
         return _cannot_listen(config, exc)
 
@@ -114,6 +121,12 @@ def _supervise(config: Config, args: argparse.Namespace, adjust: Callable[[Confi
     return _run(Supervisor(config, _worker_command(args), adjust=adjust).run())
 
 
+def _tag_key(args: argparse.Namespace) -> bytes | None:
+    """A worker's access-log session key, from its supervisor; None (random) otherwise."""
+    key = os.environ.get(SESSION_TAG_KEY_ENV) if args.worker_index is not None else None
+    return bytes.fromhex(key) if key else None
+
+
 def _worker_command(args: argparse.Namespace) -> WorkerCommand:
     """A worker is this command again, in a fresh interpreter: it reads the file itself, as on a
     reload, and gets the same overrides."""
@@ -139,9 +152,13 @@ def _run(main: Coroutine[Any, Any, int]) -> int:
 
 
 async def serve(
-    config: Config, *, adjust: Callable[[Config], Config] | None = None, ready_fd: int | None = None
+    config: Config,
+    *,
+    adjust: Callable[[Config], Config] | None = None,
+    ready_fd: int | None = None,
+    session_tag_key: bytes | None = None,
 ) -> int:
-    proxy = Proxy(config, adjust=adjust)
+    proxy = Proxy(config, adjust=adjust, session_tag_key=session_tag_key)
     try:
         await proxy.start()
     except BackendStartError as exc:

@@ -25,6 +25,7 @@ import contextlib
 import dataclasses
 import logging
 import os
+import secrets
 import signal
 import socket
 import time
@@ -38,6 +39,9 @@ from mcpbalancer.orphans import die_with_parent
 log = logging.getLogger(__name__)
 
 READY: Final = b"R"
+# The key of the access log's session tags, one for all workers (hex), so that a session's lines
+# carry the same tag whichever worker wrote them.
+SESSION_TAG_KEY_ENV: Final = "MCPBALANCER_SESSION_TAG_KEY"
 RESTART_DELAY: Final = (0.5, 30.0)  # first and longest delay before starting an exited worker again
 STABLE_AFTER: Final = 30.0  # a worker that ran this long restarts after the first delay again
 GIVE_UP_AFTER: Final = 3  # failed starts in a row of every worker, with none serving
@@ -119,6 +123,7 @@ class Supervisor:
         self._reloads = 0
         self._all_served = False
         self._kill_timer: asyncio.TimerHandle | None = None
+        self._env = {**os.environ, SESSION_TAG_KEY_ENV: secrets.token_hex(16)}
 
     @property
     def serving(self) -> tuple[int, ...]:
@@ -220,6 +225,7 @@ class Supervisor:
             process = await asyncio.create_subprocess_exec(
                 *self._command(worker.index, write_fd),
                 stdin=asyncio.subprocess.DEVNULL,
+                env=self._env,
                 pass_fds=(write_fd,),
                 preexec_fn=die_with_parent(signal.SIGTERM),
             )

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import os
 import re
@@ -90,7 +91,8 @@ class Cluster:
     admin: int
     config: Path
     log: list[str] = field(default_factory=list)
-    drain: asyncio.Task[None] | None = None  # reads stderr into `log` until every process closed it
+    access: list[str] = field(default_factory=list)  # stdout: the access log of both workers
+    drain: asyncio.Task[None] | None = None  # reads stderr and stdout until every process closed them
 
     @property
     def mcp_url(self) -> str:
@@ -132,7 +134,7 @@ def config_text(
     port: int, admin: int, redis_url: str, backends: list[BackendProcess], weight: int = 1
 ) -> str:
     lines = [f"listen: 127.0.0.1:{port}", f"admin: 127.0.0.1:{admin}", f"store: {redis_url}"]
-    lines += ["health: {interval: 0}", "log: {format: text, access: false}", "backends:"]
+    lines += ["health: {interval: 0}", "backends:"]  # logs: JSON, the access log on
     for b in backends:
         lines += [f"  - name: {b.name}", f"    url: {b.url}", f"    weight: {weight}"]
     return "\n".join(lines) + "\n"
@@ -152,7 +154,7 @@ async def start_cluster(
         config.write_text(config_text(port, admin, redis_server.url, backends[:2]))
         argv = [sys.executable, "-m", "mcpbalancer", "--config", str(config), "--workers", "2"]
         process = await asyncio.create_subprocess_exec(
-            *argv, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE
+            *argv, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
         )
         cluster = Cluster(process, port, admin, config)
         cluster.drain = asyncio.create_task(_drain(cluster))
@@ -173,9 +175,15 @@ async def start_cluster(
 
 
 async def _drain(cluster: Cluster) -> None:
-    assert cluster.process.stderr is not None
-    async for raw in cluster.process.stderr:
-        cluster.log.append(raw.decode(errors="replace").rstrip())
+    process = cluster.process
+    assert process.stderr is not None
+    assert process.stdout is not None
+    await asyncio.gather(_lines(process.stderr, cluster.log), _lines(process.stdout, cluster.access))
+
+
+async def _lines(stream: asyncio.StreamReader, into: list[str]) -> None:
+    async for raw in stream:
+        into.append(raw.decode(errors="replace").rstrip("\n"))
 
 
 async def _kill_all(cluster: Cluster) -> None:
@@ -194,33 +202,35 @@ def fresh_connections() -> aiohttp.ClientSession:
     return aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True), timeout=timeout)
 
 
-async def raw_client(url: str, calls: int) -> str:
-    """A legacy session whose every request is on a fresh connection; the backend that served it."""
+async def raw_client(url: str, calls: int) -> tuple[str, str]:
+    """A legacy session whose every request is on a fresh connection: (its backend, its id)."""
     async with fresh_connections() as http:
         sid = await open_session(http, url)
         owner = (await call_tool(http, url, sid, "whoami")).text
         counts = [(await call_tool(http, url, sid, "count")).text for _ in range(calls)]
         assert counts == [str(n) for n in range(1, calls + 1)]  # one backend kept the session's state
         assert (await call_tool(http, url, sid, "whoami")).text == owner
-    return owner
+    return owner, sid
 
 
-async def sdk_client(url: str, calls: int) -> str:
-    async with recorded_client(url) as (client, _):
+async def sdk_client(url: str, calls: int) -> tuple[str, str]:
+    async with recorded_client(url) as (client, wire):
         owner = text_of(await client.call_tool("whoami"))
         counts = [text_of(await client.call_tool("count")) for _ in range(calls)]
         assert counts == [str(n) for n in range(1, calls + 1)]
-    return owner
+    return owner, wire.session_id
 
 
-async def until_both_workers_served(cluster: Cluster) -> None:
+async def until_both_workers_served(cluster: Cluster, sessions: list[str] | None = None) -> None:
     """SO_REUSEPORT hashes each connection to a worker: keep opening connections until each worker
     counted requests (20 clients have done so already but for a 2**-19 chance)."""
 
     async def both() -> bool:
         if min([await cluster.requests_served(k) for k in (0, 1)]) > 0:
             return True
-        await raw_client(cluster.mcp_url, 1)
+        _, sid = await raw_client(cluster.mcp_url, 1)
+        if sessions is not None:
+            sessions.append(sid)
         return False
 
     await wait_until(both, "both workers to serve requests", DEADLINE)
@@ -237,9 +247,10 @@ async def test_sessions_keep_affinity_across_workers_and_sigterm_stops_all(
     assert sorted(workers) == [0, 1]
     clients = [raw_client(cluster.mcp_url, 3) for _ in range(12)]
     clients += [sdk_client(cluster.mcp_url, 3) for _ in range(8)]
-    owners = await asyncio.gather(*clients)
-    assert set(owners) == {"a", "b"}
-    await until_both_workers_served(cluster)
+    answers = await asyncio.gather(*clients)
+    assert {owner for owner, _ in answers} == {"a", "b"}
+    sessions = [sid for _, sid in answers]
+    await until_both_workers_served(cluster, sessions)
     log = cluster.text()
     admin = f"admin: worker 0 on 127.0.0.1:{cluster.admin}, worker 1 on 127.0.0.1:{cluster.admin + 1}"
     assert admin in log
@@ -251,6 +262,11 @@ async def test_sessions_keep_affinity_across_workers_and_sigterm_stops_all(
     assert all(gone(pid) for pid in workers.values())
     assert cluster.text().count("shutting down") == 2
     assert "Traceback" not in cluster.text()
+    # The access log: whole lines from both workers (none spliced), and one tag per session, the
+    # same whichever worker wrote the line (the workers share the tag key).
+    access = [json.loads(line) for line in cluster.access]
+    assert len(access) > 20 * 5
+    assert len({line["session"] for line in access} - {None}) == len(set(sessions))
 
 
 async def test_a_killed_worker_is_restarted_and_sessions_survive(start_cluster: StartCluster) -> None:
