@@ -170,7 +170,7 @@ class Supervisor:
         if config.admin is not None:
             ports = (admin_of_worker(config, i) for i in range(n))
             admin = "; admin: " + ", ".join(
-                f"worker {i} on {host_port(*a)}" for i, a in enumerate(ports) if a is not None
+                f"worker {i} on {_address(a)}" for i, a in enumerate(ports) if a is not None
             )
         listen = host_port(config.listen_host, config.listen_port)
         log.info("starting %d workers on %s (SO_REUSEPORT)%s", n, listen, admin)
@@ -275,7 +275,7 @@ class Supervisor:
     def _serving(self, worker: _Worker, pid: int) -> None:
         worker.serving = True
         admin = admin_of_worker(self.config, worker.index)
-        where = "" if admin is None else f", admin on {host_port(*admin)}"
+        where = "" if admin is None else f", admin on {_address(admin)}"
         log.info("worker %d serving (pid %d%s)", worker.index, pid, where)
         if worker.reloads < self._reloads:  # a SIGHUP came while it started
             worker.reloads = self._reloads
@@ -325,3 +325,8 @@ class Supervisor:
             assert worker.stop_status is not None
             log.warning("worker %d stopped with %s", worker.index, describe_status(worker.stop_status))
         return 1 if unclean else 0
+
+
+def _address(address: tuple[str, int]) -> str:
+    host, port = address
+    return host_port(host, port) if port else f"a free port of {host}"
