@@ -2,7 +2,8 @@
 
 Every child goes through a Supervisor, which kills them all at the end (also on Ctrl-C or an
 exception) and asks the kernel to kill them should this process die first (PR_SET_PDEATHSIG).
-CPU pinning is a `taskset -c N` prefix when the machine has two cores or more.
+CPU pinning is a `taskset -c N` prefix when the machine has two cores or more (N + 1 for a proxy
+with N workers: the proxy gets CPU 0 and CPUs 2..N, the load side keeps CPU 1).
 """
 
 from __future__ import annotations
@@ -32,8 +33,14 @@ def _die_with_parent() -> None:
         ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
-def pinning_available() -> bool:
-    return shutil.which("taskset") is not None and (os.cpu_count() or 1) >= 2
+def pinning_available(workers: int = 1) -> bool:
+    return shutil.which("taskset") is not None and (os.cpu_count() or 1) >= workers + 1
+
+
+def proxy_cpus(workers: int) -> str:
+    """The `taskset -c` list of a proxy with `workers` processes: CPU 0, then 2, 3, ... (1 is the load's)."""
+    others = "" if workers == 1 else ",2" if workers == 2 else f",2-{workers}"
+    return f"{PROXY_CPU}{others}"
 
 
 class Supervisor:
@@ -44,8 +51,11 @@ class Supervisor:
         self.pin = pin
         self._children: list[subprocess.Popen[bytes]] = []
 
-    def start(self, name: str, argv: Sequence[str], cpu: int | None, stdout: int | None = None) -> Child:
-        """Start `argv` pinned to `cpu`; stdout goes to its log unless `stdout` is PIPE or DEVNULL."""
+    def start(
+        self, name: str, argv: Sequence[str], cpu: int | str | None, stdout: int | None = None
+    ) -> Child:
+        """Start `argv` pinned to `cpu` (a CPU or a taskset list); stdout goes to its log unless
+        `stdout` is PIPE or DEVNULL."""
         prefix = ["taskset", "-c", str(cpu)] if self.pin and cpu is not None else []
         path = self.logdir / f"{name}.log"
         log = path.open("wb")
@@ -130,6 +140,23 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def free_ports(count: int) -> int:
+    """The first of `count` consecutive ports free right now."""
+    for _ in range(100):
+        first = free_port()
+        socks = [socket.socket() for _ in range(count)]
+        try:
+            for k, sock in enumerate(socks):
+                sock.bind(("127.0.0.1", first + k))
+        except (OSError, OverflowError):
+            continue
+        finally:
+            for sock in socks:
+                sock.close()
+        return first
+    raise RuntimeError(f"no {count} consecutive free ports")
+
+
 # -- /proc ----------------------------------------------------------------------------------------
 
 
@@ -150,6 +177,33 @@ def cpu_times(pid: int) -> CpuTimes:
     """utime and stime of `pid` in seconds (/proc/<pid>/stat fields 14 and 15)."""
     fields = _stat_fields(pid)
     return CpuTimes(int(fields[11]) / _CLOCK_TICKS, int(fields[12]) / _CLOCK_TICKS)
+
+
+def tree_cpu_times(pid: int) -> CpuTimes:
+    """cpu_times of `pid` and its live children: a proxy with workers is a supervisor and N
+    workers. (A worker restarted during a run loses what its first process used.)"""
+    total = cpu_times(pid)
+    for child in children(pid):
+        with contextlib.suppress(OSError):
+            times = cpu_times(child)
+            total = CpuTimes(total.user + times.user, total.system + times.system)
+    return total
+
+
+def tree_rss_kib(pid: int) -> int:
+    return rss_kib(pid) + sum(rss_kib(child) for child in children(pid))
+
+
+def children(pid: int) -> list[int]:
+    """Live children of `pid`, from /proc/<n>/stat (field 4 is the parent)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            with contextlib.suppress(OSError, IndexError):
+                fields = _stat_fields(int(entry))
+                if int(fields[1]) == pid and fields[0] != "Z":
+                    found.append(int(entry))
+    return found
 
 
 def _stat_fields(pid: int) -> list[str]:

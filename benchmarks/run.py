@@ -1,11 +1,13 @@
 """Benchmark mcpbalancer against HAProxy and direct-to-backend, on this machine.
 
     python benchmarks/run.py [--smoke] [--duration S] [--targets direct,haproxy,memory,redis]
+                             [--workers N]
 
 Starts three stub backends, Redis, HAProxy (if installed) and mcpbalancer (memory store, then a
 Redis store); pins the proxy under test to CPU 0 and everything else to CPU 1 when there are two
-cores; measures each target in turn (see scenario.py) and prints markdown tables. Every process
-it starts is stopped at the end, also on Ctrl-C or an error. See benchmarks/README.md.
+cores; measures each target in turn (see scenario.py) and prints markdown tables. With --workers N
+the mcpbalancer targets run N worker processes (Redis store only), pinned to CPU 0 and 2..N. Every
+process it starts is stopped at the end, also on Ctrl-C or an error. See benchmarks/README.md.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from pathlib import Path
 import report
 import uvloop
 from loads import Load, WrkLoad, make_load
-from procs import LOAD_CPU, Supervisor, command_version, pinning_available
+from procs import LOAD_CPU, Supervisor, command_version, pinning_available, proxy_cpus
 from scenario import Plan, Runner, TargetResult, summary
 from systems import Stub, Target, start_haproxy, start_mcpbalancer, start_redis, start_stubs
 
@@ -49,6 +51,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--streams", type=int, help="idle GET streams held open (default 1000)")
     parser.add_argument("--no-wrk", action="store_true", help="use the Python load driver even if wrk exists")
     parser.add_argument("--no-pin", action="store_true", help="do not pin processes to CPUs")
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="mcpbalancer worker processes (default 1); > 1 needs the Redis store: no `memory` target",
+    )
     parser.add_argument("--json", type=Path, help="also write the raw results to this file")
     return parser.parse_args(argv)
 
@@ -114,11 +122,19 @@ def raise_fd_limit() -> None:
 
 
 async def measure_all(
-    names: Sequence[str], sup: Supervisor, workdir: Path, plan: Plan, load: Load, notes: list[str]
+    args: argparse.Namespace,
+    names: Sequence[str],
+    sup: Supervisor,
+    workdir: Path,
+    plan: Plan,
+    load: Load,
+    notes: list[str],
 ) -> list[TargetResult]:
     stubs = start_stubs(sup, 3, plan.stream_interval_ms)
     runner = Runner(plan, load, stubs, sup.pin)
-    targets = [t for name in names if (t := start_target(name, sup, workdir, stubs, notes)) is not None]
+    targets = [
+        t for name in names if (t := start_target(name, sup, workdir, stubs, notes, args.workers)) is not None
+    ]
     results = []
     for target in targets:
         print(f"== {target.name}: sessions, idle streams, first event", flush=True)
@@ -146,7 +162,7 @@ def _check_alive(targets: Sequence[Target]) -> None:
 
 
 def start_target(
-    name: str, sup: Supervisor, workdir: Path, stubs: Sequence[Stub], notes: list[str]
+    name: str, sup: Supervisor, workdir: Path, stubs: Sequence[Stub], notes: list[str], workers: int = 1
 ) -> Target | None:
     if name == "direct":
         return Target("direct", None)
@@ -156,13 +172,23 @@ def start_target(
             return None
         return start_haproxy(sup, workdir, stubs)
     if name == "memory":
+        if workers > 1:
+            notes.append(f"No mcpb-memory column: {workers} workers need the Redis store.")
+            return None
         return start_mcpbalancer(sup, workdir, "mcpb-memory", stubs, "memory")
     if name == "redis":
         if shutil.which("redis-server") is None:
             notes.append("redis-server is not installed: no mcpb-redis column.")
             return None
         port, client = start_redis(sup)
-        target = start_mcpbalancer(sup, workdir, "mcpb-redis", stubs, f"redis://127.0.0.1:{port}/0")
+        target = start_mcpbalancer(
+            sup, workdir, "mcpb-redis", stubs, f"redis://127.0.0.1:{port}/0", workers=workers
+        )
+        if workers > 1:
+            notes.append(
+                f"mcpb-redis runs {workers} worker processes; its CPU and RSS are summed over them "
+                "(and the supervisor)."
+            )
         target.redis = client
         return target
     raise ValueError(f"unknown target {name!r} (known: {', '.join(ALL_TARGETS)})")
@@ -185,13 +211,16 @@ def render(
     return "\n".join(lines) + "\n"
 
 
-def prepare_machine(no_pin: bool, notes: list[str]) -> bool:
+def prepare_machine(no_pin: bool, notes: list[str], workers: int = 1) -> bool:
     """Pin this process (the Python drivers) to the load core when possible; raise the fd limit."""
-    pin = pinning_available() and not no_pin
+    pin = pinning_available(workers) and not no_pin
     if pin:
         os.sched_setaffinity(0, {LOAD_CPU})
+        if workers > 1:
+            notes.append(f"Proxy pinned to CPUs {proxy_cpus(workers)}; the load side to CPU {LOAD_CPU}.")
     else:
-        notes.append("Not pinned (needs taskset and two cores): proxy and load share the CPUs.")
+        cores = workers + 1
+        notes.append(f"Not pinned (needs taskset and {cores} cores): proxy and load share the CPUs.")
     raise_fd_limit()
     return pin
 
@@ -207,7 +236,7 @@ def run_all(
     sup = Supervisor(workdir, pin)
     try:
         with stop_on_sigterm():
-            results = uvloop.run(measure_all(names, sup, workdir, make_plan(args), load, notes))
+            results = uvloop.run(measure_all(args, names, sup, workdir, make_plan(args), load, notes))
     finally:
         sup.stop_all()
     return results, env
@@ -219,8 +248,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if unknown := sorted(set(names) - set(ALL_TARGETS)):
         print(f"unknown targets {unknown}; known: {', '.join(ALL_TARGETS)}", file=sys.stderr)
         return 2
+    if args.workers < 1:
+        print("--workers must be >= 1", file=sys.stderr)
+        return 2
     notes: list[str] = []
-    pin = prepare_machine(args.no_pin, notes)
+    pin = prepare_machine(args.no_pin, notes, args.workers)
     workdir = Path(tempfile.mkdtemp(prefix="mcpbench-"))
     started = time.monotonic()
     try:

@@ -32,11 +32,11 @@ from procs import (
     CpuTimes,
     busy_share,
     core_busy,
-    cpu_times,
     machine_busy_seconds,
     other_cores,
     own_cpu_seconds,
-    rss_kib,
+    tree_cpu_times,
+    tree_rss_kib,
 )
 from systems import Stub, Target, redis_commands
 
@@ -302,7 +302,7 @@ class Runner:
         await self._settle()
         if target.redis is not None:
             target.redis.config_resetstat()
-        cpu_before = cpu_times(target.proxy.pid) if target.proxy is not None else None
+        cpu_before = tree_cpu_times(target.proxy.pid) if target.proxy is not None else None
         cores_before, machine_before, own_before = core_busy(), machine_busy_seconds(), own_cpu_seconds()
         seconds = self.plan.duration if duration is None else duration
         result = await self.load.run(sessions, seconds, self.plan.connections, sse)
@@ -312,7 +312,7 @@ class Runner:
         other = machine_busy_seconds() - machine_before - (own_cpu_seconds() - own_before)
         loaded.other_cores = max(0.0, other / result.seconds) if result.seconds else None
         if target.proxy is not None and cpu_before is not None:
-            loaded.cpu = cpu_times(target.proxy.pid) - cpu_before
+            loaded.cpu = tree_cpu_times(target.proxy.pid) - cpu_before
         if target.redis is not None:
             loaded.redis_commands = redis_commands(target.redis)
         out.count(label, result.errors)
@@ -322,7 +322,7 @@ class Runner:
         return loaded
 
     def _rss(self, target: Target) -> int | None:
-        return rss_kib(target.proxy.pid) if target.proxy is not None else None
+        return tree_rss_kib(target.proxy.pid) if target.proxy is not None else None
 
 
 def summary(result: TargetResult) -> dict[str, object]:

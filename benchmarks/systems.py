@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import redis
-from procs import LOAD_CPU, PROXY_CPU, Child, Supervisor, free_port
+from procs import LOAD_CPU, PROXY_CPU, Child, Supervisor, free_port, free_ports, proxy_cpus
 
 HERE = Path(__file__).resolve().parent
 STUB = HERE / "stub_backend.py"
@@ -85,13 +85,17 @@ def start_haproxy(sup: Supervisor, workdir: Path, stubs: Sequence[Stub]) -> Targ
     return Target("haproxy", port, proxy=child)
 
 
-def mcpbalancer_config(port: int, stubs: Sequence[Stub], store: str, quiet: bool = True) -> str:
+def mcpbalancer_config(
+    port: int, stubs: Sequence[Stub], store: str, quiet: bool = True, admin: int | None = None
+) -> str:
     lines = [
         f'listen: "127.0.0.1:{port}"',
         f'store: "{store}"',
         # Above the 100k live sessions of the route-cost test, so no known session misses the cache.
         "local_cache_size: 200000",
     ]
+    if admin is not None:  # with workers: worker k answers on admin + k once it serves
+        lines.append(f'admin: "127.0.0.1:{admin}"')
     if quiet:
         # No access log, like the HAProxy reference (which has no `log` line).
         lines += ["log:", "  level: warning", "  access: false"]
@@ -101,15 +105,26 @@ def mcpbalancer_config(port: int, stubs: Sequence[Stub], store: str, quiet: bool
     return "\n".join(lines) + "\n"
 
 
-def start_mcpbalancer(sup: Supervisor, workdir: Path, name: str, stubs: Sequence[Stub], store: str) -> Target:
+def start_mcpbalancer(
+    sup: Supervisor, workdir: Path, name: str, stubs: Sequence[Stub], store: str, workers: int = 1
+) -> Target:
+    """mcpbalancer on a free port; with `workers` > 1 (a Redis `store`) a supervisor and that many
+    worker processes, pinned to CPU 0 and 2..N, and ready once every worker's admin port answers."""
     port = free_port()
+    admin = free_ports(workers) if workers > 1 else None
     path = workdir / f"{name}.yaml"
-    path.write_text(mcpbalancer_config(port, stubs, store))
+    path.write_text(mcpbalancer_config(port, stubs, store, admin=admin))
     if not _config_accepted(path):  # a version without the `log` section
-        path.write_text(mcpbalancer_config(port, stubs, store, quiet=False))
+        path.write_text(mcpbalancer_config(port, stubs, store, quiet=False, admin=admin))
     argv = [str(MCPBALANCER), "--config", str(path), "--log-level", "warning"]
-    child = sup.start(name, argv, PROXY_CPU, stdout=subprocess.DEVNULL)
+    if workers > 1:
+        argv += ["--workers", str(workers)]
+    child = sup.start(
+        name, argv, PROXY_CPU if workers == 1 else proxy_cpus(workers), stdout=subprocess.DEVNULL
+    )
     child.wait_port(port)
+    for k in range(workers if admin is not None else 0):
+        child.wait_port(admin + k)
     return Target(name, port, proxy=child)
 
 

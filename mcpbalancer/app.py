@@ -12,6 +12,7 @@ import dataclasses
 import logging
 import socket
 import sys
+from collections.abc import Callable
 from typing import TextIO
 
 from prometheus_client import CollectorRegistry
@@ -19,7 +20,7 @@ from prometheus_client import CollectorRegistry
 from mcpbalancer.affinity import Affinity
 from mcpbalancer.balancer import make_strategy
 from mcpbalancer.binding import SessionBinder
-from mcpbalancer.config import BackendConfig, Config, load_config
+from mcpbalancer.config import BackendConfig, Config, host_port, load_config
 from mcpbalancer.control.admin import AdminApi
 from mcpbalancer.control.probes import Readiness, local_endpoints
 from mcpbalancer.control.server import ControlServer
@@ -28,7 +29,7 @@ from mcpbalancer.errors import BackendStartError, ConfigError
 from mcpbalancer.failover import Failover
 from mcpbalancer.health import HealthChecker, HttpProbe
 from mcpbalancer.lifecycle import Changes, Fleet
-from mcpbalancer.logs import AccessLog, access_enabled
+from mcpbalancer.logs import AccessLog, SessionHasher, access_enabled
 from mcpbalancer.managed import ManagedBackends
 from mcpbalancer.metrics import Metrics
 from mcpbalancer.routing import Router
@@ -53,6 +54,10 @@ def _shared_affinity(config: Config) -> SharedAffinity | None:
     return SharedAffinity.from_url(config.store, prefix=config.store_prefix)
 
 
+def _unchanged(config: Config) -> Config:
+    return config
+
+
 class Proxy:
     """One running mcpbalancer: `await start()`, serve, `await stop()`."""
 
@@ -63,8 +68,13 @@ class Proxy:
         shutdown_timeout: float | None = None,
         registry: CollectorRegistry | None = None,
         access_stream: TextIO | None = None,
+        adjust: Callable[[Config], Config] | None = None,
+        session_tag_key: bytes | None = None,
     ) -> None:
         self.config = config
+        # What the command line changed in `config` (--log-level, --workers, a worker's admin port),
+        # applied to every reloaded file too, so a reload neither drops it nor warns about it.
+        self._adjust = adjust or _unchanged
         # An explicit argument wins over the config's `shutdown_timeout` (and over its reloads).
         self._shutdown_override = shutdown_timeout
         self.fleet = Fleet(config.backends, connect_timeout=config.timeouts.connect)
@@ -108,7 +118,7 @@ class Proxy:
             refuse_new=self._store_down if config.on_store_error == "fail" else None,
         )
         self.health = HealthChecker(config.health, self.fleet.set_status, self._probe, metrics=self.metrics)
-        self._observability(config, access_stream)
+        self._observability(config, access_stream, session_tag_key)
         if self.control is not None:
             AdminApi(self.fleet, self.health.last_check, self.reload).install(self.control.app)
         self.managed = ManagedBackends(config.backends, self.backends, metrics=self.metrics)
@@ -128,7 +138,7 @@ class Proxy:
         Raises ConfigError (and changes nothing) when the file is invalid.
         """
         try:
-            new = load_config(self.config.source)
+            new = self._adjust(load_config(self.config.source))
         except ConfigError as exc:
             log.error("reload rejected, running configuration kept: %s", exc)
             raise
@@ -168,10 +178,18 @@ class Proxy:
             log.warning("reload: managed (`command`) backends change only on restart; kept as running")
         return urls + running
 
-    def _observability(self, config: Config, access_stream: TextIO | None) -> None:
+    def _observability(
+        self, config: Config, access_stream: TextIO | None, session_tag_key: bytes | None
+    ) -> None:
         self.readiness = Readiness(lambda: self.router.backends, self.store.ping)
         self.access_log = (
-            AccessLog(access_stream or sys.stdout, fmt=config.log.format)
+            AccessLog(
+                access_stream or sys.stdout,
+                fmt=config.log.format,
+                # Workers share one key, so a session reads the same in every worker's lines.
+                hasher=SessionHasher(session_tag_key) if session_tag_key is not None else None,
+                shared=config.workers > 1,
+            )
             if access_enabled(config.log)
             else None
         )
@@ -193,9 +211,7 @@ class Proxy:
 
     @property
     def url(self) -> str:
-        host = self.config.listen_host
-        host = f"[{host}]" if ":" in host else host
-        return f"http://{host}:{self.port}"
+        return f"http://{host_port(self.config.listen_host, self.port)}"
 
     async def start(self) -> None:
         """Start the managed backends (BackendStartError if one fails), then serve."""
@@ -227,6 +243,8 @@ class Proxy:
                 self.config.listen_host,
                 self.config.listen_port,
                 reuse_address=True,
+                # Worker processes share the port; the kernel spreads connections over them.
+                reuse_port=self.config.workers > 1,
                 backlog=1024,
             )
         except BaseException:
@@ -239,7 +257,9 @@ class Proxy:
         self._checker = loop.create_task(self.health.run(lambda: self.backends))
         if isinstance(self.store, CachedStore):
             self._watcher = loop.create_task(self.store.watch())
-        log.info("listening on %s with %d backends", self.url, len(self.backends))
+        control = self.control
+        admin = "" if control is None else f"; admin on {host_port(control.host, control.port)}"
+        log.info("listening on %s with %d backends%s", self.url, len(self.backends), admin)
 
     def _store_down(self) -> bool:
         return isinstance(self.store, CachedStore) and self.store.degraded

@@ -1,4 +1,8 @@
-"""Command line: parse arguments, load the config, run the proxy until SIGTERM or SIGINT."""
+"""Command line: parse arguments, load the config, run the proxy until SIGTERM or SIGINT.
+
+With `workers` > 1 this process becomes the supervisor of that many worker processes, each of them
+this same command with a hidden `--worker-index` (supervisor.py).
+"""
 
 from __future__ import annotations
 
@@ -7,16 +11,24 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
+import os
 import signal
 import sys
-from collections.abc import Coroutine, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from typing import Any
 
 from mcpbalancer import __version__
 from mcpbalancer.app import Proxy
-from mcpbalancer.config import LOG_LEVELS, Config, load_config
+from mcpbalancer.config import LOG_LEVELS, Config, admin_of_worker, check_workers, load_config
 from mcpbalancer.errors import BackendStartError, ConfigError
 from mcpbalancer.logs import configure_logging
+from mcpbalancer.supervisor import (
+    SESSION_TAG_KEY_ENV,
+    Supervisor,
+    WorkerCommand,
+    announce_ready,
+    check_listen,
+)
 
 log = logging.getLogger("mcpbalancer")
 
@@ -30,6 +42,15 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--log-level", choices=LOG_LEVELS, help="overrides `log.level` of the configuration (default info)"
     )
+    parser.add_argument(
+        "--workers",
+        type=int,
+        metavar="N",
+        help="overrides `workers` of the configuration: N processes sharing the port (needs a Redis store)",
+    )
+    # Given by the supervisor to the workers it starts; not meant to be typed.
+    parser.add_argument("--worker-index", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--version", action="version", version=f"mcpbalancer {__version__}")
     return parser.parse_args(argv)
 
@@ -41,25 +62,85 @@ def with_log_level(config: Config, level: str | None) -> Config:
     return dataclasses.replace(config, log=dataclasses.replace(config.log, level=level))
 
 
+def with_workers(config: Config, workers: int | None) -> Config:
+    """`--workers` overrides `workers`; ConfigError when the count does not fit the file."""
+    if workers is None:
+        return config
+    return check_workers(dataclasses.replace(config, workers=workers), key="--workers")
+
+
+def as_worker(config: Config, index: int | None) -> Config:
+    """The configuration of worker `index` of a supervisor: `admin` on its port + index."""
+    if index is None:
+        return config
+    return dataclasses.replace(config, admin=admin_of_worker(config, index))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    adjust = _overrides(args)
     try:
-        config = load_config(args.config)
+        config = adjust(load_config(args.config))
     except ConfigError as exc:
         print(f"mcpbalancer: invalid configuration: {exc}", file=sys.stderr)
         return 2
-    config = with_log_level(config, args.log_level)
-    configure_logging(config.log)
+    configure_logging(config.log, worker=args.worker_index)
     if args.check:
-        print(f"{config.source}: OK ({len(config.backends)} backends)")
+        workers = f"{config.workers} worker{'s' if config.workers > 1 else ''}"
+        print(f"{config.source}: OK ({len(config.backends)} backends, {workers})")
         return 0
+    if config.workers > 1 and args.worker_index is None:
+        return _supervise(config, args, adjust)
     try:
-        return _run(serve(config))
+        return _run(serve(config, adjust=adjust, ready_fd=args.ready_fd, session_tag_key=_tag_key(args)))
     except OSError as exc:
-        print(
-            f"mcpbalancer: cannot listen on {config.listen_host}:{config.listen_port}: {exc}", file=sys.stderr
-        )
-        return 1
+        return _cannot_listen(config, exc)
+
+
+def _overrides(args: argparse.Namespace) -> Callable[[Config], Config]:
+    """What the command line changes in a loaded file: at start-up and on every reload."""
+
+    def adjust(config: Config) -> Config:
+        config = with_workers(with_log_level(config, args.log_level), args.workers)
+        return as_worker(config, args.worker_index)
+
+    return adjust
+
+
+def _cannot_listen(config: Config, exc: OSError) -> int:
+    print(f"mcpbalancer: cannot listen on {config.listen_host}:{config.listen_port}: {exc}", file=sys.stderr)
+    return 1
+
+
+def _supervise(config: Config, args: argparse.Namespace, adjust: Callable[[Config], Config]) -> int:
+    # One clear error here rather than N workers failing one after the other.
+    try:
+        check_listen(config.listen_host, config.listen_port)
+    except OSError as exc:
+        return _cannot_listen(config, exc)
+    return _run(Supervisor(config, _worker_command(args), adjust=adjust).run())
+
+
+def _tag_key(args: argparse.Namespace) -> bytes | None:
+    """A worker's access-log session key, from its supervisor; None (random) otherwise."""
+    key = os.environ.get(SESSION_TAG_KEY_ENV) if args.worker_index is not None else None
+    return bytes.fromhex(key) if key else None
+
+
+def _worker_command(args: argparse.Namespace) -> WorkerCommand:
+    """A worker is this command again, in a fresh interpreter: it reads the file itself, as on a
+    reload, and gets the same overrides."""
+
+    def command(index: int, ready_fd: int) -> list[str]:
+        argv = [sys.executable, "-m", "mcpbalancer", "--config", args.config]
+        argv += ["--worker-index", str(index), "--ready-fd", str(ready_fd)]
+        if args.workers is not None:
+            argv += ["--workers", str(args.workers)]
+        if args.log_level is not None:
+            argv += ["--log-level", args.log_level]
+        return argv
+
+    return command
 
 
 def _run(main: Coroutine[Any, Any, int]) -> int:
@@ -70,8 +151,14 @@ def _run(main: Coroutine[Any, Any, int]) -> int:
     return int(uvloop.run(main))
 
 
-async def serve(config: Config) -> int:
-    proxy = Proxy(config)
+async def serve(
+    config: Config,
+    *,
+    adjust: Callable[[Config], Config] | None = None,
+    ready_fd: int | None = None,
+    session_tag_key: bytes | None = None,
+) -> int:
+    proxy = Proxy(config, adjust=adjust, session_tag_key=session_tag_key)
     try:
         await proxy.start()
     except BackendStartError as exc:
@@ -82,6 +169,8 @@ async def serve(config: Config) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     loop.add_signal_handler(signal.SIGHUP, _reload, proxy)
+    if ready_fd is not None:  # a worker: listening, and its signal handlers are in place
+        announce_ready(ready_fd)
     await stop.wait()
     log.info("shutting down")
     await proxy.stop()

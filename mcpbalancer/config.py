@@ -162,6 +162,8 @@ class Config:
     bind_sessions: str | None = None
     session_binding_key: str | None = None  # HMAC key of the binding; random per process if None
     on_store_error: str = "degrade"  # or "fail": what new sessions get while the shared store is down
+    # Processes sharing the listen port (SO_REUSEPORT); > 1 makes the CLI a supervisor (supervisor.py).
+    workers: int = 1
 
 
 _TOP_KEYS: Final = (
@@ -189,6 +191,7 @@ _TOP_KEYS: Final = (
     "bind_sessions",
     "session_binding_key",
     "on_store_error",
+    "workers",
 )
 _BACKEND_KEYS: Final = ("name", "url", "weight", "drain", "drain_timeout", "eras", "command", "replicas")
 _ROUTE_KEYS: Final = ("match", "pool", "deny")
@@ -197,6 +200,7 @@ _MATCH_KEYS: Final = ("method", "name", "param")
 _PARAM_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}", re.ASCII)
 MANAGED_HOST: Final = "127.0.0.1"
 MAX_REPLICAS: Final = 64
+MAX_WORKERS: Final = 1024  # a typo guard, not a tuning limit
 
 
 class _Required:
@@ -236,9 +240,24 @@ def parse_config(data: object, source: str = "<config>") -> Config:
     if not isinstance(data, Mapping):
         raise ConfigError(f"{source}: the top level must be a mapping of settings, got {_describe(data)}")
     try:
-        return _config(_Section(data, "", _TOP_KEYS), source)
+        config = _config(_Section(data, "", _TOP_KEYS), source)
     except _Invalid as exc:
         raise ConfigError(f"{source}: {exc}") from None
+    return check_workers(config)
+
+
+def check_workers(config: Config, key: str = "workers") -> Config:
+    """`config`, or ConfigError when its worker count does not fit the rest of it. `key` is how the
+    count was given (`workers` in the file, `--workers` on the command line), for the message."""
+    problem = _workers_problem(config)
+    if problem is not None:
+        raise ConfigError(f"{config.source}: {key}: {problem}")
+    return config
+
+
+def host_port(host: str, port: int) -> str:
+    """The inverse of parse_listen: `host:port`, an IPv6 host in brackets."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def parse_listen(value: str, key: str = "listen") -> tuple[str, int]:
@@ -283,7 +302,57 @@ def _config(top: _Section, source: str) -> Config:
         allowed_origins=top.read("allowed_origins", _as_origins, []),
         **_binding(top),
         on_store_error=top.choice("on_store_error", STORE_ERROR_MODES, "degrade"),
+        workers=top.integer("workers", 1, ge=1, le=MAX_WORKERS),
     )
+
+
+def _workers_problem(config: Config) -> str | None:
+    n = config.workers
+    if not 1 <= n <= MAX_WORKERS:
+        return f"must be 1-{MAX_WORKERS}, got {n}"
+    if n == 1:
+        return None
+    if config.store == "memory":
+        return (
+            f"{n} workers need a Redis `store`: the memory store is per process, so a session "
+            "initialized on one worker would be unknown (404) to the others; set `store: redis://...` "
+            "or use 1 worker"
+        )
+    if config.listen_port == 0:
+        return f"{n} workers need a fixed `listen` port: with port 0 each worker would get a different one"
+    managed = [b.name for b in config.backends if b.command is not None]
+    if managed:
+        names = ", ".join(managed[:3]) + (", ..." if len(managed) > 3 else "")
+        return (
+            f"{n} workers cannot run managed (`command`) backends ({names}): each worker "
+            "would start its own copies, and a session on one worker's copy is unknown to the other "
+            "workers; run the servers yourself and list their `url`s, or use 1 worker"
+        )
+    return _admin_ports_problem(config)
+
+
+def admin_of_worker(config: Config, index: int) -> tuple[str, int] | None:
+    """Worker `index` (0-based) serves `admin` on its port + index, so every worker is a scrape target
+    of its own; port 0 stays 0 (each worker picks a free one)."""
+    if config.admin is None:
+        return None
+    host, port = config.admin
+    return host, port + index if port else 0
+
+
+def _admin_ports_problem(config: Config) -> str | None:
+    if config.admin is None or config.admin[1] == 0:
+        return None
+    host, first = config.admin
+    last = first + config.workers - 1
+    ports = f"{config.workers} workers serve `admin` on ports {first}-{last} (port + worker index)"
+    if last > 65535:
+        return f"{ports}: past 65535"
+    wildcard = ("0.0.0.0", "::")
+    same_host = host == config.listen_host or host in wildcard or config.listen_host in wildcard
+    if same_host and first <= config.listen_port <= last:
+        return f"{ports}, which includes the `listen` port {config.listen_port}"
+    return None
 
 
 def _binding(top: _Section) -> dict[str, str | None]:

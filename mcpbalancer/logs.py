@@ -19,9 +19,10 @@ import hashlib
 import json
 import logging
 import os
+import select
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from json.encoder import encode_basestring_ascii as _json_string
 from typing import TYPE_CHECKING, Final, TextIO
 
@@ -37,6 +38,9 @@ FLUSH_INTERVAL: Final = 0.1
 FLUSH_LINES: Final = 1024
 _PATH_LIMIT: Final = 2048
 _HASH_CACHE_SIZE: Final = 4096
+# Worker processes share stdout: a write of at most PIPE_BUF bytes to a pipe is not interleaved with
+# another process's. Characters here are at most 2 bytes in UTF-8 (ASCII, or paths decoded as latin-1).
+ATOMIC_CHARS: Final = select.PIPE_BUF // 2
 
 
 class SessionHasher:
@@ -65,8 +69,11 @@ class AccessLog:
         fmt: str = "json",
         hasher: SessionHasher | None = None,
         clock: Callable[[], float] = time.time,
+        shared: bool = False,
     ) -> None:
         self._stream = stream
+        # `shared`: other processes write to the same stream, so write whole lines in atomic pieces.
+        self._shared = shared
         self._line = self._json_line if fmt == "json" else self._text_line
         self._hash = hasher or SessionHasher()
         self._clock = clock
@@ -97,8 +104,9 @@ class AccessLog:
         if not lines or self._broken:
             return
         try:
-            self._stream.write("".join(lines))
-            self._stream.flush()
+            for chunk in _atomic_chunks(lines) if self._shared else ("".join(lines),):
+                self._stream.write(chunk)
+                self._stream.flush()
         except (OSError, ValueError) as exc:  # stdout closed, a broken pipe: stop, don't fail requests
             self._broken = True
             logging.getLogger(__name__).warning("access log disabled: %s", exc)
@@ -145,6 +153,17 @@ class AccessLog:
         return self._ts
 
 
+def _atomic_chunks(lines: list[str]) -> Iterator[str]:
+    """`lines` joined into pieces of at most ATOMIC_CHARS (a longer line is a piece of its own)."""
+    start, size = 0, 0
+    for i, line in enumerate(lines):
+        if size and size + len(line) > ATOMIC_CHARS:
+            yield "".join(lines[start:i])
+            start, size = i, 0
+        size += len(line)
+    yield "".join(lines[start:])
+
+
 def _era(ex: Exchange) -> str:
     era = ex.facts.era if ex.facts is not None else protocol.era_of(ex.head.protocol_version)
     return _ERA_NAMES[era]
@@ -172,10 +191,15 @@ def _quoted(text: str) -> str:
 
 
 class JsonFormatter(logging.Formatter):
-    """A LogRecord as one JSON line: ts, type "event", level, logger, msg (and exc when present)."""
+    """A LogRecord as one JSON line: ts, type "event", level, logger, msg (and exc when present);
+    `worker` too in a worker process."""
+
+    def __init__(self, worker: int | None = None) -> None:
+        super().__init__()
+        self._worker = worker
 
     def format(self, record: logging.LogRecord) -> str:
-        entry = {
+        entry: dict[str, object] = {
             "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
             + f".{int(record.msecs):03d}Z",
             "type": "event",
@@ -183,6 +207,8 @@ class JsonFormatter(logging.Formatter):
             "logger": record.name,
             "msg": record.getMessage(),
         }
+        if self._worker is not None:
+            entry["worker"] = self._worker
         if record.exc_info:
             entry["exc"] = self.formatException(record.exc_info)
         return json.dumps(entry, ensure_ascii=False, separators=(",", ":"))
@@ -191,11 +217,18 @@ class JsonFormatter(logging.Formatter):
 TEXT_FORMAT: Final = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
-def configure_logging(config: LogConfig, *, level: str | None = None, stream: TextIO | None = None) -> None:
+def configure_logging(
+    config: LogConfig, *, level: str | None = None, stream: TextIO | None = None, worker: int | None = None
+) -> None:
     """Root logging on `stream` (stderr; the access log has stdout), in the configured format;
-    `level` overrides the config's."""
+    `level` overrides the config's. A worker process (`worker`: its index) says so in every line:
+    the workers share the supervisor's stderr."""
     handler = logging.StreamHandler(stream or sys.stderr)
-    handler.setFormatter(JsonFormatter() if config.format == "json" else logging.Formatter(TEXT_FORMAT))
+    if config.format == "json":
+        handler.setFormatter(JsonFormatter(worker))
+    else:
+        text = TEXT_FORMAT if worker is None else TEXT_FORMAT.replace("%(name)s", f"worker-{worker} %(name)s")
+        handler.setFormatter(logging.Formatter(text))
     logging.basicConfig(level=(level or config.level).upper(), handlers=[handler], force=True)
 
 

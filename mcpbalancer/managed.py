@@ -21,7 +21,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
-import ctypes
 import logging
 import os
 import secrets
@@ -30,13 +29,14 @@ import signal
 import socket
 import string
 import sys
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from typing import Final
 
 from mcpbalancer.backends import OWNER_SEP, Backend, BackendSet
 from mcpbalancer.config import BackendConfig
 from mcpbalancer.errors import BackendStartError
 from mcpbalancer.metrics import Metrics
+from mcpbalancer.orphans import die_with_parent
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +48,6 @@ RESTART_DELAY: Final = (0.5, 30.0)  # first and longest delay before starting an
 STABLE_AFTER: Final = 30.0  # a child that ran this long restarts after the first delay again
 OUTPUT_LINES: Final = 20  # last lines of a child's output kept for error messages
 _READY = b"READY "
-_PR_SET_PDEATHSIG: Final = 1
 
 
 def command_line(template: str, *, name: str, host: str, port: int) -> list[str]:
@@ -94,21 +93,6 @@ async def answers_http(host: str, port: int) -> bool:
     except (OSError, TimeoutError):
         return False
     return line.startswith(b"HTTP/")
-
-
-def _die_with_parent() -> Callable[[], None] | None:
-    """A preexec_fn asking Linux to SIGKILL the child when the proxy dies; None elsewhere."""
-    if not sys.platform.startswith("linux"):
-        return None
-    prctl = ctypes.CDLL(None, use_errno=True).prctl
-    parent = os.getpid()
-
-    def preexec() -> None:
-        prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
-        if os.getppid() != parent:  # the proxy died before prctl took effect
-            os._exit(1)
-
-    return preexec
 
 
 def _signal_group(pid: int, sig: int) -> None:
@@ -213,7 +197,7 @@ class ManagedInstance:
                 stderr=asyncio.subprocess.PIPE,
                 env={**os.environ, "PYTHONUNBUFFERED": "1"},
                 start_new_session=True,
-                preexec_fn=_die_with_parent(),
+                preexec_fn=die_with_parent(signal.SIGKILL),
             )
         except OSError as exc:
             raise BackendStartError(

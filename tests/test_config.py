@@ -11,6 +11,8 @@ from mcpbalancer.config import (
     Config,
     LimitsConfig,
     TimeoutsConfig,
+    admin_of_worker,
+    check_workers,
     load_config,
     parse_config,
     parse_listen,
@@ -56,7 +58,8 @@ def test_example_file_parses() -> None:
 def test_example_file_sets_every_key() -> None:
     # The example documents every key; a key added to the loader should be added there too.
     text = EXAMPLE.read_text(encoding="utf-8")
-    keys = ["listen", "store", "store_prefix", "local_cache_size", "session_ttl", "balance", "heartbeat"]
+    keys = ["listen", "workers", "store", "store_prefix", "local_cache_size", "session_ttl", "balance"]
+    keys += ["heartbeat"]
     keys += [f.name for f in dataclasses.fields(TimeoutsConfig)] + [
         f.name for f in dataclasses.fields(LimitsConfig)
     ]
@@ -400,7 +403,7 @@ def test_unknown_key_lists_every_allowed_key() -> None:
     assert text.endswith(
         "heartbeat, backends, timeouts, limits, admin, metrics, log, health, shutdown_timeout, "
         "pools, routes, affinity, validate_headers, failover, allowed_origins, bind_sessions, "
-        "session_binding_key, on_store_error"
+        "session_binding_key, on_store_error, workers"
     )
 
 
@@ -551,3 +554,81 @@ def test_failover_modes() -> None:
     assert config_error(minimal(failover="retry")).startswith(
         "cfg.yaml: failover: must be one of reinitialize, replay; got 'retry'"
     )
+
+
+# --- workers ------------------------------------------------------------------------------------------
+
+REDIS = "redis://127.0.0.1:6379/0"
+
+
+def test_workers_default_to_one() -> None:
+    assert parse_config(minimal()).workers == 1
+    # One worker needs nothing more: the memory store and port 0 are fine.
+    assert parse_config(minimal(workers=1, listen="127.0.0.1:0")).workers == 1
+
+
+def test_workers_with_redis_and_a_fixed_port() -> None:
+    config = parse_config(minimal(workers=4, store=REDIS, listen="0.0.0.0:8080", admin="127.0.0.1:9100"))
+    assert config.workers == 4
+    assert [admin_of_worker(config, k) for k in range(4)] == [("127.0.0.1", 9100 + k) for k in range(4)]
+
+
+def test_admin_port_zero_stays_zero_in_every_worker() -> None:
+    config = parse_config(minimal(workers=2, store=REDIS, admin="127.0.0.1:0"))
+    assert admin_of_worker(config, 1) == ("127.0.0.1", 0)
+    assert admin_of_worker(parse_config(minimal()), 1) is None
+
+
+WORKER_ERRORS = [
+    pytest.param(minimal(workers=0), "workers: must be >= 1, got 0", id="zero"),
+    pytest.param(minimal(workers="x"), "workers: must be an integer, got 'x'", id="string"),
+    pytest.param(minimal(workers=2.0), "workers: must be an integer, got 2.0", id="float"),
+    pytest.param(minimal(workers=True), "workers: must be an integer, got true", id="bool"),
+    pytest.param(minimal(workers=5000), "workers: must be <= 1024, got 5000", id="too-many"),
+    pytest.param(
+        minimal(workers=2),
+        "workers: 2 workers need a Redis `store`: the memory store is per process, so a session "
+        "initialized on one worker would be unknown (404) to the others",
+        id="memory-store",
+    ),
+    pytest.param(
+        minimal(workers=2, store=REDIS, listen="127.0.0.1:0"),
+        "workers: 2 workers need a fixed `listen` port: with port 0 each worker would get a different one",
+        id="port-zero",
+    ),
+    pytest.param(
+        {"backends": [backend(), managed(replicas=2)], "workers": 3, "store": REDIS},
+        "workers: 3 workers cannot run managed (`command`) backends (m-1, m-2): each worker would start "
+        "its own copies",
+        id="managed",
+    ),
+    pytest.param(
+        minimal(workers=3, store=REDIS, admin="127.0.0.1:65534"),
+        "workers: 3 workers serve `admin` on ports 65534-65536 (port + worker index): past 65535",
+        id="admin-past-65535",
+    ),
+    pytest.param(
+        minimal(workers=2, store=REDIS, listen="0.0.0.0:8080", admin="127.0.0.1:8079"),
+        "workers: 2 workers serve `admin` on ports 8079-8080 (port + worker index), which includes the "
+        "`listen` port 8080",
+        id="admin-covers-listen",
+    ),
+]
+
+
+@pytest.mark.parametrize(("data", "message"), WORKER_ERRORS)
+def test_invalid_workers(data: dict[str, Any], message: str) -> None:
+    text = config_error(data)
+    assert text.startswith(f"cfg.yaml: {message}"), text
+
+
+def test_admin_ports_on_another_host_may_cover_the_listen_port() -> None:
+    data = minimal(workers=2, store=REDIS, listen="10.0.0.1:8080", admin="127.0.0.1:8079")
+    assert parse_config(data).workers == 2
+
+
+def test_check_workers_names_the_flag() -> None:
+    config = dataclasses.replace(parse_config(minimal(), "cfg.yaml"), workers=2)
+    with pytest.raises(ConfigError) as info:
+        check_workers(config, key="--workers")
+    assert str(info.value).startswith("cfg.yaml: --workers: 2 workers need a Redis `store`")

@@ -23,7 +23,14 @@ from mcpbalancer.balancer import LeastSessions
 from mcpbalancer.config import ConfigError, LogConfig, MetricsConfig, parse_config
 from mcpbalancer.control.probes import Readiness
 from mcpbalancer.errors import StoreError
-from mcpbalancer.logs import AccessLog, JsonFormatter, SessionHasher, access_enabled, configure_logging
+from mcpbalancer.logs import (
+    ATOMIC_CHARS,
+    AccessLog,
+    JsonFormatter,
+    SessionHasher,
+    access_enabled,
+    configure_logging,
+)
 from mcpbalancer.metrics import NO_BACKEND, Metrics
 from mcpbalancer.protocol import Era
 from mcpbalancer.routing import Router, classify
@@ -343,6 +350,56 @@ async def test_text_format() -> None:
     prefix = '2023-11-14T22:13:20.500Z 10.0.0.7 "POST /mcp" 0 321 '
     assert line.startswith(prefix)
     assert line.endswith(f"us era=legacy session={tag} backend=mcp-1 mcp=- outcome=client_disconnect\n")
+
+
+class _Writes(io.StringIO):
+    """Records what the writer handed over at each flush() (what a file object writes to the OS)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.flushed: list[str] = []
+        self._mark = 0
+
+    def flush(self) -> None:
+        self.flushed.append(self.getvalue()[self._mark :])
+        self._mark = len(self.getvalue())
+
+
+async def test_a_shared_access_stream_gets_whole_lines_in_atomic_writes() -> None:
+    # Worker processes share stdout: every write is whole lines of at most ATOMIC_CHARS (so at most
+    # PIPE_BUF bytes, which a pipe never interleaves with another process's write).
+    stream = _Writes()
+    log = AccessLog(stream, shared=True)
+    long_path = fake_exchange(target=b"/mcp?" + b"x" * 3000)
+    for i in range(300):
+        log.write(long_path if i == 7 else fake_exchange())
+    log.close()
+    writes = [w for w in stream.flushed if w]
+    assert len(writes) > 1
+    assert all(w.endswith("\n") for w in writes)
+    assert [len(w) <= ATOMIC_CHARS for w in writes].count(False) == 1  # the long line, on its own
+    assert sum(w.count("\n") for w in writes) == 300
+    unshared = _Writes()
+    log = AccessLog(unshared)
+    for _ in range(300):
+        log.write(fake_exchange())
+    log.close()
+    assert len([w for w in unshared.flushed if w]) == 1
+
+
+@pytest.mark.parametrize("fmt", ["json", "text"])
+def test_a_worker_says_so_in_its_lifecycle_lines(fmt: str) -> None:
+    stream = io.StringIO()
+    configure_logging(LogConfig(format=fmt), stream=stream, worker=3)
+    try:
+        logging.getLogger("mcpbalancer.app").info("listening")
+    finally:
+        logging.basicConfig(handlers=[logging.NullHandler()], force=True)
+    line = stream.getvalue()
+    if fmt == "json":
+        assert json.loads(line)["worker"] == 3
+    else:
+        assert " INFO worker-3 mcpbalancer.app: listening" in line
 
 
 def test_lifecycle_lines_in_json() -> None:
