@@ -117,6 +117,26 @@ async def test_events_split_anywhere_arrive_byte_identical(
     assert await take(client, resp, len(stream)) == stream
 
 
+async def test_large_events_are_relayed_byte_identical_as_whole_chunks(
+    make_proxy: ProxyFactory, make_stub: StubFactory, open_client: ClientFactory
+) -> None:
+    # Chunks from 16 KiB up leave as a vectored send of size line, data and CRLF (no copy), small
+    # ones as one framed copy; mixed in one upstream read, all must keep their framing and order.
+    feed = Feed("chunked")
+    stub = await make_stub(feed)
+    proxy = await make_proxy([stub])
+    client, resp = await open_stream(proxy, open_client)
+    events = [
+        b"data: " + bytes([65 + i % 26]) * size + b"\n\n" for i, size in enumerate((20_000, 5, 300_000))
+    ]
+    feed.push(events[0])
+    assert await take(client, resp, len(events[0])) == events[0]
+    feed.push(events[1])  # back to back: a small chunk, then a large one
+    feed.push(events[2])
+    assert await take(client, resp, len(events[1]) + len(events[2])) == events[1] + events[2]
+    feed.end()
+
+
 # -- 10. heartbeats --------------------------------------------------------------------------------
 
 

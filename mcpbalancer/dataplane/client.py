@@ -36,6 +36,9 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 PIPELINE_DEPTH = 16
+# Below this many bytes, response pieces are joined (copied) into one buffer for a send; above it
+# they leave as one vectored send (writelines), which copies nothing.
+COPY_LIMIT = 16 * 1024
 INF = float("inf")
 _VERSIONS = frozenset({"1.0", "1.1"})
 
@@ -310,10 +313,26 @@ class ClientConnection(asyncio.Protocol):
         self._corked = []
         return True
 
+    def write_chunk(self, data: bytes) -> None:
+        """`data` as one chunk of a chunked body. A large chunk is not copied into a framed buffer:
+        its size line, the data and the CRLF leave as the pieces of one vectored send."""
+        if len(data) < COPY_LIMIT:
+            self.write(b"%x\r\n%b\r\n" % (len(data), data))
+        elif self._corked is not None:
+            self._corked += (b"%x\r\n" % len(data), data, b"\r\n")
+        elif self.transport is not None and not self._lost:
+            self.transport.writelines((b"%x\r\n" % len(data), data, b"\r\n"))
+
     def uncork(self) -> None:
         held, self._corked = self._corked, None
-        if held:
-            self.write(held[0] if len(held) == 1 else b"".join(held))
+        if not held or self.transport is None or self._lost:
+            return
+        if len(held) == 1:
+            self.transport.write(held[0])
+        elif sum(map(len, held)) < COPY_LIMIT:
+            self.transport.write(b"".join(held))  # small pieces: one copy costs less than an iovec
+        else:
+            self.transport.writelines(held)  # one vectored send, no copy
 
     def abort(self) -> None:
         self._corked = None

@@ -514,11 +514,12 @@ class Exchange:
         if self._boundary is not None:
             self._boundary.feed(data)
             self._last_write = self._last_upstream = self.plane.loop.time()
-        out = b"%x\r\n%b\r\n" % (len(data), data) if self._chunked_out else data
         if self._held is not None:
-            self._held.append(out)
+            self._held.append(b"%x\r\n%b\r\n" % (len(data), data) if self._chunked_out else data)
+        elif self._chunked_out:
+            self.client.write_chunk(data)
         else:
-            self.client.write(out)
+            self.client.write(data)
 
     def response_done(self) -> None:
         if self.done:
