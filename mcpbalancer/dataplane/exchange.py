@@ -99,6 +99,7 @@ class Exchange:
     def __init__(self, plane: DataPlane, client: ClientConnection, head: RequestHead) -> None:
         self.plane = plane
         self.client = client
+        self.output = client  # what an upstream read corks (ResponseSink.output)
         self.head = head
         self.keep_alive = head.keep_alive
         self.received_at = time.perf_counter()
@@ -112,10 +113,6 @@ class Exchange:
             and protocol.era_of(head.protocol_version) is protocol.Era.LEGACY
         ):
             self._capture = []
-
-    @property
-    def output(self) -> ClientConnection:
-        return self.client
 
     @property
     def streaming(self) -> bool:
@@ -217,7 +214,7 @@ class Exchange:
             if self._body_bytes > REPLAY_LIMIT and not self._awaiting_body:
                 self.client.pause_reading()
             return
-        self._send(self._frame_request(data))
+        self._send(b"%x\r\n%b\r\n" % (len(data), data) if self.head.chunked else data)
 
     def request_done(self) -> None:
         self.request_complete = True
@@ -406,7 +403,6 @@ class Exchange:
         self._replay = None
 
     def response_head(self, status: int, reason: bytes, headers: list[tuple[bytes, bytes]]) -> None:
-        self._cancel_timer()
         self._replay = None
         assert self.facts is not None and self.backend is not None
         self.status = status
@@ -453,7 +449,8 @@ class Exchange:
                 failover.remember(response_sid, head.target, b"".join(self._capture))
             self._capture = None
         if wait is None:
-            self._write_head(out)
+            self._started = True
+            self.client.write(out)
         else:
             self._held = [out]
             if self.upstream is not None:
@@ -484,10 +481,6 @@ class Exchange:
             return b"chunked"
         # Codings before chunked ("gzip, chunked") are still on the body: they keep their label.
         return coding if chunked else coding + b", chunked"
-
-    def _write_head(self, out: bytes) -> None:
-        self._started = True
-        self.client.write(out)
 
     def _hold_until(self, wait: Awaitable[None]) -> None:
         async def run() -> None:
@@ -737,7 +730,8 @@ class Exchange:
         if self.done:
             return
         self.done = True
-        self._cancel_timer()
+        if self._timer is not None:
+            self._cancel_timer()
         if self._boundary is not None and self.backend is not None:
             self.plane.metrics.stream_ended(self.backend.name, time.perf_counter() - self._stream_at)
         if self.plane.access_log is not None:

@@ -56,6 +56,7 @@ class UpstreamConnection(asyncio.Protocol):
         "closed",
         "keep_alive",
         "parser",
+        "paused",
         "pool",
         "reused",
         "sink",
@@ -70,6 +71,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.reused = False
         self.closed = False
         self.keep_alive = True  # the last response head allows another request on this connection
+        self.paused = False  # reading paused (the client is backed up)
         self._headers: list[tuple[bytes, bytes]] = []
         self._reason = b""
         self._interim = False
@@ -194,10 +196,12 @@ class UpstreamConnection(asyncio.Protocol):
 
     def pause_reading(self) -> None:
         if self.transport is not None and not self.closed:
+            self.paused = True
             self.transport.pause_reading()
 
     def resume_reading(self) -> None:
         if self.transport is not None and not self.closed:
+            self.paused = False
             self.transport.resume_reading()
 
     def skip_body(self) -> None:
@@ -280,7 +284,8 @@ class UpstreamPool:
         if self._closed or len(self._idle) >= self._max_idle:
             conn.close()
             return
-        conn.resume_reading()
+        if conn.paused:
+            conn.resume_reading()
         self._idle.append(conn)
 
     def discard(self, conn: UpstreamConnection) -> None:
