@@ -242,7 +242,7 @@ def own_cpu_seconds() -> float:
         with contextlib.suppress(OSError):
             for pid in (task / "children").read_text().split():
                 with contextlib.suppress(OSError):
-                    total += cpu_times(int(pid)).total
+                    total += tree_cpu_times(int(pid)).total  # a proxy's workers included
     return total
 
 
