@@ -25,7 +25,7 @@ from mcpbalancer.control.admin import AdminApi
 from mcpbalancer.control.probes import Readiness, local_endpoints
 from mcpbalancer.control.server import ControlServer
 from mcpbalancer.dataplane.plane import DataPlane
-from mcpbalancer.errors import BackendStartError, ConfigError
+from mcpbalancer.errors import BackendStartError, ConfigError, ListenError
 from mcpbalancer.failover import Failover
 from mcpbalancer.health import HealthChecker, HttpProbe
 from mcpbalancer.lifecycle import Changes, Fleet
@@ -56,6 +56,10 @@ def _shared_affinity(config: Config) -> SharedAffinity | None:
 
 def _unchanged(config: Config) -> Config:
     return config
+
+
+def _address(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 class Proxy:
@@ -247,11 +251,21 @@ class Proxy:
                 reuse_port=self.config.workers > 1,
                 backlog=1024,
             )
-        except BaseException:
+        except OSError as exc:
             await self.managed.stop()  # cannot listen: the children started for nothing
+            address = _address(self.config.listen_host, self.config.listen_port)
+            raise ListenError(f"cannot listen on {address}: {exc}") from exc
+        except BaseException:
+            await self.managed.stop()
             raise
         if self.control is not None:
-            await self.control.start()
+            try:
+                await self.control.start()
+            except OSError as exc:
+                self._server.close()
+                await self.managed.stop()
+                address = _address(self.control.host, self.control.requested_port)
+                raise ListenError(f"cannot listen on {address} (admin): {exc}") from exc
         if hasattr(self.store, "sweep"):
             self._sweeper = loop.create_task(self._sweep_forever())
         self._checker = loop.create_task(self.health.run(lambda: self.backends))

@@ -20,7 +20,7 @@ from typing import Any
 from mcpbalancer import __version__
 from mcpbalancer.app import Proxy
 from mcpbalancer.config import LOG_LEVELS, Config, admin_of_worker, check_workers, load_config
-from mcpbalancer.errors import BackendStartError, ConfigError
+from mcpbalancer.errors import BackendStartError, ConfigError, ListenError
 from mcpbalancer.logs import configure_logging
 from mcpbalancer.supervisor import (
     SESSION_TAG_KEY_ENV,
@@ -87,14 +87,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     configure_logging(config.log, worker=args.worker_index)
     if args.check:
         workers = f"{config.workers} worker{'s' if config.workers > 1 else ''}"
-        print(f"{config.source}: OK ({len(config.backends)} backends, {workers})")
+        backends = f"{len(config.backends)} backend{'s' if len(config.backends) != 1 else ''}"
+        print(f"{config.source}: OK ({backends}, {workers})")
         return 0
     if config.workers > 1 and args.worker_index is None:
         return _supervise(config, args, adjust)
-    try:
-        return _run(serve(config, adjust=adjust, ready_fd=args.ready_fd, session_tag_key=_tag_key(args)))
-    except OSError as exc:
-        return _cannot_listen(config, exc)
+    return _run(serve(config, adjust=adjust, ready_fd=args.ready_fd, session_tag_key=_tag_key(args)))
 
 
 def _overrides(args: argparse.Namespace) -> Callable[[Config], Config]:
@@ -161,7 +159,7 @@ async def serve(
     proxy = Proxy(config, adjust=adjust, session_tag_key=session_tag_key)
     try:
         await proxy.start()
-    except BackendStartError as exc:
+    except (BackendStartError, ListenError) as exc:
         print(f"mcpbalancer: {exc}", file=sys.stderr)
         return 1
     stop = asyncio.Event()

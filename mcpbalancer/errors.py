@@ -4,6 +4,7 @@
      ├── ConfigError                  bad YAML: names the file and the key path
      ├── StoreError                   the session store could not answer (Redis down, timeout)
      ├── BackendStartError            a managed backend's process did not start or answer
+     ├── ListenError                  a listener (public or admin) could not be bound
      └── ProxyError                   an answer the proxy itself gives a client
           ├── BadRequest              400: malformed framing, session id, header encoding
           │    └── HeaderMismatch     400: Mcp-Method/Mcp-Name disagree with the body (-32020)
@@ -44,6 +45,10 @@ class StoreError(MCPBalancerError):
 
 class BackendStartError(MCPBalancerError):
     """A managed backend's process could not be started, or died or stayed silent before serving."""
+
+
+class ListenError(MCPBalancerError):
+    """A listener could not be bound; the message names which one and its address."""
 
 
 class ProxyError(MCPBalancerError):

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import re
 import signal
+import socket
 import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -70,6 +71,25 @@ async def test_check_accepts_a_good_file(tmp_path: Path) -> None:
     assert (status, err) == (0, "")
     assert "OK" in out
     assert "2 backends" in out
+
+
+@pytest.mark.parametrize("which", ["listen", "admin"])
+async def test_a_taken_port_exits_1_naming_the_listener(tmp_path: Path, which: str) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        listen, admin = (port, 0) if which == "listen" else (0, port)
+        config = tmp_path / "busy.yaml"
+        config.write_text(
+            f"listen: 127.0.0.1:{listen}\nadmin: 127.0.0.1:{admin}\nhealth:\n  interval: 0\n"
+            "backends:\n  - name: a\n    url: http://127.0.0.1:9001\n"
+        )
+        status, _, err = await run(sys.executable, "-m", "mcpbalancer", "--config", str(config))
+    assert status == 1
+    suffix = " (admin)" if which == "admin" else ""
+    assert f"mcpbalancer: cannot listen on 127.0.0.1:{port}{suffix}: " in err
+    assert "Traceback" not in err
 
 
 BACKENDS_OK = "backends:\n  - name: a\n    url: http://127.0.0.1:9001\n"

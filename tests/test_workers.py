@@ -424,4 +424,4 @@ def test_check_reports_the_worker_count(
     config = tmp_path / "cfg.yaml"
     config.write_text("listen: 127.0.0.1:8080\n" + text + BACKENDS)
     assert main(["--config", str(config), "--check", *flags]) == 0
-    assert capsys.readouterr().out == f"{config}: OK (1 backends, {count})\n"
+    assert capsys.readouterr().out == f"{config}: OK (1 backend, {count})\n"
