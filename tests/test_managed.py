@@ -22,7 +22,7 @@ import pytest
 from mcpbalancer.app import Proxy
 from mcpbalancer.backends import Backend, BackendSet
 from mcpbalancer.config import parse_config
-from mcpbalancer.errors import BackendStartError
+from mcpbalancer.errors import BackendStartError, ListenError
 from mcpbalancer.managed import ManagedBackends, command_line, uses_port
 from tests.mcp_helpers import (
     DEADLINE,
@@ -367,7 +367,7 @@ async def test_listen_failure_stops_the_started_children() -> None:
             "backends": [{"name": "m", "command": EXAMPLE + " --port {port}"}],
         }
         proxy = Proxy(parse_config(data, source="<test>"))
-        with pytest.raises(OSError, match="in use"):
+        with pytest.raises(ListenError, match=f"cannot listen on 127.0.0.1:{port}: .*in use"):
             await proxy.start()
     [pid] = proxy.managed.pids()
     assert not alive(pid)
