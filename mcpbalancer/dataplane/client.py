@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, cast
 import httptools
 
 from mcpbalancer import protocol
+from mcpbalancer.dataplane.deadline import Deadline
 from mcpbalancer.dataplane.exchange import Exchange
 from mcpbalancer.dataplane.head import RequestHead
 from mcpbalancer.errors import (
@@ -39,7 +40,6 @@ PIPELINE_DEPTH = 16
 # Below this many bytes, response pieces are joined (copied) into one buffer for a send; above it
 # they leave as one vectored send (writelines), which copies nothing.
 COPY_LIMIT = 16 * 1024
-INF = float("inf")
 _VERSIONS = frozenset({"1.0", "1.1"})
 
 
@@ -63,12 +63,9 @@ class ClientConnection(asyncio.Protocol):
         self.write_paused = False  # the transport's buffer is full: a new response starts paused
         self._refusal: bytes | None = None  # the answer to a broken byte stream, after the queue
         # One deadline per connection: the head timeout (waiting for a request head to complete) or
-        # the keep-alive timeout (idle between requests); none (INF) while a request is served.
-        # Its timer is not moved per request: when it fires early it looks again (see _arm).
-        self._deadline = INF
-        self._timer: asyncio.TimerHandle | None = None
-        self._timer_at = INF  # when `_timer` fires
-        self._timer_idle = False
+        # the keep-alive timeout (idle between requests); none while a request is served.
+        self._deadline = Deadline(plane.loop, self._timed_out)
+        self._timer_idle = False  # the deadline is the keep-alive one
         self._in_head = False  # a request head has begun and is not complete
         self._head = RequestHead()
         self._head_bytes = 0
@@ -144,9 +141,7 @@ class ClientConnection(asyncio.Protocol):
         return bool(self._queue)
 
     def connection_lost(self, exc: Exception | None) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+        self._deadline.cancel()
         self._lost = True
         self._closing = True
         self.plane.closed(self)
@@ -191,7 +186,7 @@ class ClientConnection(asyncio.Protocol):
 
     def on_headers_complete(self) -> None:
         self._in_head = False
-        self._deadline = INF
+        self._deadline.clear()
         if self._closing:
             return
         parser = self.parser
@@ -386,27 +381,11 @@ class ClientConnection(asyncio.Protocol):
     # -- internals --------------------------------------------------------------------------------
 
     def _arm(self, seconds: float, *, idle: bool) -> None:
-        # A timer costs more than a request's routing: keep the one that is scheduled when it fires
-        # before the new deadline (it then looks again), replace it only to fire earlier.
-        loop = self.plane.loop
         self._timer_idle = idle
-        self._deadline = deadline = loop.time() + seconds
-        if self._timer is not None:
-            if self._timer_at <= deadline:
-                return
-            self._timer.cancel()
-        self._timer_at = deadline
-        self._timer = loop.call_at(deadline, self._timed_out)
+        self._deadline.set(seconds)
 
     def _timed_out(self) -> None:
-        self._timer = None
-        self._timer_at = INF
-        deadline = self._deadline
-        if self._lost or self._queue or deadline == INF:
-            return
-        if self.plane.loop.time() < deadline:
-            self._timer_at = deadline
-            self._timer = self.plane.loop.call_at(deadline, self._timed_out)
+        if self._lost or self._queue:
             return
         if self._timer_idle:
             self._close()  # an idle keep-alive connection: nothing to say

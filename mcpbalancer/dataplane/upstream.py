@@ -16,10 +16,9 @@ from typing import Protocol, cast
 import httptools
 
 from mcpbalancer.backends import Backend
+from mcpbalancer.dataplane.deadline import Deadline
 
 log = logging.getLogger(__name__)
-
-INF = float("inf")
 
 
 class Output(Protocol):
@@ -49,9 +48,7 @@ class UpstreamConnection(asyncio.Protocol):
         "_head_due",
         "_headers",
         "_interim",
-        "_loop",
         "_reason",
-        "_timer",
         "after_read",
         "closed",
         "keep_alive",
@@ -75,11 +72,8 @@ class UpstreamConnection(asyncio.Protocol):
         self._headers: list[tuple[bytes, bytes]] = []
         self._reason = b""
         self._interim = False
-        # The response head is due by `_head_due` (INF when none is awaited). The timer stays
-        # from request to request and looks again when it fires early: no timer per request.
-        self._head_due = INF
-        self._timer: asyncio.TimerHandle | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
+        # When the response head is due; made with the first request, which brings the loop.
+        self._head_due: Deadline | None = None
         self.after_read: Callable[[], None] | None = None  # called once, after the current read
 
     # asyncio.Protocol
@@ -143,7 +137,8 @@ class UpstreamConnection(asyncio.Protocol):
         self._interim = 100 <= status < 200
         if self._interim:
             return
-        self._head_due = INF
+        if self._head_due is not None:
+            self._head_due.clear()
         # Read at the head: a HEAD answer swaps the parser before the message completes.
         self.keep_alive = self.parser.should_keep_alive()
         if self.sink is not None:
@@ -168,27 +163,17 @@ class UpstreamConnection(asyncio.Protocol):
     def expect_head(self, loop: asyncio.AbstractEventLoop, timeout: float) -> None:
         """A request went out: its response head is due within `timeout` seconds, else the sink's
         `response_timeout` is called."""
-        self._head_due = due = loop.time() + timeout
-        if self._timer is None:
-            self._loop = loop
-            self._timer = loop.call_at(due, self._head_overdue)
+        if self._head_due is None:
+            self._head_due = Deadline(loop, self._head_overdue)
+        self._head_due.set(timeout)
 
     def _head_overdue(self) -> None:
-        self._timer = None
-        due, loop = self._head_due, self._loop
-        if self.sink is None or due == INF or loop is None:
-            return
-        if loop.time() < due:
-            self._timer = loop.call_at(due, self._head_overdue)
-            return
-        self._head_due = INF
-        self.sink.response_timeout()
+        if self.sink is not None:
+            self.sink.response_timeout()
 
     def _stop_timer(self) -> None:
-        self._head_due = INF
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+        if self._head_due is not None:
+            self._head_due.cancel()
 
     def write(self, data: bytes) -> None:
         if self.transport is not None and not self.closed:
@@ -211,7 +196,8 @@ class UpstreamConnection(asyncio.Protocol):
     def release(self, reusable: bool) -> None:
         """The exchange is over: back to the pool, or closed."""
         self.sink = None
-        self._head_due = INF
+        if self._head_due is not None:
+            self._head_due.clear()
         self.after_read = None
         if reusable and self.keep_alive and not self.closed:
             self.pool.release(self)
