@@ -18,6 +18,7 @@ import httptools
 from mcpbalancer import protocol
 from mcpbalancer.dataplane.deadline import Deadline
 from mcpbalancer.dataplane.exchange import Exchange
+from mcpbalancer.dataplane.framing import chunk, chunk_size
 from mcpbalancer.dataplane.head import RequestHead
 from mcpbalancer.errors import (
     BadRequest,
@@ -312,11 +313,11 @@ class ClientConnection(asyncio.Protocol):
         """`data` as one chunk of a chunked body. A large chunk is not copied into a framed buffer:
         its size line, the data and the CRLF leave as the pieces of one vectored send."""
         if len(data) < COPY_LIMIT:
-            self.write(b"%x\r\n%b\r\n" % (len(data), data))
+            self.write(chunk(data))
         elif self._corked is not None:
-            self._corked += (b"%x\r\n" % len(data), data, b"\r\n")
+            self._corked += (chunk_size(data), data, b"\r\n")
         elif self.transport is not None and not self._lost:
-            self.transport.writelines((b"%x\r\n" % len(data), data, b"\r\n"))
+            self.transport.writelines((chunk_size(data), data, b"\r\n"))
 
     def uncork(self) -> None:
         held, self._corked = self._corked, None

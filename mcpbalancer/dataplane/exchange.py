@@ -21,6 +21,7 @@ from mcpbalancer.backends import Backend
 from mcpbalancer.dataplane.framing import (
     CONTINUE,
     LAST_CHUNK,
+    chunk,
     content_length,
     filtered,
     request_head,
@@ -99,7 +100,6 @@ class Exchange:
     def __init__(self, plane: DataPlane, client: ClientConnection, head: RequestHead) -> None:
         self.plane = plane
         self.client = client
-        self.output = client  # what an upstream read corks (ResponseSink.output)
         self.head = head
         self.keep_alive = head.keep_alive
         self.received_at = time.perf_counter()
@@ -214,7 +214,7 @@ class Exchange:
             if self._body_bytes > REPLAY_LIMIT and not self._awaiting_body:
                 self.client.pause_reading()
             return
-        self._send(b"%x\r\n%b\r\n" % (len(data), data) if self.head.chunked else data)
+        self._send(chunk(data) if self.head.chunked else data)
 
     def request_done(self) -> None:
         self.request_complete = True
@@ -358,7 +358,7 @@ class Exchange:
     def _flush_pending(self, head: bytes = b"") -> None:
         """Send `head` and the body that arrived while no backend connection existed, in one write."""
         parts = [head] if head else []
-        parts += [self._frame_request(chunk) for chunk in self._body]
+        parts += map(chunk, self._body) if self.head.chunked else self._body
         self._body = []
         if self.request_complete and self.head.chunked and not self._terminated:
             parts.append(LAST_CHUNK)
@@ -366,11 +366,6 @@ class Exchange:
         if parts:
             self._send(b"".join(parts))
         self.client.resume_reading()
-
-    def _frame_request(self, data: bytes) -> bytes:
-        if self.head.chunked:
-            return b"%x\r\n%b\r\n" % (len(data), data)
-        return data
 
     def _send(self, data: bytes) -> None:
         replay = self._replay
@@ -508,7 +503,7 @@ class Exchange:
             self._boundary.feed(data)
             self._last_write = self._last_upstream = self.plane.loop.time()
         if self._held is not None:
-            self._held.append(b"%x\r\n%b\r\n" % (len(data), data) if self._chunked_out else data)
+            self._held.append(chunk(data) if self._chunked_out else data)
         elif self._chunked_out:
             self.client.write_chunk(data)
         else:
@@ -625,7 +620,7 @@ class Exchange:
         beat = self._beat
         if beat > 0 and now - self._last_write >= beat:
             if self._held is None and self._boundary.at_boundary:
-                self.client.write(b"%x\r\n%b\r\n" % (len(PING), PING) if self._chunked_out else PING)
+                self.client.write(chunk(PING) if self._chunked_out else PING)
                 self.plane.metrics.heartbeats.value += 1
                 self._last_write = now
             # Mid-event, nothing can be sent until more data comes, and data moves _last_write:
@@ -639,11 +634,6 @@ class Exchange:
     def _upstream_failed(self, kind: str) -> None:
         if self.backend is not None:
             self.plane.metrics.upstream_error(self.backend.name, kind)
-
-    def _cancel_timer(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
 
     # -- endings -------------------------------------------------------------------------------
 
@@ -731,7 +721,8 @@ class Exchange:
             return
         self.done = True
         if self._timer is not None:
-            self._cancel_timer()
+            self._timer.cancel()
+            self._timer = None
         if self._boundary is not None and self.backend is not None:
             self.plane.metrics.stream_ended(self.backend.name, time.perf_counter() - self._stream_at)
         if self.plane.access_log is not None:

@@ -14,6 +14,16 @@ CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 LAST_CHUNK = b"0\r\n\r\n"
 
 
+def chunk(data: bytes) -> bytes:
+    """`data` framed as one chunk of a chunked body (a copy; see ClientConnection.write_chunk)."""
+    return b"%x\r\n%b\r\n" % (len(data), data)
+
+
+def chunk_size(data: bytes) -> bytes:
+    """The size line of the chunk that carries `data`; CRLF closes the chunk after the data."""
+    return b"%x\r\n" % len(data)
+
+
 def request_head(
     head: RequestHead, path_prefix: bytes, host: bytes, peer_ip: bytes, alias: bytes | None
 ) -> bytes:

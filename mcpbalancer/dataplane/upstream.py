@@ -32,7 +32,7 @@ class ResponseSink(Protocol):
     """What an upstream connection reports to the exchange it serves."""
 
     @property
-    def output(self) -> Output: ...
+    def client(self) -> Output: ...
 
     def response_begun(self) -> None: ...
     def response_head(self, status: int, reason: bytes, headers: list[tuple[bytes, bytes]]) -> None: ...
@@ -87,7 +87,7 @@ class UpstreamConnection(asyncio.Protocol):
             self.close()
             return
         # Everything one read produces for the client (head, body, last chunk) leaves in one write.
-        output = self.sink.output
+        output = self.sink.client
         corked = output.cork()
         try:
             self.parser.feed_data(data)
