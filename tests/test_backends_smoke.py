@@ -11,7 +11,6 @@ import json
 import signal
 import uuid
 from collections.abc import AsyncIterator
-from typing import Any
 
 import aiohttp
 import mcp_types
@@ -20,63 +19,19 @@ from mcp import Client
 from mcp.client.session import ClientRequestContext, IncomingMessage
 
 from tests.fixtures.backends import BackendFactory, BackendProcess
-
-DEADLINE = 10.0
-LEGACY_VERSION = "2025-11-25"
-MODERN_VERSION = "2026-07-28"
-
-# Exactly what a legacy client must send to open a session: no Mcp-Session-Id, no MCP-Protocol-Version.
-INIT_HEADERS = {"Accept": "application/json, text/event-stream", "Content-Type": "application/json"}
-INIT_BODY = {
-    "jsonrpc": "2.0",
-    "id": 1,
-    "method": "initialize",
-    "params": {
-        "protocolVersion": LEGACY_VERSION,
-        "capabilities": {},
-        "clientInfo": {"name": "raw-test", "version": "0"},
-    },
-}
-MODERN_META = {
-    "io.modelcontextprotocol/protocolVersion": MODERN_VERSION,
-    "io.modelcontextprotocol/clientCapabilities": {},
-}
-
-
-def text_of(result: mcp_types.CallToolResult) -> str:
-    assert not result.is_error, result
-    block = result.content[0]
-    assert isinstance(block, mcp_types.TextContent)
-    return block.text
-
-
-def sse_messages(body: str) -> list[dict[str, Any]]:
-    """The JSON data of every SSE event in a complete body (events with empty data are skipped)."""
-    messages = []
-    for event in body.replace("\r\n", "\n").split("\n\n"):
-        data = "\n".join(line[5:].lstrip() for line in event.split("\n") if line.startswith("data:"))
-        if data:
-            messages.append(json.loads(data))
-    return messages
-
-
-async def read_sse_event(response: aiohttp.ClientResponse) -> dict[str, str]:
-    """Read one SSE event (fields ``id``/``event``/``data``...) from an open stream, with a deadline."""
-    fields: dict[str, str] = {}
-    async with asyncio.timeout(DEADLINE):
-        while True:
-            raw = await response.content.readline()
-            if not raw:
-                raise EOFError("SSE stream ended")
-            line = raw.decode().rstrip("\r\n")
-            if not line:
-                if fields:
-                    return fields
-                continue
-            if line.startswith(":"):
-                continue
-            key, _, value = line.partition(":")
-            fields[key] = value.removeprefix(" ")
+from tests.mcp_helpers import (
+    DEADLINE,
+    INIT_BODY,
+    INIT_HEADERS,
+    LEGACY_VERSION,
+    MODERN_META,
+    MODERN_VERSION,
+    call_body,
+    read_sse_event,
+    session_headers,
+    sse_messages,
+    text_of,
+)
 
 
 @pytest.fixture
@@ -98,27 +53,10 @@ async def open_session(http: aiohttp.ClientSession, mcp_url: str) -> str:
         session_id = resp.headers["Mcp-Session-Id"]
         [init] = sse_messages(await resp.text())
         assert init["result"]["protocolVersion"] == LEGACY_VERSION
-    headers = {**INIT_HEADERS, "Mcp-Session-Id": session_id, "MCP-Protocol-Version": LEGACY_VERSION}
     initialized = {"jsonrpc": "2.0", "method": "notifications/initialized"}
-    async with http.post(mcp_url, json=initialized, headers=headers) as resp:
+    async with http.post(mcp_url, json=initialized, headers=session_headers(session_id)) as resp:
         assert resp.status == 202
     return session_id
-
-
-def session_headers(session_id: str) -> dict[str, str]:
-    return {**INIT_HEADERS, "Mcp-Session-Id": session_id, "MCP-Protocol-Version": LEGACY_VERSION}
-
-
-def call_body(tool: str, request_id: int = 2, **arguments: Any) -> dict[str, Any]:
-    return {
-        "jsonrpc": "2.0",
-        "id": request_id,
-        "method": "tools/call",
-        "params": {"name": tool, "arguments": arguments},
-    }
-
-
-# --- real mcp clients, legacy era ------------------------------------------------------------------
 
 
 async def test_backends_fixture_gives_three_named_instances(backends: list[BackendProcess]) -> None:
