@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import base64
 import json
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import aiohttp
@@ -20,9 +20,8 @@ from mcp.client.session import ClientRequestContext
 from mcp.shared.exceptions import MCPError
 
 from mcpbalancer.app import Proxy
-from mcpbalancer.config import parse_config
 from tests.fixtures.backends import BackendProcess, start_all, stop_all
-from tests.fixtures.proxy import ProxyFactory, proxy_config
+from tests.fixtures.proxy import DictProxy, ProxyFactory, proxy_config
 from tests.fixtures.rawhttp import ClientFactory, request, rpc_error
 from tests.fixtures.redis import RedisServer
 from tests.fixtures.stub import StubFactory
@@ -46,22 +45,6 @@ from tests.mcp_helpers import (
 async def web() -> AsyncIterator[aiohttp.ClientSession]:
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=DEADLINE)) as session:
         yield session
-
-
-@pytest.fixture
-async def raw_proxy() -> AsyncIterator[Callable[[dict[str, Any]], Awaitable[Proxy]]]:
-    """`await raw_proxy(config_dict)` -> a started Proxy, for configs proxy_config cannot express."""
-    started: list[Proxy] = []
-
-    async def make(data: dict[str, Any]) -> Proxy:
-        proxy = Proxy(parse_config(data, source="<test>"))
-        await proxy.start()
-        started.append(proxy)
-        return proxy
-
-    yield make
-    for proxy in reversed(started):
-        await proxy.stop()
 
 
 def modern_headers(method: str = "tools/call", name: str | None = None) -> dict[str, str]:
@@ -96,16 +79,13 @@ async def whoami_raw(web: aiohttp.ClientSession, proxy: Proxy, name: str = "whoa
 # --- era-aware backends ------------------------------------------------------------------------------
 
 
-RawProxy = Callable[[dict[str, Any]], Awaitable[Proxy]]
-
-
 async def test_mixed_pool_keeps_each_era_on_capable_backends(
-    backends: list[BackendProcess], raw_proxy: RawProxy, web: aiohttp.ClientSession
+    backends: list[BackendProcess], dict_proxy: DictProxy, web: aiohttp.ClientSession
 ) -> None:
     config = proxy_config(backends, balance="round_robin")
     config["backends"][0]["eras"] = ["legacy"]  # a: legacy-only
     config["backends"][1]["eras"] = ["modern"]  # b: modern-only
-    proxy = await raw_proxy(config)
+    proxy = await dict_proxy(config)
     async with recorded_client(mcp_url(proxy), mode=MODERN_VERSION) as (client, _):
         modern = [text_of(await client.call_tool("whoami")) for _ in range(12)]
     assert set(modern) == {"b", "c"}, modern  # never the legacy-only backend, and both others
@@ -118,11 +98,11 @@ async def test_mixed_pool_keeps_each_era_on_capable_backends(
 
 
 async def test_no_backend_for_the_era_is_503(
-    backends: list[BackendProcess], raw_proxy: RawProxy, web: aiohttp.ClientSession
+    backends: list[BackendProcess], dict_proxy: DictProxy, web: aiohttp.ClientSession
 ) -> None:
     config = proxy_config(backends[:1])
     config["backends"][0]["eras"] = ["legacy"]
-    proxy = await raw_proxy(config)
+    proxy = await dict_proxy(config)
     async with web.post(
         mcp_url(proxy), json=modern_call("whoami"), headers=modern_headers(name="whoami")
     ) as resp:

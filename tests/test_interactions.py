@@ -13,7 +13,7 @@ import json
 import logging
 import os
 import signal
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -23,9 +23,9 @@ import yaml
 
 from mcpbalancer.app import Proxy
 from mcpbalancer.binding import decode_owner
-from mcpbalancer.config import load_config, parse_config
+from mcpbalancer.config import load_config
 from tests.fixtures.backends import BackendFactory, BackendProcess
-from tests.fixtures.proxy import ProxyFactory, proxy_config
+from tests.fixtures.proxy import DictProxy, ProxyFactory, proxy_config
 from tests.fixtures.stub import Handler, StubFactory, StubRequest, response
 from tests.mcp_helpers import (
     DEADLINE,
@@ -346,25 +346,6 @@ async def test_health_checks_follow_a_managed_instance_through_its_restart(
     # The restarted instance serves new sessions.
     fresh = await session_on(web, url, "m-1")
     assert (await call(web, url, fresh, "count"))[2] == "1"
-
-
-DictProxy = Callable[[dict[str, Any]], Awaitable[Proxy]]
-
-
-@pytest.fixture
-async def dict_proxy() -> AsyncIterator[DictProxy]:
-    """`await dict_proxy(config_dict)` -> a started Proxy, for configs make_proxy cannot express."""
-    started: list[Proxy] = []
-
-    async def make(data: dict[str, Any]) -> Proxy:
-        proxy = Proxy(parse_config(data, source="<test>"))
-        await proxy.start()
-        started.append(proxy)
-        return proxy
-
-    yield make
-    for proxy in reversed(started):
-        await proxy.stop()
 
 
 # --- 4. eras + replay --------------------------------------------------------------------------------

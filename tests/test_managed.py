@@ -24,6 +24,7 @@ from mcpbalancer.backends import Backend, BackendSet
 from mcpbalancer.config import parse_config
 from mcpbalancer.errors import BackendStartError, ListenError
 from mcpbalancer.managed import ManagedBackends, command_line, uses_port
+from tests.fixtures.proxy import DictProxy
 from tests.mcp_helpers import (
     DEADLINE,
     SESSION_NOT_FOUND,
@@ -45,9 +46,8 @@ ManagedFactory = Callable[..., Awaitable[Proxy]]
 
 
 @pytest.fixture
-async def managed_proxy() -> AsyncIterator[ManagedFactory]:
+def managed_proxy(dict_proxy: DictProxy) -> ManagedFactory:
     """`await managed_proxy(command, replicas)` -> a started Proxy running its own backends."""
-    started: list[Proxy] = []
 
     async def make(command: str, replicas: int = 3, **overrides: Any) -> Proxy:
         data = {
@@ -55,14 +55,9 @@ async def managed_proxy() -> AsyncIterator[ManagedFactory]:
             "backends": [{"name": "m", "command": command, "replicas": replicas}],
             **overrides,
         }
-        proxy = Proxy(parse_config(data, source="<test>"))
-        await proxy.start()
-        started.append(proxy)
-        return proxy
+        return await dict_proxy(data)
 
-    yield make
-    for proxy in reversed(started):
-        await proxy.stop()
+    return make
 
 
 @pytest.fixture
