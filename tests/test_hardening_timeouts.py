@@ -7,17 +7,8 @@ from __future__ import annotations
 import time
 
 from tests.fixtures.proxy import ProxyFactory
-from tests.fixtures.rawhttp import INITIALIZE, ClientFactory, RawClient, request, rpc_error
+from tests.fixtures.rawhttp import ClientFactory, initialize, request, rpc_error
 from tests.fixtures.stub import Handler, StubFactory, StubRequest, response
-
-
-async def initialize(client: RawClient) -> bytes:
-    client.send(request("POST", "/mcp", [("Content-Type", "application/json")], INITIALIZE))
-    resp = await client.response()
-    assert resp.status == 200
-    sid = resp.header("mcp-session-id")
-    assert sid is not None
-    return sid
 
 
 async def test_silent_backend_times_out_alone_and_keeps_its_sessions(
