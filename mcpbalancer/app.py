@@ -58,10 +58,6 @@ def _unchanged(config: Config) -> Config:
     return config
 
 
-def _address(host: str, port: int) -> str:
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-
 class Proxy:
     """One running mcpbalancer: `await start()`, serve, `await stop()`."""
 
@@ -253,7 +249,7 @@ class Proxy:
             )
         except OSError as exc:
             await self.managed.stop()  # cannot listen: the children started for nothing
-            address = _address(self.config.listen_host, self.config.listen_port)
+            address = host_port(self.config.listen_host, self.config.listen_port)
             raise ListenError(f"cannot listen on {address}: {exc}") from exc
         except BaseException:
             await self.managed.stop()
@@ -264,7 +260,7 @@ class Proxy:
             except OSError as exc:
                 self._server.close()
                 await self.managed.stop()
-                address = _address(self.control.host, self.control.requested_port)
+                address = host_port(self.control.host, self.control.requested_port)
                 raise ListenError(f"cannot listen on {address} (admin): {exc}") from exc
         if hasattr(self.store, "sweep"):
             self._sweeper = loop.create_task(self._sweep_forever())
