@@ -19,7 +19,7 @@ from typing import Any
 
 from mcpbalancer import __version__
 from mcpbalancer.app import Proxy
-from mcpbalancer.config import LOG_LEVELS, Config, admin_of_worker, check_workers, load_config
+from mcpbalancer.config import LOG_LEVELS, Config, admin_of_worker, check_workers, host_port, load_config
 from mcpbalancer.errors import BackendStartError, ConfigError, ListenError
 from mcpbalancer.logs import configure_logging
 from mcpbalancer.supervisor import (
@@ -105,17 +105,14 @@ def _overrides(args: argparse.Namespace) -> Callable[[Config], Config]:
     return adjust
 
 
-def _cannot_listen(config: Config, exc: OSError) -> int:
-    print(f"mcpbalancer: cannot listen on {config.listen_host}:{config.listen_port}: {exc}", file=sys.stderr)
-    return 1
-
-
 def _supervise(config: Config, args: argparse.Namespace, adjust: Callable[[Config], Config]) -> int:
     # One clear error here rather than N workers failing one after the other.
     try:
         check_listen(config.listen_host, config.listen_port)
     except OSError as exc:
-        return _cannot_listen(config, exc)
+        address = host_port(config.listen_host, config.listen_port)
+        print(f"mcpbalancer: cannot listen on {address}: {exc}", file=sys.stderr)
+        return 1
     return _run(Supervisor(config, _worker_command(args), adjust=adjust).run())
 
 
