@@ -137,6 +137,53 @@ async def test_large_events_are_relayed_byte_identical_as_whole_chunks(
     feed.end()
 
 
+class Recording:
+    """A transport that keeps what is written, in the calls it was written with."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, list[bytes]]] = []
+
+    def get_extra_info(self, name: str, default: object = None) -> object:
+        return ("127.0.0.1", 50000) if name == "peername" else default
+
+    def write(self, data: bytes) -> None:
+        self.calls.append(("write", [data]))
+
+    def writelines(self, pieces: list[bytes]) -> None:
+        self.calls.append(("writelines", list(pieces)))
+
+    def close(self) -> None:
+        pass
+
+
+async def test_large_chunks_are_sent_without_copying_them(
+    make_proxy: ProxyFactory, make_stub: StubFactory
+) -> None:
+    proxy = await make_proxy([await make_stub()])
+    assert proxy._plane is not None
+    conn, sent = ClientConnection(proxy._plane), Recording()
+    conn.connection_made(sent)  # type: ignore[arg-type]
+    try:
+        big = b"x" * 20_000
+        conn.write_chunk(big)
+        conn.write_chunk(b"small")
+        [(kind, pieces), small] = sent.calls
+        assert (kind, pieces) == ("writelines", [b"4e20\r\n", big, b"\r\n"])
+        assert pieces[1] is big  # the data itself, not a framed copy
+        assert small == ("write", [b"5\r\nsmall\r\n"])
+        sent.calls.clear()
+        assert conn.cork()
+        conn.write(b"head")
+        conn.write_chunk(big)
+        conn.uncork()  # over the copy limit in all: one vectored send of the pieces
+        [(kind, pieces)] = sent.calls
+        assert kind == "writelines"
+        assert pieces[2] is big
+        assert b"".join(pieces) == b"head4e20\r\n" + big + b"\r\n"
+    finally:
+        conn.connection_lost(None)
+
+
 # -- 10. heartbeats --------------------------------------------------------------------------------
 
 
