@@ -26,6 +26,7 @@ from urllib.parse import SplitResult, urlsplit
 import yaml
 
 from mcpbalancer.errors import ConfigError
+from mcpbalancer.fileaccess import unreadable
 
 BALANCE_STRATEGIES: Final = ("least_sessions", "p2c", "round_robin")
 FAILOVER_MODES: Final = ("reinitialize", "replay")
@@ -226,6 +227,8 @@ def load_config(path: str | os.PathLike[str]) -> Config:
     try:
         with open(source, encoding="utf-8") as fh:
             text = fh.read()
+    except PermissionError:
+        raise ConfigError(f"{source}: {unreadable(source)}") from None
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{source}: cannot read the file: {exc}") from None
     try:
