@@ -17,7 +17,7 @@ import sys
 from collections.abc import Callable, Coroutine, Sequence
 from typing import Any
 
-from mcpbalancer import __version__
+from mcpbalancer import __version__, healthcheck
 from mcpbalancer.app import Proxy
 from mcpbalancer.config import LOG_LEVELS, Config, admin_of_worker, check_workers, host_port, load_config
 from mcpbalancer.errors import BackendStartError, ConfigError, ListenError
@@ -39,6 +39,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--config", "-c", required=True, help="YAML configuration file")
     parser.add_argument("--check", action="store_true", help="validate the configuration and exit")
+    parser.add_argument(
+        "--healthcheck",
+        action="store_true",
+        help="exit 0 if the proxy of this configuration answers /healthz (admin listener, else listen)",
+    )
     parser.add_argument(
         "--log-level", choices=LOG_LEVELS, help="overrides `log.level` of the configuration (default info)"
     )
@@ -84,6 +89,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"mcpbalancer: invalid configuration: {exc}", file=sys.stderr)
         return 2
+    if args.healthcheck:
+        return _healthcheck(config)
     configure_logging(config.log, worker=args.worker_index)
     if args.check:
         workers = f"{config.workers} worker{'s' if config.workers > 1 else ''}"
@@ -93,6 +100,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     if config.workers > 1 and args.worker_index is None:
         return _supervise(config, args, adjust)
     return _run(serve(config, adjust=adjust, ready_fd=args.ready_fd, session_tag_key=_tag_key(args)))
+
+
+def _healthcheck(config: Config) -> int:
+    problem = healthcheck.check(config)
+    if problem is not None:
+        print(f"mcpbalancer: health check failed: {problem}", file=sys.stderr)
+        return 1
+    return 0
 
 
 def _overrides(args: argparse.Namespace) -> Callable[[Config], Config]:

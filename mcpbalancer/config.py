@@ -11,6 +11,7 @@ Converters (`_as_number`, `_split_host_port`, ...) are pure and raise ValueError
 
 from __future__ import annotations
 
+import difflib
 import ipaddress
 import math
 import os
@@ -25,6 +26,7 @@ from urllib.parse import SplitResult, urlsplit
 import yaml
 
 from mcpbalancer.errors import ConfigError
+from mcpbalancer.fileaccess import unreadable
 
 BALANCE_STRATEGIES: Final = ("least_sessions", "p2c", "round_robin")
 FAILOVER_MODES: Final = ("reinitialize", "replay")
@@ -225,6 +227,8 @@ def load_config(path: str | os.PathLike[str]) -> Config:
     try:
         with open(source, encoding="utf-8") as fh:
             text = fh.read()
+    except PermissionError:
+        raise ConfigError(f"{source}: {unreadable(source)}") from None
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{source}: cannot read the file: {exc}") from None
     try:
@@ -558,7 +562,8 @@ class _Section:
             raise _Invalid(path, f"must be a mapping, got {_describe(data)}")
         unknown = [key for key in data if key not in allowed]
         if unknown:
-            raise _Invalid(self._join(path, unknown[0]), f"unknown key; allowed: {', '.join(allowed)}")
+            problem = f"unknown key; allowed: {', '.join(allowed)}{_did_you_mean(unknown[0], allowed)}"
+            raise _Invalid(self._join(path, unknown[0]), problem)
         self._data: Mapping[object, object] = data
         self.path = path
 
@@ -630,6 +635,13 @@ class _Section:
         """A required, non-empty list of mappings, each checked against `allowed`."""
         items = self.read(key, _as_nonempty_list)
         return [_Section(item, f"{self.at(key)}[{i}]", allowed) for i, item in enumerate(items)]
+
+
+def _did_you_mean(key: object, allowed: Collection[str]) -> str:
+    """`; did you mean `health`?` when an allowed key is close to `key` (a typo, another casing)."""
+    by_folded = {name.lower(): name for name in allowed}
+    close = difflib.get_close_matches(str(key).lower(), by_folded, n=1, cutoff=0.75)
+    return f"; did you mean `{by_folded[close[0]]}`?" if close else ""
 
 
 # --- converters: pure, raise ValueError saying what is wrong ---------------------------------------
