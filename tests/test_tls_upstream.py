@@ -157,20 +157,20 @@ async def test_tls_connections_are_pooled_and_kept_alive(
     assert pool.take() is None
 
 
-async def test_the_backend_is_offered_http_1_1_by_alpn(
-    tls_backends: dict[str, BackendProcess], pki: Pki, dict_proxy: DictProxy
-) -> None:
-    tls = {"ca": str(pki.ca.cert)}
-    proxy = await dict_proxy(config({"name": "tls", "url": https(tls_backends["tls"]), "tls": tls}))
-    conn = await proxy.fleet.pools["tls"].connect()
-    try:
-        assert conn.transport is not None
-        ssl_object = conn.transport.get_extra_info("ssl_object")
-        assert ssl_object.version() in ("TLSv1.2", "TLSv1.3")
-        assert ssl_object.selected_alpn_protocol() in (*ALPN, None)
-        assert ssl_object.getpeercert()["subject"] == ((("commonName", "server"),),)
-    finally:
-        conn.close()
+async def test_the_backend_is_offered_http_1_1_only_by_alpn(pki: Pki, dict_proxy: DictProxy) -> None:
+    context = server_context(pki)
+    context.set_alpn_protocols(["h2", "http/1.1"])  # a server that would rather speak HTTP/2
+    with tls_server_thread(context) as port:
+        tls = {"ca": str(pki.ca.cert)}
+        proxy = await dict_proxy(config({"name": "h2", "url": f"https://127.0.0.1:{port}", "tls": tls}))
+        conn = await proxy.fleet.pools["h2"].connect()
+        try:
+            assert conn.transport is not None
+            ssl_object = conn.transport.get_extra_info("ssl_object")
+            assert ssl_object.selected_alpn_protocol() == ALPN[0] == "http/1.1"
+            assert ssl_object.getpeercert()["subject"] == ((("commonName", "server"),),)
+        finally:
+            conn.close()
 
 
 # --- refused ------------------------------------------------------------------------------------
@@ -275,24 +275,27 @@ async def test_a_backend_that_requires_a_client_certificate_serves_nothing_witho
         assert from_proxy(resp.headers)
 
 
-@contextlib.contextmanager
-def alerting_tls_server(pki: Pki) -> Iterator[int]:
-    """A TLS server on a thread that requires a client certificate and answers a missing one with the
-    TLS alert `certificate_required`, as most TLS servers do; its port."""
+def server_context(pki: Pki) -> ssl.SSLContext:
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.load_cert_chain(pki.server.cert, pki.server.key)
-    context.load_verify_locations(pki.ca.cert)
-    context.verify_mode = ssl.CERT_REQUIRED
+    return context
+
+
+@contextlib.contextmanager
+def tls_server_thread(context: ssl.SSLContext) -> Iterator[int]:
+    """A blocking TLS server on a thread for one connection: it does the handshake (sending an alert
+    if the handshake fails, as most TLS servers do), then reads until the client closes; its port."""
     listener = socket.create_server(("127.0.0.1", 0))
     listener.settimeout(DEADLINE)
 
     def serve() -> None:
         with contextlib.suppress(OSError):
             conn, _ = listener.accept()
-            with conn, contextlib.suppress(OSError):
-                context.wrap_socket(conn, server_side=True).recv(1)  # fails, sending the alert
+            with conn, contextlib.suppress(OSError), context.wrap_socket(conn, server_side=True) as tls:
+                while tls.recv(4096):
+                    pass
 
-    thread = threading.Thread(target=serve, name="alerting-tls", daemon=True)
+    thread = threading.Thread(target=serve, name="tls-server", daemon=True)
     thread.start()
     try:
         yield listener.getsockname()[1]
@@ -305,7 +308,11 @@ async def test_a_tls_alert_after_the_handshake_is_a_tls_failure_naming_the_reaso
     pki: Pki, dict_proxy: DictProxy, web: aiohttp.ClientSession, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.WARNING, logger="mcpbalancer")
-    with alerting_tls_server(pki) as port:
+    # Requires a client certificate and answers a missing one with the alert certificate_required.
+    context = server_context(pki)
+    context.load_verify_locations(pki.ca.cert)
+    context.verify_mode = ssl.CERT_REQUIRED
+    with tls_server_thread(context) as port:
         tls = {"ca": str(pki.ca.cert)}
         proxy = await dict_proxy(config({"name": "strict", "url": f"https://localhost:{port}", "tls": tls}))
         async with web.post(
