@@ -17,7 +17,7 @@ import logging
 import socket
 import ssl
 import threading
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -281,10 +281,18 @@ def server_context(pki: Pki) -> ssl.SSLContext:
     return context
 
 
+def read_to_eof(tls: ssl.SSLSocket) -> None:
+    while tls.recv(4096):
+        pass
+
+
 @contextlib.contextmanager
-def tls_server_thread(context: ssl.SSLContext) -> Iterator[int]:
+def tls_server_thread(
+    context: ssl.SSLContext, serve_one: Callable[[ssl.SSLSocket], None] = read_to_eof
+) -> Iterator[int]:
     """A blocking TLS server on a thread for one connection: it does the handshake (sending an alert
-    if the handshake fails, as most TLS servers do), then reads until the client closes; its port."""
+    if the handshake fails, as most TLS servers do), then `serve_one(tls socket)` (by default: read
+    until the client closes); its port."""
     listener = socket.create_server(("127.0.0.1", 0))
     listener.settimeout(DEADLINE)
 
@@ -292,8 +300,7 @@ def tls_server_thread(context: ssl.SSLContext) -> Iterator[int]:
         with contextlib.suppress(OSError):
             conn, _ = listener.accept()
             with conn, contextlib.suppress(OSError), context.wrap_socket(conn, server_side=True) as tls:
-                while tls.recv(4096):
-                    pass
+                serve_one(tls)
 
     thread = threading.Thread(target=serve, name="tls-server", daemon=True)
     thread.start()
@@ -323,6 +330,31 @@ async def test_a_tls_alert_after_the_handshake_is_a_tls_failure_naming_the_reaso
     [line] = [r.getMessage() for r in caplog.records if "TLS failed" in r.getMessage()]
     assert line.startswith("backend strict: TLS failed: tlsv13 alert certificate required")
     assert "requires a client certificate (tls.cert)" in line
+
+
+async def test_a_tls_error_ends_a_close_delimited_body_as_cut_not_as_complete(
+    pki: Pki, dict_proxy: DictProxy, web: aiohttp.ClientSession
+) -> None:
+    head_seen = threading.Event()
+
+    def answer_then_garble(tls: ssl.SSLSocket) -> None:
+        tls.recv(65536)  # the request
+        tls.sendall(b'HTTP/1.0 200 OK\r\nContent-Type: application/json\r\n\r\n{"partial":')
+        head_seen.wait(DEADLINE)
+        # A record that fails to decrypt, written under the TLS layer: the body ends in a TLS error.
+        socket.socket.sendall(tls, b"\x17\x03\x03\x00\x05nope!")
+        read_to_eof(tls)
+
+    with tls_server_thread(server_context(pki), answer_then_garble) as port:
+        tls = {"ca": str(pki.ca.cert)}
+        proxy = await dict_proxy(config({"name": "garbled", "url": f"https://127.0.0.1:{port}", "tls": tls}))
+        body, headers = modern_body("whoami"), modern_headers("whoami")
+        async with web.post(mcp_url(proxy), json=body, headers=headers) as resp:
+            assert resp.status == 200
+            head_seen.set()
+            with pytest.raises(aiohttp.ClientPayloadError):
+                await resp.read()  # cut, where a close would have completed it
+    assert tls_errors(proxy, "garbled") == 1
 
 
 # --- the opt-out -----------------------------------------------------------------------------------

@@ -542,10 +542,10 @@ class Exchange:
         if self.done:
             return
         self.upstream = None
-        if self._until_close and (self._started or self._held is not None):
-            self.response_done()  # a close-delimited body ends with the connection
-            return
         problem = tls_problem(exc, handshake=False)
+        if self._until_close and problem is None and (self._started or self._held is not None):
+            self.response_done()  # a close-delimited body ends with the connection (not a TLS error)
+            return
         if self._started or self._held is not None:
             # Mid-body: the client sees the truncation as a closed connection.
             self._upstream_failed("reset" if problem is None else "tls")
