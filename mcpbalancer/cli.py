@@ -20,6 +20,7 @@ from typing import Any
 from mcpbalancer import __version__, healthcheck
 from mcpbalancer.app import Proxy
 from mcpbalancer.config import LOG_LEVELS, Config, admin_of_worker, check_workers, host_port, load_config
+from mcpbalancer.dataplane.tls import backend_contexts
 from mcpbalancer.errors import BackendStartError, ConfigError, ListenError
 from mcpbalancer.logs import configure_logging
 from mcpbalancer.supervisor import (
@@ -93,6 +94,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _healthcheck(config)
     configure_logging(config.log, worker=args.worker_index)
     if args.check:
+        try:
+            backend_contexts(config)  # the CA, certificate and key files are read and used
+        except ConfigError as exc:
+            print(f"mcpbalancer: invalid configuration: {exc}", file=sys.stderr)
+            return 2
         workers = f"{config.workers} worker{'s' if config.workers > 1 else ''}"
         backends = f"{len(config.backends)} backend{'s' if len(config.backends) != 1 else ''}"
         print(f"{config.source}: OK ({backends}, {workers})")
@@ -168,7 +174,11 @@ async def serve(
     ready_fd: int | None = None,
     session_tag_key: bytes | None = None,
 ) -> int:
-    proxy = Proxy(config, adjust=adjust, session_tag_key=session_tag_key)
+    try:
+        proxy = Proxy(config, adjust=adjust, session_tag_key=session_tag_key)
+    except ConfigError as exc:  # a TLS file named by the config cannot be read or used
+        print(f"mcpbalancer: invalid configuration: {exc}", file=sys.stderr)
+        return 2
     try:
         await proxy.start()
     except (BackendStartError, ListenError) as exc:

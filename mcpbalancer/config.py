@@ -55,6 +55,20 @@ _N = TypeVar("_N", int, float)
 
 
 @dataclass(frozen=True, slots=True)
+class TlsConfig:
+    """How the proxy speaks TLS to an https:// backend. Paths are as written in the file (relative
+    ones are read from the config file's directory). The default verifies the backend's certificate
+    against the system's CA store, for the URL's host name."""
+
+    ca: str | None = None  # PEM file of the CAs to trust instead of the system store
+    server_name: str | None = None  # the name to send as SNI and to verify, instead of the URL's host
+    cert: str | None = None  # client certificate (PEM) for backends that require one (mutual TLS)
+    key: str | None = None  # its private key, when not in the `cert` file
+    insecure_skip_verify: bool = False  # accept any certificate (logged as a warning)
+    at: str = field(default="tls", compare=False)  # the key path, for error messages
+
+
+@dataclass(frozen=True, slots=True)
 class BackendConfig:
     name: str
     url: str
@@ -69,6 +83,8 @@ class BackendConfig:
     # A managed backend (`command` in YAML): the proxy runs this command line; host and port are
     # known once the process is up (port 0 here). None for a backend given by `url`.
     command: str | None = None
+    # TLS settings of an https:// backend (always set for one, defaults if the file has no `tls`).
+    tls: TlsConfig | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -195,7 +211,10 @@ _TOP_KEYS: Final = (
     "on_store_error",
     "workers",
 )
-_BACKEND_KEYS: Final = ("name", "url", "weight", "drain", "drain_timeout", "eras", "command", "replicas")
+_BACKEND_KEYS: Final = (
+    "name", "url", "weight", "drain", "drain_timeout", "eras", "command", "replicas", "tls",
+)  # fmt: skip
+_TLS_KEYS: Final = ("ca", "server_name", "cert", "key", "insecure_skip_verify")
 _ROUTE_KEYS: Final = ("match", "pool", "deny")
 _MATCH_KEYS: Final = ("method", "name", "param")
 # Mcp-Param-<Name>: the name part is an HTTP token without the characters headers may not carry.
@@ -408,7 +427,36 @@ def _backend(entry: _Section) -> list[BackendConfig]:
         raise entry.invalid("url", "is required (or `command` for a backend the proxy runs itself)")
     url = entry.string("url")
     scheme, host, port, path_prefix = entry.parsed("url", _split_backend_url)
-    return [BackendConfig(name, url, scheme, host, port, path_prefix, *_placement(entry, weight))]
+    tls = _tls(entry, scheme)
+    return [BackendConfig(name, url, scheme, host, port, path_prefix, *_placement(entry, weight), tls=tls)]
+
+
+def _tls(entry: _Section, scheme: str) -> TlsConfig | None:
+    """An https backend's `tls` (defaults when absent); None for http, where `tls` is a mistake."""
+    if scheme != "https":
+        if entry.has("tls"):
+            raise entry.invalid("tls", "is only for an https:// `url`; this backend is plain HTTP")
+        return None
+    section = entry.section("tls", _TLS_KEYS)
+    paths = {key: section.string(key) if section.has(key) else None for key in ("ca", "cert", "key")}
+    insecure = section.boolean("insecure_skip_verify", False)
+    if paths["key"] is not None and paths["cert"] is None:
+        raise section.invalid("key", "needs `cert`: the client certificate this key belongs to")
+    if insecure and paths["ca"] is not None:
+        raise section.invalid("ca", "has no effect with insecure_skip_verify: nothing is verified")
+    server_name = (
+        section.string("server_name", pattern=_SERVER_NAME, rule=_SERVER_NAME_RULE)
+        if section.has("server_name")
+        else None
+    )
+    return TlsConfig(
+        ca=paths["ca"],
+        server_name=server_name,
+        cert=paths["cert"],
+        key=paths["key"],
+        insecure_skip_verify=insecure,
+        at=section.path,
+    )
 
 
 def _placement(entry: _Section, weight: int) -> tuple[int, bool, float, tuple[str, ...]]:
@@ -481,6 +529,9 @@ def _managed(entry: _Section, name: str, weight: int) -> list[BackendConfig]:
     """`replicas` backends named `<name>-1` ... `<name>-N`, each running `command`."""
     if entry.has("url"):
         raise entry.invalid("url", "give either `url` or `command`, not both")
+    if entry.has("tls"):
+        problem = "is only for an https:// `url`; managed backends serve plain HTTP on 127.0.0.1"
+        raise entry.invalid("tls", problem)
     command = entry.parsed("command", _check_command)
     replicas = entry.integer("replicas", 1, ge=1, le=MAX_REPLICAS)
     names = [f"{name}-{i}" for i in range(1, replicas + 1)]
@@ -743,6 +794,9 @@ def _as_nonempty_list(raw: object) -> list[object]:
     return raw
 
 
+# A DNS name or an IP address (v6 without brackets): what TLS verifies a certificate for.
+_SERVER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9.-]{0,252}|[0-9A-Fa-f:.]{2,45}", re.ASCII)
+_SERVER_NAME_RULE = "a host name or an IP address, such as 'mcp.internal'"
 _HEADER_NAME = re.compile(r"[A-Za-z0-9!#$%&'*+.^_`|~-]{1,64}", re.ASCII)
 _HEADER_RULE = "an HTTP header name such as 'authorization'"
 _ORIGIN = re.compile(r"(?:https?)://(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]+)(?::\d{1,5})?", re.ASCII)
