@@ -1,5 +1,6 @@
-"""The documentation says what the code does: the README's configuration table and its defaults, the
-shutdown wait, every commented-out example in config/*.yaml, and design notes that stand on their own."""
+"""The documentation says what the code does: the configuration table of docs/configuration.md, its
+keys and defaults, the shutdown wait, every commented-out example in config/*.yaml, and pages that
+stand on their own."""
 
 from __future__ import annotations
 
@@ -14,21 +15,31 @@ import yaml
 from mcpbalancer.config import DEFAULT_SHUTDOWN_TIMEOUT, Config, host_port, parse_config
 
 ROOT = Path(__file__).resolve().parents[1]
-README = (ROOT / "README.md").read_text(encoding="utf-8")
+README = ROOT / "README.md"
+DOCS = sorted((ROOT / "docs").glob("*.md"))
+PAGES = [README, *DOCS]
+CONFIGURATION = (ROOT / "docs" / "configuration.md").read_text(encoding="utf-8")
 CONFIGS = sorted((ROOT / "config").glob("*.yaml"))
 # A commented-out setting is `#` directly followed by YAML (`#admin: ...`, `  #- name: ...`); the
 # lines after it that continue it have `#` and two spaces or more at the same column (`  #  url: ...`).
 EXAMPLE_START = re.compile(r"(?P<indent> *)#(?=[^\s#])")
+TABLE_HEADER = "| key | default | meaning |"
 TABLE_ROW = re.compile(r"\| `(?P<key>[^`]+)` \| (?P<default>[^|]*) \|")
 # Rows whose default is not one attribute of the loaded Config.
 NOT_AN_ATTRIBUTE = {"backends[].replicas": "expanded into <name>-1 ... <name>-N backends"}
 
 
+def page_id(path: Path) -> str:
+    return str(path.relative_to(ROOT))
+
+
 def config_table() -> list[tuple[str, str]]:
-    section = README.split("\n## Configuration\n", 1)[1].split("\n## ", 1)[0]
-    header = "| key | default | meaning |"
-    rows = section.split(header, 1)[1].split("\n\n", 1)[0].splitlines()
-    return [(m["key"], m["default"].strip()) for row in rows if (m := TABLE_ROW.match(row))]
+    """The rows of every key table of docs/configuration.md, in page order."""
+    rows = []
+    for table in CONFIGURATION.split(TABLE_HEADER)[1:]:
+        lines = table.split("\n\n", 1)[0].splitlines()
+        rows += [(m["key"], m["default"].strip()) for row in lines if (m := TABLE_ROW.match(row))]
+    return rows
 
 
 def test_config_table_lists_each_key_once() -> None:
@@ -62,12 +73,14 @@ def test_config_table_defaults_match_the_loader() -> None:
     assert wrong == []
 
 
-def test_readme_states_the_shutdown_wait_of_the_code() -> None:
-    prose = " ".join(README.split())
-    assert f"for up to `shutdown_timeout` seconds (default {DEFAULT_SHUTDOWN_TIMEOUT:g})" in prose
-    # No sentence about SIGTERM gives the wait as another fixed number of seconds.
-    for sentence in re.findall(r"[^.]*SIGTERM[^.]*requests[^.]*\.", prose):
-        assert not re.search(r"up to \d+ ?s\b", sentence), sentence
+def test_docs_state_the_shutdown_wait_of_the_code() -> None:
+    operations = " ".join((ROOT / "docs" / "operations.md").read_text(encoding="utf-8").split())
+    assert f"for up to `shutdown_timeout` seconds (default {DEFAULT_SHUTDOWN_TIMEOUT:g})" in operations
+    for page in PAGES:
+        prose = " ".join(page.read_text(encoding="utf-8").split())
+        # No sentence about SIGTERM gives the wait as another fixed number of seconds.
+        for sentence in re.findall(r"[^.]*SIGTERM[^.]*requests[^.]*\.", prose):
+            assert not re.search(r"up to \d+ ?s\b", sentence), (page_id(page), sentence)
 
 
 # --- the commented-out examples of config/*.yaml -----------------------------------------------
@@ -167,10 +180,17 @@ def repository_files() -> list[str]:
     return files
 
 
-def test_design_notes_stand_on_their_own() -> None:
-    notes = (ROOT / "docs" / "DESIGN-NOTES.md").read_text(encoding="utf-8")
-    named = set(re.findall(r"[\w./-]+\.(?:md|py|yaml|json)\b", notes))
+@pytest.mark.parametrize("page", PAGES, ids=page_id)
+def test_a_page_stands_on_its_own(page: Path) -> None:
+    """No page names a file the repository does not have, nor an issue or item number (the pages
+    are read by people who never saw the tracker)."""
+    text = page.read_text(encoding="utf-8")
+    assert re.findall(r"\b(?:issue|item)s? \d+|#\d+\b", text, re.IGNORECASE) == []
+    # Shell blocks name the reader's own files (`--config prod.yaml`); a link's target is relative
+    # to its page, not to the root; /etc/... and ~/... are not ours.
+    text = re.sub(r"^```sh\n.*?^```$", "", text, flags=re.MULTILINE | re.DOTALL)
+    text = re.sub(r"\]\([^)]*\)", "]", text)
+    named = set(re.findall(r"(?<![\w./~-])[\w.-][\w./-]*\.(?:md|py|yaml|json)\b", text))
     files = repository_files()
     missing = sorted(name for name in named if not any(f == name or f.endswith("/" + name) for f in files))
     assert missing == []
-    assert re.findall(r"\b(?:issue|item)s? \d+|#\d+\b", notes, re.IGNORECASE) == []
