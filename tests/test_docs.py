@@ -4,6 +4,7 @@ stand on their own."""
 
 from __future__ import annotations
 
+import copy
 import os
 import re
 from pathlib import Path
@@ -13,6 +14,7 @@ import pytest
 import yaml
 
 from mcpbalancer.config import DEFAULT_SHUTDOWN_TIMEOUT, Config, host_port, parse_config
+from mcpbalancer.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
@@ -46,6 +48,95 @@ def test_config_table_lists_each_key_once() -> None:
     keys = [key for key, _ in config_table()]
     assert len(keys) > 40
     assert sorted({key for key in keys if keys.count(key) > 1}) == []
+
+
+# --- the keys the loader knows ---------------------------------------------------------------------
+
+PROBE = "zz_not_a_key"
+# A valid file whose lists have one item each, so that a probe can be put into an item.
+SEED: dict[str, Any] = {
+    "backends": [{"name": "a", "url": "https://127.0.0.1:8001"}],
+    "routes": [{"deny": 403}],
+}
+UNKNOWN = re.compile(r": (?P<path>\S+): unknown key; allowed: (?P<allowed>.*?)(?:; did you mean .*)?$")
+
+
+def allowed_keys(data: dict[str, Any], path: str) -> list[str] | None:
+    """The keys the loader allows in the mapping at `path`, read from its unknown-key error for the
+    probe put there; None if the loader does not complain of the probe as an unknown key there."""
+    try:
+        parse_config(data)
+    except ConfigError as exc:
+        found = UNKNOWN.search(str(exc))
+        if found is not None and found["path"] == path:
+            return [key.strip() for key in found["allowed"].split(",")]
+    return None
+
+
+Step = str | int  # a key, or the index of a list item
+
+
+def dotted(steps: tuple[Step, ...]) -> str:
+    """A key path as the loader's errors spell it: `backends[0].tls.ca`."""
+    return "".join(f"[{step}]" if isinstance(step, int) else f".{step}" for step in steps).lstrip(".")
+
+
+def documented(steps: tuple[Step, ...]) -> str:
+    """A key path as the table spells it: `backends[].tls.ca`."""
+    return re.sub(r"\[\d+\]", "[]", dotted(steps))
+
+
+def replaced(data: dict[str, Any], steps: tuple[Step, ...], value: Any) -> dict[str, Any]:
+    out = copy.deepcopy(data)
+    node: Any = out
+    for step in steps[:-1]:
+        node = node[step]
+    node[steps[-1]] = value
+    return out
+
+
+def known_keys(data: dict[str, Any] = SEED, at: tuple[Step, ...] = ()) -> list[str]:
+    """Every key the loader knows, found by asking the loader itself: a probe key put in a mapping
+    gets the unknown-key error that lists the keys allowed there. A key whose value takes a probe
+    too is a section (a mapping, or a list of mappings) and is walked in turn."""
+    here = allowed_keys(replaced(data, (*at, PROBE), 1), dotted((*at, PROBE)))
+    assert here is not None, f"no unknown-key error at {dotted(at) or 'the top level'}"
+    keys = []
+    for key in here:
+        steps = (*at, key)
+        keys.append(documented(steps))
+        node: Any = data
+        for step in at:
+            node = node[step]
+        seeded = node.get(key)
+        item = dict(seeded[0]) if isinstance(seeded, list) and seeded and isinstance(seeded[0], dict) else {}
+        if allowed_keys(replaced(data, steps, {PROBE: 1}), dotted((*steps, PROBE))) is not None:
+            keys += known_keys(replaced(data, steps, {}), steps)  # a mapping
+        elif allowed_keys(replaced(data, steps, [{**item, PROBE: 1}]), dotted((*steps, 0, PROBE))):
+            keys += known_keys(replaced(data, steps, [item]), (*steps, 0))  # a list of mappings
+    return keys
+
+
+def sections(keys: list[str]) -> set[str]:
+    """The keys that hold other keys (`health`, `backends`, `backends[].tls`)."""
+    return {key for key in keys for other in keys if other.startswith((key + ".", key + "[]."))}
+
+
+def test_every_key_the_loader_knows_is_documented_and_no_other() -> None:
+    known = known_keys()
+    assert {"listen", "health.fall", "backends[].tls.ca", "routes[].deny"} <= set(known)
+    documented = {key for key, _ in config_table()}
+    leaves = set(known) - sections(known)
+    assert sorted(leaves - documented) == []  # known to the loader, missing from the table
+    assert sorted(documented - set(known)) == []  # in the table, unknown to the loader
+
+
+def test_the_probe_finds_the_keys_of_a_section_and_of_list_items() -> None:
+    assert allowed_keys({**SEED, "health": {PROBE: 1}}, f"health.{PROBE}") is not None
+    assert allowed_keys({**SEED, "health": {"fall": 2}}, f"health.{PROBE}") is None
+    assert dotted(("backends", 0, "tls", "ca")) == "backends[0].tls.ca"
+    assert documented(("backends", 0, "tls", "ca")) == "backends[].tls.ca"
+    assert sections(["a", "a.b", "c", "c[].d", "c[].e", "c[].e.f"]) == {"a", "c", "c[].e"}
 
 
 def loaded_value(config: Config, key: str) -> Any:
@@ -186,8 +277,8 @@ def test_a_page_stands_on_its_own(page: Path) -> None:
     are read by people who never saw the tracker)."""
     text = page.read_text(encoding="utf-8")
     assert re.findall(r"\b(?:issue|item)s? \d+|#\d+\b", text, re.IGNORECASE) == []
-    # Shell blocks name the reader's own files (`--config prod.yaml`); a link's target is relative
-    # to its page, not to the root; /etc/... and ~/... are not ours.
+    # Shell blocks name the reader's own files (`--config prod.yaml`); links are checked on their
+    # own, relative to their page (test_docs_examples.py); /etc/... and ~/... are not ours.
     text = re.sub(r"^```sh\n.*?^```$", "", text, flags=re.MULTILINE | re.DOTALL)
     text = re.sub(r"\]\([^)]*\)", "]", text)
     named = set(re.findall(r"(?<![\w./~-])[\w.-][\w./-]*\.(?:md|py|yaml|json)\b", text))
