@@ -285,3 +285,24 @@ def test_a_page_stands_on_its_own(page: Path) -> None:
     files = repository_files()
     missing = sorted(name for name in named if not any(f == name or f.endswith("/" + name) for f in files))
     assert missing == []
+
+
+# --- the README ------------------------------------------------------------------------------------
+
+QUICK_START = '.venv/bin/pip install -q ".[demo]" && .venv/bin/mcpbalancer --config config/demo.yaml'
+TEST_COMMAND = 'python3 -m venv .venv && .venv/bin/pip install -q -e ".[test]" && .venv/bin/pytest'
+
+
+def test_readme_gives_the_two_commands_of_a_fresh_machine() -> None:
+    readme = README.read_text(encoding="utf-8")
+    assert f"python3 -m venv .venv && {QUICK_START}" in readme
+    assert TEST_COMMAND in readme  # .ci/run greps for it too
+
+
+def test_readme_stays_an_introduction() -> None:
+    """What the project is, the two commands, a minimal configuration and links: the reference
+    lives in docs/, so that one subject has one page and the README does not grow into a manual."""
+    readme = README.read_text(encoding="utf-8")
+    assert TABLE_HEADER not in readme  # the configuration table is in docs/configuration.md
+    assert "| metric |" not in readme  # the metrics table is in docs/monitoring.md
+    assert len(readme.splitlines()) <= 150
