@@ -77,7 +77,7 @@ class Proxy:
         self._adjust = adjust or _unchanged
         # An explicit argument wins over the config's `shutdown_timeout` (and over its reloads).
         self._shutdown_override = shutdown_timeout
-        self.fleet = Fleet(config.backends, connect_timeout=config.timeouts.connect)
+        self.fleet = Fleet(config.backends, connect_timeout=config.timeouts.connect, mcp_path=config.mcp_path)
         self.backends = self.fleet.backends
         self._probe = HttpProbe(lambda: self.health.config)
         self.metrics = Metrics(registry or CollectorRegistry(), lambda: self.router.backends, runtime=True)

@@ -217,7 +217,7 @@ class HttpProbe:
 
     def url(self, backend: Backend) -> str:
         scheme = "https" if backend.tls else "http"
-        path = backend.path_prefix.decode("ascii") + self._config().path
+        path = backend.target(self._config().path.encode("ascii")).decode("ascii")
         return f"{scheme}://{backend.host_header.decode('ascii')}{path}"
 
     async def __call__(self, backend: Backend) -> str:

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from mcpbalancer.backends import Backend, BackendSet
-from mcpbalancer.config import BackendConfig
+from mcpbalancer.config import DEFAULT_MCP_PATH, BackendConfig
 from mcpbalancer.dataplane.upstream import UpstreamPool
 from mcpbalancer.protocol import Era
 
@@ -31,14 +31,15 @@ class Changes:
         return {"added": self.added, "removed": self.removed, "updated": self.updated}
 
 
-def _backend(config: BackendConfig) -> Backend:
+def _backend(config: BackendConfig, mcp_path: bytes) -> Backend:
     return Backend(
         name=config.name,
         host=config.host,
         port=config.port,
         weight=config.weight,
         tls=config.scheme == "https",
-        path_prefix=config.path_prefix.encode("ascii"),
+        endpoint=config.path.encode("ascii"),
+        mcp_path=mcp_path,
         eras=frozenset(Era(era) for era in config.eras),
         up=config.command is None,  # a managed backend is up once its process serves
     )
@@ -47,8 +48,11 @@ def _backend(config: BackendConfig) -> Backend:
 class Fleet:
     """Owns the BackendSet, the upstream pools, and the drain timers."""
 
-    def __init__(self, configs: Iterable[BackendConfig], *, connect_timeout: float) -> None:
+    def __init__(
+        self, configs: Iterable[BackendConfig], *, connect_timeout: float, mcp_path: str = DEFAULT_MCP_PATH
+    ) -> None:
         self._connect_timeout = connect_timeout
+        self._mcp_path = mcp_path.encode("ascii")
         self.backends = BackendSet(())
         self.pools: dict[str, UpstreamPool] = {}
         self.on_evict: Callable[[Backend], None] = lambda backend: None
@@ -57,7 +61,7 @@ class Fleet:
         self._pending_drains: dict[str, float] = {}  # drains from the config, armed at start()
         members = []
         for config in configs:
-            backend = _backend(config)
+            backend = _backend(config, self._mcp_path)
             self.pools[backend.name] = self._pool(backend)
             if config.drain:
                 backend.draining = True
@@ -136,7 +140,7 @@ class Fleet:
         for config in configs:
             backend = self.backends.get(config.name)
             if backend is None:
-                backend = _backend(config)
+                backend = _backend(config, self._mcp_path)
                 old = self.pools.get(backend.name)  # a pool left by an earlier removal
                 if old is not None:
                     old.close()
@@ -165,16 +169,16 @@ class Fleet:
 
     def _update(self, backend: Backend, config: BackendConfig) -> bool:
         tls = config.scheme == "https"
-        prefix = config.path_prefix.encode("ascii")
-        address = (config.host, config.port, tls, prefix)
+        endpoint = config.path.encode("ascii")
+        address = (config.host, config.port, tls, endpoint)
         eras = frozenset(Era(era) for era in config.eras)
         changed = backend.weight != config.weight or backend.eras != eras
         backend.weight = config.weight
         backend.eras = eras
-        if address != (backend.host, backend.port, backend.tls, backend.path_prefix):
+        if address != (backend.host, backend.port, backend.tls, backend.endpoint):
             # Same name, so its sessions stay bound to it; new connections go to the new address.
             backend.set_address(config.host, config.port, tls)
-            backend.path_prefix = prefix
+            backend.endpoint = endpoint
             self.pools[backend.name].close()
             self.pools[backend.name] = self._pool(backend)
             changed = True
