@@ -120,7 +120,9 @@ class Proxy:
         self.health = HealthChecker(config.health, self.fleet.set_status, self._probe, metrics=self.metrics)
         self._observability(config, access_stream, session_tag_key)
         if self.control is not None:
-            AdminApi(self.fleet, self.health.last_check, self.reload).install(self.control.app)
+            AdminApi(self.fleet, self.health.last_check, self.reload, self.health.reasons).install(
+                self.control.app
+            )
         self.managed = ManagedBackends(config.backends, self.backends, metrics=self.metrics)
         self._server: asyncio.Server | None = None
         self._plane: DataPlane | None = None

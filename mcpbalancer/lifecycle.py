@@ -186,7 +186,7 @@ class Fleet:
 
     # -- report -----------------------------------------------------------------------------------
 
-    def snapshot(self, last_check: dict[str, float]) -> list[dict[str, Any]]:
+    def snapshot(self, last_check: dict[str, float], reasons: dict[str, str]) -> list[dict[str, Any]]:
         return [
             {
                 "name": b.name,
@@ -195,6 +195,7 @@ class Fleet:
                 "sessions": b.sessions,
                 "in_flight": b.in_flight,
                 "last_check": last_check.get(b.name),
+                "reason": reasons.get(b.name),
             }
             for b in self.backends
         ]

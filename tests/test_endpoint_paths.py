@@ -18,22 +18,9 @@ from mcpbalancer.config import parse_config
 from mcpbalancer.errors import ConfigError
 from tests.fixtures.backends import BackendProcess
 from tests.fixtures.proxy import ProxyFactory
-from tests.mcp_helpers import MODERN_META, MODERN_VERSION, recorded_client, sse_messages, text_of
+from tests.mcp_helpers import modern_whoami, recorded_client, text_of
 
 ROOT = Path(__file__).resolve().parents[1]
-MODERN_HEADERS = {
-    "Accept": "application/json, text/event-stream",
-    "Content-Type": "application/json",
-    "MCP-Protocol-Version": MODERN_VERSION,
-    "Mcp-Method": "tools/call",
-    "Mcp-Name": "whoami",
-}
-WHOAMI_CALL = {
-    "jsonrpc": "2.0",
-    "id": 7,
-    "method": "tools/call",
-    "params": {"name": "whoami", "arguments": {}, "_meta": MODERN_META},
-}
 
 
 @dataclass
@@ -46,15 +33,6 @@ class At:
 
 def at_endpoint(backend: BackendProcess) -> At:
     return At(backend.name, backend.mcp_url)  # http://127.0.0.1:PORT/mcp
-
-
-async def modern_whoami(http: aiohttp.ClientSession, url: str) -> tuple[int, str]:
-    async with http.post(url, json=WHOAMI_CALL, headers=MODERN_HEADERS) as resp:
-        body = await resp.text()
-        if resp.status != 200:
-            return resp.status, body
-        messages = sse_messages(body) if resp.content_type == "text/event-stream" else [await resp.json()]
-        return resp.status, str(messages[-1]["result"]["content"][0]["text"])
 
 
 async def origin_echo(http: aiohttp.ClientSession, url: str) -> tuple[int, Any]:
