@@ -44,7 +44,7 @@ log = logging.getLogger(__name__)
 SWEEP_INTERVAL = 30.0
 SHUTDOWN_POLL = 0.05
 # Settings a reload applies; a change to any other one is logged and needs a restart.
-RELOADABLE = ("backends", "health", "shutdown_timeout", "source")
+RELOADABLE = ("backends", "health", "shutdown_timeout", "source", "mcp_path")
 
 
 def _shared_affinity(config: Config) -> SharedAffinity | None:
@@ -148,11 +148,15 @@ class Proxy:
             if f.name not in RELOADABLE and getattr(new, f.name) != getattr(self.config, f.name):
                 log.warning("reload: `%s` changed; it takes effect after a restart", f.name)
         backends = self._keep_managed(new.backends)
-        changes = self.fleet.apply(backends)
+        changes = self.fleet.apply(backends, mcp_path=new.mcp_path)
         self.health.reconfigure(new.health)
         self.health.forget(b.name for b in self.backends)
         self.config = dataclasses.replace(
-            self.config, backends=backends, health=new.health, shutdown_timeout=new.shutdown_timeout
+            self.config,
+            backends=backends,
+            health=new.health,
+            shutdown_timeout=new.shutdown_timeout,
+            mcp_path=new.mcp_path,
         )
         log.info(
             "reloaded %s: added %s, removed %s, updated %s",

@@ -133,10 +133,15 @@ class Fleet:
 
     # -- reload -----------------------------------------------------------------------------------
 
-    def apply(self, configs: Iterable[BackendConfig]) -> Changes:
-        """Make the running backends match `configs`; the file is the source of truth."""
+    def apply(self, configs: Iterable[BackendConfig], *, mcp_path: str | None = None) -> Changes:
+        """Make the running backends match `configs` (and, if given, `mcp_path`); the file is the
+        source of truth."""
         changes = Changes()
         members = []
+        if mcp_path is not None:
+            self._mcp_path = mcp_path.encode("ascii")
+            for running in self.backends:
+                running.mcp_path = self._mcp_path
         for config in configs:
             backend = self.backends.get(config.name)
             if backend is None:

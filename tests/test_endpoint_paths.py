@@ -12,10 +12,13 @@ from typing import Any
 
 import aiohttp
 import pytest
+import yaml
 
+from mcpbalancer.app import Proxy
 from mcpbalancer.backends import Backend
-from mcpbalancer.config import parse_config
+from mcpbalancer.config import load_config, parse_config
 from mcpbalancer.errors import ConfigError
+from mcpbalancer.health import HttpProbe
 from tests.fixtures.backends import BackendProcess
 from tests.fixtures.proxy import ProxyFactory
 from tests.mcp_helpers import modern_whoami, recorded_client, text_of
@@ -137,6 +140,37 @@ async def test_a_url_without_a_path_forwards_every_target_as_before(
     )
     status, _ = await modern_whoami(web, proxy.url + "/tools")
     assert status == 404  # the backend's own answer: it serves no /tools
+
+
+async def test_a_reload_changes_the_mcp_path_of_running_backends(
+    backends: list[BackendProcess],
+    web: aiohttp.ClientSession,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    a = backends[0]
+    path = tmp_path / "proxy.yaml"
+
+    def write(mcp_path: str) -> None:
+        data = {"listen": "127.0.0.1:0", "mcp_path": mcp_path, "backends": [{"name": "a", "url": a.mcp_url}]}
+        path.write_text(yaml.safe_dump({**data, "health": {"interval": 0}}))
+
+    write("/mcp")
+    proxy = Proxy(load_config(path))
+    await proxy.start()
+    try:
+        assert await modern_whoami(web, proxy.url + "/mcp") == (200, "a")
+        write("/tools")
+        proxy.reload()
+        assert await modern_whoami(web, proxy.url + "/tools") == (200, "a")
+        # The probe follows: health.path defaults to the new mcp_path, which maps to the endpoint.
+        assert proxy.health.config.path == "/tools"
+        backend = proxy.backends.get("a")
+        assert backend is not None
+        assert HttpProbe(lambda: proxy.health.config).url(backend) == a.mcp_url
+        assert "takes effect after a restart" not in caplog.text
+    finally:
+        await proxy.stop()
 
 
 # --- configuration -------------------------------------------------------------------------------
