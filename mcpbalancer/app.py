@@ -45,7 +45,7 @@ log = logging.getLogger(__name__)
 SWEEP_INTERVAL = 30.0
 SHUTDOWN_POLL = 0.05
 # Settings a reload applies; a change to any other one is logged and needs a restart.
-RELOADABLE = ("backends", "health", "shutdown_timeout", "source")
+RELOADABLE = ("backends", "health", "shutdown_timeout", "source", "mcp_path")
 
 
 def _shared_affinity(config: Config) -> SharedAffinity | None:
@@ -79,7 +79,10 @@ class Proxy:
         # An explicit argument wins over the config's `shutdown_timeout` (and over its reloads).
         self._shutdown_override = shutdown_timeout
         self.fleet = Fleet(
-            config.backends, connect_timeout=config.timeouts.connect, contexts=backend_contexts(config)
+            config.backends,
+            connect_timeout=config.timeouts.connect,
+            contexts=backend_contexts(config),
+            mcp_path=config.mcp_path,
         )
         self.backends = self.fleet.backends
         self._probe = HttpProbe(lambda: self.health.config)
@@ -123,7 +126,9 @@ class Proxy:
         self.health = HealthChecker(config.health, self.fleet.set_status, self._probe, metrics=self.metrics)
         self._observability(config, access_stream, session_tag_key)
         if self.control is not None:
-            AdminApi(self.fleet, self.health.last_check, self.reload).install(self.control.app)
+            AdminApi(self.fleet, self.health.last_check, self.reload, self.health.reasons).install(
+                self.control.app
+            )
         self.managed = ManagedBackends(config.backends, self.backends, metrics=self.metrics)
         self._server: asyncio.Server | None = None
         self._plane: DataPlane | None = None
@@ -151,11 +156,15 @@ class Proxy:
             if f.name not in RELOADABLE and getattr(new, f.name) != getattr(self.config, f.name):
                 log.warning("reload: `%s` changed; it takes effect after a restart", f.name)
         backends = self._keep_managed(new.backends)
-        changes = self.fleet.apply(backends, contexts)
+        changes = self.fleet.apply(backends, contexts, mcp_path=new.mcp_path)
         self.health.reconfigure(new.health)
         self.health.forget(b.name for b in self.backends)
         self.config = dataclasses.replace(
-            self.config, backends=backends, health=new.health, shutdown_timeout=new.shutdown_timeout
+            self.config,
+            backends=backends,
+            health=new.health,
+            shutdown_timeout=new.shutdown_timeout,
+            mcp_path=new.mcp_path,
         )
         log.info(
             "reloaded %s: added %s, removed %s, updated %s",

@@ -33,6 +33,7 @@ FAILOVER_MODES: Final = ("reinitialize", "replay")
 DEFAULT_STORE_PREFIX: Final = "mcpb:"
 DEFAULT_LOCAL_CACHE_SIZE: Final = 100_000
 DEFAULT_SHUTDOWN_TIMEOUT: Final = 10.0
+DEFAULT_MCP_PATH: Final = "/mcp"
 LOG_FORMATS: Final = ("json", "text")
 ERAS: Final = ("legacy", "modern")
 STORE_ERROR_MODES: Final = ("degrade", "fail")
@@ -75,7 +76,7 @@ class BackendConfig:
     scheme: str
     host: str
     port: int
-    path_prefix: str
+    path: str  # the URL's path: the server's MCP endpoint; "" when the URL has none
     weight: int = 1
     drain: bool = False
     drain_timeout: float = 0.0  # seconds after the drain starts; 0 = wait for the sessions forever
@@ -98,7 +99,8 @@ class TimeoutsConfig:
 @dataclass(frozen=True, slots=True)
 class HealthConfig:
     # One probe per `interval` (seconds, fractional allowed): `fall` failures in a row mark a backend
-    # down, `rise` successes in a row bring it back. `path` is appended to the backend URL's path.
+    # down, `rise` successes in a row bring it back. `path` is probed as a client's request for it
+    # would be forwarded; by default it is `mcp_path`, so each backend's MCP endpoint is probed.
     interval: float = 1.0
     timeout: float = 1.0
     path: str = "/mcp"
@@ -182,6 +184,8 @@ class Config:
     on_store_error: str = "degrade"  # or "fail": what new sessions get while the shared store is down
     # Processes sharing the listen port (SO_REUSEPORT); > 1 makes the CLI a supervisor (supervisor.py).
     workers: int = 1
+    # The path clients use for MCP; requests for it go to each backend's endpoint (its URL's path).
+    mcp_path: str = DEFAULT_MCP_PATH
 
 
 _TOP_KEYS: Final = (
@@ -210,6 +214,7 @@ _TOP_KEYS: Final = (
     "session_binding_key",
     "on_store_error",
     "workers",
+    "mcp_path",
 )
 _BACKEND_KEYS: Final = (
     "name", "url", "weight", "drain", "drain_timeout", "eras", "command", "replicas", "tls",
@@ -299,6 +304,12 @@ def _config(top: _Section, source: str) -> Config:
     heartbeat = top.number("heartbeat", 15.0, ge=0)
     backends = _backends(top)
     pools = _pools(top, {b.name for b in backends})
+    mcp_path = top.parsed("mcp_path", _check_mcp_path, DEFAULT_MCP_PATH)
+    admin = top.parsed("admin", _split_host_port) if top.has("admin") else None
+    metrics = _metrics(top.section("metrics", _field_names(MetricsConfig)))
+    if admin is None and metrics.enabled and metrics.path == mcp_path:
+        problem = f"must not be `mcp_path` ({mcp_path}) while the metrics are served on `listen`"
+        raise top.invalid("metrics.path", problem)
     return Config(
         listen_host=host,
         listen_port=port,
@@ -312,10 +323,10 @@ def _config(top: _Section, source: str) -> Config:
         store_prefix=top.string("store_prefix", DEFAULT_STORE_PREFIX),
         local_cache_size=top.integer("local_cache_size", DEFAULT_LOCAL_CACHE_SIZE, ge=1),
         source=source,
-        admin=top.parsed("admin", _split_host_port) if top.has("admin") else None,
-        metrics=_metrics(top.section("metrics", _field_names(MetricsConfig))),
+        admin=admin,
+        metrics=metrics,
         log=_log(top.section("log", _field_names(LogConfig))),
-        health=_health(top.section("health", _field_names(HealthConfig))),
+        health=_health(top.section("health", _field_names(HealthConfig)), mcp_path),
         shutdown_timeout=top.number("shutdown_timeout", DEFAULT_SHUTDOWN_TIMEOUT, ge=0),
         pools=pools,
         routes=_routes(top, pools),
@@ -326,6 +337,7 @@ def _config(top: _Section, source: str) -> Config:
         **_binding(top),
         on_store_error=top.choice("on_store_error", STORE_ERROR_MODES, "degrade"),
         workers=top.integer("workers", 1, ge=1, le=MAX_WORKERS),
+        mcp_path=mcp_path,
     )
 
 
@@ -426,9 +438,9 @@ def _backend(entry: _Section) -> list[BackendConfig]:
     if not entry.has("url"):
         raise entry.invalid("url", "is required (or `command` for a backend the proxy runs itself)")
     url = entry.string("url")
-    scheme, host, port, path_prefix = entry.parsed("url", _split_backend_url)
+    scheme, host, port, path = entry.parsed("url", _split_backend_url)
     tls = _tls(entry, scheme)
-    return [BackendConfig(name, url, scheme, host, port, path_prefix, *_placement(entry, weight), tls=tls)]
+    return [BackendConfig(name, url, scheme, host, port, path, *_placement(entry, weight), tls=tls)]
 
 
 def _tls(entry: _Section, scheme: str) -> TlsConfig | None:
@@ -576,8 +588,8 @@ def _metrics(section: _Section) -> MetricsConfig:
     return MetricsConfig(enabled=section.boolean("enabled", default.enabled), path=path)
 
 
-def _health(section: _Section) -> HealthConfig:
-    default = HealthConfig()
+def _health(section: _Section, mcp_path: str) -> HealthConfig:
+    default = HealthConfig(path=mcp_path)
     interval = section.number("interval", default.interval, ge=0)  # 0: no active checks
     timeout = section.number("timeout", default.timeout, gt=0)
     return HealthConfig(
@@ -848,7 +860,9 @@ def _split_url(value: str) -> SplitResult:
 
 
 def _split_backend_url(value: str) -> tuple[str, str, int, str]:
-    """(scheme, host, port, path prefix) of a backend URL."""
+    """(scheme, host, port, path) of a backend URL. The path is the server's MCP endpoint, kept as
+    written (a trailing slash matters to the server, as it does to a client given the URL); "/" alone
+    is no path."""
     parts = _split_url(value)
     if parts.scheme not in ("http", "https"):
         raise ValueError(f"must be an http:// or https:// URL, got {_redact(value)!r}")
@@ -861,7 +875,9 @@ def _split_backend_url(value: str) -> tuple[str, str, int, str]:
     if parts.port == 0:
         raise ValueError(f"port must be 1-65535, got {value!r}")
     port = parts.port or (443 if parts.scheme == "https" else 80)
-    return parts.scheme, parts.hostname, port, parts.path.rstrip("/")
+    if not _URL_PATH.fullmatch(parts.path or "/"):
+        raise ValueError(f"the path must be visible ASCII, at most 256 bytes; got {parts.path!r}")
+    return parts.scheme, parts.hostname, port, "" if parts.path == "/" else parts.path
 
 
 def _check_command(value: str) -> str:
@@ -898,6 +914,15 @@ class _CommandCheck(dict[str, str]):
 def _check_metrics_path(value: str) -> str:
     if not _URL_PATH.fullmatch(value):
         raise ValueError(f"must be a path starting with '/', visible ASCII, at most 256 bytes; got {value!r}")
+    if value in PROBE_PATHS:
+        raise ValueError(f"must not be {value}: the proxy answers that path itself")
+    return value
+
+
+def _check_mcp_path(value: str) -> str:
+    if not _URL_PATH.fullmatch(value) or "?" in value or "#" in value:
+        rule = "a path starting with '/', visible ASCII without '?' or '#', at most 256 bytes"
+        raise ValueError(f"must be {rule}; got {value!r}")
     if value in PROBE_PATHS:
         raise ValueError(f"must not be {value}: the proxy answers that path itself")
     return value

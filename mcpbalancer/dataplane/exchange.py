@@ -364,9 +364,8 @@ class Exchange:
         failover = self.plane.router.failover
         if failover is not None and self.facts is not None and self.facts.session_id is not None:
             self._alias = failover.alias(self.facts.session_id)  # the session was moved here
-        return request_head(
-            self.head, backend.path_prefix, backend.host_header, self.client.peer_ip, self._alias
-        )
+        target = backend.target(self.head.target) if backend.endpoint else self.head.target
+        return request_head(self.head, target, backend.host_header, self.client.peer_ip, self._alias)
 
     def _flush_pending(self, head: bytes = b"") -> None:
         """Send `head` and the body that arrived while no backend connection existed, in one write."""
