@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import io
 import json
 import re
@@ -26,7 +27,11 @@ from mcpbalancer.config import parse_config
 from mcpbalancer.errors import SessionNotFound, error_body
 from tests.fixtures.backends import BackendFactory, BackendProcess
 from tests.fixtures.proxy import HasUrl, proxy_config
+from tests.fixtures.rawhttp import ClientFactory
+from tests.fixtures.rawhttp import request as raw_request
 from tests.fixtures.redis import RedisServer
+from tests.fixtures.stub import Handler, StubFactory, StubRequest
+from tests.fixtures.stub import chunk as stub_chunk
 from tests.mcp_helpers import (
     DEADLINE,
     INIT_BODY,
@@ -541,3 +546,140 @@ async def test_access_log_text_format(
 async def test_access_log_can_be_turned_off(backends: list[BackendProcess], observe: ObserveFactory) -> None:
     assert (await observe(backends, log={"access": False})).proxy.access_log is None
     assert (await observe(backends, log={"level": "warning"})).proxy.access_log is None
+
+
+# --- the access log tells the truth (issue 11) ------------------------------------------------------
+
+
+SDK_CLIENTS = 12
+SDK_CALLS = 15
+
+
+async def test_tool_calls_of_the_sdk_are_logged_ok(
+    backends: list[BackendProcess], observe: ObserveFactory
+) -> None:
+    # The mcp SDK closes its connection as soon as the response event of a POST's stream has
+    # arrived, often before the backend has ended that stream: the answer was delivered whole.
+    obs = await observe(backends)
+
+    async def client() -> None:
+        async with recorded_client(obs.url) as (sdk, _):
+            for _ in range(SDK_CALLS):
+                assert text_of(await sdk.call_tool("whoami")) in {"a", "b", "c"}
+
+    await asyncio.gather(*(client() for _ in range(SDK_CLIENTS)))
+    await wait_until(lambda: _no_connections(obs), "the proxy to see every connection closed")
+    answered = [line for line in obs.access_lines() if line["method"] == "POST" and line["status"] == 200]
+    assert len(answered) >= SDK_CLIENTS * (SDK_CALLS + 1)  # the calls and the initializes
+    assert [line for line in answered if line["outcome"] != "ok"] == []
+
+
+async def _no_connections(obs: Observed) -> bool:
+    plane = obs.proxy._plane
+    return plane is not None and not plane.connections
+
+
+def sse_stub(*events: bytes) -> Handler:
+    """A backend that answers a POST with these SSE events and then holds the stream open (a
+    backend slow to end its stream, which a real server does not do on demand)."""
+
+    async def handle(request: StubRequest) -> None:
+        await request.complete.wait()
+        head = "HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n"
+        request.conn.write(head.encode() + b"".join(stub_chunk(e) for e in events))
+        await request.conn.closed.wait()
+
+    return handle
+
+
+PROGRESS_EVENT = (
+    b'event: message\ndata: {"jsonrpc":"2.0","method":"notifications/progress",'
+    b'"params":{"progressToken":1,"progress":0.5}}\n\n'
+)
+RESULT_EVENT = b'event: message\ndata: {"jsonrpc":"2.0","id":1,"result":{"content":[]}}\n\n'
+
+
+@pytest.mark.parametrize(
+    ("events", "outcome"),
+    [
+        pytest.param([PROGRESS_EVENT, RESULT_EVENT], "ok", id="after-the-answer"),
+        pytest.param([PROGRESS_EVENT], "client_disconnect", id="before-the-answer"),
+    ],
+)
+async def test_a_client_that_closes_at_the_last_byte_of_its_answer_got_it(
+    events: list[bytes],
+    outcome: str,
+    observe: ObserveFactory,
+    make_stub: StubFactory,
+    open_client: ClientFactory,
+) -> None:
+    stub = await make_stub(sse_stub(*events))
+    obs = await observe([stub])
+    client = await open_client(obs.proxy)
+    client.send(raw_request("POST", "/mcp", [("Content-Type", "application/json")], b"{}"))
+    resp = await client.read_head()
+    expected = b"".join(events)
+    while len(resp.body) < len(expected):
+        assert await client.read_chunk(resp)
+    assert bytes(resp.body) == expected  # its last byte is in: the client closes at once
+    client.close()
+    [conn] = stub.connections
+    async with asyncio.timeout(DEADLINE):
+        await conn.closed.wait()  # the backend's stream is closed at once either way
+    [line] = obs.access_lines()
+    assert (line["status"], line["bytes"], line["outcome"]) == (200, len(expected), outcome)
+    disconnects = 0 if outcome == "ok" else 1
+    assert obs.value("mcpbalancer_client_disconnects_total") == disconnects
+
+
+async def test_streams_cut_at_shutdown_are_logged_shutdown(
+    backends: list[BackendProcess], web: aiohttp.ClientSession
+) -> None:
+    log = io.StringIO()
+    config = parse_config(proxy_config(backends[:1], shutdown_timeout=0.2), source="<test>")
+    proxy = Proxy(config, registry=CollectorRegistry(), access_stream=log)
+    await proxy.start()
+    try:
+        url = mcp_url(proxy)
+        session_id = await open_session(web, url)
+        headers = {"Accept": "text/event-stream", "Mcp-Session-Id": session_id}
+        stream = await web.get(url, headers=headers, timeout=aiohttp.ClientTimeout())
+        assert stream.status == 200
+        slow = asyncio.create_task(call_tool(web, url, session_id, "slow", seconds=30))
+        [backend] = proxy.backends
+
+        async def both_open() -> bool:
+            return backend.in_flight == 2
+
+        await wait_until(both_open, "the GET stream and the tool call to be in flight")
+    finally:
+        await proxy.stop()  # waits 0.2 s for the tool call, then cuts it and the GET stream
+    with contextlib.suppress(aiohttp.ClientError):
+        await slow
+    stream.close()
+    lines = [json.loads(line) for line in log.getvalue().splitlines()]
+    cut = [(line["method"], line["outcome"]) for line in lines[2:]]
+    assert sorted(cut) == [("GET", "shutdown"), ("POST", "shutdown")], lines
+    disconnects = proxy.metrics.registry.get_sample_value("mcpbalancer_client_disconnects_total")
+    assert disconnects == 0
+
+
+async def test_streams_of_an_evicted_backend_are_logged_aborted(
+    backends: list[BackendProcess], observe: ObserveFactory, web: aiohttp.ClientSession
+) -> None:
+    obs = await observe(backends[:1])
+    session_id = await open_session(web, obs.url)
+    headers = {"Accept": "text/event-stream", "Mcp-Session-Id": session_id}
+    async with web.get(obs.url, headers=headers, timeout=aiohttp.ClientTimeout()) as stream:
+        assert stream.status == 200
+        [backend] = obs.proxy.backends
+        obs.proxy.fleet.on_evict(backend)  # what a drain that timed out does to its open streams
+        with pytest.raises(aiohttp.ClientPayloadError):  # cut: the chunked body has no end
+            await stream.content.read()
+
+    async def logged() -> bool:
+        return len(obs.access_lines()) == 3
+
+    await wait_until(logged, "the stream's access line")
+    assert obs.access_lines()[-1]["outcome"] == "aborted"
+    assert obs.value("mcpbalancer_client_disconnects_total") == 0

@@ -89,7 +89,8 @@ class Exchange:
     # For metrics and the access log.
     status = 0  # the status the client was sent; 0 while none
     sent = 0  # response body bytes relayed
-    outcome = "ok"  # or error, aborted, client_disconnect, local
+    outcome = "ok"  # or error, aborted, client_disconnect, shutdown, local
+    cut_by: str | None = None  # the outcome when the proxy closes the client connection (shutdown)
     _stream_at = 0.0
     _awaiting_body = False  # routing waits for the whole request body (2026-07-28 only)
     _sniffer: ResultSniffer | None = None  # reads a watched response for affinity
@@ -246,8 +247,15 @@ class Exchange:
         """The client went away: closing the upstream request is the cancellation signal."""
         if self.done:
             return
-        self.plane.metrics.disconnects.value += 1
-        self.outcome = "client_disconnect"
+        if self.cut_by is not None:
+            self.outcome = self.cut_by
+        elif self._boundary is not None and self._held is None and self._boundary.answered():
+            # The client had its whole answer and closed the stream before the backend ended it
+            # (the mcp SDK closes right after the response event): delivered, not a disconnect.
+            self.outcome = "ok"
+        else:
+            self.plane.metrics.disconnects.value += 1
+            self.outcome = "client_disconnect"
         if self.upstream is not None:
             self.upstream.abort()
             self.upstream = None
