@@ -6,7 +6,8 @@ of the line. The line is one f-string whose only untrusted strings (the path, th
 go through the C JSON string encoder; lines are gathered and written in one write every
 FLUSH_INTERVAL seconds (or FLUSH_LINES lines). Session ids are never written: a session is shown as
 the first 8 hex digits of a blake2s of its id keyed with a per-process random key, enough to follow
-one session through one proxy's log and useless for taking it over.
+one session through one proxy's log and useless for taking it over. The line of the request that
+created a session (an `initialize`) shows the session its answer minted.
 
 Lifecycle events (start, backend up/down, drain, reload) are ordinary `logging` records on stderr;
 in JSON mode `JsonFormatter` writes them as JSON lines too.
@@ -173,10 +174,12 @@ _ERA_NAMES: Final = {era: era.value for era in protocol.Era}
 
 
 def _fields(ex: Exchange) -> tuple[RequestHead, bytes | None, bytes | None, Backend | None, int]:
-    """What both formats read of an exchange: head, session id, MCP method, backend, microseconds."""
+    """What both formats read of an exchange: head, session id (the request's, or the one its answer
+    created), MCP method, backend, microseconds."""
     head = ex.head
     micros = int((time.perf_counter() - ex.received_at) * 1_000_000)
-    return head, head.session_id, head.mcp_method, ex.backend, micros
+    sid = head.session_id
+    return head, ex.created if sid is None else sid, head.mcp_method, ex.backend, micros
 
 
 def _path(raw: bytes) -> str:

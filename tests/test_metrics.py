@@ -277,6 +277,7 @@ def fake_exchange(**changes: Any) -> Any:
         sent=321,
         received_at=time.perf_counter() - 0.0015,
         outcome="ok",
+        created=None,
     )
     for key, value in changes.items():
         setattr(head if hasattr(head, key) else exchange, key, value)

@@ -36,6 +36,7 @@ from tests.mcp_helpers import (
     DEADLINE,
     INIT_BODY,
     INIT_HEADERS,
+    call_body,
     call_tool,
     from_backend,
     from_proxy,
@@ -500,7 +501,7 @@ async def test_access_log_lines(
         "method": "POST",
         "path": "/mcp",
         "era": "legacy",
-        "session": None,
+        "session": call["session"],  # the session its answer created
         "backend": name,
         "status": 200,
         "bytes": 0,
@@ -662,6 +663,30 @@ async def test_streams_cut_at_shutdown_are_logged_shutdown(
     assert sorted(cut) == [("GET", "shutdown"), ("POST", "shutdown")], lines
     disconnects = proxy.metrics.registry.get_sample_value("mcpbalancer_client_disconnects_total")
     assert disconnects == 0
+
+
+async def test_the_initialize_line_names_the_session_it_created(
+    backends: list[BackendProcess], observe: ObserveFactory, web: aiohttp.ClientSession
+) -> None:
+    obs = await observe(backends)
+    session_id = await open_session(web, obs.url)  # initialize, notifications/initialized
+    await call_tool(web, obs.url, session_id, "whoami")
+    # A stateful server puts a fresh, unusable id on its 400 to a session-less request that is not
+    # an initialize: no session was created, none is named.
+    async with web.post(obs.url, json=call_body("whoami"), headers=INIT_HEADERS) as resp:
+        assert resp.status == 400
+        assert "Mcp-Session-Id" in resp.headers
+        await resp.read()
+    async with web.post(obs.url, json=INIT_BODY, headers=INIT_HEADERS) as resp:
+        other = resp.headers["Mcp-Session-Id"]
+        assert sse_messages(await resp.text())  # the whole answer: the exchange has ended
+    initialize, initialized, call, refused, second = obs.access_lines()
+    assert re.fullmatch(r"[0-9a-f]{8}", initialize["session"])
+    assert initialize["session"] == initialized["session"] == call["session"]
+    assert refused["session"] is None
+    assert second["session"] not in (None, initialize["session"])
+    assert session_id not in obs.log.getvalue()
+    assert other not in obs.log.getvalue()
 
 
 async def test_streams_of_an_evicted_backend_are_logged_aborted(

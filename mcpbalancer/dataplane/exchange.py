@@ -91,6 +91,7 @@ class Exchange:
     sent = 0  # response body bytes relayed
     outcome = "ok"  # or error, aborted, client_disconnect, shutdown, local
     cut_by: str | None = None  # the outcome when the proxy closes the client connection (shutdown)
+    created: bytes | None = None  # the session id a 2xx answer to a request without one minted
     _stream_at = 0.0
     _awaiting_body = False  # routing waits for the whole request body (2026-07-28 only)
     _sniffer: ResultSniffer | None = None  # reads a watched response for affinity
@@ -433,6 +434,9 @@ class Exchange:
             client_sid = head.session_id
             headers = [(n, client_sid if n.lower() == protocol.SESSION_ID else v) for n, v in headers]
         lines, response_sid, content_type, length, coding, length_at, cors_given = scan(headers)
+        # Router.learn's rule: a 2xx with an id, to a legacy request without one, made a session.
+        if response_sid is not None and head.session_id is None and 200 <= status < 300:
+            self.created = response_sid if self.facts.era is Era.LEGACY else None  # for the access log
         self._no_body = self.head.method == b"HEAD" or status in (204, 304)
         unsized = not self._no_body and (coding is not None or length is None)
         if unsized:
