@@ -71,6 +71,7 @@ class Proxy:
         access_stream: TextIO | None = None,
         adjust: Callable[[Config], Config] | None = None,
         session_tag_key: bytes | None = None,
+        worker: int | None = None,
     ) -> None:
         self.config = config
         # What the command line changed in `config` (--log-level, --workers, a worker's admin port),
@@ -121,7 +122,7 @@ class Proxy:
             refuse_new=self._store_down if config.on_store_error == "fail" else None,
         )
         self.health = HealthChecker(config.health, self.fleet.set_status, self._probe, metrics=self.metrics)
-        self._observability(config, access_stream, session_tag_key)
+        self._observability(config, access_stream, session_tag_key, worker)
         if self.control is not None:
             AdminApi(self.fleet, self.health.last_check, self.reload).install(self.control.app)
         self.managed = ManagedBackends(config.backends, self.backends, metrics=self.metrics)
@@ -184,7 +185,11 @@ class Proxy:
         return urls + running
 
     def _observability(
-        self, config: Config, access_stream: TextIO | None, session_tag_key: bytes | None
+        self,
+        config: Config,
+        access_stream: TextIO | None,
+        session_tag_key: bytes | None,
+        worker: int | None,
     ) -> None:
         self.readiness = Readiness(lambda: self.router.backends, self.store.ping)
         self.access_log = (
@@ -194,6 +199,7 @@ class Proxy:
                 # Workers share one key, so a session reads the same in every worker's lines.
                 hasher=SessionHasher(session_tag_key) if session_tag_key is not None else None,
                 shared=config.workers > 1,
+                worker=worker,  # a worker process: its index in every line, as in the event lines
             )
             if access_enabled(config.log)
             else None

@@ -313,6 +313,30 @@ async def test_access_lines_are_json_whatever_the_request_carried() -> None:
     assert "3f2a9c0d" not in stream.getvalue()
 
 
+@pytest.mark.parametrize("fmt", ["json", "text"])
+async def test_access_lines_name_the_worker_and_the_session_an_answer_created(fmt: str) -> None:
+    hasher = SessionHasher(b"k" * 16)
+    stream, alone = io.StringIO(), io.StringIO()
+    log, unnumbered = AccessLog(stream, fmt=fmt, hasher=hasher, worker=1), AccessLog(alone, fmt=fmt)
+    log.write(fake_exchange(session_id=None, created=b"minted-by-the-backend"))
+    log.write(fake_exchange(session_id=None))
+    unnumbered.write(fake_exchange())
+    log.flush()
+    unnumbered.flush()
+    created, plain = stream.getvalue().splitlines()
+    tag = hasher(b"minted-by-the-backend")
+    if fmt == "json":
+        assert (json.loads(created)["session"], json.loads(created)["worker"]) == (tag, 1)
+        assert (json.loads(plain)["session"], json.loads(plain)["worker"]) == (None, 1)
+        assert "worker" not in json.loads(alone.getvalue())
+    else:
+        assert created.endswith(" outcome=ok worker=1")
+        assert f" session={tag} " in created
+        assert " session=- " in plain
+        assert "worker" not in alone.getvalue()
+    assert "minted" not in stream.getvalue()
+
+
 async def test_access_log_flushes_on_a_timer_and_in_batches() -> None:
     stream = io.StringIO()
     log = AccessLog(stream)
