@@ -191,7 +191,9 @@ class Proxy:
         session_tag_key: bytes | None,
         worker: int | None,
     ) -> None:
-        self.readiness = Readiness(lambda: self.router.backends, self.store.ping)
+        self.readiness = Readiness(
+            lambda: self.router.backends, self.store.ping, store_required=config.on_store_error == "fail"
+        )
         self.access_log = (
             AccessLog(
                 access_stream or sys.stdout,

@@ -413,7 +413,8 @@ async def test_health_probes_are_answered_by_the_proxy(
         assert (resp.status, await resp.json()) == (200, {"status": "ok"})
         assert from_proxy(resp.headers)
     async with web.get(base + "/readyz") as resp:
-        assert (resp.status, await resp.json()) == (200, {"status": "ready", "reason": "ready"})
+        assert resp.status == 200
+        assert await resp.json() == {"status": "ready", "reason": "ready", "store": "ok"}
     async with web.head(base + "/readyz") as resp:
         assert resp.status == 200
     async with web.post(base + "/healthz", json={}) as resp:
@@ -426,7 +427,7 @@ async def test_health_probes_are_answered_by_the_proxy(
         backend.up = False
     async with web.get(base + "/readyz") as resp:
         assert resp.status == 503
-        assert await resp.json() == {"status": "unavailable", "reason": "no backend up"}
+        assert await resp.json() == {"status": "unavailable", "reason": "no backend up", "store": "ok"}
     async with web.get(base + "/healthz") as resp:
         assert resp.status == 200
 
@@ -437,6 +438,8 @@ async def test_readyz_follows_the_redis_store(
     web: aiohttp.ClientSession,
     private_redis_server: RedisServer,
 ) -> None:
+    # on_store_error: degrade (the default): through an outage the proxy still routes known sessions
+    # (local cache) and places new ones (bound locally), so it stays ready and says the store is down.
     obs = await observe(backends, store=private_redis_server.url)
     readyz = obs.proxy.url + "/readyz"
 
@@ -444,29 +447,73 @@ async def test_readyz_follows_the_redis_store(
         async with web.get(readyz) as resp:
             return resp.status, await resp.json()
 
-    assert await status() == (200, {"status": "ready", "reason": "ready"})
+    assert await status() == (200, {"status": "ready", "reason": "ready", "store": "ok"})
     # Probes within a second share one PING.
     assert (await status())[0] == 200
     assert obs.value("mcpbalancer_store_operations_total", op="ping", result="ok") == 1
 
     private_redis_server.kill()
 
-    async def unready() -> bool:
-        return (await status())[0] == 503
+    async def store_down() -> bool:
+        return (await status())[1]["store"] == "unreachable"
 
-    await wait_until(unready, "/readyz to report the store down")
+    await wait_until(store_down, "/readyz to report the store down")
     code, body = await status()
-    assert code == 503
-    assert body["status"] == "unavailable"
+    assert code == 200
+    assert body["status"] == "degraded"
     assert body["reason"].startswith("session store unreachable: redis:")
+    assert body["reason"].endswith("; new sessions are bound locally")
     assert obs.value("mcpbalancer_store_operations_total", op="ping", result="error") >= 1
+    # What the body says holds: a new session is placed and routed while Redis is down.
+    session_id = await open_session(web, obs.url)
+    assert (await call_tool(web, obs.url, session_id, "count")).text == "1"
+
+    for backend in obs.proxy.backends:
+        backend.up = False
+    unavailable = {"status": "unavailable", "reason": "no backend up", "store": "unreachable"}
+    assert await status() == (503, unavailable)
+    for backend in obs.proxy.backends:
+        backend.up = True
 
     private_redis_server.start()
 
-    async def ready() -> bool:
-        return (await status())[0] == 200
+    async def store_up() -> bool:
+        return await status() == (200, {"status": "ready", "reason": "ready", "store": "ok"})
 
-    await wait_until(ready, "/readyz to recover with the store")
+    await wait_until(store_up, "/readyz to see the store again")
+
+
+async def test_readyz_with_on_store_error_fail_is_unready_while_the_store_is_down(
+    backends: list[BackendProcess],
+    observe: ObserveFactory,
+    web: aiohttp.ClientSession,
+    private_redis_server: RedisServer,
+) -> None:
+    obs = await observe(backends, store=private_redis_server.url, on_store_error="fail", admin="127.0.0.1:0")
+    assert obs.proxy.control is not None
+    probes = [obs.proxy.url + "/readyz", f"http://127.0.0.1:{obs.proxy.control.port}/readyz"]
+
+    async def statuses() -> list[tuple[int, dict[str, str]]]:
+        answers = []
+        for url in probes:
+            async with web.get(url) as resp:
+                answers.append((resp.status, await resp.json()))
+        return answers
+
+    assert await statuses() == [(200, {"status": "ready", "reason": "ready", "store": "ok"})] * 2
+    private_redis_server.kill()
+
+    async def unready() -> bool:
+        return all(code == 503 for code, _ in await statuses())
+
+    await wait_until(unready, "/readyz to answer 503 on both listeners")
+    for _, body in await statuses():
+        assert (body["status"], body["store"]) == ("unavailable", "unreachable")
+        assert body["reason"].startswith("session store unreachable: redis:")
+        assert body["reason"].endswith("; new sessions are refused")
+    # What the body says holds: an initialize is refused.
+    async with web.post(obs.url, json=INIT_BODY, headers=INIT_HEADERS) as resp:
+        assert resp.status == 503
 
 
 # --- the access log -----------------------------------------------------------------------------------
