@@ -234,6 +234,7 @@ class Proxy:
             except BackendStartError:
                 await self.store.close()
                 raise
+        await self._check_store()
         loop = asyncio.get_running_loop()
         self._plane = DataPlane(
             self.router,
@@ -283,6 +284,21 @@ class Proxy:
         control = self.control
         admin = "" if control is None else f"; admin on {host_port(control.host, control.port)}"
         log.info("listening on %s with %d backends%s", self.url, len(self.backends), admin)
+
+    async def _check_store(self) -> None:
+        """Ping a shared store before serving: an unreachable one is a warning now, not at the first
+        session. The proxy starts either way (Redis may be starting too, and /readyz says what the
+        outage means); with `fail` it refuses new sessions until the store answers."""
+        if not isinstance(self.store, CachedStore):
+            return
+        problem = await self.store.check()
+        if problem is None:
+            return
+        if self.config.on_store_error == "fail":
+            outcome = "new sessions are refused (503) until it answers (on_store_error: fail)"
+        else:
+            outcome = "new sessions are bound locally and written to it once it answers"
+        log.warning("session store unreachable at start-up: %s; %s", problem, outcome)
 
     def _store_down(self) -> bool:
         return isinstance(self.store, CachedStore) and self.store.degraded

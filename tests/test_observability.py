@@ -11,6 +11,7 @@ import collections
 import contextlib
 import io
 import json
+import logging
 import re
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
@@ -442,6 +443,7 @@ async def test_readyz_follows_the_redis_store(
     # (local cache) and places new ones (bound locally), so it stays ready and says the store is down.
     obs = await observe(backends, store=private_redis_server.url)
     readyz = obs.proxy.url + "/readyz"
+    pings = obs.value("mcpbalancer_store_operations_total", op="ping", result="ok")  # the start-up one
 
     async def status() -> tuple[int, dict[str, str]]:
         async with web.get(readyz) as resp:
@@ -450,7 +452,7 @@ async def test_readyz_follows_the_redis_store(
     assert await status() == (200, {"status": "ready", "reason": "ready", "store": "ok"})
     # Probes within a second share one PING.
     assert (await status())[0] == 200
-    assert obs.value("mcpbalancer_store_operations_total", op="ping", result="ok") == 1
+    assert obs.value("mcpbalancer_store_operations_total", op="ping", result="ok") == pings + 1
 
     private_redis_server.kill()
 
@@ -514,6 +516,41 @@ async def test_readyz_with_on_store_error_fail_is_unready_while_the_store_is_dow
     # What the body says holds: an initialize is refused.
     async with web.post(obs.url, json=INIT_BODY, headers=INIT_HEADERS) as resp:
         assert resp.status == 503
+
+
+async def unreachable_redis_url(server: RedisServer) -> str:
+    """A Redis URL nobody answers on: the private server's port, with the server killed."""
+    server.kill()
+    return server.url
+
+
+@pytest.mark.parametrize("mode", ["degrade", "fail"])
+async def test_an_unreachable_redis_at_start_up_is_a_warning_at_once(
+    mode: str,
+    backends: list[BackendProcess],
+    observe: ObserveFactory,
+    web: aiohttp.ClientSession,
+    private_redis_server: RedisServer,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    url = await unreachable_redis_url(private_redis_server)
+    with caplog.at_level(logging.WARNING, logger="mcpbalancer"):
+        obs = await observe(backends, store=url, on_store_error=mode)
+    # Logged by start() itself, before any request and before the first one-second store check.
+    [warning] = [r for r in caplog.records if "session store unreachable" in r.getMessage()]
+    assert (warning.name, warning.levelname) == ("mcpbalancer.app", "WARNING")
+    message = warning.getMessage()
+    assert message.startswith("session store unreachable at start-up: redis:")
+    assert obs.value("mcpbalancer_store_degraded") == 1
+    assert obs.access_lines() == []
+    async with web.post(obs.url, json=INIT_BODY, headers=INIT_HEADERS) as resp:
+        status = resp.status
+    if mode == "fail":
+        assert "new sessions are refused (503)" in message
+        assert status == 503  # refused from the start, not from the first failed write
+    else:
+        assert "new sessions are bound locally" in message
+        assert status == 200
 
 
 # --- the access log -----------------------------------------------------------------------------------
