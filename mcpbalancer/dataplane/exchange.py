@@ -349,10 +349,12 @@ class Exchange:
         backend = self.backend
         assert backend is not None
         failover = self.plane.router.failover
+        moved = False
         if failover is not None and self.facts is not None and self.facts.session_id is not None:
             self._alias = failover.alias(self.facts.session_id)  # the session was moved here
+            moved = failover.moved(self.facts.session_id)
         return request_head(
-            self.head, backend.path_prefix, backend.host_header, self.client.peer_ip, self._alias
+            self.head, backend.path_prefix, backend.host_header, self.client.peer_ip, self._alias, moved
         )
 
     def _flush_pending(self, head: bytes = b"") -> None:
