@@ -70,7 +70,7 @@ def for_listen(allowed: Iterable[str] | None, listen_host: str) -> HostPolicy:
     if is_loopback(listen_host):
         return HostPolicy(LOOPBACK_NAMES)
     names: tuple[str, ...] = LOOPBACK_NAMES
-    if listen_host.lower() not in _WILDCARDS and not is_ip_literal(listen_host.encode("ascii")):
+    if listen_host.isascii() and listen_host.lower() not in _WILDCARDS and not _is_address(listen_host):
         names += (listen_host,)
     return HostPolicy(names, ip_literals=True)
 
@@ -89,10 +89,15 @@ def is_loopback(listen_host: str) -> bool:
     """The listen address accepts connections from this machine only."""
     if listen_host.lower() == "localhost":
         return True
+    return _is_address(listen_host) and ipaddress.ip_address(listen_host.strip("[]")).is_loopback
+
+
+def _is_address(text: str) -> bool:
     try:
-        return ipaddress.ip_address(listen_host.strip("[]")).is_loopback
+        ipaddress.ip_address(text.strip("[]"))
     except ValueError:
         return False
+    return True
 
 
 def is_ip_literal(name: bytes) -> bool:

@@ -106,6 +106,10 @@ def test_default_on_a_named_listen_allows_that_name() -> None:
     assert policy.allows(b"mcp.internal:8080")
     assert not policy.allows(b"other.internal:8080")
     assert for_listen(["only.example"], "mcp.internal").allows(b"mcp.internal") is False
+    # An address is no name to add (any IP-address Host passes anyway), nor is a name Hosts cannot carry.
+    assert for_listen(None, "2001:db8::5").patterns == for_listen(None, "10.0.0.5").patterns
+    assert for_listen(None, "2001:db8::5").allows(b"[2001:db8::5]:8080")
+    assert for_listen(None, "mcp.intérieur").patterns == for_listen(None, "0.0.0.0").patterns
 
 
 @pytest.mark.parametrize(
