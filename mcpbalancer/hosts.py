@@ -22,7 +22,7 @@ from typing import Final
 # What the MCP SDKs accept for a local server: the loopback names, with any port.
 LOOPBACK_NAMES: Final = ("localhost", "127.0.0.1", "[::1]")
 # Decisions are cached by the Host value as received; a client sends the same one every time.
-# Bounded (cleared when full) so a stream of made-up names cannot grow it.
+# Bounded (each set is cleared when full) so a stream of made-up names cannot grow them.
 SEEN_LIMIT: Final = 256
 _WILDCARDS: Final = frozenset({"0.0.0.0", "::", ""})
 
@@ -38,17 +38,23 @@ class HostPolicy:
         globs = [p for p in patterns if _is_glob(p) and p != "*"]
         self._names = frozenset(p.encode("ascii") for p in patterns if not _is_glob(p))
         self._glob = re.compile(b"(?:%b)\\Z" % b"|".join(map(_glob_regex, globs))) if globs else None
-        self._seen: dict[bytes, bool] = {}
+        # Host values (as received) found allowed: the data plane tests membership itself, so a
+        # known Host costs a request one set lookup and no call. Cleared in place, never replaced.
+        self.known: set[bytes] = set()
+        self._refused: set[bytes] = set()
 
     def allows(self, host: bytes) -> bool:
         """A `Host` header value as received (`name[:port]`, `[v6][:port]`)."""
-        known = self._seen.get(host)
-        if known is None:
-            known = self.allows_name(hostname(host))
-            if len(self._seen) >= SEEN_LIMIT:
-                self._seen.clear()
-            self._seen[host] = known
-        return known
+        if host in self.known:
+            return True
+        if host in self._refused:
+            return False
+        allowed = self.allows_name(hostname(host))
+        seen = self.known if allowed else self._refused
+        if len(seen) >= SEEN_LIMIT:
+            seen.clear()
+        seen.add(host)
+        return allowed
 
     def allows_name(self, name: bytes) -> bool:
         """A lower-case host name without its port (an IPv6 address in brackets)."""

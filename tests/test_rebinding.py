@@ -143,8 +143,12 @@ def test_the_decision_cache_is_bounded() -> None:
     policy = for_listen(None, "127.0.0.1")
     for i in range(SEEN_LIMIT * 3):
         assert not policy.allows(b"n%d.evil.example.com" % i)
-    assert len(policy._seen) <= SEEN_LIMIT
+        assert policy.allows(b"localhost:%d" % i)
+    assert len(policy._refused) <= SEEN_LIMIT
+    assert len(policy.known) <= SEEN_LIMIT
+    assert b"localhost:1" not in policy.known
     assert policy.allows(b"localhost:1")
+    assert not policy.allows(b"n1.evil.example.com")
 
 
 # --- config ---------------------------------------------------------------------------------------
