@@ -29,6 +29,7 @@ from mcpbalancer.dataplane.tls import backend_contexts
 from mcpbalancer.errors import BackendStartError, ConfigError, ListenError
 from mcpbalancer.failover import Failover
 from mcpbalancer.health import HealthChecker, HttpProbe
+from mcpbalancer.hosts import HostPolicy, for_listen
 from mcpbalancer.lifecycle import Changes, Fleet
 from mcpbalancer.logs import AccessLog, SessionHasher, access_enabled
 from mcpbalancer.managed import ManagedBackends
@@ -55,6 +56,22 @@ def _shared_affinity(config: Config) -> SharedAffinity | None:
     return SharedAffinity.from_url(config.store, prefix=config.store_prefix)
 
 
+def _host_policy(config: Config) -> HostPolicy:
+    """`allowed_hosts` for the listen address, with a warning when it is open or left to the default
+    on an address other machines reach."""
+    policy = for_listen(config.allowed_hosts, config.listen_host)
+    if policy.any:
+        log.warning("allowed_hosts: '*' accepts every Host: DNS-rebinding protection is off")
+    elif config.allowed_hosts is None and policy.ip_literals:
+        log.warning(
+            "listen %s is not a loopback address and allowed_hosts is not set: only IP addresses and "
+            "%s are accepted as Host (others get 421); list the names clients use in allowed_hosts",
+            config.listen_host,
+            ", ".join(policy.patterns),
+        )
+    return policy
+
+
 def _unchanged(config: Config) -> Config:
     return config
 
@@ -71,6 +88,7 @@ class Proxy:
         access_stream: TextIO | None = None,
         adjust: Callable[[Config], Config] | None = None,
         session_tag_key: bytes | None = None,
+        worker: int | None = None,
     ) -> None:
         self.config = config
         # What the command line changed in `config` (--log-level, --workers, a worker's admin port),
@@ -124,7 +142,7 @@ class Proxy:
             refuse_new=self._store_down if config.on_store_error == "fail" else None,
         )
         self.health = HealthChecker(config.health, self.fleet.set_status, self._probe, metrics=self.metrics)
-        self._observability(config, access_stream, session_tag_key)
+        self._observability(config, access_stream, session_tag_key, worker)
         if self.control is not None:
             AdminApi(self.fleet, self.health.last_check, self.reload, self.health.reasons).install(
                 self.control.app
@@ -193,9 +211,15 @@ class Proxy:
         return urls + running
 
     def _observability(
-        self, config: Config, access_stream: TextIO | None, session_tag_key: bytes | None
+        self,
+        config: Config,
+        access_stream: TextIO | None,
+        session_tag_key: bytes | None,
+        worker: int | None,
     ) -> None:
-        self.readiness = Readiness(lambda: self.router.backends, self.store.ping)
+        self.readiness = Readiness(
+            lambda: self.router.backends, self.store.ping, store_required=config.on_store_error == "fail"
+        )
         self.access_log = (
             AccessLog(
                 access_stream or sys.stdout,
@@ -203,6 +227,7 @@ class Proxy:
                 # Workers share one key, so a session reads the same in every worker's lines.
                 hasher=SessionHasher(session_tag_key) if session_tag_key is not None else None,
                 shared=config.workers > 1,
+                worker=worker,  # a worker process: its index in every line, as in the event lines
             )
             if access_enabled(config.log)
             else None
@@ -235,6 +260,7 @@ class Proxy:
             except BackendStartError:
                 await self.store.close()
                 raise
+        await self._check_store()
         loop = asyncio.get_running_loop()
         self._plane = DataPlane(
             self.router,
@@ -247,6 +273,7 @@ class Proxy:
             access_log=self.access_log,
             local=self._local,
             allowed_origins=self.config.allowed_origins,
+            hosts=_host_policy(self.config),
         )
         self._plane.on_backend_failure = self.health.passive
         self.fleet.on_evict = self._plane.abort_streams
@@ -284,6 +311,21 @@ class Proxy:
         control = self.control
         admin = "" if control is None else f"; admin on {host_port(control.host, control.port)}"
         log.info("listening on %s with %d backends%s", self.url, len(self.backends), admin)
+
+    async def _check_store(self) -> None:
+        """Ping a shared store before serving: an unreachable one is a warning now, not at the first
+        session. The proxy starts either way (Redis may be starting too, and /readyz says what the
+        outage means); with `fail` it refuses new sessions until the store answers."""
+        if not isinstance(self.store, CachedStore):
+            return
+        problem = await self.store.check()
+        if problem is None:
+            return
+        if self.config.on_store_error == "fail":
+            outcome = "new sessions are refused (503) until it answers (on_store_error: fail)"
+        else:
+            outcome = "new sessions are bound locally and written to it once it answers"
+        log.warning("session store unreachable at start-up: %s; %s", problem, outcome)
 
     def _store_down(self) -> bool:
         return isinstance(self.store, CachedStore) and self.store.degraded

@@ -178,6 +178,9 @@ class Config:
     # Exact origins ("https://app.example") allowed to call cross-origin, or "*"; empty = only
     # requests without Origin or whose Origin names the request's Host.
     allowed_origins: tuple[str, ...] = ()
+    # Host names (exact, or globs with * and ?; "*" = any) the proxy answers for; None = not set:
+    # the loopback names on a loopback `listen`, else those and IP addresses (hosts.for_listen).
+    allowed_hosts: tuple[str, ...] | None = None
     # Header whose value a session is bound to (lower-case), e.g. "authorization"; None = off.
     bind_sessions: str | None = None
     session_binding_key: str | None = None  # HMAC key of the binding; random per process if None
@@ -210,6 +213,7 @@ _TOP_KEYS: Final = (
     "validate_headers",
     "failover",
     "allowed_origins",
+    "allowed_hosts",
     "bind_sessions",
     "session_binding_key",
     "on_store_error",
@@ -334,6 +338,7 @@ def _config(top: _Section, source: str) -> Config:
         validate_headers=top.boolean("validate_headers", False),
         failover=top.choice("failover", FAILOVER_MODES, "reinitialize"),
         allowed_origins=top.read("allowed_origins", _as_origins, []),
+        allowed_hosts=top.read("allowed_hosts", _as_hosts, None),
         **_binding(top),
         on_store_error=top.choice("on_store_error", STORE_ERROR_MODES, "degrade"),
         workers=top.integer("workers", 1, ge=1, le=MAX_WORKERS),
@@ -829,6 +834,28 @@ def _as_origins(raw: object) -> tuple[str, ...]:
             )
         origins.append(value.lower())
     return tuple(origins)
+
+
+_HOST_NAME = re.compile(r"\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_.*?-]+", re.ASCII)
+
+
+def _as_hosts(raw: object) -> tuple[str, ...] | None:
+    """`allowed_hosts`: a list of "*", host names or globs of them (no port: any port matches).
+    Absent or empty: None, the default for the listen address."""
+    if raw is None or raw == []:
+        return None
+    if not isinstance(raw, list):
+        raise ValueError(f"must be a list of host names, got {_describe(raw)}")
+    hosts = []
+    for item in raw:
+        value = _as_string(item)
+        if not _HOST_NAME.fullmatch(value):
+            raise ValueError(
+                "entries must be '*', a host name, a glob like '*.example.com' or an IPv6 address in "
+                f"brackets, without a port (any port matches), got {value!r}"
+            )
+        hosts.append(value.lower())
+    return tuple(hosts)
 
 
 def _split_host_port(value: str) -> tuple[str, int]:
