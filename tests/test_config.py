@@ -403,7 +403,7 @@ def test_unknown_key_lists_every_allowed_key() -> None:
     assert text.endswith(
         "heartbeat, backends, timeouts, limits, admin, metrics, log, health, shutdown_timeout, "
         "pools, routes, affinity, validate_headers, failover, allowed_origins, bind_sessions, "
-        "session_binding_key, on_store_error, workers"
+        "session_binding_key, on_store_error, workers; did you mean `listen`?"
     )
 
 
