@@ -5,7 +5,7 @@
 - file.py: the file's top level, backend entries and routes, with the checks across keys;
 - runtime.py: Config, BackendConfig, RouteConfig, what the rest of the proxy reads;
 - build.py: a validated file → Config; the worker checks after command-line overrides;
-- loading.py: YAML, and pydantic's errors as `FILE: key.path: problem`.
+- loading.py: YAML, ${NAME} references, and pydantic's errors as `FILE: key.path: problem`.
 
 Every error is a ConfigError reading `FILE: key.path: what is wrong`.
 """

@@ -195,7 +195,8 @@ class RouteEntry(Section):
 
 @dataclass(frozen=True, slots=True, kw_only=True, config=MODEL)
 class ConfigFile(Section):
-    """mcpbalancer configuration. Every key except `backends` is optional."""
+    """mcpbalancer configuration. Every key except `backends` is optional. String values may name
+    environment variables as ${NAME} ($${ for a literal ${)."""
 
     listen: HostPort = Field(
         default="127.0.0.1:8080",
@@ -281,8 +282,8 @@ class ConfigFile(Section):
     )
     session_binding_key: BindingKey | None = Field(
         default=None,
-        description="HMAC key of the binding, at least 16 characters of random secret. Default: random "
-        "per process; required with a Redis store.",
+        description="HMAC key of the binding, at least 16 characters of random secret (${NAME} keeps it "
+        "out of the file). Default: random per process; required with a Redis store.",
     )
     on_store_error: StoreErrorMode = Field(
         default="degrade",

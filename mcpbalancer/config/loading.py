@@ -1,5 +1,5 @@
-"""Reading a configuration: the YAML file, the models, and the one place where pydantic's errors
-become ours, `FILE: key.path: what is wrong`, one line per problem."""
+"""Reading a configuration: the YAML file, ${NAME} references, the models, and the one place where
+pydantic's errors become ours, `FILE: key.path: what is wrong`, one line per problem."""
 
 from __future__ import annotations
 
@@ -21,10 +21,15 @@ from mcpbalancer.errors import ConfigError
 
 FILE: Final = TypeAdapter(ConfigFile)
 
+# `$${` is a literal `${`; any other `$` is itself. A reference is ${NAME}, nothing more (no defaults,
+# no nesting): a secret either is in the environment or the file is refused.
+_REFERENCE = re.compile(r"\$\$\{|\$\{(?P<name>[^}]*)(?P<end>\}?)")
+_VARIABLE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*", re.ASCII)
+
 Loc = tuple[str | int, ...]
 
 
-def load_config(path: str | os.PathLike[str]) -> Config:
+def load_config(path: str | os.PathLike[str], environ: Mapping[str, str] | None = None) -> Config:
     source = os.fspath(path)
     try:
         with open(source, encoding="utf-8") as fh:
@@ -35,21 +40,57 @@ def load_config(path: str | os.PathLike[str]) -> Config:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         raise ConfigError(f"{source}: {_yaml_problem(exc)}") from None
-    return parse_config(data, source)
+    return parse_config(data, source, environ)
 
 
-def parse_config(data: object, source: str = "<config>") -> Config:
-    """`data` as YAML loads it → Config."""
+def parse_config(data: object, source: str = "<config>", environ: Mapping[str, str] | None = None) -> Config:
+    """`data` as YAML loads it → Config. ${NAME} in string values is replaced from `environ`
+    (os.environ by default)."""
     if data is None:
         raise ConfigError(f"{source}: the configuration is empty; at least `backends` is required")
     if not isinstance(data, Mapping):
         raise ConfigError(f"{source}: the top level must be a mapping of settings, got {describe(data)}")
+    problems: list[str] = []
+    data = _substitute(data, (), os.environ if environ is None else environ, problems)
+    if problems:
+        raise ConfigError("\n".join(f"{source}: {problem}" for problem in problems))
     try:
         file = FILE.validate_python(data)
     except ValidationError as exc:
         lines = [f"{source}: {_problem(data, error)}" for error in _own(exc.errors(include_url=False))]
         raise ConfigError("\n".join(lines)) from None
     return check_workers(build(file, source))
+
+
+# --- ${NAME} ---------------------------------------------------------------------------------------
+
+
+def _substitute(node: Any, at: Loc, environ: Mapping[str, str], problems: list[str]) -> Any:
+    """`node` with references in its string values replaced. Keys are left alone, and a value from the
+    environment is never parsed as YAML: it cannot add structure to the file."""
+    if isinstance(node, str):
+        return _REFERENCE.sub(lambda m: _value(m, at, environ, problems), node) if "${" in node else node
+    if isinstance(node, Mapping):
+        return {key: _substitute(value, (*at, key), environ, problems) for key, value in node.items()}
+    if isinstance(node, list):
+        return [_substitute(item, (*at, i), environ, problems) for i, item in enumerate(node)]
+    return node
+
+
+def _value(match: re.Match[str], at: Loc, environ: Mapping[str, str], problems: list[str]) -> str:
+    name = match["name"]
+    if name is None:
+        return "${"
+    where = _path(None, at)
+    if not match["end"]:
+        problems.append(f"{where}: an unclosed ${{ (write $${{ for a literal ${{)")
+    elif not _VARIABLE.fullmatch(name):
+        problems.append(f"{where}: ${{{name}}} is not a variable name (letters, digits and _)")
+    elif name not in environ:
+        problems.append(f"{where}: environment variable {name} is not set")
+    else:
+        return environ[name]
+    return match[0]
 
 
 # --- pydantic's errors → ours ----------------------------------------------------------------------
