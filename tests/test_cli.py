@@ -148,6 +148,13 @@ async def test_check_resolves_references_from_the_process_environment(tmp_path: 
     assert err == f"mcpbalancer: invalid configuration: {config}: {problem}\n"
 
 
+async def test_without_config_or_a_command_it_exits_2_with_usage() -> None:
+    status, out, err = await run(sys.executable, "-m", "mcpbalancer")
+    assert (status, out) == (2, "")
+    assert "usage: mcpbalancer" in err
+    assert "required: --config" in err
+
+
 # --- serving -------------------------------------------------------------------------------------
 
 

@@ -5,7 +5,8 @@
 - file.py: the file's top level, backend entries and routes, with the checks across keys;
 - runtime.py: Config, BackendConfig, RouteConfig, what the rest of the proxy reads;
 - build.py: a validated file → Config; the worker checks after command-line overrides;
-- loading.py: YAML, ${NAME} references, and pydantic's errors as `FILE: key.path: problem`.
+- loading.py: YAML, ${NAME} references, and pydantic's errors as `FILE: key.path: problem`;
+- schema.py: the JSON Schema of the file (`mcpbalancer schema`, config/schema.json).
 
 Every error is a ConfigError reading `FILE: key.path: what is wrong`.
 """

@@ -1,8 +1,9 @@
 """The top level of the configuration file, its backend entries and its routes.
 
 Their shape is the file's, not the proxy's (`listen` is one "host:port" string, a managed entry
-stands for `replicas` backends): build.py turns a validated ConfigFile into a runtime.Config. The
-checks across keys are here, as model validators, so that nothing invalid gets that far.
+stands for `replicas` backends): build.py turns a validated ConfigFile into a runtime.Config, and
+schema.py derives the JSON Schema from it. The checks across keys are here, as model validators, so
+that nothing invalid gets that far.
 """
 
 from __future__ import annotations

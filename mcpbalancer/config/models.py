@@ -1,11 +1,11 @@
 """The configuration's building blocks: scalar types as YAML gives them, the base of every section,
 and the sections the proxy reads as they are.
 
-Each key is written once, with its type, range, default and description: the validation and the
-defaults the proxy runs with come from there. A value is checked by its type and by the pure
-functions of checks.py; a check across keys is a model validator raising `invalid(at, problem)`,
-where `at` is the key path below the model. loading.py turns pydantic's errors into
-`FILE: key.path: problem`.
+Each key is written once, with its type, range, default and description: the validation, the
+defaults the proxy runs with and the JSON Schema (schema.py) come from there. A value is checked by
+its type and by the pure functions of checks.py; a check across keys is a model validator raising
+`invalid(at, problem)`, where `at` is the key path below the model. loading.py turns pydantic's
+errors into `FILE: key.path: problem`.
 
 The sections whose shape is also what the proxy reads (timeouts, limits, health, metrics, log,
 affinity) are frozen, slotted dataclasses used as they are. The others (the top level, a backend
