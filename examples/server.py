@@ -2,12 +2,16 @@
 
     python examples/server.py [--name NAME] [--host 127.0.0.1] [--port 0]
 
-It serves MCP over Streamable HTTP on ``/mcp``. A legacy (session) client gets an ``Mcp-Session-Id``
-and its state lives in this process's memory, which is why every request of a session must reach
-this very process: the job mcpbalancer does. Tools:
+It serves MCP over Streamable HTTP on ``/mcp``, in both protocol eras. A legacy (session) client
+gets an ``Mcp-Session-Id`` and its state lives in this process's memory, which is why every request
+of a session must reach this very process: the job mcpbalancer does. A 2026-07-28 client (the mcp
+SDK's default) has no session: each request stands alone and may reach any instance. Tools:
 
-- ``whoami()``: which instance answered (``--name``, the process id and the port).
+- ``whoami()``: which instance answered (``--name``, the process id and the port) and which era it
+  served: ``demo-2 (pid 41, port 40123): legacy session, protocol 2025-11-25`` or ``demo-1 (pid 40,
+  port 40122): stateless 2026-07-28 request``.
 - ``count()``: a counter per session (1, 2, 3, ...); a new session, or a new process, starts at 1.
+  A stateless 2026-07-28 request has no session to count in, so it always answers 1.
 - ``add(a, b)``: a + b, a stateless tool.
 
 The server binds its socket itself (``--port 0``, the default, lets the system pick a free port) and
@@ -30,15 +34,16 @@ os.environ.setdefault("FASTMCP_CHECK_FOR_UPDATES", "off")
 
 import uvicorn
 from fastmcp import Context, FastMCP
+from mcp_types.version import MODERN_PROTOCOL_VERSIONS
 
 
 def build_server(name: str, port: int) -> FastMCP:
     mcp: FastMCP = FastMCP(f"example-{name}")
 
     @mcp.tool
-    def whoami() -> str:
-        """Which instance answered: its name, process id and port."""
-        return f"{name} (pid {os.getpid()}, port {port})"
+    def whoami(ctx: Context) -> str:
+        """Which instance answered (its name, process id and port) and in which protocol era."""
+        return f"{name} (pid {os.getpid()}, port {port}): {era(ctx)}"
 
     @mcp.tool
     async def count(ctx: Context) -> int:
@@ -53,6 +58,13 @@ def build_server(name: str, port: int) -> FastMCP:
         return a + b
 
     return mcp
+
+
+def era(ctx: Context) -> str:
+    version = ctx.session.protocol_version
+    if version in MODERN_PROTOCOL_VERSIONS:
+        return f"stateless {version} request"
+    return f"legacy session, protocol {version}"
 
 
 class _Server(uvicorn.Server):

@@ -25,6 +25,7 @@ from mcpbalancer.control.admin import AdminApi
 from mcpbalancer.control.probes import Readiness, local_endpoints
 from mcpbalancer.control.server import ControlServer
 from mcpbalancer.dataplane.plane import DataPlane
+from mcpbalancer.dataplane.tls import backend_contexts
 from mcpbalancer.errors import BackendStartError, ConfigError, ListenError
 from mcpbalancer.failover import Failover
 from mcpbalancer.health import HealthChecker, HttpProbe
@@ -77,7 +78,9 @@ class Proxy:
         self._adjust = adjust or _unchanged
         # An explicit argument wins over the config's `shutdown_timeout` (and over its reloads).
         self._shutdown_override = shutdown_timeout
-        self.fleet = Fleet(config.backends, connect_timeout=config.timeouts.connect)
+        self.fleet = Fleet(
+            config.backends, connect_timeout=config.timeouts.connect, contexts=backend_contexts(config)
+        )
         self.backends = self.fleet.backends
         self._probe = HttpProbe(lambda: self.health.config)
         self.metrics = Metrics(registry or CollectorRegistry(), lambda: self.router.backends, runtime=True)
@@ -135,10 +138,12 @@ class Proxy:
     def reload(self) -> Changes:
         """Re-read the config file and apply its backends and health settings.
 
-        Raises ConfigError (and changes nothing) when the file is invalid.
+        Raises ConfigError (and changes nothing) when the file is invalid or a TLS file of it
+        cannot be used.
         """
         try:
             new = self._adjust(load_config(self.config.source))
+            contexts = backend_contexts(new)  # TLS files read again: a renewed certificate is used
         except ConfigError as exc:
             log.error("reload rejected, running configuration kept: %s", exc)
             raise
@@ -146,7 +151,7 @@ class Proxy:
             if f.name not in RELOADABLE and getattr(new, f.name) != getattr(self.config, f.name):
                 log.warning("reload: `%s` changed; it takes effect after a restart", f.name)
         backends = self._keep_managed(new.backends)
-        changes = self.fleet.apply(backends)
+        changes = self.fleet.apply(backends, contexts)
         self.health.reconfigure(new.health)
         self.health.forget(b.name for b in self.backends)
         self.config = dataclasses.replace(

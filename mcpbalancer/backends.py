@@ -6,6 +6,7 @@ connections; the data plane keeps its connection pools keyed by backend name.
 
 from __future__ import annotations
 
+import ssl
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Final
@@ -28,6 +29,10 @@ class Backend:
     tls: bool = False
     path_prefix: bytes = b""
     eras: frozenset[Era] = BOTH_ERAS  # legacy: takes sessions; modern: takes 2026-07-28 requests
+    # An https backend's TLS: the one context its traffic, probes and failover all use (dataplane/
+    # tls.py), and the name sent as SNI and verified when it is not `host`.
+    ssl_context: ssl.SSLContext | None = None
+    server_name: str | None = None
     up: bool = True
     draining: bool = False
     evicted: bool = False  # drain_timeout passed: its sessions answer 404

@@ -17,10 +17,11 @@ import sys
 from collections.abc import Callable, Coroutine, Sequence
 from typing import Any
 
-from mcpbalancer import __version__
+from mcpbalancer import __version__, healthcheck
 from mcpbalancer.app import Proxy
 from mcpbalancer.config import LOG_LEVELS, Config, admin_of_worker, check_workers, host_port, load_config
 from mcpbalancer.config.schema import schema_text
+from mcpbalancer.dataplane.tls import backend_contexts
 from mcpbalancer.errors import BackendStartError, ConfigError, ListenError
 from mcpbalancer.logs import configure_logging
 from mcpbalancer.supervisor import (
@@ -44,8 +45,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         choices=["schema"],
         help="schema: print the JSON Schema of the configuration file and exit",
     )
-    parser.add_argument("--config", "-c", help="YAML configuration file (required to run or --check)")
+    parser.add_argument("--config", "-c", help="YAML configuration file (required, except for `schema`)")
     parser.add_argument("--check", action="store_true", help="validate the configuration and exit")
+    parser.add_argument(
+        "--healthcheck",
+        action="store_true",
+        help="exit 0 if the proxy of this configuration answers /healthz (admin listener, else listen)",
+    )
     parser.add_argument(
         "--log-level", choices=LOG_LEVELS, help="overrides `log.level` of the configuration (default info)"
     )
@@ -97,8 +103,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"mcpbalancer: invalid configuration: {exc}", file=sys.stderr)
         return 2
+    if args.healthcheck:
+        return _healthcheck(config)
     configure_logging(config.log, worker=args.worker_index)
     if args.check:
+        try:
+            backend_contexts(config)  # the CA, certificate and key files are read and used
+        except ConfigError as exc:
+            print(f"mcpbalancer: invalid configuration: {exc}", file=sys.stderr)
+            return 2
         workers = f"{config.workers} worker{'s' if config.workers > 1 else ''}"
         backends = f"{len(config.backends)} backend{'s' if len(config.backends) != 1 else ''}"
         print(f"{config.source}: OK ({backends}, {workers})")
@@ -106,6 +119,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     if config.workers > 1 and args.worker_index is None:
         return _supervise(config, args, adjust)
     return _run(serve(config, adjust=adjust, ready_fd=args.ready_fd, session_tag_key=_tag_key(args)))
+
+
+def _healthcheck(config: Config) -> int:
+    problem = healthcheck.check(config)
+    if problem is not None:
+        print(f"mcpbalancer: health check failed: {problem}", file=sys.stderr)
+        return 1
+    return 0
 
 
 def _overrides(args: argparse.Namespace) -> Callable[[Config], Config]:
@@ -166,7 +187,11 @@ async def serve(
     ready_fd: int | None = None,
     session_tag_key: bytes | None = None,
 ) -> int:
-    proxy = Proxy(config, adjust=adjust, session_tag_key=session_tag_key)
+    try:
+        proxy = Proxy(config, adjust=adjust, session_tag_key=session_tag_key)
+    except ConfigError as exc:  # a TLS file named by the config cannot be read or used
+        print(f"mcpbalancer: invalid configuration: {exc}", file=sys.stderr)
+        return 2
     try:
         await proxy.start()
     except (BackendStartError, ListenError) as exc:

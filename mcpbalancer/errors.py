@@ -20,7 +20,9 @@
           └── GatewayTimeout          504
 
 Every ProxyError is rendered by `render_error`: a complete HTTP/1.1 response whose body is a
-JSON-RPC error object, because MCP clients parse the body of a failed POST as JSON-RPC.
+JSON-RPC error object, because MCP clients parse the body of a failed POST as JSON-RPC. Status lines
+carry the reason phrase as RFC 9110 spells it (`reason_phrase`), and a message that names the status
+("Bad Request: ...") names it the same way.
 """
 
 from __future__ import annotations
@@ -28,7 +30,20 @@ from __future__ import annotations
 import json
 from functools import cache
 from http import HTTPStatus
-from typing import ClassVar
+from typing import ClassVar, Final
+
+# The phrases RFC 9110 renamed; Python's HTTPStatus has the new ones only from 3.13 on.
+_RFC9110_PHRASES: Final = {
+    413: "Content Too Large",
+    414: "URI Too Long",
+    416: "Range Not Satisfiable",
+    422: "Unprocessable Content",
+}
+
+
+def reason_phrase(status: int) -> str:
+    """The reason phrase of `status` as RFC 9110 §15 spells it ("Bad Request", "Not Found")."""
+    return _RFC9110_PHRASES.get(status) or HTTPStatus(status).phrase
 
 
 class MCPBalancerError(Exception):
@@ -84,7 +99,7 @@ class Denied(ProxyError):
 @cache
 def denied(status: int) -> type[Denied]:
     """The Denied class answering `status` (a 4xx), made once per status."""
-    attrs = {"status": status, "reason": HTTPStatus(status).phrase}
+    attrs = {"status": status, "reason": reason_phrase(status)}
     return type(f"Denied{status}", (Denied,), attrs)
 
 
@@ -97,20 +112,20 @@ class RequestTimeout(ProxyError):
 
 
 class PayloadTooLarge(ProxyError):
-    status, reason, rpc_code, default_message = 413, "Payload Too Large", -32600, "Request body too large"
+    status, reason, rpc_code, default_message = 413, "Content Too Large", -32600, "Request body too large"
 
 
 class HeadersTooLarge(ProxyError):
     status, reason = 431, "Request Header Fields Too Large"
-    rpc_code, default_message = -32600, "Request header fields too large"
+    rpc_code, default_message = -32600, "Request Header Fields Too Large"
 
 
 class NotImplementedMethod(ProxyError):
-    status, reason, rpc_code, default_message = 501, "Not Implemented", -32600, "Not implemented"
+    status, reason, rpc_code, default_message = 501, "Not Implemented", -32600, "Not Implemented"
 
 
 class BadGateway(ProxyError):
-    status, reason, rpc_code, default_message = 502, "Bad Gateway", -32603, "Bad gateway"
+    status, reason, rpc_code, default_message = 502, "Bad Gateway", -32603, "Bad Gateway"
 
 
 class NoBackendAvailable(ProxyError):
@@ -122,7 +137,7 @@ class NoBackendAvailable(ProxyError):
 
 
 class GatewayTimeout(ProxyError):
-    status, reason, rpc_code, default_message = 504, "Gateway Timeout", -32603, "Gateway timeout"
+    status, reason, rpc_code, default_message = 504, "Gateway Timeout", -32603, "Gateway Timeout"
 
 
 def error_body(err: ProxyError) -> bytes:

@@ -20,7 +20,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
-from typing import TYPE_CHECKING, Final
+from typing import TYPE_CHECKING, Any, Final
 
 import aiohttp
 
@@ -49,6 +49,11 @@ def _bound(router: Router, facts: RequestFacts) -> dict[str, str]:
     if router.binder is None or facts.credential is None:
         return {}
     return {router.binder.header.decode("ascii"): facts.credential.decode("latin-1")}
+
+
+def _tls(backend: Backend) -> dict[str, Any]:
+    """The replayed requests speak TLS as the backend's traffic does: with its one context."""
+    return {"ssl": backend.ssl_context or True, "server_hostname": backend.server_name}
 
 
 class Failover:
@@ -149,7 +154,7 @@ class Failover:
         url = f"{scheme}://{backend.host_header.decode()}{(backend.path_prefix + target).decode('latin-1')}"
         headers = {"Content-Type": "application/json", "Accept": _ACCEPT, **bound}
         try:
-            async with http.post(url, data=body, headers=headers) as resp:
+            async with http.post(url, data=body, headers=headers, **_tls(backend)) as resp:
                 await resp.read()
                 new_sid = resp.headers.get("Mcp-Session-Id", "").encode("latin-1")
                 if not 200 <= resp.status < 300 or not protocol.valid_session_id(new_sid):
@@ -157,7 +162,7 @@ class Failover:
             headers["Mcp-Session-Id"] = new_sid.decode("ascii")
             if version is not None:
                 headers["MCP-Protocol-Version"] = version.decode("latin-1")
-            async with http.post(url, data=_INITIALIZED, headers=headers) as resp:
+            async with http.post(url, data=_INITIALIZED, headers=headers, **_tls(backend)) as resp:
                 await resp.read()
                 if not 200 <= resp.status < 300:
                     raise _ReplayFailed(f"notifications/initialized answered {resp.status}")

@@ -38,7 +38,8 @@ log = logging.getLogger(__name__)
 OK, FAIL, TIMEOUT, REFUSED = "ok", "fail", "timeout", "refused"
 # Passive failure kinds reported by the data plane.
 HARD_FAILURES = frozenset({"refused", "reset"})  # the process is gone: down at once
-SOFT_FAILURES = frozenset({"timeout", "5xx"})  # the process may be slow: counts toward `fall`
+# The process may be slow, or (tls) answers with a certificate we refuse: counts toward `fall`.
+SOFT_FAILURES = frozenset({"timeout", "5xx", "tls"})
 
 OFF_RECHECK = 1.0
 MODERN_VERSION = "2026-07-28"
@@ -223,7 +224,12 @@ class HttpProbe:
     async def __call__(self, backend: Backend) -> str:
         try:
             async with self._http().post(
-                self.url(backend), data=DISCOVER_BODY, headers=DISCOVER_HEADERS
+                self.url(backend),
+                data=DISCOVER_BODY,
+                headers=DISCOVER_HEADERS,
+                # The backend's own context, the one its traffic uses (aiohttp's default otherwise).
+                ssl=backend.ssl_context or True,
+                server_hostname=backend.server_name,
             ) as resp:
                 await resp.read()
                 return OK if resp.status < 500 else FAIL

@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable, Iterable
+import ssl
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from mcpbalancer.backends import Backend, BackendSet
-from mcpbalancer.config import BackendConfig
+from mcpbalancer.config import BackendConfig, TlsConfig
 from mcpbalancer.dataplane.upstream import UpstreamPool
 from mcpbalancer.protocol import Era
 
@@ -31,7 +32,7 @@ class Changes:
         return {"added": self.added, "removed": self.removed, "updated": self.updated}
 
 
-def _backend(config: BackendConfig) -> Backend:
+def _backend(config: BackendConfig, contexts: Mapping[str, ssl.SSLContext]) -> Backend:
     return Backend(
         name=config.name,
         host=config.host,
@@ -41,24 +42,45 @@ def _backend(config: BackendConfig) -> Backend:
         path_prefix=config.path_prefix.encode("ascii"),
         eras=frozenset(Era(era) for era in config.eras),
         up=config.command is None,  # a managed backend is up once its process serves
+        ssl_context=_context(config, contexts.get(config.name)),
+        server_name=config.tls.server_name if config.tls is not None else None,
     )
 
 
-class Fleet:
-    """Owns the BackendSet, the upstream pools, and the drain timers."""
+def _context(config: BackendConfig, context: ssl.SSLContext | None) -> ssl.SSLContext | None:
+    """The backend's TLS context; an https backend without one would be spoken to in plain text."""
+    if config.tls is not None and context is None:
+        raise ValueError(f"backend {config.name} is https but was given no TLS context")
+    return context
 
-    def __init__(self, configs: Iterable[BackendConfig], *, connect_timeout: float) -> None:
+
+class Fleet:
+    """Owns the BackendSet, the upstream pools, and the drain timers.
+
+    `contexts` are the TLS client contexts of the https backends by name (dataplane/tls.py builds
+    them); a reload passes the ones built from the new file."""
+
+    def __init__(
+        self,
+        configs: Iterable[BackendConfig],
+        *,
+        connect_timeout: float,
+        contexts: Mapping[str, ssl.SSLContext] | None = None,
+    ) -> None:
         self._connect_timeout = connect_timeout
+        contexts = contexts or {}
         self.backends = BackendSet(())
         self.pools: dict[str, UpstreamPool] = {}
         self.on_evict: Callable[[Backend], None] = lambda backend: None
         self._timers: dict[str, asyncio.TimerHandle] = {}
         self._drain_timeouts: dict[str, float] = {}  # the drain_timeout each drain was started with
         self._pending_drains: dict[str, float] = {}  # drains from the config, armed at start()
+        self._tls: dict[str, TlsConfig | None] = {}  # the `tls` settings each backend runs with
         members = []
         for config in configs:
-            backend = _backend(config)
+            backend = _backend(config, contexts)
             self.pools[backend.name] = self._pool(backend)
+            self._tls[backend.name] = config.tls
             if config.drain:
                 backend.draining = True
                 self._pending_drains[backend.name] = config.drain_timeout
@@ -129,20 +151,24 @@ class Fleet:
 
     # -- reload -----------------------------------------------------------------------------------
 
-    def apply(self, configs: Iterable[BackendConfig]) -> Changes:
+    def apply(
+        self, configs: Iterable[BackendConfig], contexts: Mapping[str, ssl.SSLContext] | None = None
+    ) -> Changes:
         """Make the running backends match `configs`; the file is the source of truth."""
+        contexts = contexts or {}
         changes = Changes()
         members = []
         for config in configs:
             backend = self.backends.get(config.name)
             if backend is None:
-                backend = _backend(config)
+                backend = _backend(config, contexts)
                 old = self.pools.get(backend.name)  # a pool left by an earlier removal
                 if old is not None:
                     old.close()
                 self.pools[backend.name] = self._pool(backend)
+                self._tls[backend.name] = config.tls
                 changes.added.append(backend.name)
-            elif config.command is None and self._update(backend, config):
+            elif config.command is None and self._update(backend, config, contexts.get(config.name)):
                 # (A managed backend's address is its process's; managed.py moves it.)
                 changes.updated.append(backend.name)
             if config.drain and backend.draining:
@@ -163,15 +189,22 @@ class Fleet:
         self.backends.replace(members)
         return changes
 
-    def _update(self, backend: Backend, config: BackendConfig) -> bool:
+    def _update(self, backend: Backend, config: BackendConfig, context: ssl.SSLContext | None) -> bool:
+        context = _context(config, context)
         tls = config.scheme == "https"
         prefix = config.path_prefix.encode("ascii")
-        address = (config.host, config.port, tls, prefix)
+        address = (config.host, config.port, tls, prefix, config.tls)
         eras = frozenset(Era(era) for era in config.eras)
         changed = backend.weight != config.weight or backend.eras != eras
         backend.weight = config.weight
         backend.eras = eras
-        if address != (backend.host, backend.port, backend.tls, backend.path_prefix):
+        was = (backend.host, backend.port, backend.tls, backend.path_prefix, self._tls.get(backend.name))
+        # New connections use the context built from the file just read (its files read again); the
+        # idle ones were verified under the same settings and are kept unless the settings changed.
+        backend.ssl_context = context
+        backend.server_name = config.tls.server_name if config.tls is not None else None
+        self._tls[backend.name] = config.tls
+        if address != was:
             # Same name, so its sessions stay bound to it; new connections go to the new address.
             backend.set_address(config.host, config.port, tls)
             backend.path_prefix = prefix

@@ -53,7 +53,7 @@ STORE_BUCKETS: Final = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.0
 SESSION_END_REASONS: Final = ("delete", "expired", "backend_lost", "backend_404")
 FAILOVER_RESULTS: Final = ("moved", "failed")
 LOOKUP_RESULTS: Final = ("cache_hit", "store_hit", "miss")
-UPSTREAM_ERROR_KINDS: Final = ("connect", "reset", "timeout")
+UPSTREAM_ERROR_KINDS: Final = ("connect", "reset", "timeout", "tls")
 AFFINITY_KINDS: Final = ("tasks", "request_state")
 AFFINITY_RESULTS: Final = ("hit", "miss")
 # Why the proxy refused a request (or a connection) before routing it.
@@ -341,7 +341,7 @@ class Metrics:
             r,
             "mcpbalancer_upstream_errors_total",
             "Backend failures: connect (refused, unreachable), reset (closed or broken before the end of "
-            "the response), timeout (connect, response head, stream idle).",
+            "the response), timeout (connect, response head, stream idle), tls (handshake or certificate).",
             ("backend", "kind"),
         )
         self.client_disconnects = _Counter(

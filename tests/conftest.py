@@ -13,6 +13,7 @@ pytest_plugins = [
     "tests.fixtures.stub",
     "tests.fixtures.rawhttp",
     "tests.fixtures.mcp",
+    "tests.fixtures.tls",
 ]
 
 

@@ -65,10 +65,11 @@ async def store_spec(request: pytest.FixtureRequest) -> str:
     return str(server.url)
 
 
-async def redis_keys(url: str) -> list[str]:
+async def redis_keys(url: str, match: str = "mcpb:s:*") -> list[str]:
+    """The session keys in Redis (other keys, such as a proxy's liveness marker, come and go)."""
     client = redis.asyncio.Redis.from_url(url, decode_responses=True)
     try:
-        return [key async for key in client.scan_iter("*")]
+        return [key async for key in client.scan_iter(match)]
     finally:
         await client.aclose()
 

@@ -407,6 +407,25 @@ def test_unknown_key_lists_every_allowed_key() -> None:
     )
 
 
+@pytest.mark.parametrize(
+    ("data", "path", "closest"),
+    [
+        pytest.param(minimal(helth={"interval": 1}), "helth", "health", id="top"),
+        pytest.param(minimal(backends=[backend(wieght=2)]), "backends[0].wieght", "weight", id="backend"),
+        pytest.param(minimal(timeouts={"conect": 1}), "timeouts.conect", "connect", id="section"),
+        pytest.param(minimal(Store="memory"), "Store", "store", id="casing"),
+    ],
+)
+def test_unknown_key_suggests_the_closest_known_one(data: dict[str, Any], path: str, closest: str) -> None:
+    text = config_error(data)
+    assert text.startswith(f"cfg.yaml: {path}: unknown key; allowed: "), text
+    assert text.endswith(f"; did you mean `{closest}`?"), text
+
+
+def test_unknown_key_far_from_every_known_one_gets_no_suggestion() -> None:
+    assert "did you mean" not in config_error(minimal(colour="blue"))
+
+
 def test_store_password_is_not_echoed() -> None:
     text = config_error(minimal(store="mysql://user:hunter2@db:3306"))
     assert "hunter2" not in text

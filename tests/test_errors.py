@@ -75,7 +75,7 @@ ALL = [
     (BadRequest, 400, b"Bad Request", -32600),
     (Forbidden, 403, b"Forbidden", -32600),
     (SessionNotFound, 404, b"Not Found", -32600),
-    (PayloadTooLarge, 413, b"Payload Too Large", -32600),
+    (PayloadTooLarge, 413, b"Content Too Large", -32600),
     (HeadersTooLarge, 431, b"Request Header Fields Too Large", -32600),
     (NotImplementedMethod, 501, b"Not Implemented", -32600),
     (BadGateway, 502, b"Bad Gateway", -32603),

@@ -151,3 +151,49 @@ async def test_child_that_cannot_start_is_a_clear_error_and_exit_1(
     assert "cannot open model.bin" in text
     assert "Traceback" not in text
     assert not run.listening.done() or run.listening.exception() is not None
+
+
+def client_sections(output: str) -> dict[str, list[tuple[str, str]]]:
+    """examples/client.py's output: title line -> [(whoami, count), ...]."""
+    sections: dict[str, list[str]] = {}
+    for line in output.splitlines():
+        if not line.startswith(" "):
+            sections[line] = []
+        else:
+            sections[list(sections)[-1]].append(line.split(" -> ", 1)[1])
+    return {title: list(zip(answers[::2], answers[1::2], strict=True)) for title, answers in sections.items()}
+
+
+async def test_quick_start_client_shows_both_eras(tmp_path: Path, running: list[Running]) -> None:
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    assert ".venv/bin/python examples/client.py http://127.0.0.1:8080/mcp" in readme
+    run = await start(demo_copy(tmp_path), running)
+    async with asyncio.timeout(START_DEADLINE):
+        url = await run.listening
+    client = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "examples/client.py",
+        url + "/mcp",
+        "--calls",
+        "4",
+        cwd=ROOT,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    async with asyncio.timeout(START_DEADLINE):
+        out, err = await client.communicate()
+    assert client.returncode == 0, err.decode()
+    [(default_title, default), (legacy_title, legacy)] = client_sections(out.decode()).items()
+
+    # The SDK's default: 2026-07-28, no session, every request placed on its own.
+    assert default_title.endswith("negotiated 2026-07-28")
+    assert all(whoami.endswith("): stateless 2026-07-28 request") for whoami, _ in default)
+    assert [count for _, count in default] == ["1"] * 4
+    assert len({instance_of(whoami) for whoami, _ in default}) > 1
+
+    # mode="legacy": one session, one instance, the count going up.
+    assert legacy_title.endswith("negotiated 2025-11-25")
+    assert [count for _, count in legacy] == ["1", "2", "3", "4"]
+    [whoami] = {whoami for whoami, _ in legacy}
+    assert whoami.endswith("): legacy session, protocol 2025-11-25")
+    assert f"(pid {run.children[instance_of(whoami)]}," in whoami

@@ -31,7 +31,7 @@ from tests.fixtures.redis import RedisServer
 from tests.mcp_helpers import call_tool, open_session, recorded_client, text_of, wait_until
 
 DEADLINE = 15.0
-EXIT_DEADLINE = 5.0
+EXIT_DEADLINE = 20.0  # the supervisor and its workers exit; slow only on a loaded machine
 REQUESTS = re.compile(r"^mcpbalancer_requests_total\{[^}]*\} (\S+)$", re.MULTILINE)
 
 

@@ -34,7 +34,14 @@ from mcpbalancer.config.models import (
     MetricsConfig,
     TimeoutsConfig,
 )
-from mcpbalancer.config.runtime import BackendConfig, Config, RouteConfig, admin_of_worker, host_port
+from mcpbalancer.config.runtime import (
+    BackendConfig,
+    Config,
+    RouteConfig,
+    TlsConfig,
+    admin_of_worker,
+    host_port,
+)
 from mcpbalancer.errors import ConfigError
 
 __all__ = [
@@ -63,6 +70,7 @@ __all__ = [
     "MetricsConfig",
     "RouteConfig",
     "TimeoutsConfig",
+    "TlsConfig",
     "admin_of_worker",
     "check_workers",
     "host_port",

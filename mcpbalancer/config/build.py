@@ -4,7 +4,7 @@ changed it (`--workers`)."""
 from __future__ import annotations
 
 from mcpbalancer.config.checks import split_backend_url, split_host_port
-from mcpbalancer.config.file import MANAGED_HOST, BackendEntry, ConfigFile, RouteEntry, RouteMatch
+from mcpbalancer.config.file import MANAGED_HOST, BackendEntry, ConfigFile, RouteEntry, RouteMatch, TlsSection
 from mcpbalancer.config.models import (
     MAX_WORKERS,
     AffinityConfig,
@@ -14,7 +14,7 @@ from mcpbalancer.config.models import (
     MetricsConfig,
     TimeoutsConfig,
 )
-from mcpbalancer.config.runtime import BackendConfig, Config, RouteConfig
+from mcpbalancer.config.runtime import BackendConfig, Config, RouteConfig, TlsConfig
 from mcpbalancer.errors import ConfigError
 
 
@@ -27,7 +27,7 @@ def build(file: ConfigFile, source: str) -> Config:
         session_ttl=file.session_ttl,
         balance=file.balance,
         heartbeat=file.heartbeat,
-        backends=tuple(backend for entry in file.backends for backend in _backends(entry)),
+        backends=tuple(backend for i, entry in enumerate(file.backends) for backend in _backends(entry, i)),
         timeouts=file.timeouts or TimeoutsConfig(),
         limits=file.limits or LimitsConfig(),
         store_prefix=file.store_prefix,
@@ -51,17 +51,25 @@ def build(file: ConfigFile, source: str) -> Config:
     )
 
 
-def _backends(entry: BackendEntry) -> list[BackendConfig]:
+def _backends(entry: BackendEntry, index: int) -> list[BackendConfig]:
     if entry.url is not None:
         scheme, host, port, path_prefix = split_backend_url(entry.url)
-        return [_backend(entry, entry.name, entry.url, scheme, host, port, path_prefix)]
+        tls = _tls(entry.tls or TlsSection(), f"backends[{index}].tls") if scheme == "https" else None
+        return [_backend(entry, entry.name, entry.url, scheme, host, port, path_prefix, tls)]
     # A managed entry (BackendEntry has exactly one of url and command): host and port are known
     # once the process is up.
-    return [_backend(entry, name, "", "http", MANAGED_HOST, 0, "") for name in entry.names]
+    return [_backend(entry, name, "", "http", MANAGED_HOST, 0, "", None) for name in entry.names]
 
 
 def _backend(
-    entry: BackendEntry, name: str, url: str, scheme: str, host: str, port: int, prefix: str
+    entry: BackendEntry,
+    name: str,
+    url: str,
+    scheme: str,
+    host: str,
+    port: int,
+    prefix: str,
+    tls: TlsConfig | None,
 ) -> BackendConfig:
     return BackendConfig(
         name,
@@ -75,6 +83,19 @@ def _backend(
         drain_timeout=entry.drain_timeout,
         eras=entry.eras,
         command=entry.command,
+        tls=tls,
+    )
+
+
+def _tls(section: TlsSection, at: str) -> TlsConfig:
+    """An https backend's `tls` (all defaults when the file has none), with its key path."""
+    return TlsConfig(
+        ca=section.ca,
+        server_name=section.server_name,
+        cert=section.cert,
+        key=section.key,
+        insecure_skip_verify=section.insecure_skip_verify,
+        at=at,
     )
 
 

@@ -23,6 +23,9 @@ BACKEND_NAME: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}", re.ASCII)
 BACKEND_NAME_RULE: Final = "1-64 letters, digits, '.', '_' or '-', starting with a letter or digit"
 # Mcp-Param-<Name>: the name part is an HTTP token without the characters headers may not carry.
 PARAM_NAME: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}", re.ASCII)
+# A DNS name or an IP address (v6 without brackets): what TLS verifies a certificate for.
+SERVER_NAME: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9.-]{0,252}|[0-9A-Fa-f:.]{2,45}", re.ASCII)
+SERVER_NAME_RULE: Final = "a host name or an IP address, such as 'mcp.internal'"
 HEADER_NAME: Final = re.compile(r"[A-Za-z0-9!#$%&'*+.^_`|~-]{1,64}", re.ASCII)
 HEADER_RULE: Final = "an HTTP header name such as 'authorization'"
 ORIGIN: Final = re.compile(r"(?:https?)://(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]+)(?::[0-9]{1,5})?", re.ASCII)

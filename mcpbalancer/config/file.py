@@ -40,6 +40,7 @@ from mcpbalancer.config.models import (
     Number,
     Origin,
     Section,
+    ServerName,
     StoreErrorMode,
     Text,
     TimeoutsConfig,
@@ -77,6 +78,38 @@ ParamName = Annotated[str, Field(pattern=f"^{PARAM_NAME.pattern}$")]
 Params = Annotated[dict[ParamName, str], BeforeValidator(checks.check_params)]
 Origins = Annotated[tuple[Origin, ...], BeforeValidator(_origin_list)]
 BindingKey = Annotated[str, Field(strict=True, min_length=16)]
+
+
+@dataclass(frozen=True, slots=True, config=MODEL)
+class TlsSection(Section):
+    """How the proxy speaks TLS to an https:// backend. By default it verifies the backend's
+    certificate against the system's CA store, for the URL's host name (also sent as SNI)."""
+
+    ca: Text | None = Field(
+        default=None,
+        description="PEM file of the CAs to trust instead of the system store; a relative path is read "
+        "from the config file's directory.",
+    )
+    server_name: ServerName | None = Field(
+        default=None, description="The name to send as SNI and to verify, instead of the URL's host."
+    )
+    cert: Text | None = Field(
+        default=None, description="Client certificate (PEM) for backends that require one (mutual TLS)."
+    )
+    key: Text | None = Field(
+        default=None, description="The client certificate's private key, when not in `cert`."
+    )
+    insecure_skip_verify: Flag = Field(
+        default=False, description="Accept any certificate: nothing is verified (logged as a warning)."
+    )
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Self:
+        if self.key is not None and self.cert is None:
+            raise invalid(("key",), "needs `cert`: the client certificate this key belongs to")
+        if self.insecure_skip_verify and self.ca is not None:
+            raise invalid(("ca",), "has no effect with insecure_skip_verify: nothing is verified")
+        return self
 
 
 @dataclass(frozen=True, slots=True, config=MODEL)
@@ -128,6 +161,11 @@ class BackendEntry(Section):
         description="With `command` only: how many processes, named <name>-1 ... <name>-N. Default 1.",
         json_schema_extra={"default": 1},
     )
+    tls: TlsSection | None = Field(
+        default=None,
+        description="TLS to an https:// `url`; without it the certificate is verified against the "
+        "system's CAs. Not for http:// or `command` backends.",
+    )
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -145,9 +183,14 @@ class BackendEntry(Section):
                 )
             if self.url is None:
                 raise invalid(("url",), "is required (or `command` for a backend the proxy runs itself)")
+            if self.tls is not None and checks.split_backend_url(self.url)[0] != "https":
+                raise invalid(("tls",), "is only for an https:// `url`; this backend is plain HTTP")
             return self
         if self.url is not None:
             raise invalid(("url",), "give either `url` or `command`, not both")
+        if self.tls is not None:
+            problem = "is only for an https:// `url`; managed backends serve plain HTTP on 127.0.0.1"
+            raise invalid(("tls",), problem)
         if not BACKEND_NAME.fullmatch(self.names[-1]):
             problem = f"with the replica suffix must be {BACKEND_NAME_RULE}, got {self.names[-1]!r}"
             raise invalid(("name",), problem)

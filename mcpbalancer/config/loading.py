@@ -18,6 +18,7 @@ from mcpbalancer.config.checks import describe
 from mcpbalancer.config.file import ConfigFile
 from mcpbalancer.config.runtime import Config
 from mcpbalancer.errors import ConfigError
+from mcpbalancer.fileaccess import unreadable
 
 FILE: Final = TypeAdapter(ConfigFile)
 
@@ -34,6 +35,8 @@ def load_config(path: str | os.PathLike[str], environ: Mapping[str, str] | None 
     try:
         with open(source, encoding="utf-8") as fh:
             text = fh.read()
+    except PermissionError:
+        raise ConfigError(f"{source}: {unreadable(source)}") from None
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{source}: cannot read the file: {exc}") from None
     try:

@@ -25,6 +25,20 @@ from mcpbalancer.config.models import (
 
 
 @dataclass(frozen=True, slots=True)
+class TlsConfig:
+    """How the proxy speaks TLS to an https:// backend. Paths are as written in the file (relative
+    ones are read from the config file's directory). The default verifies the backend's certificate
+    against the system's CA store, for the URL's host name."""
+
+    ca: str | None = None  # PEM file of the CAs to trust instead of the system store
+    server_name: str | None = None  # the name to send as SNI and to verify, instead of the URL's host
+    cert: str | None = None  # client certificate (PEM) for backends that require one (mutual TLS)
+    key: str | None = None  # its private key, when not in the `cert` file
+    insecure_skip_verify: bool = False  # accept any certificate (logged as a warning)
+    at: str = field(default="tls", compare=False)  # the key path, for error messages
+
+
+@dataclass(frozen=True, slots=True)
 class BackendConfig:
     name: str
     url: str
@@ -39,6 +53,8 @@ class BackendConfig:
     # A managed backend (`command` in YAML): the proxy runs this command line; host and port are
     # known once the process is up (port 0 here). None for a backend given by `url`.
     command: str | None = None
+    # TLS settings of an https:// backend (always set for one, defaults if the file has no `tls`).
+    tls: TlsConfig | None = None
 
 
 @dataclass(frozen=True, slots=True)

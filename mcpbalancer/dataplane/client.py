@@ -120,9 +120,9 @@ class ClientConnection(asyncio.Protocol):
             if isinstance(cause, ProxyError):
                 self._refuse(cause, "header_limit" if isinstance(cause, HeadersTooLarge) else "framing")
             else:
-                self._refuse(BadRequest(f"Bad request: {exc}"), "framing")
+                self._refuse(BadRequest(f"Bad Request: {exc}"), "framing")
         except httptools.HttpParserError as exc:
-            self._refuse(BadRequest(f"Bad request: {exc}"), "framing")
+            self._refuse(BadRequest(f"Bad Request: {exc}"), "framing")
         else:
             if self._parsing is None and self._head_bytes > 2 * self.plane.limits.header_bytes:
                 self._refuse(HeadersTooLarge(), "header_limit")

@@ -31,6 +31,7 @@ from mcpbalancer.dataplane.framing import (
 from mcpbalancer.dataplane.head import RequestHead
 from mcpbalancer.dataplane.local import LocalAnswer, LocalHandler, render_local
 from mcpbalancer.dataplane.sse import PING, EventBoundary
+from mcpbalancer.dataplane.tls import tls_problem
 from mcpbalancer.dataplane.upstream import UpstreamConnection
 from mcpbalancer.errors import (
     BadGateway,
@@ -310,6 +311,10 @@ class Exchange:
 
     def _connect_failed(self, backend: Backend, exc: OSError | TimeoutError) -> None:
         assert self.facts is not None
+        problem = tls_problem(exc, handshake=True)
+        if problem is not None:
+            self._tls_failed(backend, problem)
+            return
         timed_out = isinstance(exc, TimeoutError)
         log.warning("backend %s: connect failed: %s", backend.name, exc or type(exc).__name__)
         self.plane.metrics.upstream_error(backend.name, "timeout" if timed_out else "connect")
@@ -332,6 +337,14 @@ class Exchange:
             self._answer_error(BadGateway("No backend reachable"))
             return
         self._use(other)
+
+    def _tls_failed(self, backend: Backend, problem: str) -> None:
+        """TLS with the backend failed (its certificate refused, or it refused ours): a 502, for a
+        session too. The backend is not gone, and nothing is ever sent to it without TLS."""
+        log.warning("backend %s: TLS failed: %s", backend.name, problem)
+        self.plane.metrics.upstream_error(backend.name, "tls")
+        self.plane.on_backend_failure(backend.name, "tls")
+        self._answer_error(BadGateway("Backend TLS handshake failed"))
 
     def _attach(self, conn: UpstreamConnection) -> None:
         self.upstream = conn
@@ -529,17 +542,21 @@ class Exchange:
         if self.done:
             return
         self.upstream = None
-        if self._until_close and (self._started or self._held is not None):
-            self.response_done()  # a close-delimited body ends with the connection
+        problem = tls_problem(exc, handshake=False)
+        if self._until_close and problem is None and (self._started or self._held is not None):
+            self.response_done()  # a close-delimited body ends with the connection (not a TLS error)
             return
         if self._started or self._held is not None:
             # Mid-body: the client sees the truncation as a closed connection.
-            self._upstream_failed("reset")
+            self._upstream_failed("reset" if problem is None else "tls")
             self._abort_client()
             return
         assert self.backend is not None and self.facts is not None
         if self._replay is not None and not self._retried and self._reused:
             self._retry_fresh()
+            return
+        if problem is not None:  # a TLS alert after the handshake: a client certificate refused
+            self._tls_failed(self.backend, problem)
             return
         log.warning("backend %s closed the connection before answering: %s", self.backend.name, exc)
         self._upstream_failed("reset")

@@ -233,18 +233,10 @@ class UpstreamConnection(asyncio.Protocol):
 class UpstreamPool:
     """Keep-alive connections to one backend."""
 
-    def __init__(
-        self,
-        backend: Backend,
-        *,
-        connect_timeout: float,
-        max_idle: int = 64,
-        ssl_context: ssl.SSLContext | None = None,
-    ) -> None:
+    def __init__(self, backend: Backend, *, connect_timeout: float, max_idle: int = 64) -> None:
         self.backend = backend
         self._connect_timeout = connect_timeout
         self._max_idle = max_idle
-        self._ssl = ssl_context if backend.tls else None
         self._idle: list[UpstreamConnection] = []
         self._closed = False  # replaced or removed (reload, shutdown): keep nothing idle
 
@@ -258,11 +250,19 @@ class UpstreamPool:
         return None
 
     async def connect(self) -> UpstreamConnection:
-        """A new connection; raises OSError (refused, unreachable) or TimeoutError."""
+        """A new connection, with its TLS handshake done for an https backend (both within the
+        connect timeout); raises OSError (refused, unreachable; ssl.SSLError for a TLS failure) or
+        TimeoutError."""
         loop = asyncio.get_running_loop()
+        backend = self.backend
+        tls: ssl.SSLContext | None = backend.ssl_context if backend.tls else None
         async with asyncio.timeout(self._connect_timeout):
             _, conn = await loop.create_connection(
-                lambda: UpstreamConnection(self), self.backend.host, self.backend.port, ssl=self._ssl
+                lambda: UpstreamConnection(self),
+                backend.host,
+                backend.port,
+                ssl=tls,
+                server_hostname=backend.server_name if tls is not None else None,
             )
         return conn
 

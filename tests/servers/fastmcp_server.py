@@ -65,6 +65,13 @@ FastMCP ``EventStore``: SSE events carry ``id:``, 2025-11-25 POST streams start 
 ``--retry-interval MS`` (adds ``retry:`` to priming events; needs ``--event-store``),
 ``--session-idle-timeout S``, ``--host-origin-protection off|auto|strict`` (FastMCP's Host/Origin guard;
 off by default, see the fixtures module for the 421 rule).
+
+TLS: ``--ssl-certfile CERT --ssl-keyfile KEY`` serve HTTPS (uvicorn's own TLS), ``--ssl-client-ca CA``
+also requires a client certificate signed by CA (mutual TLS). With TLS on, one more tool:
+
+``tls_handshakes()``
+    ``{"handshakes": N, "server_names": [...]}``: the TLS handshakes this process has begun (one per
+    connection, counted from the ClientHello) and the SNI name of each (``null`` when none was sent).
 """
 
 from __future__ import annotations
@@ -72,12 +79,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import json
 import os
 import signal
 import socket
+import ssl
 import sys
 import threading
-from collections.abc import Generator
+from collections.abc import Callable, Generator
 from types import FrameType
 from typing import Any, Literal
 
@@ -134,11 +143,13 @@ def _elicit_outcome(result: Any) -> str:
     return "declined" if action == "decline" else "cancelled"
 
 
-def build_server(name: str, *, tasks: bool = False) -> FastMCP:
+def build_server(name: str, *, tasks: bool = False, tls: TlsLog | None = None) -> FastMCP:
     """The FastMCP app of one backend instance called ``name``."""
     mcp: FastMCP = FastMCP(f"backend-{name}")
     if tasks:
         _add_tasks(mcp, name)
+    if tls is not None:
+        _add_tls_report(mcp, tls)
     release_events: dict[str, asyncio.Event] = {}
 
     def event_for(key: str) -> asyncio.Event:
@@ -260,6 +271,31 @@ def _add_tasks(mcp: FastMCP, name: str) -> None:
         return name
 
 
+class TlsLog:
+    """The SNI name of every TLS handshake the server began, in order."""
+
+    def __init__(self) -> None:
+        self.server_names: list[str | None] = []
+
+    def context_factory(
+        self, config: uvicorn.Config, default: Callable[[], ssl.SSLContext]
+    ) -> ssl.SSLContext:
+        """uvicorn's own server context, with a callback that sees each ClientHello."""
+        context = default()
+        context.sni_callback = self._hello
+        return context
+
+    def _hello(self, sock: ssl.SSLObject, server_name: str | None, context: ssl.SSLContext) -> None:
+        self.server_names.append(server_name)
+
+
+def _add_tls_report(mcp: FastMCP, tls: TlsLog) -> None:
+    @mcp.tool
+    def tls_handshakes() -> str:
+        """TLS handshakes begun by this process, and the SNI name each one carried."""
+        return json.dumps({"handshakes": len(tls.server_names), "server_names": tls.server_names})
+
+
 class _Server(uvicorn.Server):
     """uvicorn.Server that announces readiness and exits with status 0 on SIGTERM/SIGINT."""
 
@@ -324,6 +360,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--tasks", action="store_true", help="fastmcp-tasks extension (in memory) + the `background` tool"
     )
+    parser.add_argument("--ssl-certfile", default=None, help="serve HTTPS with this certificate (PEM)")
+    parser.add_argument("--ssl-keyfile", default=None, help="the certificate's private key (PEM)")
+    parser.add_argument(
+        "--ssl-client-ca", default=None, help="require a client certificate signed by this CA (PEM)"
+    )
     parser.add_argument("--graceful-timeout", type=float, default=3.0, help="seconds to drain on SIGTERM")
     parser.add_argument(
         "--exit-on-stdin-eof", action="store_true", help="shut down when stdin closes (the parent died)"
@@ -331,11 +372,25 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def _tls_options(args: argparse.Namespace, tls: TlsLog | None) -> dict[str, Any]:
+    if tls is None:
+        return {}
+    options: dict[str, Any] = {
+        "ssl_certfile": args.ssl_certfile,
+        "ssl_keyfile": args.ssl_keyfile,
+        "ssl_context_factory": tls.context_factory,
+    }
+    if args.ssl_client_ca:
+        options.update(ssl_ca_certs=args.ssl_client_ca, ssl_cert_reqs=ssl.CERT_REQUIRED)
+    return options
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     protections: dict[str, HostOriginProtection] = {"off": False, "auto": "auto", "strict": True}
     protection = protections[args.host_origin_protection]
-    mcp = build_server(args.name, tasks=args.tasks)
+    tls = TlsLog() if args.ssl_certfile else None
+    mcp = build_server(args.name, tasks=args.tasks, tls=tls)
     event_store = None
     if args.event_store:
         from fastmcp.server.event_store import EventStore
@@ -358,6 +413,7 @@ def main(argv: list[str] | None = None) -> int:
         lifespan="on",
         timeout_graceful_shutdown=args.graceful_timeout,
         access_log=False,
+        **_tls_options(args, tls),
     )
     server = _Server(config)
     if args.exit_on_stdin_eof:
