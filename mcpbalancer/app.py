@@ -45,7 +45,7 @@ log = logging.getLogger(__name__)
 SWEEP_INTERVAL = 30.0
 SHUTDOWN_POLL = 0.05
 # Settings a reload applies; a change to any other one is logged and needs a restart.
-RELOADABLE = ("backends", "health", "shutdown_timeout", "source")
+RELOADABLE = ("backends", "health", "shutdown_timeout", "source", "mcp_path")
 
 
 def _shared_affinity(config: Config) -> SharedAffinity | None:
@@ -71,6 +71,7 @@ class Proxy:
         access_stream: TextIO | None = None,
         adjust: Callable[[Config], Config] | None = None,
         session_tag_key: bytes | None = None,
+        worker: int | None = None,
     ) -> None:
         self.config = config
         # What the command line changed in `config` (--log-level, --workers, a worker's admin port),
@@ -79,7 +80,10 @@ class Proxy:
         # An explicit argument wins over the config's `shutdown_timeout` (and over its reloads).
         self._shutdown_override = shutdown_timeout
         self.fleet = Fleet(
-            config.backends, connect_timeout=config.timeouts.connect, contexts=backend_contexts(config)
+            config.backends,
+            connect_timeout=config.timeouts.connect,
+            contexts=backend_contexts(config),
+            mcp_path=config.mcp_path,
         )
         self.backends = self.fleet.backends
         self._probe = HttpProbe(lambda: self.health.config)
@@ -121,9 +125,11 @@ class Proxy:
             refuse_new=self._store_down if config.on_store_error == "fail" else None,
         )
         self.health = HealthChecker(config.health, self.fleet.set_status, self._probe, metrics=self.metrics)
-        self._observability(config, access_stream, session_tag_key)
+        self._observability(config, access_stream, session_tag_key, worker)
         if self.control is not None:
-            AdminApi(self.fleet, self.health.last_check, self.reload).install(self.control.app)
+            AdminApi(self.fleet, self.health.last_check, self.reload, self.health.reasons).install(
+                self.control.app
+            )
         self.managed = ManagedBackends(config.backends, self.backends, metrics=self.metrics)
         self._server: asyncio.Server | None = None
         self._plane: DataPlane | None = None
@@ -151,11 +157,15 @@ class Proxy:
             if f.name not in RELOADABLE and getattr(new, f.name) != getattr(self.config, f.name):
                 log.warning("reload: `%s` changed; it takes effect after a restart", f.name)
         backends = self._keep_managed(new.backends)
-        changes = self.fleet.apply(backends, contexts)
+        changes = self.fleet.apply(backends, contexts, mcp_path=new.mcp_path)
         self.health.reconfigure(new.health)
         self.health.forget(b.name for b in self.backends)
         self.config = dataclasses.replace(
-            self.config, backends=backends, health=new.health, shutdown_timeout=new.shutdown_timeout
+            self.config,
+            backends=backends,
+            health=new.health,
+            shutdown_timeout=new.shutdown_timeout,
+            mcp_path=new.mcp_path,
         )
         log.info(
             "reloaded %s: added %s, removed %s, updated %s",
@@ -184,9 +194,15 @@ class Proxy:
         return urls + running
 
     def _observability(
-        self, config: Config, access_stream: TextIO | None, session_tag_key: bytes | None
+        self,
+        config: Config,
+        access_stream: TextIO | None,
+        session_tag_key: bytes | None,
+        worker: int | None,
     ) -> None:
-        self.readiness = Readiness(lambda: self.router.backends, self.store.ping)
+        self.readiness = Readiness(
+            lambda: self.router.backends, self.store.ping, store_required=config.on_store_error == "fail"
+        )
         self.access_log = (
             AccessLog(
                 access_stream or sys.stdout,
@@ -194,6 +210,7 @@ class Proxy:
                 # Workers share one key, so a session reads the same in every worker's lines.
                 hasher=SessionHasher(session_tag_key) if session_tag_key is not None else None,
                 shared=config.workers > 1,
+                worker=worker,  # a worker process: its index in every line, as in the event lines
             )
             if access_enabled(config.log)
             else None
@@ -226,6 +243,7 @@ class Proxy:
             except BackendStartError:
                 await self.store.close()
                 raise
+        await self._check_store()
         loop = asyncio.get_running_loop()
         self._plane = DataPlane(
             self.router,
@@ -275,6 +293,21 @@ class Proxy:
         control = self.control
         admin = "" if control is None else f"; admin on {host_port(control.host, control.port)}"
         log.info("listening on %s with %d backends%s", self.url, len(self.backends), admin)
+
+    async def _check_store(self) -> None:
+        """Ping a shared store before serving: an unreachable one is a warning now, not at the first
+        session. The proxy starts either way (Redis may be starting too, and /readyz says what the
+        outage means); with `fail` it refuses new sessions until the store answers."""
+        if not isinstance(self.store, CachedStore):
+            return
+        problem = await self.store.check()
+        if problem is None:
+            return
+        if self.config.on_store_error == "fail":
+            outcome = "new sessions are refused (503) until it answers (on_store_error: fail)"
+        else:
+            outcome = "new sessions are bound locally and written to it once it answers"
+        log.warning("session store unreachable at start-up: %s; %s", problem, outcome)
 
     def _store_down(self) -> bool:
         return isinstance(self.store, CachedStore) and self.store.degraded

@@ -18,6 +18,7 @@ BOTH_ERAS = frozenset(Era)
 # Separates a backend's name from an incarnation token in the owner id stored with each session.
 # Backend names cannot contain it (see config), so a name-only owner id never does.
 OWNER_SEP: Final = "~"
+_QUERY: Final = ord("?")
 
 
 @dataclass(eq=False)
@@ -27,7 +28,10 @@ class Backend:
     port: int
     weight: int = 1
     tls: bool = False
-    path_prefix: bytes = b""
+    # The path of the backend's URL: its MCP endpoint, where requests for the proxy's `mcp_path`
+    # go (see `target`); b"" when the URL has none, and every request path goes unchanged.
+    endpoint: bytes = b""
+    mcp_path: bytes = b"/mcp"
     eras: frozenset[Era] = BOTH_ERAS  # legacy: takes sessions; modern: takes 2026-07-28 requests
     # An https backend's TLS: the one context its traffic, probes and failover all use (dataplane/
     # tls.py), and the name sent as SNI and verified when it is not `host`.
@@ -55,6 +59,19 @@ class Backend:
         if ":" in self.host and not self.host.startswith("["):
             authority = f"[{self.host}]" if self.port == default_port else f"[{self.host}]:{self.port}"
         self.host_header = authority.encode("ascii")
+
+    def target(self, target: bytes) -> bytes:
+        """The request target to send this backend: the proxy's MCP path, alone or with a query,
+        becomes the backend's endpoint; any other target goes to the same origin unchanged."""
+        endpoint = self.endpoint
+        if not endpoint:
+            return target
+        mcp_path = self.mcp_path
+        if target.startswith(mcp_path):
+            rest = target[len(mcp_path) :]
+            if not rest or rest[0] == _QUERY:
+                return endpoint + rest
+        return target
 
     def relocate(self, port: int) -> None:
         """The backend now listens on `port` (a managed backend's new process)."""

@@ -118,7 +118,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     if config.workers > 1 and args.worker_index is None:
         return _supervise(config, args, adjust)
-    return _run(serve(config, adjust=adjust, ready_fd=args.ready_fd, session_tag_key=_tag_key(args)))
+    return _run(
+        serve(
+            config,
+            adjust=adjust,
+            ready_fd=args.ready_fd,
+            session_tag_key=_tag_key(args),
+            worker=args.worker_index,
+        )
+    )
 
 
 def _healthcheck(config: Config) -> int:
@@ -186,9 +194,10 @@ async def serve(
     adjust: Callable[[Config], Config] | None = None,
     ready_fd: int | None = None,
     session_tag_key: bytes | None = None,
+    worker: int | None = None,
 ) -> int:
     try:
-        proxy = Proxy(config, adjust=adjust, session_tag_key=session_tag_key)
+        proxy = Proxy(config, adjust=adjust, session_tag_key=session_tag_key, worker=worker)
     except ConfigError as exc:  # a TLS file named by the config cannot be read or used
         print(f"mcpbalancer: invalid configuration: {exc}", file=sys.stderr)
         return 2

@@ -151,7 +151,7 @@ class Failover:
     ) -> bytes:
         http = self._session()
         scheme = "https" if backend.tls else "http"
-        url = f"{scheme}://{backend.host_header.decode()}{(backend.path_prefix + target).decode('latin-1')}"
+        url = f"{scheme}://{backend.host_header.decode()}{backend.target(target).decode('latin-1')}"
         headers = {"Content-Type": "application/json", "Accept": _ACCEPT, **bound}
         try:
             async with http.post(url, data=body, headers=headers, **_tls(backend)) as resp:

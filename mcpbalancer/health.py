@@ -10,11 +10,13 @@ in a row bring it back. A refused or reset connection (from a probe or from the 
 symptom of slowness: it marks the backend down at once. Timeouts and 5xx answers are failures that
 count toward `fall`.
 
-The default probe is a stateless 2026-07-28 `server/discover` POST to the MCP path: a stock FastMCP
-server answers 200 without creating a session (a `GET` of the MCP path without a session id would
-answer 400 but create and discard a server session on every probe). Any answer below 500 proves the
-process is serving HTTP; a legacy-only server answers the modern request with a 4xx, which counts as
-up too.
+The default probe is a stateless 2026-07-28 `server/discover` POST to the backend's MCP endpoint: a
+stock FastMCP server answers 200 without creating a session (a `GET` of the MCP path without a session
+id would answer 400 but create and discard a server session on every probe). The answer must be an
+MCP endpoint's (probe_answer.py: a legacy-only server's JSON-RPC 400 is one); a 404, a redirect or
+an answer that is not MCP means the URL names no MCP endpoint, which is not slowness either: down at
+once, like a refused connection. Every failure has a reason (`reasons`, shown by the admin API and
+logged when the state changes).
 """
 
 from __future__ import annotations
@@ -25,17 +27,21 @@ import json
 import logging
 import time
 from collections.abc import Awaitable, Callable, Iterable
+from typing import NamedTuple
 
 import aiohttp
 
 from mcpbalancer.backends import Backend
 from mcpbalancer.config import HealthConfig
 from mcpbalancer.metrics import Metrics
+from mcpbalancer.probe_answer import BODY_LIMIT, SSE, first_sse_data, problem
 
 log = logging.getLogger(__name__)
 
 # Probe results (the `result` label of mcpbalancer_health_checks_total).
 OK, FAIL, TIMEOUT, REFUSED = "ok", "fail", "timeout", "refused"
+NOT_MCP = "not_mcp"  # a 404, a redirect, or an answer that is not an MCP endpoint's
+EJECTING = frozenset({REFUSED, NOT_MCP})  # no slowness explains these: down at once
 # Passive failure kinds reported by the data plane.
 HARD_FAILURES = frozenset({"refused", "reset"})  # the process is gone: down at once
 # The process may be slow, or (tls) answers with a certificate we refuse: counts toward `fall`.
@@ -65,8 +71,14 @@ DISCOVER_HEADERS = {
     "User-Agent": "mcpbalancer-health",
 }
 
+
+class ProbeResult(NamedTuple):
+    result: str  # OK, FAIL, TIMEOUT, REFUSED or NOT_MCP
+    reason: str | None = None  # why it failed, for the log and the admin API
+
+
 SetStatus = Callable[[str, bool], None]
-Probe = Callable[[Backend], Awaitable[str]]
+Probe = Callable[[Backend], Awaitable[ProbeResult | str]]  # a bare result string has no reason
 
 
 class HealthState:
@@ -124,6 +136,8 @@ class HealthChecker:
         self._clock = clock
         self._states: dict[str, HealthState] = {}
         self.last_check: dict[str, float] = {}  # wall-clock time of the last probe result
+        # Why a backend is down, or why its last check failed; no entry when it is healthy.
+        self.reasons: dict[str, str] = {}
 
     def reconfigure(self, config: HealthConfig) -> None:
         self.config = config
@@ -142,23 +156,34 @@ class HealthChecker:
         for name in [n for n in self._states if n not in names]:
             del self._states[name]
             self.last_check.pop(name, None)
+            self.reasons.pop(name, None)
 
-    def observe(self, name: str, result: str) -> None:
-        """One active probe result."""
+    def observe(self, name: str, result: str, reason: str | None = None) -> None:
+        """One active probe result, and why it failed."""
         self.last_check[name] = self._clock()
         if self._metrics is not None:
             self._metrics.health_check(name, result)
         state = self._state(name)
-        changed = state.eject() if result == REFUSED else state.record(result == OK)
+        changed = state.eject() if result in EJECTING else state.record(result == OK)
+        why = f"health check: {result}" if result == OK or reason is None else reason
+        self._note(name, state.up, None if result == OK else why)
         if changed:
-            self._report(name, state.up, f"health check: {result}")
+            self._report(name, state.up, why)
 
     def passive(self, name: str, kind: str) -> None:
         """A failure the data plane saw on real traffic: `refused`, `reset`, `timeout` or `5xx`."""
         state = self._state(name)
         changed = state.eject() if kind in HARD_FAILURES else state.record(False)
+        self._note(name, state.up, f"passive: {kind}")
         if changed:
             self._report(name, state.up, f"passive: {kind}")
+
+    def _note(self, name: str, up: bool, failure: str | None) -> None:
+        """Keep the reason of the last failure until a success finds the backend up."""
+        if failure is not None:
+            self.reasons[name] = failure
+        elif up:
+            self.reasons.pop(name, None)
 
     def _report(self, name: str, up: bool, why: str) -> None:
         log.log(
@@ -174,15 +199,16 @@ class HealthChecker:
         """Probe every backend concurrently, each bounded by the timeout."""
         targets = list(backends)
         results = await asyncio.gather(*(self._bounded(b) for b in targets))
-        for backend, result in zip(targets, results, strict=True):
-            self.observe(backend.name, result)
+        for backend, (result, reason) in zip(targets, results, strict=True):
+            self.observe(backend.name, result, reason)
 
-    async def _bounded(self, backend: Backend) -> str:
+    async def _bounded(self, backend: Backend) -> ProbeResult:
         try:
             async with asyncio.timeout(self.config.timeout):
-                return await self._probe(backend)
+                result = await self._probe(backend)
         except TimeoutError:
-            return TIMEOUT
+            return ProbeResult(TIMEOUT, f"probe: no answer within {self.config.timeout:g} s")
+        return result if isinstance(result, ProbeResult) else ProbeResult(result)
 
     async def run(self, backends: Callable[[], Iterable[Backend]]) -> None:
         """Probe forever, one round per `interval`; cancel to stop. `interval` 0: checks are off
@@ -201,7 +227,8 @@ class HealthChecker:
 
 
 class HttpProbe:
-    """The default probe: a `server/discover` POST on one shared aiohttp ClientSession."""
+    """The default probe: a `server/discover` POST on one shared aiohttp ClientSession, to
+    `health.path` as a client's request for it would go (by default: the backend's MCP endpoint)."""
 
     def __init__(self, config: Callable[[], HealthConfig]) -> None:
         self._config = config
@@ -218,30 +245,55 @@ class HttpProbe:
 
     def url(self, backend: Backend) -> str:
         scheme = "https" if backend.tls else "http"
-        path = backend.path_prefix.decode("ascii") + self._config().path
+        path = backend.target(self._config().path.encode("ascii")).decode("ascii")
         return f"{scheme}://{backend.host_header.decode('ascii')}{path}"
 
-    async def __call__(self, backend: Backend) -> str:
+    async def __call__(self, backend: Backend) -> ProbeResult:
+        url = self.url(backend)
         try:
             async with self._http().post(
-                self.url(backend),
+                url,
                 data=DISCOVER_BODY,
                 headers=DISCOVER_HEADERS,
                 # The backend's own context, the one its traffic uses (aiohttp's default otherwise).
                 ssl=backend.ssl_context or True,
                 server_hostname=backend.server_name,
+                allow_redirects=False,
             ) as resp:
-                await resp.read()
-                return OK if resp.status < 500 else FAIL
+                return await _judge(resp, url)
         except aiohttp.ClientConnectorError as exc:
-            return REFUSED if isinstance(exc.os_error, ConnectionRefusedError) else FAIL
+            if isinstance(exc.os_error, ConnectionRefusedError):
+                return ProbeResult(REFUSED, f"probe: connection refused by {url}")
+            return ProbeResult(FAIL, f"probe: cannot connect to {url}: {exc.os_error}")
         except (aiohttp.ServerDisconnectedError, ConnectionResetError):
-            return REFUSED
-        except (aiohttp.ClientError, OSError):
-            return FAIL
+            return ProbeResult(REFUSED, f"probe: connection closed by {url} without an answer")
+        except (aiohttp.ClientError, OSError) as exc:
+            return ProbeResult(FAIL, f"probe: {type(exc).__name__} from {url}: {exc}")
 
     async def close(self) -> None:
         if self._session is not None:
             with contextlib.suppress(Exception):
                 await self._session.close()
             self._session = None
+
+
+async def _judge(resp: aiohttp.ClientResponse, url: str) -> ProbeResult:
+    status = resp.status
+    if status >= 500:
+        return ProbeResult(FAIL, f"probe: HTTP {status} from {url}")
+    body = b""
+    if status != 404 and not 300 <= status < 400:
+        body = await _read(resp)
+    wrong = problem(status, resp.content_type, body, url, resp.headers.get("Location"))
+    return ProbeResult(OK) if wrong is None else ProbeResult(NOT_MCP, f"probe: {wrong}")
+
+
+async def _read(resp: aiohttp.ClientResponse) -> bytes:
+    """The body up to BODY_LIMIT; of an event stream, up to its first event with data."""
+    stream = resp.content_type == SSE
+    body = bytearray()
+    async for chunk in resp.content.iter_any():
+        body += chunk
+        if len(body) > BODY_LIMIT or (stream and first_sse_data(bytes(body)) is not None):
+            break
+    return bytes(body[:BODY_LIMIT])

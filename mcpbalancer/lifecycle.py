@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from mcpbalancer.backends import Backend, BackendSet
-from mcpbalancer.config import BackendConfig, TlsConfig
+from mcpbalancer.config import DEFAULT_MCP_PATH, BackendConfig, TlsConfig
 from mcpbalancer.dataplane.upstream import UpstreamPool
 from mcpbalancer.protocol import Era
 
@@ -32,14 +32,15 @@ class Changes:
         return {"added": self.added, "removed": self.removed, "updated": self.updated}
 
 
-def _backend(config: BackendConfig, contexts: Mapping[str, ssl.SSLContext]) -> Backend:
+def _backend(config: BackendConfig, contexts: Mapping[str, ssl.SSLContext], mcp_path: bytes) -> Backend:
     return Backend(
         name=config.name,
         host=config.host,
         port=config.port,
         weight=config.weight,
         tls=config.scheme == "https",
-        path_prefix=config.path_prefix.encode("ascii"),
+        endpoint=config.path.encode("ascii"),
+        mcp_path=mcp_path,
         eras=frozenset(Era(era) for era in config.eras),
         up=config.command is None,  # a managed backend is up once its process serves
         ssl_context=_context(config, contexts.get(config.name)),
@@ -66,8 +67,10 @@ class Fleet:
         *,
         connect_timeout: float,
         contexts: Mapping[str, ssl.SSLContext] | None = None,
+        mcp_path: str = DEFAULT_MCP_PATH,
     ) -> None:
         self._connect_timeout = connect_timeout
+        self._mcp_path = mcp_path.encode("ascii")
         contexts = contexts or {}
         self.backends = BackendSet(())
         self.pools: dict[str, UpstreamPool] = {}
@@ -78,7 +81,7 @@ class Fleet:
         self._tls: dict[str, TlsConfig | None] = {}  # the `tls` settings each backend runs with
         members = []
         for config in configs:
-            backend = _backend(config, contexts)
+            backend = _backend(config, contexts, self._mcp_path)
             self.pools[backend.name] = self._pool(backend)
             self._tls[backend.name] = config.tls
             if config.drain:
@@ -152,16 +155,25 @@ class Fleet:
     # -- reload -----------------------------------------------------------------------------------
 
     def apply(
-        self, configs: Iterable[BackendConfig], contexts: Mapping[str, ssl.SSLContext] | None = None
+        self,
+        configs: Iterable[BackendConfig],
+        contexts: Mapping[str, ssl.SSLContext] | None = None,
+        *,
+        mcp_path: str | None = None,
     ) -> Changes:
-        """Make the running backends match `configs`; the file is the source of truth."""
+        """Make the running backends match `configs` (and, if given, `mcp_path`); the file is the
+        source of truth."""
         contexts = contexts or {}
         changes = Changes()
         members = []
+        if mcp_path is not None:
+            self._mcp_path = mcp_path.encode("ascii")
+            for running in self.backends:
+                running.mcp_path = self._mcp_path
         for config in configs:
             backend = self.backends.get(config.name)
             if backend is None:
-                backend = _backend(config, contexts)
+                backend = _backend(config, contexts, self._mcp_path)
                 old = self.pools.get(backend.name)  # a pool left by an earlier removal
                 if old is not None:
                     old.close()
@@ -192,13 +204,13 @@ class Fleet:
     def _update(self, backend: Backend, config: BackendConfig, context: ssl.SSLContext | None) -> bool:
         context = _context(config, context)
         tls = config.scheme == "https"
-        prefix = config.path_prefix.encode("ascii")
-        address = (config.host, config.port, tls, prefix, config.tls)
+        endpoint = config.path.encode("ascii")
+        address = (config.host, config.port, tls, endpoint, config.tls)
         eras = frozenset(Era(era) for era in config.eras)
         changed = backend.weight != config.weight or backend.eras != eras
         backend.weight = config.weight
         backend.eras = eras
-        was = (backend.host, backend.port, backend.tls, backend.path_prefix, self._tls.get(backend.name))
+        was = (backend.host, backend.port, backend.tls, backend.endpoint, self._tls.get(backend.name))
         # New connections use the context built from the file just read (its files read again); the
         # idle ones were verified under the same settings and are kept unless the settings changed.
         backend.ssl_context = context
@@ -207,7 +219,7 @@ class Fleet:
         if address != was:
             # Same name, so its sessions stay bound to it; new connections go to the new address.
             backend.set_address(config.host, config.port, tls)
-            backend.path_prefix = prefix
+            backend.endpoint = endpoint
             self.pools[backend.name].close()
             self.pools[backend.name] = self._pool(backend)
             changed = True
@@ -215,7 +227,7 @@ class Fleet:
 
     # -- report -----------------------------------------------------------------------------------
 
-    def snapshot(self, last_check: dict[str, float]) -> list[dict[str, Any]]:
+    def snapshot(self, last_check: dict[str, float], reasons: dict[str, str]) -> list[dict[str, Any]]:
         return [
             {
                 "name": b.name,
@@ -224,6 +236,7 @@ class Fleet:
                 "sessions": b.sessions,
                 "in_flight": b.in_flight,
                 "last_check": last_check.get(b.name),
+                "reason": reasons.get(b.name),
             }
             for b in self.backends
         ]

@@ -6,7 +6,9 @@ of the line. The line is one f-string whose only untrusted strings (the path, th
 go through the C JSON string encoder; lines are gathered and written in one write every
 FLUSH_INTERVAL seconds (or FLUSH_LINES lines). Session ids are never written: a session is shown as
 the first 8 hex digits of a blake2s of its id keyed with a per-process random key, enough to follow
-one session through one proxy's log and useless for taking it over.
+one session through one proxy's log and useless for taking it over. The line of the request that
+created a session (an `initialize`) shows the session its answer minted. A worker process's lines
+end with its index.
 
 Lifecycle events (start, backend up/down, drain, reload) are ordinary `logging` records on stderr;
 in JSON mode `JsonFormatter` writes them as JSON lines too.
@@ -70,10 +72,14 @@ class AccessLog:
         hasher: SessionHasher | None = None,
         clock: Callable[[], float] = time.time,
         shared: bool = False,
+        worker: int | None = None,
     ) -> None:
         self._stream = stream
         # `shared`: other processes write to the same stream, so write whole lines in atomic pieces.
         self._shared = shared
+        # A worker process's index ends each of its lines; made once, an empty string otherwise.
+        self._json_worker = "" if worker is None else f',"worker":{worker:d}'
+        self._text_worker = "" if worker is None else f" worker={worker:d}"
         self._line = self._json_line if fmt == "json" else self._text_line
         self._hash = hasher or SessionHasher()
         self._clock = clock
@@ -126,7 +132,7 @@ class AccessLog:
             f'"backend":{"null" if backend is None else _quoted(backend.name)},'
             f'"status":{ex.status},"bytes":{ex.sent},"duration_us":{micros},'
             f'"mcp_method":{"null" if mcp is None else _json_string(mcp[:64].decode("latin-1"))},'
-            f'"outcome":"{ex.outcome}"}}\n'
+            f'"outcome":"{ex.outcome}"{self._json_worker}}}\n'
         )
 
     def _text_line(self, ex: Exchange) -> str:
@@ -137,7 +143,7 @@ class AccessLog:
             f"{micros}us era={_era(ex)} "
             f"session={'-' if sid is None else self._hash(sid)} "
             f"backend={'-' if backend is None else backend.name} "
-            f"mcp={'-' if mcp is None else _path(mcp[:64])} outcome={ex.outcome}\n"
+            f"mcp={'-' if mcp is None else _path(mcp[:64])} outcome={ex.outcome}{self._text_worker}\n"
         )
 
     def _timestamp(self) -> str:
@@ -173,10 +179,12 @@ _ERA_NAMES: Final = {era: era.value for era in protocol.Era}
 
 
 def _fields(ex: Exchange) -> tuple[RequestHead, bytes | None, bytes | None, Backend | None, int]:
-    """What both formats read of an exchange: head, session id, MCP method, backend, microseconds."""
+    """What both formats read of an exchange: head, session id (the request's, or the one its answer
+    created), MCP method, backend, microseconds."""
     head = ex.head
     micros = int((time.perf_counter() - ex.received_at) * 1_000_000)
-    return head, head.session_id, head.mcp_method, ex.backend, micros
+    sid = head.session_id
+    return head, ex.created if sid is None else sid, head.mcp_method, ex.backend, micros
 
 
 def _path(raw: bytes) -> str:

@@ -183,6 +183,27 @@ async def call_tool(
         return Answer(resp.status, resp.headers, await resp.text())
 
 
+MODERN_WHOAMI_HEADERS = {
+    "Accept": "application/json, text/event-stream",
+    "Content-Type": "application/json",
+    "MCP-Protocol-Version": MODERN_VERSION,
+    "Mcp-Method": "tools/call",
+    "Mcp-Name": "whoami",
+}
+
+
+async def modern_whoami(http: aiohttp.ClientSession, url: str) -> tuple[int, str]:
+    """A raw 2026-07-28 `whoami` call: (200, the instance name), or (status, the body) otherwise."""
+    body = call_body("whoami", next(_request_ids))
+    body["params"]["_meta"] = MODERN_META
+    async with http.post(url, json=body, headers=MODERN_WHOAMI_HEADERS) as resp:
+        text = await resp.text()
+        if resp.status != 200:
+            return resp.status, text
+        messages = sse_messages(text) if resp.content_type == "text/event-stream" else [json.loads(text)]
+        return resp.status, str(messages[-1]["result"]["content"][0]["text"])
+
+
 # --- real mcp clients with the wire recorded ---------------------------------------------------
 
 

@@ -59,7 +59,7 @@ def test_example_file_sets_every_key() -> None:
     # The example documents every key; a key added to the loader should be added there too.
     text = EXAMPLE.read_text(encoding="utf-8")
     keys = ["listen", "workers", "store", "store_prefix", "local_cache_size", "session_ttl", "balance"]
-    keys += ["heartbeat"]
+    keys += ["heartbeat", "mcp_path"]
     keys += [f.name for f in dataclasses.fields(TimeoutsConfig)] + [
         f.name for f in dataclasses.fields(LimitsConfig)
     ]
@@ -123,7 +123,7 @@ def test_config_is_frozen() -> None:
 
 
 @pytest.mark.parametrize(
-    ("url", "scheme", "host", "port", "prefix"),
+    ("url", "scheme", "host", "port", "path"),
     [
         ("http://127.0.0.1:8001", "http", "127.0.0.1", 8001, ""),
         ("http://mcp.internal", "http", "mcp.internal", 80, ""),
@@ -131,18 +131,19 @@ def test_config_is_frozen() -> None:
         ("HTTPS://MCP.internal:8443/", "https", "mcp.internal", 8443, ""),
         ("http://[::1]:9000/mcp", "http", "::1", 9000, "/mcp"),
         ("http://[fe80::1]", "http", "fe80::1", 80, ""),
-        ("http://h:8001/base/", "http", "h", 8001, "/base"),
+        # The path is the server's MCP endpoint, as written: a trailing slash is the server's business.
+        ("http://h:8001/base/", "http", "h", 8001, "/base/"),
         ("http://h/a/b", "http", "h", 80, "/a/b"),
     ],
 )
-def test_backend_url_parts(url: str, scheme: str, host: str, port: int, prefix: str) -> None:
+def test_backend_url_parts(url: str, scheme: str, host: str, port: int, path: str) -> None:
     (parsed,) = parse_config(minimal(backends=[backend(url=url)])).backends
-    assert (parsed.url, parsed.scheme, parsed.host, parsed.port, parsed.path_prefix) == (
+    assert (parsed.url, parsed.scheme, parsed.host, parsed.port, parsed.path) == (
         url,
         scheme,
         host,
         port,
-        prefix,
+        path,
     )
 
 
@@ -403,7 +404,7 @@ def test_unknown_key_lists_every_allowed_key() -> None:
     assert text.endswith(
         "heartbeat, backends, timeouts, limits, admin, metrics, log, health, shutdown_timeout, "
         "pools, routes, affinity, validate_headers, failover, allowed_origins, bind_sessions, "
-        "session_binding_key, on_store_error, workers; did you mean `listen`?"
+        "session_binding_key, on_store_error, workers, mcp_path; did you mean `listen`?"
     )
 
 
@@ -451,7 +452,7 @@ def test_load_config_reads_a_valid_file(tmp_path: Path) -> None:
     path = write(tmp_path, "listen: '[::1]:0'\nbackends:\n  - {name: a, url: 'http://[::1]:9000/mcp/'}\n")
     config = load_config(str(path))
     assert (config.listen_host, config.listen_port, config.source) == ("::1", 0, str(path))
-    assert (config.backends[0].host, config.backends[0].path_prefix) == ("::1", "/mcp")
+    assert (config.backends[0].host, config.backends[0].path) == ("::1", "/mcp/")
 
 
 def test_missing_file(tmp_path: Path) -> None:

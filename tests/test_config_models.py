@@ -141,3 +141,15 @@ def test_values_keep_their_runtime_types() -> None:
     assert config.routes[0].params == (("Region", "eu"),)
     assert type(config.health.interval) is float
     assert config.bind_sessions == "authorization"
+
+
+def test_health_path_follows_mcp_path_unless_the_file_sets_it() -> None:
+    assert parse_config(minimal(mcp_path="/tools", health={"interval": 2})).health.path == "/tools"
+    assert parse_config(minimal(mcp_path="/tools", health=None)).health.path == "/tools"
+    assert parse_config(minimal(mcp_path="/tools", health={"path": "/mcp"})).health.path == "/mcp"
+    assert parse_config(minimal(health={"path": "/probe"})).health.path == "/probe"
+    # A bad mcp_path is reported once, at its own key, not again at the health.path it would give.
+    assert error_lines(minimal(mcp_path="tools")) == [
+        "cfg.yaml: mcp_path: must be a path starting with '/', visible ASCII without '?' or '#', at most "
+        "256 bytes; got 'tools'"
+    ]

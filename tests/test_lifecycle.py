@@ -130,8 +130,9 @@ async def test_admin_backends_json_shape_and_never_on_the_public_listener(
         body = await resp.json()
     assert [b["name"] for b in body["backends"]] == ["a", "b"]
     first = body["backends"][0]
-    assert set(first) == {"name", "state", "weight", "sessions", "in_flight", "last_check"}
+    assert set(first) == {"name", "state", "weight", "sessions", "in_flight", "last_check", "reason"}
     assert (first["state"], first["weight"], first["sessions"], first["in_flight"]) == ("up", 3, 0, 0)
+    assert first["reason"] is None
     assert abs(first["last_check"] - time.time()) < 30
     # The public listener forwards /admin/... like any path: the proxy never answers it there.
     for path in ("/admin/backends", "/admin/reload"):
@@ -341,7 +342,7 @@ async def test_default_probe_is_stateless_on_a_stock_fastmcp(backends: list[Back
     target = Backend(a.name, a.host, a.port)
     try:
         assert probe.url(target) == a.mcp_url
-        assert await probe(target) == OK
+        assert await probe(target) == (OK, None)
         async with (
             aiohttp.ClientSession() as http,
             http.post(a.mcp_url, data=DISCOVER_BODY, headers=DISCOVER_HEADERS) as resp,
@@ -350,7 +351,7 @@ async def test_default_probe_is_stateless_on_a_stock_fastmcp(backends: list[Back
             assert resp.status == 200
             assert "Mcp-Session-Id" not in resp.headers
         closed = Backend("closed", "127.0.0.1", _free_port())
-        assert await probe(closed) == REFUSED
+        assert (await probe(closed)).result == REFUSED
     finally:
         await probe.close()
 

@@ -21,7 +21,7 @@ from mcpbalancer import __version__
 from mcpbalancer.backends import Backend, BackendSet
 from mcpbalancer.balancer import LeastSessions
 from mcpbalancer.config import ConfigError, LogConfig, MetricsConfig, parse_config
-from mcpbalancer.control.probes import Readiness
+from mcpbalancer.control.probes import Readiness, Verdict
 from mcpbalancer.errors import StoreError
 from mcpbalancer.logs import (
     ATOMIC_CHARS,
@@ -234,27 +234,44 @@ async def test_readiness_pings_the_store_at_most_once_a_second() -> None:
     clock, ping = FakeClock(), CountingPing()
     backends = [Backend("a", "h", 1)]
     readiness = Readiness(lambda: backends, ping, clock=clock)
+    assert not ping.calls  # not asked before a probe
 
     ping.gate.clear()
     probes = [asyncio.ensure_future(readiness.check()) for _ in range(20)]
     await asyncio.sleep(0)  # every probe is now waiting on the one ping
     ping.gate.set()
-    assert set(await asyncio.gather(*probes)) == {(True, "ready")}
+    assert set(await asyncio.gather(*probes)) == {Verdict(True, "ready", "ready", "ok")}
     assert ping.calls == 1
 
     clock.now += 0.9
     ping.error = "redis: TimeoutError: "
-    assert await readiness.check() == (True, "ready")  # still the cached answer
+    assert (await readiness.check()).store == "ok"  # still the cached answer
     assert ping.calls == 1
     clock.now += 0.2
-    assert await readiness.check() == (False, "session store unreachable: redis: TimeoutError: ")
+    # on_store_error: degrade (the default): the proxy still places and routes sessions.
+    reason = "session store unreachable: redis: TimeoutError: ; new sessions are bound locally"
+    assert await readiness.check() == Verdict(True, "degraded", reason, "unreachable")
     assert ping.calls == 2
 
-    ping.error = None
     backends[0].up = False
     clock.now += 5
-    assert await readiness.check() == (False, "no backend up")
-    assert ping.calls == 2  # the store is not asked when no backend could serve anyway
+    # The store is not asked when no backend could serve anyway; its last known state is shown.
+    assert await readiness.check() == Verdict(False, "unavailable", "no backend up", "unreachable")
+    assert ping.calls == 2
+
+
+async def test_readiness_with_on_store_error_fail_needs_the_store() -> None:
+    clock, ping = FakeClock(), CountingPing()
+    backends = [Backend("a", "h", 1)]
+    readiness = Readiness(lambda: backends, ping, store_required=True, clock=clock)
+    assert await readiness.check() == Verdict(True, "ready", "ready", "ok")
+    ping.error = "redis: ConnectionError: refused"
+    clock.now += 5
+    reason = "session store unreachable: redis: ConnectionError: refused; new sessions are refused"
+    assert await readiness.check() == Verdict(False, "unavailable", reason, "unreachable")
+    backends[0].up = False
+    fresh = Readiness(lambda: backends, ping, store_required=True, clock=clock)
+    assert await fresh.check() == Verdict(False, "unavailable", "no backend up", "unknown")
 
 
 # --- the access log ---------------------------------------------------------------------------------------
@@ -277,6 +294,7 @@ def fake_exchange(**changes: Any) -> Any:
         sent=321,
         received_at=time.perf_counter() - 0.0015,
         outcome="ok",
+        created=None,
     )
     for key, value in changes.items():
         setattr(head if hasattr(head, key) else exchange, key, value)
@@ -310,6 +328,30 @@ async def test_access_lines_are_json_whatever_the_request_carried() -> None:
     assert (second["mcp_method"], second["era"], second["session"]) == ('tools/"call"\\', "modern", None)
     assert (second["backend"], second["status"], second["outcome"]) == (None, 404, "error")
     assert "3f2a9c0d" not in stream.getvalue()
+
+
+@pytest.mark.parametrize("fmt", ["json", "text"])
+async def test_access_lines_name_the_worker_and_the_session_an_answer_created(fmt: str) -> None:
+    hasher = SessionHasher(b"k" * 16)
+    stream, alone = io.StringIO(), io.StringIO()
+    log, unnumbered = AccessLog(stream, fmt=fmt, hasher=hasher, worker=1), AccessLog(alone, fmt=fmt)
+    log.write(fake_exchange(session_id=None, created=b"minted-by-the-backend"))
+    log.write(fake_exchange(session_id=None))
+    unnumbered.write(fake_exchange())
+    log.flush()
+    unnumbered.flush()
+    created, plain = stream.getvalue().splitlines()
+    tag = hasher(b"minted-by-the-backend")
+    if fmt == "json":
+        assert (json.loads(created)["session"], json.loads(created)["worker"]) == (tag, 1)
+        assert (json.loads(plain)["session"], json.loads(plain)["worker"]) == (None, 1)
+        assert "worker" not in json.loads(alone.getvalue())
+    else:
+        assert created.endswith(" outcome=ok worker=1")
+        assert f" session={tag} " in created
+        assert " session=- " in plain
+        assert "worker" not in alone.getvalue()
+    assert "minted" not in stream.getvalue()
 
 
 async def test_access_log_flushes_on_a_timer_and_in_batches() -> None:

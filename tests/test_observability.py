@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import io
 import json
+import logging
 import re
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
@@ -26,11 +28,16 @@ from mcpbalancer.config import parse_config
 from mcpbalancer.errors import SessionNotFound, error_body
 from tests.fixtures.backends import BackendFactory, BackendProcess
 from tests.fixtures.proxy import HasUrl, proxy_config
+from tests.fixtures.rawhttp import ClientFactory
+from tests.fixtures.rawhttp import request as raw_request
 from tests.fixtures.redis import RedisServer
+from tests.fixtures.stub import Handler, StubFactory, StubRequest
+from tests.fixtures.stub import chunk as stub_chunk
 from tests.mcp_helpers import (
     DEADLINE,
     INIT_BODY,
     INIT_HEADERS,
+    call_body,
     call_tool,
     from_backend,
     from_proxy,
@@ -407,7 +414,8 @@ async def test_health_probes_are_answered_by_the_proxy(
         assert (resp.status, await resp.json()) == (200, {"status": "ok"})
         assert from_proxy(resp.headers)
     async with web.get(base + "/readyz") as resp:
-        assert (resp.status, await resp.json()) == (200, {"status": "ready", "reason": "ready"})
+        assert resp.status == 200
+        assert await resp.json() == {"status": "ready", "reason": "ready", "store": "ok"}
     async with web.head(base + "/readyz") as resp:
         assert resp.status == 200
     async with web.post(base + "/healthz", json={}) as resp:
@@ -420,7 +428,7 @@ async def test_health_probes_are_answered_by_the_proxy(
         backend.up = False
     async with web.get(base + "/readyz") as resp:
         assert resp.status == 503
-        assert await resp.json() == {"status": "unavailable", "reason": "no backend up"}
+        assert await resp.json() == {"status": "unavailable", "reason": "no backend up", "store": "ok"}
     async with web.get(base + "/healthz") as resp:
         assert resp.status == 200
 
@@ -431,36 +439,118 @@ async def test_readyz_follows_the_redis_store(
     web: aiohttp.ClientSession,
     private_redis_server: RedisServer,
 ) -> None:
+    # on_store_error: degrade (the default): through an outage the proxy still routes known sessions
+    # (local cache) and places new ones (bound locally), so it stays ready and says the store is down.
     obs = await observe(backends, store=private_redis_server.url)
     readyz = obs.proxy.url + "/readyz"
+    pings = obs.value("mcpbalancer_store_operations_total", op="ping", result="ok")  # the start-up one
 
     async def status() -> tuple[int, dict[str, str]]:
         async with web.get(readyz) as resp:
             return resp.status, await resp.json()
 
-    assert await status() == (200, {"status": "ready", "reason": "ready"})
+    assert await status() == (200, {"status": "ready", "reason": "ready", "store": "ok"})
     # Probes within a second share one PING.
     assert (await status())[0] == 200
-    assert obs.value("mcpbalancer_store_operations_total", op="ping", result="ok") == 1
+    assert obs.value("mcpbalancer_store_operations_total", op="ping", result="ok") == pings + 1
 
     private_redis_server.kill()
 
-    async def unready() -> bool:
-        return (await status())[0] == 503
+    async def store_down() -> bool:
+        return (await status())[1]["store"] == "unreachable"
 
-    await wait_until(unready, "/readyz to report the store down")
+    await wait_until(store_down, "/readyz to report the store down")
     code, body = await status()
-    assert code == 503
-    assert body["status"] == "unavailable"
+    assert code == 200
+    assert body["status"] == "degraded"
     assert body["reason"].startswith("session store unreachable: redis:")
+    assert body["reason"].endswith("; new sessions are bound locally")
     assert obs.value("mcpbalancer_store_operations_total", op="ping", result="error") >= 1
+    # What the body says holds: a new session is placed and routed while Redis is down.
+    session_id = await open_session(web, obs.url)
+    assert (await call_tool(web, obs.url, session_id, "count")).text == "1"
+
+    for backend in obs.proxy.backends:
+        backend.up = False
+    unavailable = {"status": "unavailable", "reason": "no backend up", "store": "unreachable"}
+    assert await status() == (503, unavailable)
+    for backend in obs.proxy.backends:
+        backend.up = True
 
     private_redis_server.start()
 
-    async def ready() -> bool:
-        return (await status())[0] == 200
+    async def store_up() -> bool:
+        return await status() == (200, {"status": "ready", "reason": "ready", "store": "ok"})
 
-    await wait_until(ready, "/readyz to recover with the store")
+    await wait_until(store_up, "/readyz to see the store again")
+
+
+async def test_readyz_with_on_store_error_fail_is_unready_while_the_store_is_down(
+    backends: list[BackendProcess],
+    observe: ObserveFactory,
+    web: aiohttp.ClientSession,
+    private_redis_server: RedisServer,
+) -> None:
+    obs = await observe(backends, store=private_redis_server.url, on_store_error="fail", admin="127.0.0.1:0")
+    assert obs.proxy.control is not None
+    probes = [obs.proxy.url + "/readyz", f"http://127.0.0.1:{obs.proxy.control.port}/readyz"]
+
+    async def statuses() -> list[tuple[int, dict[str, str]]]:
+        answers = []
+        for url in probes:
+            async with web.get(url) as resp:
+                answers.append((resp.status, await resp.json()))
+        return answers
+
+    assert await statuses() == [(200, {"status": "ready", "reason": "ready", "store": "ok"})] * 2
+    private_redis_server.kill()
+
+    async def unready() -> bool:
+        return all(code == 503 for code, _ in await statuses())
+
+    await wait_until(unready, "/readyz to answer 503 on both listeners")
+    for _, body in await statuses():
+        assert (body["status"], body["store"]) == ("unavailable", "unreachable")
+        assert body["reason"].startswith("session store unreachable: redis:")
+        assert body["reason"].endswith("; new sessions are refused")
+    # What the body says holds: an initialize is refused.
+    async with web.post(obs.url, json=INIT_BODY, headers=INIT_HEADERS) as resp:
+        assert resp.status == 503
+
+
+async def unreachable_redis_url(server: RedisServer) -> str:
+    """A Redis URL nobody answers on: the private server's port, with the server killed."""
+    server.kill()
+    return server.url
+
+
+@pytest.mark.parametrize("mode", ["degrade", "fail"])
+async def test_an_unreachable_redis_at_start_up_is_a_warning_at_once(
+    mode: str,
+    backends: list[BackendProcess],
+    observe: ObserveFactory,
+    web: aiohttp.ClientSession,
+    private_redis_server: RedisServer,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    url = await unreachable_redis_url(private_redis_server)
+    with caplog.at_level(logging.WARNING, logger="mcpbalancer"):
+        obs = await observe(backends, store=url, on_store_error=mode)
+    # Logged by start() itself, before any request and before the first one-second store check.
+    [warning] = [r for r in caplog.records if "session store unreachable" in r.getMessage()]
+    assert (warning.name, warning.levelname) == ("mcpbalancer.app", "WARNING")
+    message = warning.getMessage()
+    assert message.startswith("session store unreachable at start-up: redis:")
+    assert obs.value("mcpbalancer_store_degraded") == 1
+    assert obs.access_lines() == []
+    async with web.post(obs.url, json=INIT_BODY, headers=INIT_HEADERS) as resp:
+        status = resp.status
+    if mode == "fail":
+        assert "new sessions are refused (503)" in message
+        assert status == 503  # refused from the start, not from the first failed write
+    else:
+        assert "new sessions are bound locally" in message
+        assert status == 200
 
 
 # --- the access log -----------------------------------------------------------------------------------
@@ -495,7 +585,7 @@ async def test_access_log_lines(
         "method": "POST",
         "path": "/mcp",
         "era": "legacy",
-        "session": None,
+        "session": call["session"],  # the session its answer created
         "backend": name,
         "status": 200,
         "bytes": 0,
@@ -541,3 +631,164 @@ async def test_access_log_text_format(
 async def test_access_log_can_be_turned_off(backends: list[BackendProcess], observe: ObserveFactory) -> None:
     assert (await observe(backends, log={"access": False})).proxy.access_log is None
     assert (await observe(backends, log={"level": "warning"})).proxy.access_log is None
+
+
+# --- the access log tells the truth (issue 11) ------------------------------------------------------
+
+
+SDK_CLIENTS = 12
+SDK_CALLS = 15
+
+
+async def test_tool_calls_of_the_sdk_are_logged_ok(
+    backends: list[BackendProcess], observe: ObserveFactory
+) -> None:
+    # The mcp SDK closes its connection as soon as the response event of a POST's stream has
+    # arrived, often before the backend has ended that stream: the answer was delivered whole.
+    obs = await observe(backends)
+
+    async def client() -> None:
+        async with recorded_client(obs.url) as (sdk, _):
+            for _ in range(SDK_CALLS):
+                assert text_of(await sdk.call_tool("whoami")) in {"a", "b", "c"}
+
+    await asyncio.gather(*(client() for _ in range(SDK_CLIENTS)))
+    await wait_until(lambda: _no_connections(obs), "the proxy to see every connection closed")
+    answered = [line for line in obs.access_lines() if line["method"] == "POST" and line["status"] == 200]
+    assert len(answered) >= SDK_CLIENTS * (SDK_CALLS + 1)  # the calls and the initializes
+    assert [line for line in answered if line["outcome"] != "ok"] == []
+
+
+async def _no_connections(obs: Observed) -> bool:
+    plane = obs.proxy._plane
+    return plane is not None and not plane.connections
+
+
+def sse_stub(*events: bytes) -> Handler:
+    """A backend that answers a POST with these SSE events and then holds the stream open (a
+    backend slow to end its stream, which a real server does not do on demand)."""
+
+    async def handle(request: StubRequest) -> None:
+        await request.complete.wait()
+        head = "HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n"
+        request.conn.write(head.encode() + b"".join(stub_chunk(e) for e in events))
+        await request.conn.closed.wait()
+
+    return handle
+
+
+PROGRESS_EVENT = (
+    b'event: message\ndata: {"jsonrpc":"2.0","method":"notifications/progress",'
+    b'"params":{"progressToken":1,"progress":0.5}}\n\n'
+)
+RESULT_EVENT = b'event: message\ndata: {"jsonrpc":"2.0","id":1,"result":{"content":[]}}\n\n'
+
+
+@pytest.mark.parametrize(
+    ("events", "outcome"),
+    [
+        pytest.param([PROGRESS_EVENT, RESULT_EVENT], "ok", id="after-the-answer"),
+        pytest.param([PROGRESS_EVENT], "client_disconnect", id="before-the-answer"),
+    ],
+)
+async def test_a_client_that_closes_at_the_last_byte_of_its_answer_got_it(
+    events: list[bytes],
+    outcome: str,
+    observe: ObserveFactory,
+    make_stub: StubFactory,
+    open_client: ClientFactory,
+) -> None:
+    stub = await make_stub(sse_stub(*events))
+    obs = await observe([stub])
+    client = await open_client(obs.proxy)
+    client.send(raw_request("POST", "/mcp", [("Content-Type", "application/json")], b"{}"))
+    resp = await client.read_head()
+    expected = b"".join(events)
+    while len(resp.body) < len(expected):
+        assert await client.read_chunk(resp)
+    assert bytes(resp.body) == expected  # its last byte is in: the client closes at once
+    client.close()
+    [conn] = stub.connections
+    async with asyncio.timeout(DEADLINE):
+        await conn.closed.wait()  # the backend's stream is closed at once either way
+    [line] = obs.access_lines()
+    assert (line["status"], line["bytes"], line["outcome"]) == (200, len(expected), outcome)
+    disconnects = 0 if outcome == "ok" else 1
+    assert obs.value("mcpbalancer_client_disconnects_total") == disconnects
+
+
+async def test_streams_cut_at_shutdown_are_logged_shutdown(
+    backends: list[BackendProcess], web: aiohttp.ClientSession
+) -> None:
+    log = io.StringIO()
+    config = parse_config(proxy_config(backends[:1], shutdown_timeout=0.2), source="<test>")
+    proxy = Proxy(config, registry=CollectorRegistry(), access_stream=log)
+    await proxy.start()
+    try:
+        url = mcp_url(proxy)
+        session_id = await open_session(web, url)
+        headers = {"Accept": "text/event-stream", "Mcp-Session-Id": session_id}
+        stream = await web.get(url, headers=headers, timeout=aiohttp.ClientTimeout())
+        assert stream.status == 200
+        slow = asyncio.create_task(call_tool(web, url, session_id, "slow", seconds=30))
+        [backend] = proxy.backends
+
+        async def both_open() -> bool:
+            return backend.in_flight == 2
+
+        await wait_until(both_open, "the GET stream and the tool call to be in flight")
+    finally:
+        await proxy.stop()  # waits 0.2 s for the tool call, then cuts it and the GET stream
+    with contextlib.suppress(aiohttp.ClientError):
+        await slow
+    stream.close()
+    lines = [json.loads(line) for line in log.getvalue().splitlines()]
+    cut = [(line["method"], line["outcome"]) for line in lines[2:]]
+    assert sorted(cut) == [("GET", "shutdown"), ("POST", "shutdown")], lines
+    disconnects = proxy.metrics.registry.get_sample_value("mcpbalancer_client_disconnects_total")
+    assert disconnects == 0
+
+
+async def test_the_initialize_line_names_the_session_it_created(
+    backends: list[BackendProcess], observe: ObserveFactory, web: aiohttp.ClientSession
+) -> None:
+    obs = await observe(backends)
+    session_id = await open_session(web, obs.url)  # initialize, notifications/initialized
+    await call_tool(web, obs.url, session_id, "whoami")
+    # A stateful server puts a fresh, unusable id on its 400 to a session-less request that is not
+    # an initialize: no session was created, none is named.
+    async with web.post(obs.url, json=call_body("whoami"), headers=INIT_HEADERS) as resp:
+        assert resp.status == 400
+        assert "Mcp-Session-Id" in resp.headers
+        await resp.read()
+    async with web.post(obs.url, json=INIT_BODY, headers=INIT_HEADERS) as resp:
+        other = resp.headers["Mcp-Session-Id"]
+        assert sse_messages(await resp.text())  # the whole answer: the exchange has ended
+    initialize, initialized, call, refused, second = obs.access_lines()
+    assert re.fullmatch(r"[0-9a-f]{8}", initialize["session"])
+    assert initialize["session"] == initialized["session"] == call["session"]
+    assert refused["session"] is None
+    assert second["session"] not in (None, initialize["session"])
+    assert session_id not in obs.log.getvalue()
+    assert other not in obs.log.getvalue()
+
+
+async def test_streams_of_an_evicted_backend_are_logged_aborted(
+    backends: list[BackendProcess], observe: ObserveFactory, web: aiohttp.ClientSession
+) -> None:
+    obs = await observe(backends[:1])
+    session_id = await open_session(web, obs.url)
+    headers = {"Accept": "text/event-stream", "Mcp-Session-Id": session_id}
+    async with web.get(obs.url, headers=headers, timeout=aiohttp.ClientTimeout()) as stream:
+        assert stream.status == 200
+        [backend] = obs.proxy.backends
+        obs.proxy.fleet.on_evict(backend)  # what a drain that timed out does to its open streams
+        with pytest.raises(aiohttp.ClientPayloadError):  # cut: the chunked body has no end
+            await stream.content.read()
+
+    async def logged() -> bool:
+        return len(obs.access_lines()) == 3
+
+    await wait_until(logged, "the stream's access line")
+    assert obs.access_lines()[-1]["outcome"] == "aborted"
+    assert obs.value("mcpbalancer_client_disconnects_total") == 0

@@ -139,3 +139,44 @@ def test_random_splits_agree_with_one_chunk_and_reference(seed: int) -> None:
             boundary.feed(stream[start:end])
             assert boundary.at_boundary is reference_at_boundary(stream[:end]), (stream, end)
         assert boundary.at_boundary is fed([stream]).at_boundary
+
+
+# --- was the last event the answer? (read only when a client leaves mid-stream) -------------------
+
+RESPONSE = b'{"jsonrpc":"2.0","id":7,"result":{"content":[{"type":"text","text":"method"}]}}'
+PROGRESS = b'{"jsonrpc":"2.0","method":"notifications/progress","params":{"progressToken":1,"progress":1}}'
+
+
+@pytest.mark.parametrize(
+    "chunks",
+    [
+        [b"event: message\ndata: " + RESPONSE + b"\n\n"],
+        [b"event: message\r\ndata: " + RESPONSE + b"\r\n\r\n"],  # CRLF line endings
+        [b"data: " + PROGRESS + b"\n\nevent: message\ndata:" + RESPONSE + b"\n\n"],  # in one read
+        [b"data: " + PROGRESS + b"\n\n", b"id: 3\ndata: " + RESPONSE + b"\n\n"],
+        [b'data: {"jsonrpc":"2.0",\ndata: "id":1,"error":{"code":-1,"message":"x"}}\n\n'],  # two lines
+        [b"data: [" + RESPONSE + b"," + RESPONSE + b"]\n\n"],  # a batch of responses
+        [b"data: " + RESPONSE + b"\n\n: a comment\n\n"],  # events without data do not count
+    ],
+)
+def test_a_stream_that_ended_with_its_answer(chunks: list[bytes]) -> None:
+    assert fed(chunks).answered()
+
+
+@pytest.mark.parametrize(
+    "chunks",
+    [
+        [],  # nothing relayed
+        [b"id: 1\nretry: 500\ndata:\n\n"],  # a priming event (empty data)
+        [b"data: " + PROGRESS + b"\n\n"],  # a notification: the answer is still to come
+        [b"data: " + RESPONSE + b"\n\n", b"data: " + PROGRESS + b"\n\n"],
+        [b'data: {"jsonrpc":"2.0","id":2,"method":"sampling/createMessage","params":{}}\n\n'],
+        [b"data: " + RESPONSE + b"\n"],  # the event has not ended
+        [b"data: " + RESPONSE[:30], RESPONSE[30:] + b"\n\n"],  # begun in an earlier chunk
+        [b"data: [" + RESPONSE + b"," + PROGRESS + b"]\n\n"],
+        [b"data: not json\n\n"],
+        [b"datum: " + RESPONSE + b"\n\n"],  # another field
+    ],
+)
+def test_a_stream_left_before_its_answer(chunks: list[bytes]) -> None:
+    assert not fed(chunks).answered()

@@ -267,6 +267,15 @@ async def test_sessions_keep_affinity_across_workers_and_sigterm_stops_all(
     access = [json.loads(line) for line in cluster.access]
     assert len(access) > 20 * 5
     assert len({line["session"] for line in access} - {None}) == len(set(sessions))
+    # Every line says which worker wrote it: the access lines, and the event lines of the workers
+    # (the supervisor's own have no index).
+    assert {line["worker"] for line in access} == {0, 1}
+    events = [json.loads(line) for line in cluster.log if line.startswith("{")]
+    stops = [event.get("worker") for event in events if event["msg"] == "shutting down"]
+    assert sorted(stops) == [0, 1]
+    own = [event for event in events if event["logger"] == "mcpbalancer.supervisor"]
+    assert own
+    assert not [event for event in own if "worker" in event]
 
 
 async def test_a_killed_worker_is_restarted_and_sessions_survive(start_cluster: StartCluster) -> None:

@@ -18,6 +18,7 @@ from mcpbalancer.config.loading import load_config, parse_config
 from mcpbalancer.config.models import (
     BALANCE_STRATEGIES,
     DEFAULT_LOCAL_CACHE_SIZE,
+    DEFAULT_MCP_PATH,
     DEFAULT_SHUTDOWN_TIMEOUT,
     DEFAULT_STORE_PREFIX,
     ERAS,
@@ -47,6 +48,7 @@ from mcpbalancer.errors import ConfigError
 __all__ = [
     "BALANCE_STRATEGIES",
     "DEFAULT_LOCAL_CACHE_SIZE",
+    "DEFAULT_MCP_PATH",
     "DEFAULT_SHUTDOWN_TIMEOUT",
     "DEFAULT_STORE_PREFIX",
     "ERAS",

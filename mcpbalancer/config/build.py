@@ -48,14 +48,15 @@ def build(file: ConfigFile, source: str) -> Config:
         session_binding_key=file.session_binding_key,
         on_store_error=file.on_store_error,
         workers=file.workers,
+        mcp_path=file.mcp_path,
     )
 
 
 def _backends(entry: BackendEntry, index: int) -> list[BackendConfig]:
     if entry.url is not None:
-        scheme, host, port, path_prefix = split_backend_url(entry.url)
+        scheme, host, port, path = split_backend_url(entry.url)
         tls = _tls(entry.tls or TlsSection(), f"backends[{index}].tls") if scheme == "https" else None
-        return [_backend(entry, entry.name, entry.url, scheme, host, port, path_prefix, tls)]
+        return [_backend(entry, entry.name, entry.url, scheme, host, port, path, tls)]
     # A managed entry (BackendEntry has exactly one of url and command): host and port are known
     # once the process is up.
     return [_backend(entry, name, "", "http", MANAGED_HOST, 0, "", None) for name in entry.names]
@@ -68,7 +69,7 @@ def _backend(
     scheme: str,
     host: str,
     port: int,
-    prefix: str,
+    path: str,
     tls: TlsConfig | None,
 ) -> BackendConfig:
     return BackendConfig(
@@ -77,7 +78,7 @@ def _backend(
         scheme,
         host,
         port,
-        prefix,
+        path,
         weight=entry.weight,
         drain=entry.drain,
         drain_timeout=entry.drain_timeout,

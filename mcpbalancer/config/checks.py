@@ -84,7 +84,9 @@ def _split_url(value: str) -> SplitResult:
 
 
 def split_backend_url(value: str) -> tuple[str, str, int, str]:
-    """(scheme, host, port, path prefix) of a backend URL."""
+    """(scheme, host, port, path) of a backend URL. The path is the server's MCP endpoint, kept as
+    written (a trailing slash matters to the server, as it does to a client given the URL); "/" alone
+    is no path."""
     parts = _split_url(value)
     if parts.scheme not in ("http", "https"):
         raise ValueError(f"must be an http:// or https:// URL, got {redact(value)!r}")
@@ -97,7 +99,9 @@ def split_backend_url(value: str) -> tuple[str, str, int, str]:
     if parts.port == 0:
         raise ValueError(f"port must be 1-65535, got {value!r}")
     port = parts.port or (443 if parts.scheme == "https" else 80)
-    return parts.scheme, parts.hostname, port, parts.path.rstrip("/")
+    if not URL_PATH.fullmatch(parts.path or "/"):
+        raise ValueError(f"the path must be visible ASCII, at most 256 bytes; got {parts.path!r}")
+    return parts.scheme, parts.hostname, port, "" if parts.path == "/" else parts.path
 
 
 def check_backend_url(value: str) -> str:
@@ -135,6 +139,15 @@ class _CommandCheck(dict[str, str]):
 
 def check_metrics_path(value: str) -> str:
     check_probe_path(value)
+    if value in PROBE_PATHS:
+        raise ValueError(f"must not be {value}: the proxy answers that path itself")
+    return value
+
+
+def check_mcp_path(value: str) -> str:
+    if not URL_PATH.fullmatch(value) or "?" in value or "#" in value:
+        rule = "a path starting with '/', visible ASCII without '?' or '#', at most 256 bytes"
+        raise ValueError(f"must be {rule}; got {value!r}")
     if value in PROBE_PATHS:
         raise ValueError(f"must not be {value}: the proxy answers that path itself")
     return value

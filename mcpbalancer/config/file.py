@@ -8,7 +8,8 @@ that nothing invalid gets that far.
 
 from __future__ import annotations
 
-from typing import Annotated, Final, Self
+from collections.abc import Mapping
+from typing import Annotated, Any, Final, Self
 
 from pydantic import AfterValidator, BeforeValidator, Field, model_validator
 from pydantic.dataclasses import dataclass
@@ -17,6 +18,7 @@ from mcpbalancer.config import checks
 from mcpbalancer.config.checks import BACKEND_NAME, BACKEND_NAME_RULE, PARAM_NAME, describe
 from mcpbalancer.config.models import (
     DEFAULT_LOCAL_CACHE_SIZE,
+    DEFAULT_MCP_PATH,
     DEFAULT_SHUTDOWN_TIMEOUT,
     DEFAULT_STORE_PREFIX,
     DENY_STATUSES,
@@ -35,6 +37,7 @@ from mcpbalancer.config.models import (
     Integer,
     LimitsConfig,
     LogConfig,
+    McpPath,
     MetricsConfig,
     Name,
     Number,
@@ -122,9 +125,10 @@ class BackendEntry(Section):
     )
     url: Url | None = Field(
         default=None,
-        description="http:// or https:// base URL (port 80/443 by default); its path, if any, is "
-        "prefixed to every request path. No query, fragment or user:password@. Required unless "
-        "`command` is given.",
+        description="http:// or https:// URL (port 80/443 by default). A path names the server's MCP "
+        "endpoint, kept as written: requests for `mcp_path` go there, any other path unchanged; without "
+        "a path every request path is sent as it came. No query, fragment or user:password@. Required "
+        "unless `command` is given.",
     )
     weight: Integer = Field(
         default=1,
@@ -341,6 +345,32 @@ class ConfigFile(Section):
         description="Processes serving `listen` together (SO_REUSEPORT); more than 1 needs a Redis "
         "`store`, a fixed `listen` port and no `command` backends. `--workers` overrides it.",
     )
+    mcp_path: McpPath = Field(
+        default=DEFAULT_MCP_PATH,
+        description="The path clients use for MCP. A request for it goes to each backend's MCP endpoint: "
+        "the path of its `url`, or this same path for a url without one. Every other path is forwarded "
+        "as it came. Not /healthz, /readyz, nor metrics.path when the metrics are served on `listen`.",
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _health_path_follows_mcp_path(cls, data: Any) -> Any:
+        """health.path is `mcp_path` unless the file says otherwise; only the raw file knows whether
+        it does."""
+        if not isinstance(data, Mapping):
+            return data
+        health, mcp_path = data.get("health"), data.get("mcp_path")
+        if (
+            not isinstance(mcp_path, str)
+            or not isinstance(health, Mapping | None)
+            or "path" in (health or {})
+        ):
+            return data
+        try:
+            checks.check_mcp_path(mcp_path)
+        except ValueError:
+            return data  # mcp_path's own error says what is wrong, once
+        return {**data, "health": {**(health or {}), "path": mcp_path}}
 
     @model_validator(mode="after")
     def _across_keys(self) -> Self:
@@ -349,6 +379,7 @@ class ConfigFile(Section):
         self._check_routes()
         self._check_stream_idle()
         self._check_binding()
+        self._check_metrics_path()
         return self
 
     def _backend_names(self) -> list[str]:
@@ -392,3 +423,9 @@ class ConfigFile(Section):
                 "hash credentials with the same key (a per-process random key would tie sessions to one "
                 "replica)",
             )
+
+    def _check_metrics_path(self) -> None:
+        metrics = self.metrics or MetricsConfig()
+        if self.admin is None and metrics.enabled and metrics.path == self.mcp_path:
+            problem = f"must not be `mcp_path` ({self.mcp_path}) while the metrics are served on `listen`"
+            raise invalid(("metrics", "path"), problem)

@@ -45,6 +45,7 @@ ERAS: Final = ("legacy", "modern")
 DEFAULT_STORE_PREFIX: Final = "mcpb:"
 DEFAULT_LOCAL_CACHE_SIZE: Final = 100_000
 DEFAULT_SHUTDOWN_TIMEOUT: Final = 10.0
+DEFAULT_MCP_PATH: Final = "/mcp"
 MAX_REPLICAS: Final = 64
 MAX_WORKERS: Final = 1024  # a typo guard, not a tuning limit
 DENY_STATUSES: Final = tuple(int(s) for s in HTTPStatus if 400 <= s <= 499)
@@ -103,6 +104,7 @@ Origin = Annotated[Text, _Check(checks.check_origin, pattern=f"^(?:\\*|{ORIGIN.p
 HeaderName = Annotated[Text, _matching(HEADER_NAME, checks.HEADER_RULE)]
 ServerName = Annotated[Text, _matching(checks.SERVER_NAME, checks.SERVER_NAME_RULE)]
 ProbePath = Annotated[Text, _Check(checks.check_probe_path, pattern=f"^{checks.URL_PATH.pattern}$")]
+McpPath = Annotated[Text, _Check(checks.check_mcp_path, pattern='^/[!"$->@-~]{0,255}$')]
 MetricsPath = Annotated[Text, _Check(checks.check_metrics_path, pattern=f"^{checks.URL_PATH.pattern}$")]
 Balance = Annotated[Text, _one_of(BALANCE_STRATEGIES)]
 Failover = Annotated[Text, _one_of(FAILOVER_MODES)]
@@ -157,8 +159,9 @@ class TimeoutsConfig(Section):
 @dataclass(frozen=True, slots=True, config=MODEL)
 class HealthConfig(Section):
     """Active health checks: one probe per backend every `interval` seconds, a 2026-07-28
-    `server/discover` POST to `path`. Any answer below 500 is up; a refused connection is down at once.
-    Down backends take no new sessions but keep their existing ones."""
+    `server/discover` POST to `path`. The answer must be an MCP endpoint's; a 404, a redirect or a
+    refused connection marks the backend down at once, a 5xx or a timeout counts as a failure. Down
+    backends take no new sessions but keep their existing ones."""
 
     interval: Number = Field(
         default=1.0,
@@ -166,7 +169,11 @@ class HealthConfig(Section):
         description="Seconds between probes of a backend (fractional allowed); 0 = no active checks.",
     )
     timeout: Number = Field(default=1.0, gt=0, description="Seconds a probe may take.")
-    path: ProbePath = Field(default="/mcp", description="Path probed, appended to the backend URL's path.")
+    path: ProbePath = Field(
+        default=DEFAULT_MCP_PATH,
+        description="Path probed, as a client's request for it would be forwarded. Default: `mcp_path`, so "
+        "each backend's MCP endpoint is probed.",
+    )
     fall: Integer = Field(
         default=2,
         ge=1,

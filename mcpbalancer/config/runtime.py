@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 from mcpbalancer.config.models import (
     DEFAULT_LOCAL_CACHE_SIZE,
+    DEFAULT_MCP_PATH,
     DEFAULT_SHUTDOWN_TIMEOUT,
     DEFAULT_STORE_PREFIX,
     ERAS,
@@ -45,7 +46,7 @@ class BackendConfig:
     scheme: str
     host: str
     port: int
-    path_prefix: str
+    path: str  # the URL's path: the server's MCP endpoint; "" when the URL has none
     weight: int = 1
     drain: bool = False
     drain_timeout: float = 0.0  # seconds after the drain starts; 0 = wait for the sessions forever
@@ -101,6 +102,8 @@ class Config:
     on_store_error: str = "degrade"  # or "fail": what new sessions get while the shared store is down
     # Processes sharing the listen port (SO_REUSEPORT); > 1 makes the CLI a supervisor (supervisor.py).
     workers: int = 1
+    # The path clients use for MCP; requests for it go to each backend's endpoint (its URL's path).
+    mcp_path: str = DEFAULT_MCP_PATH
 
 
 def host_port(host: str, port: int) -> str:

@@ -1,12 +1,13 @@
 """The admin API, on the control listener only (never on the public one).
 
     GET  /admin/backends                 {"backends": [{name, state, weight, sessions, in_flight,
-                                                        last_check}]}
+                                                        last_check, reason}]}
     POST /admin/backends/{name}/drain    {"backend": name, "state": ...}; 404 JSON for an unknown name
     POST /admin/backends/{name}/undrain
     POST /admin/reload                   {"reloaded": true, "added": [...], ...}; 400 JSON with the reason
 
-`last_check` is the Unix time of the last active probe result, or null before the first one.
+`last_check` is the Unix time of the last active probe result, or null before the first one;
+`reason` why the backend is down or its last check failed, null when it is healthy.
 A drain or undrain from the API lasts until the next reload: the file is the source of truth.
 """
 
@@ -24,9 +25,12 @@ Reload = Callable[[], Changes]  # raises ConfigError with the reason
 
 
 class AdminApi:
-    def __init__(self, fleet: Fleet, last_check: dict[str, float], reload: Reload) -> None:
+    def __init__(
+        self, fleet: Fleet, last_check: dict[str, float], reload: Reload, reasons: dict[str, str]
+    ) -> None:
         self._fleet = fleet
         self._last_check = last_check
+        self._reasons = reasons
         self._reload = reload
 
     def install(self, app: web.Application) -> None:
@@ -36,7 +40,7 @@ class AdminApi:
         app.router.add_post("/admin/reload", self._reload_file)
 
     async def _backends(self, request: web.Request) -> web.Response:
-        return _json({"backends": self._fleet.snapshot(self._last_check)})
+        return _json({"backends": self._fleet.snapshot(self._last_check, self._reasons)})
 
     async def _drain(self, request: web.Request) -> web.Response:
         return self._change(request.match_info["name"], self._fleet.drain)

@@ -1,9 +1,12 @@
 """Liveness, readiness and the metrics page, as answers both listeners can serve.
 
-`/healthz`: the process is alive and its event loop turns (200). `/readyz`: at least one backend is
-up and the session store answers (200), else 503 with a JSON reason. The store is pinged at most
-once per READY_CACHE seconds, and concurrent probes share the ping in flight, so a scrape storm
-does not become a Redis storm.
+`/healthz`: the process is alive and its event loop turns (200). `/readyz`: 200 while the proxy can
+place and route sessions, 503 when it cannot serve, with a JSON body naming the reason and the
+store's state. It cannot serve when no backend is up, or when the session store is unreachable and
+`on_store_error` is `fail` (new sessions are refused). With `degrade` a store outage is reported in
+the body (`"status":"degraded"`) but the answer stays 200: known sessions route from the local cache
+and new ones are bound locally. The store is pinged at most once per READY_CACHE seconds, and
+concurrent probes share the ping in flight, so a scrape storm does not become a Redis storm.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ import asyncio
 import json
 import time
 from collections.abc import Awaitable, Callable, Iterable
+from typing import NamedTuple
 
 from mcpbalancer.backends import Backend
 from mcpbalancer.dataplane.local import LocalAnswer, LocalHandler
@@ -25,32 +29,53 @@ ALIVE = LocalAnswer(200, "OK", JSON, b'{"status":"ok"}')
 _NOT_ALLOWED = LocalAnswer(405, "Method Not Allowed", JSON, b'{"status":"method not allowed"}')
 
 
+class Verdict(NamedTuple):
+    """What /readyz answers: `ready` is the status code's choice (200 or 503)."""
+
+    ready: bool
+    status: str  # "ready", "degraded" (ready, the store is down) or "unavailable"
+    reason: str
+    store: str  # "ok", "unreachable", or "unknown" (not asked yet)
+
+
 class Readiness:
-    """`await check()` -> (ready, reason). `ping` raises StoreError when the store is unreachable."""
+    """`await check()` -> Verdict. `ping` raises StoreError when the store is unreachable;
+    `store_required` (on_store_error: fail) makes an unreachable store unready."""
 
     def __init__(
         self,
         backends: Callable[[], Iterable[Backend]],
         ping: Callable[[], Awaitable[None]],
         *,
+        store_required: bool = False,
         cache: float = READY_CACHE,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._backends = backends
         self._ping = ping
+        self._store_required = store_required
         self._cache = cache
         self._clock = clock
         self._checked_at = float("-inf")
         self._store_problem: str | None = None
         self._pinging: asyncio.Future[None] | None = None
 
-    async def check(self) -> tuple[bool, str]:
+    async def check(self) -> Verdict:
         if not any(backend.up for backend in self._backends()):
-            return False, "no backend up"
+            # The store is not asked when no backend could serve anyway: its last known state.
+            return Verdict(False, "unavailable", "no backend up", self._store_state())
         problem = await self._store()
-        if problem is not None:
-            return False, f"session store unreachable: {problem}"
-        return True, "ready"
+        if problem is None:
+            return Verdict(True, "ready", "ready", "ok")
+        reason = f"session store unreachable: {problem}"
+        if self._store_required:
+            return Verdict(False, "unavailable", f"{reason}; new sessions are refused", "unreachable")
+        return Verdict(True, "degraded", f"{reason}; new sessions are bound locally", "unreachable")
+
+    def _store_state(self) -> str:
+        if self._checked_at == float("-inf"):
+            return "unknown"
+        return "ok" if self._store_problem is None else "unreachable"
 
     async def _store(self) -> str | None:
         if self._clock() - self._checked_at < self._cache:
@@ -72,12 +97,12 @@ class Readiness:
 
 
 async def readiness_answer(readiness: Readiness) -> LocalAnswer:
-    ready, reason = await readiness.check()
-    status = "ready" if ready else "unavailable"
-    body = json.dumps({"status": status, "reason": reason}, separators=(",", ":")).encode()
-    return (
-        LocalAnswer(200, "OK", JSON, body) if ready else LocalAnswer(503, "Service Unavailable", JSON, body)
-    )
+    verdict = await readiness.check()
+    fields = {"status": verdict.status, "reason": verdict.reason, "store": verdict.store}
+    body = json.dumps(fields, separators=(",", ":")).encode()
+    if verdict.ready:
+        return LocalAnswer(200, "OK", JSON, body)
+    return LocalAnswer(503, "Service Unavailable", JSON, body)
 
 
 def metrics_answer(metrics: Metrics) -> LocalAnswer:

@@ -89,7 +89,9 @@ class Exchange:
     # For metrics and the access log.
     status = 0  # the status the client was sent; 0 while none
     sent = 0  # response body bytes relayed
-    outcome = "ok"  # or error, aborted, client_disconnect, local
+    outcome = "ok"  # or error, aborted, client_disconnect, shutdown, local
+    cut_by: str | None = None  # the outcome when the proxy closes the client connection (shutdown)
+    created: bytes | None = None  # the session id a 2xx answer to a request without one minted
     _stream_at = 0.0
     _awaiting_body = False  # routing waits for the whole request body (2026-07-28 only)
     _sniffer: ResultSniffer | None = None  # reads a watched response for affinity
@@ -246,8 +248,15 @@ class Exchange:
         """The client went away: closing the upstream request is the cancellation signal."""
         if self.done:
             return
-        self.plane.metrics.disconnects.value += 1
-        self.outcome = "client_disconnect"
+        if self.cut_by is not None:
+            self.outcome = self.cut_by
+        elif self._boundary is not None and self._held is None and self._boundary.answered():
+            # The client had its whole answer and closed the stream before the backend ended it
+            # (the mcp SDK closes right after the response event): delivered, not a disconnect.
+            self.outcome = "ok"
+        else:
+            self.plane.metrics.disconnects.value += 1
+            self.outcome = "client_disconnect"
         if self.upstream is not None:
             self.upstream.abort()
             self.upstream = None
@@ -364,9 +373,8 @@ class Exchange:
         failover = self.plane.router.failover
         if failover is not None and self.facts is not None and self.facts.session_id is not None:
             self._alias = failover.alias(self.facts.session_id)  # the session was moved here
-        return request_head(
-            self.head, backend.path_prefix, backend.host_header, self.client.peer_ip, self._alias
-        )
+        target = backend.target(self.head.target) if backend.endpoint else self.head.target
+        return request_head(self.head, target, backend.host_header, self.client.peer_ip, self._alias)
 
     def _flush_pending(self, head: bytes = b"") -> None:
         """Send `head` and the body that arrived while no backend connection existed, in one write."""
@@ -425,6 +433,9 @@ class Exchange:
             client_sid = head.session_id
             headers = [(n, client_sid if n.lower() == protocol.SESSION_ID else v) for n, v in headers]
         lines, response_sid, content_type, length, coding, length_at, cors_given = scan(headers)
+        # Router.learn's rule: a 2xx with an id, to a legacy request without one, made a session.
+        if response_sid is not None and head.session_id is None and 200 <= status < 300:
+            self.created = response_sid if self.facts.era is Era.LEGACY else None  # for the access log
         self._no_body = self.head.method == b"HEAD" or status in (204, 304)
         unsized = not self._no_body and (coding is not None or length is None)
         if unsized:

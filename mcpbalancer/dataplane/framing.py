@@ -24,13 +24,12 @@ def chunk_size(data: bytes) -> bytes:
     return b"%x\r\n" % len(data)
 
 
-def request_head(
-    head: RequestHead, path_prefix: bytes, host: bytes, peer_ip: bytes, alias: bytes | None
-) -> bytes:
-    """The head to send to a backend at `host`: hop-by-hop fields dropped, X-Forwarded-* added,
-    the body's framing restated; with `alias`, the session id the backend knows a moved session by."""
+def request_head(head: RequestHead, target: bytes, host: bytes, peer_ip: bytes, alias: bytes | None) -> bytes:
+    """The head to send to a backend at `host` for `target` (the client's, or the backend's own MCP
+    endpoint): hop-by-hop fields dropped, X-Forwarded-* added, the body's framing restated; with
+    `alias`, the session id the backend knows a moved session by."""
     drop = _DROP_REQUEST | head.connection_tokens if head.connection_tokens else _DROP_REQUEST
-    lines = [head.method, b" ", path_prefix, head.target, b" HTTP/1.1\r\nHost: ", host, b"\r\n"]
+    lines = [head.method, b" ", target, b" HTTP/1.1\r\nHost: ", host, b"\r\n"]
     if alias is not None:
         drop = drop | {protocol.SESSION_ID}
         lines += (b"Mcp-Session-Id: ", alias, b"\r\n")

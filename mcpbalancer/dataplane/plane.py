@@ -101,8 +101,9 @@ class DataPlane:
             conn.close_when_idle()
 
     def abort_all(self) -> None:
+        """Shutdown, last step: cut what is left; its access lines say `shutdown`."""
         for conn in list(self.connections):
-            conn.abort()
+            _cut(conn, "shutdown")
 
     def busy(self) -> bool:
         """Some exchange is still working, other than a standalone GET stream (which has no end)."""
@@ -112,11 +113,18 @@ class DataPlane:
         """Cut the event streams relayed from `backend` (its sessions were ended)."""
         for conn in list(self.connections):
             if any(ex.backend is backend and ex.streaming for ex in conn.exchanges):
-                conn.abort()
+                _cut(conn, "aborted")
 
 
 def _ignore_failure(backend: str, kind: str) -> None:
     pass
+
+
+def _cut(conn: ClientConnection, outcome: str) -> None:
+    """Close `conn` from the proxy's side: its exchanges end with `outcome`, not as a disconnect."""
+    for exchange in conn.exchanges:
+        exchange.cut_by = outcome
+    conn.abort()
 
 
 def _standalone_stream(exchange: Exchange) -> bool:

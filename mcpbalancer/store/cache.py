@@ -16,7 +16,8 @@ bound here alone (`degraded`). `watch()` sets a per-process marker key every sec
 answers again, or when the marker is found missing (Redis restarted empty, or was flushed), every
 live entry is re-asserted with SET NX, so no mapping is lost and none is bound twice. A background
 touch that finds a key gone drops the entry only when the marker shows the store did not lose its
-data (another replica ended the session); otherwise the entry is re-asserted.
+data (another replica ended the session); otherwise the entry is re-asserted. An outage is logged
+once, when it is noticed; `check()` pings the store at start-up, so one there is noticed at once.
 """
 
 from __future__ import annotations
@@ -121,7 +122,7 @@ class CachedStore:
             owner = await self._inner.bind(sid, backend, ttl * LIFETIME)
         except StoreError as exc:
             # The backend has made the session: keep it here, and write it when the store returns.
-            self._failed()
+            self._failed(exc)
             logger.warning("session store unavailable; session bound locally until it returns: %s", exc)
             owner = backend
         else:
@@ -148,6 +149,18 @@ class CachedStore:
 
     async def ping(self) -> None:
         await self._inner.ping()
+
+    async def check(self) -> str | None:
+        """Ping the shared store now (at start-up): None if it answers, else the problem, and the
+        cache is degraded from this moment rather than from the first session or watch tick. Not
+        logged here: the caller says what an outage means for new sessions."""
+        try:
+            await self._inner.ping()
+        except StoreError as exc:
+            self._failed(exc, quiet=True)
+            return str(exc)
+        self._answered()
+        return None
 
     async def watch(self, interval: float = WATCH_INTERVAL) -> None:
         """Run forever (a task of the app): notice outages, recoveries and lost data; re-assert."""
@@ -181,7 +194,7 @@ class CachedStore:
             )
             for (sid, entry), owner in zip(batch, owners, strict=True):
                 if isinstance(owner, BaseException):
-                    self._failed()  # down again: the next recovery starts over
+                    self._failed(owner)  # down again: the next recovery starts over
                     return
                 if owner != entry.backend and self._entries.get(sid) is entry:
                     logger.warning("session re-asserted to the store found another owner; using it")
@@ -196,25 +209,30 @@ class CachedStore:
         """Set our marker; True if the store had lost it (or never had it). False on failure."""
         try:
             lost = await self._inner.mark(MARKER_TTL)
-        except StoreError:
-            self._failed()
+        except StoreError as exc:
+            self._failed(exc)
             return False
         self._answered()
         first, self._marked = not self._marked, True
         return lost and not first
 
-    def _failed(self) -> None:
+    def _failed(self, exc: BaseException, *, quiet: bool = False) -> None:
         self._dirty = True
         if not self.degraded:
             self.degraded = True
             if self._metrics is not None:
                 self._metrics.store_degraded.value = 1
+            if not quiet:  # once per outage, when it is noticed (a watch tick is a second apart)
+                logger.warning(
+                    "session store unreachable: %s; known sessions route from the local cache", exc
+                )
 
     def _answered(self) -> None:
         if self.degraded:
             self.degraded = False
             if self._metrics is not None:
                 self._metrics.store_degraded.value = 0
+            logger.info("session store reachable again")
 
     async def drain(self) -> None:
         """Wait for the background touches in flight (tests; a graceful shutdown)."""
@@ -256,7 +274,7 @@ class CachedStore:
             alive = await self._inner.touch(sid, entry.ttl * LIFETIME)
         except Exception as exc:  # a background task has no caller to report to
             logger.debug("background session touch failed: %s", exc)
-            self._failed()
+            self._failed(exc)
             return
         self._answered()
         if alive or self._entries.get(sid) is not entry:

@@ -52,6 +52,9 @@ Tools and their behaviour per era:
     also stored for replay). Returns ``"sent"``. Modern: there is no standalone stream, the SDK drops the
     notification; the tool still answers ``"sent"``.
 
+``GET /whoami`` (a custom route, not MCP)
+    ``{"name": <instance>, "path": <request path>, "query": <query string>}``.
+
 ``background(seconds)`` (only with ``--tasks``)
     Registered with ``task=True`` under the fastmcp-tasks extension (in-memory Docket, so tasks live in
     this process only): a 2026-07-28 client that opts in (``_meta`` clientCapabilities ``extensions``
@@ -100,8 +103,11 @@ import uvicorn
 from fastmcp import Context, FastMCP
 from fastmcp.exceptions import ToolError
 from mcp_types.version import MODERN_PROTOCOL_VERSIONS
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
 
 MCP_PATH = "/mcp"
+WHOAMI_PATH = "/whoami"
 DEFAULT_WAIT_SECONDS = 10.0
 
 HostOriginProtection = bool | Literal["auto"]
@@ -253,6 +259,11 @@ def build_server(name: str, *, tasks: bool = False, tls: TlsLog | None = None) -
         # No related_request_id: the notification goes to the connection's standalone channel.
         await ctx.session.send_tool_list_changed()
         return "sent"
+
+    @mcp.custom_route(WHOAMI_PATH, methods=["GET"])
+    async def whoami_route(request: Request) -> Response:
+        """A plain HTTP route beside the MCP endpoint: the name and the target it was asked for."""
+        return JSONResponse({"name": name, "path": request.url.path, "query": request.url.query})
 
     return mcp
 
