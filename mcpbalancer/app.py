@@ -29,6 +29,7 @@ from mcpbalancer.dataplane.tls import backend_contexts
 from mcpbalancer.errors import BackendStartError, ConfigError, ListenError
 from mcpbalancer.failover import Failover
 from mcpbalancer.health import HealthChecker, HttpProbe
+from mcpbalancer.hosts import HostPolicy, for_listen
 from mcpbalancer.lifecycle import Changes, Fleet
 from mcpbalancer.logs import AccessLog, SessionHasher, access_enabled
 from mcpbalancer.managed import ManagedBackends
@@ -53,6 +54,22 @@ def _shared_affinity(config: Config) -> SharedAffinity | None:
     if config.store == "memory" or not (config.affinity.tasks or config.affinity.request_state):
         return None
     return SharedAffinity.from_url(config.store, prefix=config.store_prefix)
+
+
+def _host_policy(config: Config) -> HostPolicy:
+    """`allowed_hosts` for the listen address, with a warning when it is open or left to the default
+    on an address other machines reach."""
+    policy = for_listen(config.allowed_hosts, config.listen_host)
+    if policy.any:
+        log.warning("allowed_hosts: '*' accepts every Host: DNS-rebinding protection is off")
+    elif config.allowed_hosts is None and policy.ip_literals:
+        log.warning(
+            "listen %s is not a loopback address and allowed_hosts is not set: only IP addresses and "
+            "%s are accepted as Host (others get 421); list the names clients use in allowed_hosts",
+            config.listen_host,
+            ", ".join(policy.patterns),
+        )
+    return policy
 
 
 def _unchanged(config: Config) -> Config:
@@ -256,6 +273,7 @@ class Proxy:
             access_log=self.access_log,
             local=self._local,
             allowed_origins=self.config.allowed_origins,
+            hosts=_host_policy(self.config),
         )
         self._plane.on_backend_failure = self.health.passive
         self.fleet.on_evict = self._plane.abort_streams

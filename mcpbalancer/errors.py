@@ -13,6 +13,7 @@
           ├── SessionNotFound         404: unknown or expired session, or its owner is gone
           ├── RequestTimeout          408: the request head did not arrive in time
           ├── PayloadTooLarge         413
+          ├── MisdirectedRequest      421: a Host not in `allowed_hosts`
           ├── HeadersTooLarge         431
           ├── NotImplementedMethod    501: CONNECT, Upgrade
           ├── BadGateway              502: the backend broke the exchange
@@ -113,6 +114,11 @@ class RequestTimeout(ProxyError):
 
 class PayloadTooLarge(ProxyError):
     status, reason, rpc_code, default_message = 413, "Content Too Large", -32600, "Request body too large"
+
+
+class MisdirectedRequest(ProxyError):
+    status, reason, rpc_code = 421, "Misdirected Request", -32600
+    default_message = "Misdirected Request: Host not allowed"
 
 
 class HeadersTooLarge(ProxyError):

@@ -8,6 +8,10 @@ backend, and the backend's new session id is swapped in for the client's on ever
 on every response) from then on. The client keeps its session; the server state of the old process
 (per-session values, subscriptions, open streams, requests in flight) is lost.
 
+The client resumes its event streams with `Last-Event-ID`s the dead process issued. The new backend
+never issued them (some servers answer 400, others open a stream that stays silent), so a moved
+session's requests go without `Last-Event-ID`: its GET opens a fresh stream on the new backend.
+
 Records and aliases live in this proxy's memory: with a shared Redis, another proxy that has not seen
 the session's `initialize` answers 404 as before.
 
@@ -68,6 +72,7 @@ class Failover:
         self._metrics = metrics
         self._records: collections.OrderedDict[str, tuple[bytes, bytes]] = collections.OrderedDict()
         self._aliases: dict[str, bytes] = {}  # client's session id -> the backend's
+        self._moved: set[str] = set()  # sessions replayed at least once: their event ids are void
         self._inflight: dict[str, asyncio.Future[Backend]] = {}
         self._max = max_records
         self._timeout = aiohttp.ClientTimeout(total=None, connect=connect_timeout, sock_read=response_timeout)
@@ -84,9 +89,14 @@ class Failover:
         if len(self._records) > self._max:
             sid, _ = self._records.popitem(last=False)
             self._aliases.pop(sid, None)
+            self._moved.discard(sid)
 
     def alias(self, sid: str) -> bytes | None:
         return self._aliases.get(sid)
+
+    def moved(self, sid: str) -> bool:
+        """The session was moved: the event ids its client holds name events of another process."""
+        return sid in self._moved
 
     def can_replay(self, sid: str) -> bool:
         return sid in self._records
@@ -95,6 +105,7 @@ class Failover:
         """The session ended (DELETE, the backend's 404, expiry)."""
         self._records.pop(sid, None)
         self._aliases.pop(sid, None)
+        self._moved.discard(sid)
 
     # -- the replay ------------------------------------------------------------------------------
 
@@ -134,11 +145,13 @@ class Failover:
             except _ReplayFailed as exc:
                 log.warning("replay failover: backend %s refused the session: %s", backend.name, exc)
                 continue
-            # The alias first: a request routed by the new binding must already carry the new id.
+            # The alias first: a request routed by the new binding must already carry the new id
+            # (and no event id of the old process).
             if new_sid == sid.encode("ascii"):
                 self._aliases.pop(sid, None)
             else:
                 self._aliases[sid] = new_sid
+            self._moved.add(sid)
             await router.rebind(sid, backend, gone, facts.tag)
             self.replays += 1
             if self._metrics is not None:

@@ -4,13 +4,17 @@ Pure: header bytes in, a decision or response bytes out. Policy:
 - no `Origin` header: allowed (not a browser, or a same-origin navigation);
 - `allowed_origins` lists `*`: every origin is allowed;
 - `allowed_origins` lists origins: exactly those are allowed (compared case-insensitively);
-- `allowed_origins` empty (the default): an origin whose host[:port] equals the request's `Host`
-  is allowed (default ports ignored), any other is refused.
+- `allowed_origins` empty (the default): an http(s) origin whose host is in `allowed_hosts` is
+  allowed (any port), any other is refused. A rebinding page's origin names the page's own host,
+  which is the request's Host too, so the request's Host proves nothing; the list does. Only when
+  `allowed_hosts` allows every host is the origin compared with the request's `Host` instead.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
+
+from mcpbalancer.hosts import HostPolicy, hostname
 
 ALLOW_METHODS = b"GET, POST, DELETE, OPTIONS"
 # The headers MCP clients send; a preflight's own Access-Control-Request-Headers are echoed as well,
@@ -26,11 +30,12 @@ _TOKEN_LIST = frozenset(b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ01
 
 
 class OriginPolicy:
-    def __init__(self, allowed: Iterable[str] = ()) -> None:
+    def __init__(self, allowed: Iterable[str] = (), hosts: HostPolicy | None = None) -> None:
         allowed = tuple(allowed)
         self.any = "*" in allowed
         self.explicit = bool(allowed)
         self._allowed = frozenset(o.lower().encode("ascii") for o in allowed if o != "*")
+        self._hosts = None if hosts is None or hosts.any else hosts  # None: the same-host rule
 
     def allows(self, origin: bytes, host: bytes | None) -> bool:
         if self.any:
@@ -38,7 +43,12 @@ class OriginPolicy:
         value = origin.strip().lower()
         if value in self._allowed:
             return True
-        return not self.explicit and host is not None and same_host(value, host)
+        if self.explicit:
+            return False
+        if self._hosts is None:
+            return host is not None and same_host(value, host)
+        scheme, sep, authority = value.partition(b"://")
+        return bool(sep) and scheme in _DEFAULT_PORTS and self._hosts.allows_name(hostname(authority))
 
     def cors_headers(self, origin: bytes) -> bytes:
         """Header lines for the answer to an allowed cross-origin request."""

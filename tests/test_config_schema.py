@@ -127,6 +127,7 @@ BACKEND = {"name": "a", "url": "http://127.0.0.1:8001"}
         pytest.param({"backends": [BACKEND], "routes": [{"deny": 200}]}, id="deny-status"),
         pytest.param({"backends": [BACKEND], "session_binding_key": "short"}, id="key-length"),
         pytest.param({"backends": [BACKEND], "mcp_path": "/mcp?x=1"}, id="mcp-path-pattern"),
+        pytest.param({"backends": [BACKEND], "allowed_hosts": ["mcp.example.com:8443"]}, id="host-port"),
         pytest.param({"backends": [{**BACKEND, "tls": {"server_name": "bad name"}}]}, id="server-name"),
     ],
 )

@@ -7,14 +7,19 @@ concurrency or headers must be controlled.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator
 
 import aiohttp
+import mcp_types
 import pytest
 import redis.asyncio
+from mcp import Client
 from mcp.shared.exceptions import MCPError
 
 from mcpbalancer.app import Proxy
+from mcpbalancer.dataplane.framing import request_head
+from mcpbalancer.dataplane.head import RequestHead
 from mcpbalancer.store import UNKNOWN
 from tests.fixtures.backends import BackendFactory, BackendProcess
 from tests.fixtures.proxy import ProxyFactory
@@ -78,7 +83,9 @@ async def test_replay_keeps_the_mcp_client_session_when_its_owner_is_killed(
         assert failover.alias(sid) not in (None, sid.encode())
         assert proxy.store.peek(sid) == other.name
         if store != "memory":  # the shared store names the new owner too
-            assert await redis_keys(store) == [f"mcpb:s:{sid}"]
+            # (The proxy's own liveness marker, mcpb:m:<random>, appears a second after start.)
+            keys = [key for key in await redis_keys(store) if not key.startswith("mcpb:m:")]
+            assert keys == [f"mcpb:s:{sid}"]
             client = redis.asyncio.Redis.from_url(store, decode_responses=True)
             try:
                 assert await client.get(f"mcpb:s:{sid}") == other.name
@@ -147,3 +154,69 @@ async def test_replay_with_no_backend_left_is_404(
         for r in ("moved", "failed")
     }
     assert samples == {"moved": 0, "failed": 1}
+
+
+async def test_a_moved_session_hears_notifications_on_its_resumed_get_stream(
+    backend_factory: BackendFactory, make_proxy: ProxyFactory
+) -> None:
+    # With an event store every event carries an id, so the client resumes its GET stream with the
+    # dead process's Last-Event-ID. The new backend never issued it: this FastMCP's EventStore opens a
+    # replay stream for it that never carries anything (other servers answer 400, and the mcp client
+    # gives up after two tries). Either way the moved session would not hear from its backend again.
+    started = await asyncio.to_thread(
+        backend_factory, ["e1", "e2"], extra_args=["--event-store", "--retry-interval", "200"]
+    )
+    proxy = await make_proxy(started, failover="replay")
+    heard: asyncio.Queue[None] = asyncio.Queue()
+
+    async def on_message(message: object) -> None:
+        if isinstance(message, mcp_types.ToolListChangedNotification):
+            heard.put_nowait(None)
+
+    async def hear_one(client: Client) -> None:
+        """notify_stream until a notification arrives on the GET stream (the client opens it in the
+        background, and a notification sent before it is open is not delivered)."""
+        async with asyncio.timeout(DEADLINE):
+            while True:
+                assert text_of(await client.call_tool("notify_stream")) == "sent"
+                with contextlib.suppress(TimeoutError):
+                    return await asyncio.wait_for(heard.get(), 0.3)
+
+    async def streaming_from(backend: BackendProcess) -> bool:
+        labels = {"backend": backend.name}
+        return bool(proxy.metrics.registry.get_sample_value("mcpbalancer_sse_streams_active", labels))
+
+    async with recorded_client(mcp_url(proxy), message_handler=on_message) as (client, wire):
+        first = text_of(await client.call_tool("whoami"))
+        doomed, other = pair(started, first)
+        await hear_one(client)  # the stream works, and the client holds an event id of `doomed`
+
+        await doomed.akill()
+        assert text_of(await client.call_tool("whoami")) == other.name  # moved
+
+        # The client reconnects its GET stream with the dead process's event id; it must open.
+        await wait_until(lambda: streaming_from(other), "the moved session's GET stream")
+        while not heard.empty():  # anything `doomed` sent before it died
+            heard.get_nowait()
+        await hear_one(client)  # a notification the new backend sent after the move
+        resumed = [h["last-event-id"] for h in wire.requests if "last-event-id" in h]
+        assert resumed, "the client never resumed with a Last-Event-ID: the test proves nothing"
+        assert proxy.router.failover is not None
+        assert proxy.router.failover.moved(wire.session_id)
+
+
+def test_the_head_sent_for_a_moved_session_has_its_backend_id_and_no_last_event_id() -> None:
+    head = RequestHead()
+    head.method, head.target, head.session_id = b"GET", b"/mcp", b"client-id"
+    head.headers = [
+        (b"mcp-session-id", b"Mcp-Session-Id", b"client-id"),
+        (b"last-event-id", b"Last-Event-ID", b"issued-by-the-dead-one"),
+        (b"accept", b"Accept", b"text/event-stream"),
+    ]
+    moved = request_head(head, b"", b"127.0.0.1:9", b"10.0.0.1", b"backend-id", moved=True)
+    assert b"Mcp-Session-Id: backend-id\r\n" in moved
+    assert b"last-event-id" not in moved.lower()
+    assert b"Accept: text/event-stream\r\n" in moved
+    # A session that was not moved resumes as the client asks.
+    kept = request_head(head, b"", b"127.0.0.1:9", b"10.0.0.1", None)
+    assert b"Last-Event-ID: issued-by-the-dead-one\r\n" in kept

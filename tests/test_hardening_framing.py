@@ -19,7 +19,7 @@ from tests.fixtures.rawhttp import ClientFactory, request, rpc_error, until_eof
 from tests.fixtures.stub import Stub, StubFactory
 
 SMUGGLED = request("GET", "/smuggled")
-H = b"Host: proxy.test\r\n"
+H = b"Host: localhost\r\n"
 POST = b"POST /mcp HTTP/1.1\r\n" + H
 GET = b"GET /mcp HTTP/1.1\r\n" + H
 
@@ -53,15 +53,15 @@ CASES = [
     ("del-in-value", GET + b"X-A: a\x7fb\r\n\r\n", 400, "framing", False),
     ("bare-cr-in-value", GET + b"X-A: a\rb\r\n\r\n", 400, "framing", False),
     ("space-in-name", GET + b"X A: ab\r\n\r\n", 400, "framing", False),
-    ("bare-lf-lines", b"GET /mcp HTTP/1.1\nHost: proxy.test\n\n", 400, "framing", False),
+    ("bare-lf-lines", b"GET /mcp HTTP/1.1\nHost: localhost\n\n", 400, "framing", False),
     ("nul-in-target", b"GET /mcp\x00x HTTP/1.1\r\n" + H + b"\r\n", 400, "framing", False),
     ("ctl-in-target", b"GET /mcp\x01x HTTP/1.1\r\n" + H + b"\r\n", 400, "framing", False),
     ("http-2-0", b"GET /mcp HTTP/2.0\r\n" + H + b"\r\n", 400, "version", False),
     ("no-host", b"GET /mcp HTTP/1.1\r\nX-A: b\r\n\r\n", 400, "host", False),
     ("two-hosts", GET + b"Host: other.test\r\n\r\n", 400, "host", False),
     ("absolute-form-other-host", b"GET http://other.test/mcp HTTP/1.1\r\n" + H + b"\r\n", 400, "host", False),
-    ("absolute-form-other-port", b"GET http://proxy.test:81/mcp HTTP/1.1\r\n" + H + b"\r\n", 400, "host", False),  # noqa: E501
-    ("absolute-form-not-http", b"GET ftp://proxy.test/mcp HTTP/1.1\r\n" + H + b"\r\n", 400, "host", False),
+    ("absolute-form-other-port", b"GET http://localhost:81/mcp HTTP/1.1\r\n" + H + b"\r\n", 400, "host", False),  # noqa: E501
+    ("absolute-form-not-http", b"GET ftp://localhost/mcp HTTP/1.1\r\n" + H + b"\r\n", 400, "host", False),
     ("asterisk-not-options", b"GET * HTTP/1.1\r\n" + H + b"\r\n", 400, "host", False),
     ("connect", b"CONNECT other.test:443 HTTP/1.1\r\nHost: other.test:443\r\n\r\n", 501, "method", False),
     ("upgrade", GET + b"Connection: Upgrade\r\nUpgrade: websocket\r\n\r\n", 501, "method", False),
@@ -142,7 +142,7 @@ async def test_smuggling_behind_a_valid_pipelined_request_reaches_no_backend(
 
 
 @pytest.mark.parametrize(
-    "target", [b"http://proxy.test/mcp?x=1", b"http://PROXY.test:80/mcp?x=1"], ids=["same", "default-port"]
+    "target", [b"http://localhost/mcp?x=1", b"http://LOCALhost:80/mcp?x=1"], ids=["same", "default-port"]
 )
 async def test_absolute_form_for_the_request_host_is_accepted(
     target: bytes, make_proxy: ProxyFactory, make_stub: StubFactory, open_client: ClientFactory

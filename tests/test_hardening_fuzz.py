@@ -28,7 +28,7 @@ METHODS = st.one_of(
 ).filter(lambda m: m.upper() != "CONNECT")
 ANY_BYTES = st.binary(max_size=40)
 TARGETS = st.one_of(
-    st.sampled_from(["/mcp", "/", "*", "/healthz", "/readyz", "/metrics", "http://proxy.test/mcp"]),
+    st.sampled_from(["/mcp", "/", "*", "/healthz", "/readyz", "/metrics", "http://localhost/mcp"]),
     st.builds(
         lambda s: "/" + s,
         st.text(alphabet=st.characters(min_codepoint=0x21, max_codepoint=0x7E), max_size=30),
@@ -89,7 +89,7 @@ def raw_requests(draw: st.DrawFn) -> bytes:
     version = draw(st.sampled_from(["HTTP/1.1", "HTTP/1.1", "HTTP/1.0", "HTTP/2.0", "HTTP/1.x", ""]))
     headers = draw(st.lists(st.tuples(NAMES, VALUES), max_size=8))
     if draw(st.booleans()):
-        headers.insert(0, ("Host", "proxy.test"))
+        headers.insert(0, ("Host", "localhost"))
     body = draw(BODIES)
     lines = [f"{method} {target} {version}".rstrip()] + [f"{n}: {v}" for n, v in headers]
     data = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body

@@ -66,7 +66,7 @@ async def test_partial_head_gets_408_and_a_close_after_head_timeout(
     proxy = await make_proxy([stub], limits={"head_timeout": 0.5})
     client = await open_client(proxy)
     started = time.monotonic()
-    client.send(b"GET /mcp HTTP/1.1\r\nHost: proxy.test\r\nX-Slow: ")
+    client.send(b"GET /mcp HTTP/1.1\r\nHost: localhost\r\nX-Slow: ")
     resp = await client.response()
     assert resp.status == 408
     assert rpc_error(resp)["message"] == "Request head timeout"
@@ -112,7 +112,7 @@ async def test_partial_head_after_keepalive_rest_is_timed_by_head_timeout_not_ke
     for _ in range(3):
         await served(client)
     started = time.monotonic()
-    client.send(b"GET /mcp HTTP/1.1\r\nHost: proxy.test\r\nX-Slow: ")
+    client.send(b"GET /mcp HTTP/1.1\r\nHost: localhost\r\nX-Slow: ")
     resp = await client.response()
     assert resp.status == 408
     assert 0.4 <= time.monotonic() - started < 3
@@ -148,7 +148,7 @@ async def test_slow_responses_and_busy_connections_are_not_cut_by_the_client_tim
         resp = await client.response()
         assert (resp.status, bytes(resp.body)) == (200, target.encode())
     # A request pipelined behind a slow one has its head timed only once its turn comes.
-    client.send(request("GET", "/three") + b"GET /four HTTP/1.1\r\nHost: proxy.test\r\n\r\n")
+    client.send(request("GET", "/three") + b"GET /four HTTP/1.1\r\nHost: localhost\r\n\r\n")
     for target in ("/three", "/four"):
         resp = await client.response()
         assert (resp.status, bytes(resp.body)) == (200, target.encode())
@@ -158,7 +158,7 @@ async def test_slow_responses_and_busy_connections_are_not_cut_by_the_client_tim
 async def trickle(proxy: Proxy, results: list[str]) -> None:
     """A slowloris client: a plausible request head, one byte per second, never finished."""
     reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
-    head = b"POST /mcp HTTP/1.1\r\nHost: proxy.test\r\nContent-Type: application/json\r\nX-Pad: " + b"a" * 200
+    head = b"POST /mcp HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\nX-Pad: " + b"a" * 200
     try:
         for byte in head:
             writer.write(bytes([byte]))

@@ -1,5 +1,6 @@
 """Origin validation and CORS (issue 7, item 4): DNS-rebinding protection as the MCP spec asks of
-servers, done once at the proxy."""
+servers, done once at the proxy. The raw client sends `Host: localhost`; the Host check itself and
+the same-host rule of `allowed_hosts: ["*"]` are in tests/test_rebinding.py."""
 
 from __future__ import annotations
 
@@ -38,17 +39,22 @@ async def client_with(url: str, headers: dict[str, str]) -> AsyncIterator[Client
     ("allowed", "origin", "passes"),
     [
         (None, None, True),
-        (None, "http://proxy.test", True),  # same host as Host
-        (None, "http://proxy.test:80", True),  # default port
-        (None, "HTTP://PROXY.TEST", True),
-        (None, "http://proxy.test:8080", False),
+        # Empty allowed_origins: an origin on a host of allowed_hosts (the loopback names) passes.
+        (None, "http://localhost", True),  # same host as Host
+        (None, "http://localhost:80", True),
+        (None, "HTTP://LOCALHOST", True),
+        (None, "http://localhost:3000", True),  # any port of an allowed host
+        (None, "http://127.0.0.1:8080", True),
+        (None, "https://[::1]:8443", True),
+        (None, "http://localhost.evil.test", False),
+        (None, "ftp://localhost", False),
         (None, "http://evil.test", False),
         (None, "null", False),
         ([APP], APP, True),
         ([APP], "https://APP.example", True),
         ([APP], "http://app.example", False),  # another scheme is another origin
         ([APP], "https://app.example:444", False),
-        ([APP], "http://proxy.test", False),  # an explicit list is the whole list
+        ([APP], "http://localhost", False),  # an explicit list is the whole list
         ([APP], None, True),
         (["*"], "http://evil.test", True),
     ],

@@ -181,7 +181,7 @@ async def test_request_headers_forwarded_verbatim_without_hop_by_hop(
     make_proxy: ProxyFactory, make_stub: StubFactory, open_client: ClientFactory
 ) -> None:
     stub = await make_stub()
-    proxy = await make_proxy([stub])
+    proxy = await make_proxy([stub], allowed_hosts=["public.example"])
     client = await open_client(proxy)
     headers = [
         ("Connection", "keep-alive, X-Foo"),
@@ -222,7 +222,7 @@ async def test_absolute_form_target_reaches_the_backend_in_origin_form(
     make_proxy: ProxyFactory, make_stub: StubFactory, open_client: ClientFactory
 ) -> None:
     stub = await make_stub()
-    proxy = await make_proxy([stub])
+    proxy = await make_proxy([stub], allowed_hosts=["public.example"])
     client = await open_client(proxy)
     client.send(request("GET", "http://public.example/mcp?a=1&b=2", host="public.example"))
     assert (await client.response()).status == 200

@@ -286,7 +286,7 @@ async def test_malformed_session_id_is_400(
     proxy = await make_proxy(backends)
     body = b'{"jsonrpc":"2.0","id":2,"method":"tools/call","params":{"name":"whoami","arguments":{}}}'
     request = (
-        b"POST /mcp HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n"
+        b"POST /mcp HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
         b"Accept: application/json, text/event-stream\r\nMCP-Protocol-Version: 2025-11-25\r\n"
         b"Mcp-Session-Id: " + raw_id + b"\r\nContent-Length: %d\r\n\r\n" % len(body) + body
     )

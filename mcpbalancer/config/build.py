@@ -44,6 +44,7 @@ def build(file: ConfigFile, source: str) -> Config:
         validate_headers=file.validate_headers,
         failover=file.failover,
         allowed_origins=tuple(file.allowed_origins or ()),
+        allowed_hosts=tuple(file.allowed_hosts) if file.allowed_hosts else None,  # empty: the default
         bind_sessions=None if file.bind_sessions is None else file.bind_sessions.lower(),
         session_binding_key=file.session_binding_key,
         on_store_error=file.on_store_error,

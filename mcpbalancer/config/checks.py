@@ -29,6 +29,12 @@ SERVER_NAME_RULE: Final = "a host name or an IP address, such as 'mcp.internal'"
 HEADER_NAME: Final = re.compile(r"[A-Za-z0-9!#$%&'*+.^_`|~-]{1,64}", re.ASCII)
 HEADER_RULE: Final = "an HTTP header name such as 'authorization'"
 ORIGIN: Final = re.compile(r"(?:https?)://(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]+)(?::[0-9]{1,5})?", re.ASCII)
+# A host name as `allowed_hosts` gives it: "*", a name, a glob of names, an IPv6 address in brackets.
+HOST_NAME: Final = re.compile(r"\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_.*?-]+", re.ASCII)
+HOST_NAME_RULE: Final = (
+    "'*', a host name, a glob like '*.example.com' or an IPv6 address in brackets, without a port "
+    "(any port matches)"
+)
 ORIGIN_RULE: Final = "'*' or an origin like 'https://app.example:8443' (no path)"
 
 # Bracketed IPv6 or a host without colons, then a decimal port. re.ASCII keeps \d to 0-9.
@@ -176,6 +182,13 @@ def check_origin(value: str) -> str:
     """One `allowed_origins` entry, lower-cased: "*" or scheme://host[:port]."""
     if value != "*" and not ORIGIN.fullmatch(value):
         raise ValueError(f"must be {ORIGIN_RULE}, got {value!r}")
+    return value.lower()
+
+
+def check_host_name(value: str) -> str:
+    """One `allowed_hosts` entry, lower-cased."""
+    if not HOST_NAME.fullmatch(value):
+        raise ValueError(f"must be {HOST_NAME_RULE}, got {value!r}")
     return value.lower()
 
 

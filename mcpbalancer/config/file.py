@@ -33,6 +33,7 @@ from mcpbalancer.config.models import (
     Flag,
     HeaderName,
     HealthConfig,
+    HostName,
     HostPort,
     Integer,
     LimitsConfig,
@@ -65,10 +66,15 @@ def _deny_status(status: int) -> int:
     return status
 
 
-def _origin_list(raw: object) -> object:
-    if raw is not None and not isinstance(raw, list | tuple):
-        raise ValueError(f"must be a list of origins, got {describe(raw)}")
-    return raw
+def _list_of(what: str) -> BeforeValidator:
+    """A list, or an error saying of what: `allowed_origins: "*"` is a likely slip."""
+
+    def check(raw: object) -> object:
+        if raw is not None and not isinstance(raw, list | tuple):
+            raise ValueError(f"must be a list of {what}, got {describe(raw)}")
+        return raw
+
+    return BeforeValidator(check)
 
 
 Url = Annotated[Text, AfterValidator(checks.check_backend_url)]
@@ -79,7 +85,8 @@ Store = Annotated[Text, AfterValidator(checks.check_store)]
 DenyStatus = Annotated[Integer, AfterValidator(_deny_status)]
 ParamName = Annotated[str, Field(pattern=f"^{PARAM_NAME.pattern}$")]
 Params = Annotated[dict[ParamName, str], BeforeValidator(checks.check_params)]
-Origins = Annotated[tuple[Origin, ...], BeforeValidator(_origin_list)]
+Origins = Annotated[tuple[Origin, ...], _list_of("origins")]
+Hosts = Annotated[tuple[HostName, ...], _list_of("host names")]
 BindingKey = Annotated[str, Field(strict=True, min_length=16)]
 
 
@@ -322,6 +329,12 @@ class ConfigFile(Section):
         default=(),
         description="Browser origins allowed to call the proxy: exact origins or '*'. Empty: requests "
         "without Origin or whose Origin names the request's Host; any other gets 403.",
+    )
+    allowed_hosts: Hosts | None = Field(
+        default=None,
+        description="Host names the proxy answers for (Host header): exact names, globs with * and ?, "
+        "IPv6 addresses in brackets, or '*' for any; no port (any port matches); others get 421. Empty "
+        "or absent: the loopback names on a loopback `listen`, else those and IP addresses.",
     )
     bind_sessions: HeaderName | None = Field(
         default=None,

@@ -96,6 +96,9 @@ class Config:
     # Exact origins ("https://app.example") allowed to call cross-origin, or "*"; empty = only
     # requests without Origin or whose Origin names the request's Host.
     allowed_origins: tuple[str, ...] = ()
+    # Host names (exact, or globs with * and ?; "*" = any) the proxy answers for; None = not set:
+    # the loopback names on a loopback `listen`, else those and IP addresses (hosts.for_listen).
+    allowed_hosts: tuple[str, ...] | None = None
     # Header whose value a session is bound to (lower-case), e.g. "authorization"; None = off.
     bind_sessions: str | None = None
     session_binding_key: str | None = None  # HMAC key of the binding; random per process if None

@@ -24,6 +24,7 @@ from mcpbalancer.errors import (
     BadRequest,
     Forbidden,
     HeadersTooLarge,
+    MisdirectedRequest,
     NotImplementedMethod,
     PayloadTooLarge,
     ProxyError,
@@ -70,6 +71,8 @@ class ClientConnection(asyncio.Protocol):
         self._in_head = False  # a request head has begun and is not complete
         self._head = RequestHead()
         self._head_bytes = 0
+        # Host values known to be allowed (None: every Host is), tested before asking the policy.
+        self._known_hosts = plane.hosts.known if plane.hosts is not None else None
 
     # -- asyncio.Protocol -------------------------------------------------------------------------
 
@@ -235,6 +238,14 @@ class ClientConnection(asyncio.Protocol):
             return BadRequest("Bad Request: Transfer-Encoding in an HTTP/1.0 request"), "version"
         if head.hosts > 1 or (head.hosts == 0 and head.http11):
             return BadRequest("Bad Request: an HTTP/1.1 request needs exactly one Host header"), "host"
+        known = self._known_hosts
+        if known is not None and head.host not in known and head.host is not None:
+            hosts = self.plane.hosts
+            if hosts is not None and not hosts.allows(head.host):
+                # DNS rebinding (or a name missing from allowed_hosts): never forwarded.
+                name = head.host[:100].decode("latin-1")
+                err = MisdirectedRequest(f"Misdirected Request: Host {name!r} is not in allowed_hosts")
+                return err, "host_not_allowed"
         if head.sid_conflict:
             return BadRequest("Bad Request: conflicting Mcp-Session-Id headers"), "session_id"
         if head.name_conflict and protocol.era_of(head.protocol_version) is protocol.Era.MODERN:

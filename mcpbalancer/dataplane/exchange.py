@@ -371,10 +371,12 @@ class Exchange:
         backend = self.backend
         assert backend is not None
         failover = self.plane.router.failover
+        moved = False
         if failover is not None and self.facts is not None and self.facts.session_id is not None:
             self._alias = failover.alias(self.facts.session_id)  # the session was moved here
+            moved = failover.moved(self.facts.session_id)
         target = backend.target(self.head.target) if backend.endpoint else self.head.target
-        return request_head(self.head, target, backend.host_header, self.client.peer_ip, self._alias)
+        return request_head(self.head, target, backend.host_header, self.client.peer_ip, self._alias, moved)
 
     def _flush_pending(self, head: bytes = b"") -> None:
         """Send `head` and the body that arrived while no backend connection existed, in one write."""

@@ -24,11 +24,21 @@ def chunk_size(data: bytes) -> bytes:
     return b"%x\r\n" % len(data)
 
 
-def request_head(head: RequestHead, target: bytes, host: bytes, peer_ip: bytes, alias: bytes | None) -> bytes:
+def request_head(
+    head: RequestHead,
+    target: bytes,
+    host: bytes,
+    peer_ip: bytes,
+    alias: bytes | None,
+    moved: bool = False,
+) -> bytes:
     """The head to send to a backend at `host` for `target` (the client's, or the backend's own MCP
     endpoint): hop-by-hop fields dropped, X-Forwarded-* added, the body's framing restated; with
-    `alias`, the session id the backend knows a moved session by."""
+    `alias`, the session id the backend knows a moved session by; when `moved`, without
+    Last-Event-ID (the backend never issued the client's event ids)."""
     drop = _DROP_REQUEST | head.connection_tokens if head.connection_tokens else _DROP_REQUEST
+    if moved:
+        drop = drop | {protocol.LAST_EVENT_ID}
     lines = [head.method, b" ", target, b" HTTP/1.1\r\nHost: ", host, b"\r\n"]
     if alias is not None:
         drop = drop | {protocol.SESSION_ID}

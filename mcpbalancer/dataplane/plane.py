@@ -18,6 +18,7 @@ from mcpbalancer.dataplane.head import capture
 from mcpbalancer.dataplane.local import LocalHandler
 from mcpbalancer.dataplane.upstream import UpstreamPool
 from mcpbalancer.errors import NoBackendAvailable, render_error
+from mcpbalancer.hosts import HostPolicy
 from mcpbalancer.logs import AccessLog
 from mcpbalancer.metrics import Metrics
 from mcpbalancer.origin import OriginPolicy
@@ -44,6 +45,7 @@ class DataPlane:
         access_log: AccessLog | None = None,
         local: Mapping[bytes, LocalHandler] | None = None,
         allowed_origins: Iterable[str] = (),
+        hosts: HostPolicy | None = None,
     ) -> None:
         self.router = router
         self.metrics = metrics or Metrics(CollectorRegistry())
@@ -55,7 +57,9 @@ class DataPlane:
         self.limits = limits
         self.loop = loop
         self.capture = capture(router.reads_names)
-        self.origins = OriginPolicy(allowed_origins)
+        # The Host allow list; None when every Host is allowed (no check at all).
+        self.hosts = None if hosts is None or hosts.any else hosts
+        self.origins = OriginPolicy(allowed_origins, hosts)
         self.connections: set[ClientConnection] = set()
         self.refused_connections = 0  # since the last log line about them
         self._refusal_logged_at = float("-inf")
