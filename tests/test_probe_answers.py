@@ -211,7 +211,10 @@ async def test_a_backend_url_with_a_wrong_path_is_down_and_says_why(
     assert (await admin_backends(web, proxy))["a"]["reason"] == expected
     assert f"backend a is down ({expected})" in caplog.text
     # The only backend: the proxy is not ready, and a new session finds no backend.
-    assert await readyz(web, proxy) == (503, {"status": "unavailable", "reason": "no backend up", "store": "unknown"})
+    assert await readyz(web, proxy) == (
+        503,
+        {"status": "unavailable", "reason": "no backend up", "store": "unknown"},
+    )
     status, _ = await modern_whoami(web, proxy.url + "/mcp")
     assert status == 503
 
