@@ -20,6 +20,7 @@ from typing import Any
 from mcpbalancer import __version__, healthcheck
 from mcpbalancer.app import Proxy
 from mcpbalancer.config import LOG_LEVELS, Config, admin_of_worker, check_workers, host_port, load_config
+from mcpbalancer.config.schema import schema_text
 from mcpbalancer.dataplane.tls import backend_contexts
 from mcpbalancer.errors import BackendStartError, ConfigError, ListenError
 from mcpbalancer.logs import configure_logging
@@ -38,7 +39,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="mcpbalancer", description="Session-aware reverse proxy and load balancer for MCP."
     )
-    parser.add_argument("--config", "-c", required=True, help="YAML configuration file")
+    parser.add_argument(
+        "command",
+        nargs="?",
+        choices=["schema"],
+        help="schema: print the JSON Schema of the configuration file and exit",
+    )
+    parser.add_argument("--config", "-c", help="YAML configuration file (required, except for `schema`)")
     parser.add_argument("--check", action="store_true", help="validate the configuration and exit")
     parser.add_argument(
         "--healthcheck",
@@ -58,7 +65,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--worker-index", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--version", action="version", version=f"mcpbalancer {__version__}")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.command is None and args.config is None:
+        parser.error("the following arguments are required: --config/-c")
+    return args
 
 
 def with_log_level(config: Config, level: str | None) -> Config:
@@ -84,6 +94,9 @@ def as_worker(config: Config, index: int | None) -> Config:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.command == "schema":
+        sys.stdout.write(schema_text())
+        return 0
     adjust = _overrides(args)
     try:
         config = adjust(load_config(args.config))

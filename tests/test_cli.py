@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import re
 import signal
 import socket
 import sys
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -42,9 +43,9 @@ def backends_yaml(backends: list[BackendProcess]) -> str:
     return "".join(f"  - name: {b.name}\n    url: {b.url}\n" for b in backends)
 
 
-async def run(*args: str) -> tuple[int, str, str]:
+async def run(*args: str, env: Mapping[str, str] | None = None) -> tuple[int, str, str]:
     process = await asyncio.create_subprocess_exec(
-        *args, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+        *args, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env=env
     )
     try:
         async with asyncio.timeout(DEADLINE):
@@ -129,6 +130,29 @@ async def test_check_refuses_a_bad_file_naming_the_key(tmp_path: Path, text: str
     for name in names:
         assert name in err, err
     assert "Traceback" not in err
+
+
+VARIABLE = "MCPB_TEST_STORE_PREFIX"
+
+
+async def test_check_resolves_references_from_the_process_environment(tmp_path: Path) -> None:
+    config = tmp_path / "env.yaml"
+    config.write_text(f"store_prefix: '${{{VARIABLE}}}'\n" + BACKENDS_OK)
+    check = (sys.executable, "-m", "mcpbalancer", "--config", str(config), "--check")
+    without = {name: value for name, value in os.environ.items() if name != VARIABLE}
+    status, out, err = await run(*check, env={**without, VARIABLE: "app:"})
+    assert (status, err) == (0, "")
+    status, out, err = await run(*check, env=without)
+    assert (status, out) == (2, "")
+    problem = f"store_prefix: environment variable {VARIABLE} is not set"
+    assert err == f"mcpbalancer: invalid configuration: {config}: {problem}\n"
+
+
+async def test_without_config_or_a_command_it_exits_2_with_usage() -> None:
+    status, out, err = await run(sys.executable, "-m", "mcpbalancer")
+    assert (status, out) == (2, "")
+    assert "usage: mcpbalancer" in err
+    assert "required: --config" in err
 
 
 # --- serving -------------------------------------------------------------------------------------

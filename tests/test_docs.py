@@ -277,10 +277,14 @@ def test_a_page_stands_on_its_own(page: Path) -> None:
     are read by people who never saw the tracker)."""
     text = page.read_text(encoding="utf-8")
     assert re.findall(r"\b(?:issue|item)s? \d+|#\d+\b", text, re.IGNORECASE) == []
-    # Shell blocks name the reader's own files (`--config prod.yaml`); links are checked on their
-    # own, relative to their page (test_docs_examples.py); /etc/... and ~/... are not ours.
-    text = re.sub(r"^```sh\n.*?^```$", "", text, flags=re.MULTILINE | re.DOTALL)
-    text = re.sub(r"\]\([^)]*\)", "]", text)
+    # Shell blocks and code spans holding a command or a message name the reader's own files
+    # (`--config prod.yaml`, `config.yaml: backends[1].url: ...`); links are checked on their own,
+    # relative to their page (test_docs_examples.py); /etc/... and ~/... are not ours.
+    fence = re.compile(r"^```(\w*)\n(.*?)^```$", flags=re.MULTILINE | re.DOTALL)
+    blocks = [body for kind, body in fence.findall(text) if kind != "sh"]
+    prose = fence.sub("", text)
+    prose = re.sub(r"`(?:[^`\n]|\n(?!\n))*`", lambda span: "" if " " in span[0] else span[0], prose)
+    text = re.sub(r"\]\([^)]*\)", "]", "\n".join([prose, *blocks]))
     named = set(re.findall(r"(?<![\w./~-])[\w.-][\w./-]*\.(?:md|py|yaml|json)\b", text))
     files = repository_files()
     missing = sorted(name for name in named if not any(f == name or f.endswith("/" + name) for f in files))

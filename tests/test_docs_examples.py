@@ -2,7 +2,8 @@
 leads somewhere. What a fenced block is decides how it is read:
 
 - ```yaml: a whole configuration file, loaded by the config loader as `--config` loads one (a key
-  given twice is an error too).
+  given twice is an error too), and valid against the committed config/schema.json, as an editor
+  checks it. Each `${NAME}` it names is set, for the load, to a placeholder.
 - ```yaml with `<!-- fragment -->` on the line before the fence: some keys of a configuration, laid
   over MINIMAL (one backend) key by key, then loaded.
 - ```yaml with `<!-- prometheus: scrape -->` or `<!-- prometheus: rules -->`: a Prometheus scrape
@@ -32,19 +33,21 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import jsonschema
 import pytest
 import yaml
 from prometheus_client import CollectorRegistry
 
 from mcpbalancer import cli
 from mcpbalancer.backends import Backend
-from mcpbalancer.config import parse_config
+from mcpbalancer.config import Config, parse_config
 from mcpbalancer.errors import ConfigError
 from mcpbalancer.metrics import Metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 MINIMAL: dict[str, Any] = {"backends": [{"name": "a", "url": "http://127.0.0.1:8001"}]}
+SCHEMA: dict[str, Any] = json.loads((ROOT / "config" / "schema.json").read_text(encoding="utf-8"))
 KINDS = {"yaml", "sh", "json", "text"}
 MARKS = {"fragment", "prometheus: scrape", "prometheus: rules"}
 FENCE = re.compile(r"^```(?P<kind>\S*)\s*$")
@@ -114,19 +117,29 @@ def load_yaml(block: Block) -> Any:
     return yaml.load(block.text, Loader=_UniqueKeyLoader)  # a SafeLoader subclass
 
 
+def environ(block: Block) -> dict[str, str]:
+    """Every ${NAME} of the block, set to a placeholder long enough for a binding key."""
+    return {name: f"placeholder-for-{name}" for name in re.findall(r"\$\{(\w+)\}", block.text)}
+
+
+def load_configuration(data: dict[str, Any], block: Block) -> Config:
+    jsonschema.Draft202012Validator(SCHEMA).validate(data)
+    return parse_config(data, block.where, environ(block))
+
+
 @pytest.mark.parametrize("block", of("yaml"))
 def test_a_configuration_example_loads(block: Block) -> None:
     data = load_yaml(block)
     assert isinstance(data, dict), "a whole file is a mapping"
     assert "backends" in data, "a whole file lists its backends; mark a part of one <!-- fragment -->"
-    parse_config(data, block.where)
+    load_configuration(data, block)
 
 
 @pytest.mark.parametrize("block", of("yaml", "fragment"))
 def test_a_configuration_fragment_loads_over_a_minimal_file(block: Block) -> None:
     data = load_yaml(block)
     assert isinstance(data, dict), "a fragment is some top-level keys of a configuration"
-    config = parse_config({**MINIMAL, **data}, block.where)
+    config = load_configuration({**MINIMAL, **data}, block)
     assert config != parse_config(MINIMAL), "the fragment changed nothing"
 
 
@@ -135,6 +148,12 @@ def test_a_fragment_that_is_wrong_is_refused() -> None:
     for wrong in ({"helth": {"fall": 2}}, {"workers": 4}, {"routes": [{"pool": "nope"}]}):
         with pytest.raises(ConfigError):
             parse_config({**MINIMAL, **wrong})
+    with pytest.raises(jsonschema.ValidationError):  # and the schema, as an editor reads it
+        jsonschema.Draft202012Validator(SCHEMA).validate({**MINIMAL, "helth": {"fall": 2}})
+    block = Block(ROOT / "README.md", 1, "yaml", "fragment", 'session_binding_key: "${MCPB_TEST_KEY}"\n')
+    assert load_configuration({**MINIMAL, **load_yaml(block)}, block).session_binding_key == (
+        "placeholder-for-MCPB_TEST_KEY"
+    )
 
 
 # --- YAML: Prometheus ------------------------------------------------------------------------------
@@ -249,11 +268,14 @@ def commands(script: str) -> Iterator[tuple[list[str], str]]:
         lexer = shlex.shlex(code, posix=True, punctuation_chars=True)
         lexer.whitespace_split = True
         words: list[str] = []
-        for token in [*lexer, ";"]:
+        tokens = iter([*lexer, ";"])
+        for token in tokens:
             if token in {"&&", "||", ";", "|", "&", ";;", "(", ")"}:
                 if words:
                     yield words, comment.strip()
                 words = []
+            elif token in {">", ">>", "<", ">&", "<&"}:
+                next(tokens)  # a redirection and its file: not an argument
             else:
                 words.append(token)
 
@@ -336,12 +358,13 @@ def test_the_docs_show_mcpbalancer_commands_and_bad_ones_are_caught() -> None:
     assert not accepted(["--check"])[0]  # no --config
     script = (
         "sudo docker run --rm -v a:b:ro mcpbalancer \\\n  --config c.yaml --check   # prints\n"
-        "x && .venv/bin/mcpbalancer -c y"
+        "x && .venv/bin/mcpbalancer -c y\nmcpbalancer schema > s.json"
     )
     assert [mcpbalancer_args(words) for words, _ in commands(script)] == [
         ["--config", "c.yaml", "--check"],
         None,
         ["-c", "y"],
+        ["schema"],
     ]
 
 

@@ -56,7 +56,7 @@ def test_eras_default_to_both_and_parse() -> None:
     [
         ([], "backends[0].eras: must have at least one entry"),
         (["legacy", "legacy"], "backends[0].eras: lists an era twice"),
-        (["2026"], "backends[0].eras: must be one of legacy, modern; got '2026'"),
+        (["2026"], "backends[0].eras[0]: must be one of legacy, modern; got '2026'"),
         ("modern", "backends[0].eras: must be a list"),
     ],
 )

@@ -47,10 +47,11 @@ def test_values() -> None:
         (minimal(allowed_origins="*"), "allowed_origins: must be a list of origins, got '*'"),
         (
             minimal(allowed_origins=["https://a.example/path"]),
-            "allowed_origins: entries must be '*' or an origin",
+            "allowed_origins[0]: must be '*' or an origin like 'https://app.example:8443' (no path), "
+            "got 'https://a.example/path'",
         ),
-        (minimal(allowed_origins=["a.example"]), "allowed_origins: entries must be '*' or an origin"),
-        (minimal(allowed_origins=[""]), "allowed_origins: must not be empty"),
+        (minimal(allowed_origins=["*", "a.example"]), "allowed_origins[1]: must be '*' or an origin"),
+        (minimal(allowed_origins=[""]), "allowed_origins[0]: must not be empty"),
         (minimal(on_store_error="ignore"), "on_store_error: must be one of degrade, fail; got 'ignore'"),
     ],
 )

@@ -211,7 +211,10 @@ async def test_a_backend_url_with_a_wrong_path_is_down_and_says_why(
     assert (await admin_backends(web, proxy))["a"]["reason"] == expected
     assert f"backend a is down ({expected})" in caplog.text
     # The only backend: the proxy is not ready, and a new session finds no backend.
-    assert await readyz(web, proxy) == (503, {"status": "unavailable", "reason": "no backend up"})
+    assert await readyz(web, proxy) == (
+        503,
+        {"status": "unavailable", "reason": "no backend up", "store": "unknown"},
+    )
     status, _ = await modern_whoami(web, proxy.url + "/mcp")
     assert status == 503
 
@@ -230,7 +233,7 @@ async def test_the_right_endpoint_is_up_and_a_wrong_one_gets_no_traffic(
     states = await admin_backends(web, proxy)
     assert (states["a"]["state"], states["a"]["reason"]) == ("up", None)
     assert states["b"]["reason"] == f"probe: HTTP 404 from {b.url}/nope"
-    assert await readyz(web, proxy) == (200, {"status": "ready", "reason": "ready"})
+    assert await readyz(web, proxy) == (200, {"status": "ready", "reason": "ready", "store": "ok"})
     answers = [await modern_whoami(web, proxy.url + "/mcp") for _ in range(6)]
     assert answers == [(200, "a")] * 6
 

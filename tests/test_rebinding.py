@@ -180,11 +180,15 @@ def test_allowed_hosts_is_documented_in_the_example_and_the_docs() -> None:
     ("value", "message"),
     [
         ("*", "allowed_hosts: must be a list of host names, got '*'"),
-        (["mcp.example.com:8443"], "allowed_hosts: entries must be '*', a host name"),
-        (["http://mcp.example.com"], "allowed_hosts: entries must be '*', a host name"),
-        (["::1"], "allowed_hosts: entries must be '*', a host name"),
-        ([""], "allowed_hosts: must not be empty"),
-        ([1], "allowed_hosts: must be a string"),
+        (
+            ["mcp.example.com:8443"],
+            "allowed_hosts[0]: must be '*', a host name, a glob like '*.example.com' or an IPv6 address in "
+            "brackets, without a port (any port matches), got 'mcp.example.com:8443'",
+        ),
+        (["*", "http://mcp.example.com"], "allowed_hosts[1]: must be '*', a host name"),
+        (["::1"], "allowed_hosts[0]: must be '*', a host name"),
+        ([""], "allowed_hosts[0]: must not be empty"),
+        ([1], "allowed_hosts[0]: must be a string"),
     ],
 )
 def test_allowed_hosts_invalid(value: object, message: str) -> None:

@@ -1,0 +1,172 @@
+"""A validated ConfigFile → the runtime Config, and the checks a Config gets after the command line
+changed it (`--workers`)."""
+
+from __future__ import annotations
+
+from mcpbalancer.config.checks import split_backend_url, split_host_port
+from mcpbalancer.config.file import MANAGED_HOST, BackendEntry, ConfigFile, RouteEntry, RouteMatch, TlsSection
+from mcpbalancer.config.models import (
+    MAX_WORKERS,
+    AffinityConfig,
+    HealthConfig,
+    LimitsConfig,
+    LogConfig,
+    MetricsConfig,
+    TimeoutsConfig,
+)
+from mcpbalancer.config.runtime import BackendConfig, Config, RouteConfig, TlsConfig
+from mcpbalancer.errors import ConfigError
+
+
+def build(file: ConfigFile, source: str) -> Config:
+    host, port = split_host_port(file.listen)
+    return Config(
+        listen_host=host,
+        listen_port=port,
+        store=file.store,
+        session_ttl=file.session_ttl,
+        balance=file.balance,
+        heartbeat=file.heartbeat,
+        backends=tuple(backend for i, entry in enumerate(file.backends) for backend in _backends(entry, i)),
+        timeouts=file.timeouts or TimeoutsConfig(),
+        limits=file.limits or LimitsConfig(),
+        store_prefix=file.store_prefix,
+        local_cache_size=file.local_cache_size,
+        source=source,
+        admin=None if file.admin is None else split_host_port(file.admin),
+        metrics=file.metrics or MetricsConfig(),
+        log=file.log or LogConfig(),
+        health=file.health or HealthConfig(),
+        shutdown_timeout=file.shutdown_timeout,
+        pools={name: tuple(dict.fromkeys(members)) for name, members in (file.pools or {}).items()},
+        routes=tuple(_route(entry) for entry in file.routes or ()),
+        affinity=file.affinity or AffinityConfig(),
+        validate_headers=file.validate_headers,
+        failover=file.failover,
+        allowed_origins=tuple(file.allowed_origins or ()),
+        allowed_hosts=tuple(file.allowed_hosts) if file.allowed_hosts else None,  # empty: the default
+        bind_sessions=None if file.bind_sessions is None else file.bind_sessions.lower(),
+        session_binding_key=file.session_binding_key,
+        on_store_error=file.on_store_error,
+        workers=file.workers,
+        mcp_path=file.mcp_path,
+    )
+
+
+def _backends(entry: BackendEntry, index: int) -> list[BackendConfig]:
+    if entry.url is not None:
+        scheme, host, port, path = split_backend_url(entry.url)
+        tls = _tls(entry.tls or TlsSection(), f"backends[{index}].tls") if scheme == "https" else None
+        return [_backend(entry, entry.name, entry.url, scheme, host, port, path, tls)]
+    # A managed entry (BackendEntry has exactly one of url and command): host and port are known
+    # once the process is up.
+    return [_backend(entry, name, "", "http", MANAGED_HOST, 0, "", None) for name in entry.names]
+
+
+def _backend(
+    entry: BackendEntry,
+    name: str,
+    url: str,
+    scheme: str,
+    host: str,
+    port: int,
+    path: str,
+    tls: TlsConfig | None,
+) -> BackendConfig:
+    return BackendConfig(
+        name,
+        url,
+        scheme,
+        host,
+        port,
+        path,
+        weight=entry.weight,
+        drain=entry.drain,
+        drain_timeout=entry.drain_timeout,
+        eras=entry.eras,
+        command=entry.command,
+        tls=tls,
+    )
+
+
+def _tls(section: TlsSection, at: str) -> TlsConfig:
+    """An https backend's `tls` (all defaults when the file has none), with its key path."""
+    return TlsConfig(
+        ca=section.ca,
+        server_name=section.server_name,
+        cert=section.cert,
+        key=section.key,
+        insecure_skip_verify=section.insecure_skip_verify,
+        at=at,
+    )
+
+
+def _route(entry: RouteEntry) -> RouteConfig:
+    match = entry.match or RouteMatch()
+    return RouteConfig(
+        method=match.method,
+        name=match.name,
+        params=tuple((match.param or {}).items()),
+        pool=entry.pool,
+        deny=entry.deny,
+    )
+
+
+# --- checks of a Config after the command line changed it ------------------------------------------
+
+
+def check_workers(config: Config, key: str = "workers") -> Config:
+    """`config`, or ConfigError when its worker count does not fit the rest of it. `key` is how the
+    count was given (`workers` in the file, `--workers` on the command line), for the message."""
+    problem = _workers_problem(config)
+    if problem is not None:
+        raise ConfigError(f"{config.source}: {key}: {problem}")
+    return config
+
+
+def parse_listen(value: str, key: str = "listen") -> tuple[str, int]:
+    """`host:port` or `[v6]:port` → (host without brackets, port); ConfigError names `key`."""
+    try:
+        return split_host_port(value)
+    except ValueError as exc:
+        raise ConfigError(f"{key}: {exc}") from None
+
+
+def _workers_problem(config: Config) -> str | None:
+    n = config.workers
+    if not 1 <= n <= MAX_WORKERS:
+        return f"must be 1-{MAX_WORKERS}, got {n}"
+    if n == 1:
+        return None
+    if config.store == "memory":
+        return (
+            f"{n} workers need a Redis `store`: the memory store is per process, so a session "
+            "initialized on one worker would be unknown (404) to the others; set `store: redis://...` "
+            "or use 1 worker"
+        )
+    if config.listen_port == 0:
+        return f"{n} workers need a fixed `listen` port: with port 0 each worker would get a different one"
+    managed = [b.name for b in config.backends if b.command is not None]
+    if managed:
+        names = ", ".join(managed[:3]) + (", ..." if len(managed) > 3 else "")
+        return (
+            f"{n} workers cannot run managed (`command`) backends ({names}): each worker "
+            "would start its own copies, and a session on one worker's copy is unknown to the other "
+            "workers; run the servers yourself and list their `url`s, or use 1 worker"
+        )
+    return _admin_ports_problem(config)
+
+
+def _admin_ports_problem(config: Config) -> str | None:
+    if config.admin is None or config.admin[1] == 0:
+        return None
+    host, first = config.admin
+    last = first + config.workers - 1
+    ports = f"{config.workers} workers serve `admin` on ports {first}-{last} (port + worker index)"
+    if last > 65535:
+        return f"{ports}: past 65535"
+    wildcard = ("0.0.0.0", "::")
+    same_host = host == config.listen_host or host in wildcard or config.listen_host in wildcard
+    if same_host and first <= config.listen_port <= last:
+        return f"{ports}, which includes the `listen` port {config.listen_port}"
+    return None

@@ -1,0 +1,444 @@
+"""The top level of the configuration file, its backend entries and its routes.
+
+Their shape is the file's, not the proxy's (`listen` is one "host:port" string, a managed entry
+stands for `replicas` backends): build.py turns a validated ConfigFile into a runtime.Config, and
+schema.py derives the JSON Schema from it. The checks across keys are here, as model validators, so
+that nothing invalid gets that far.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Annotated, Any, Final, Self
+
+from pydantic import AfterValidator, BeforeValidator, Field, model_validator
+from pydantic.dataclasses import dataclass
+
+from mcpbalancer.config import checks
+from mcpbalancer.config.checks import BACKEND_NAME, BACKEND_NAME_RULE, PARAM_NAME, describe
+from mcpbalancer.config.models import (
+    DEFAULT_LOCAL_CACHE_SIZE,
+    DEFAULT_MCP_PATH,
+    DEFAULT_SHUTDOWN_TIMEOUT,
+    DEFAULT_STORE_PREFIX,
+    DENY_STATUSES,
+    ERAS,
+    MAX_REPLICAS,
+    MAX_WORKERS,
+    MODEL,
+    AffinityConfig,
+    Balance,
+    Era,
+    Failover,
+    Flag,
+    HeaderName,
+    HealthConfig,
+    HostName,
+    HostPort,
+    Integer,
+    LimitsConfig,
+    LogConfig,
+    McpPath,
+    MetricsConfig,
+    Name,
+    Number,
+    Origin,
+    Section,
+    ServerName,
+    StoreErrorMode,
+    Text,
+    TimeoutsConfig,
+    invalid,
+)
+
+MANAGED_HOST: Final = "127.0.0.1"
+
+
+def _distinct(eras: tuple[str, ...]) -> tuple[str, ...]:
+    if len(set(eras)) != len(eras):
+        raise ValueError(f"lists an era twice: {', '.join(eras)}")
+    return eras
+
+
+def _deny_status(status: int) -> int:
+    if status not in DENY_STATUSES:
+        raise ValueError(f"must be an HTTP 4xx status such as 403, got {status}")
+    return status
+
+
+def _list_of(what: str) -> BeforeValidator:
+    """A list, or an error saying of what: `allowed_origins: "*"` is a likely slip."""
+
+    def check(raw: object) -> object:
+        if raw is not None and not isinstance(raw, list | tuple):
+            raise ValueError(f"must be a list of {what}, got {describe(raw)}")
+        return raw
+
+    return BeforeValidator(check)
+
+
+Url = Annotated[Text, AfterValidator(checks.check_backend_url)]
+Command = Annotated[Text, AfterValidator(checks.check_command)]
+Eras = Annotated[tuple[Era, ...], Field(min_length=1), AfterValidator(_distinct)]
+Members = Annotated[tuple[Text, ...], Field(min_length=1)]
+Store = Annotated[Text, AfterValidator(checks.check_store)]
+DenyStatus = Annotated[Integer, AfterValidator(_deny_status)]
+ParamName = Annotated[str, Field(pattern=f"^{PARAM_NAME.pattern}$")]
+Params = Annotated[dict[ParamName, str], BeforeValidator(checks.check_params)]
+Origins = Annotated[tuple[Origin, ...], _list_of("origins")]
+Hosts = Annotated[tuple[HostName, ...], _list_of("host names")]
+BindingKey = Annotated[str, Field(strict=True, min_length=16)]
+
+
+@dataclass(frozen=True, slots=True, config=MODEL)
+class TlsSection(Section):
+    """How the proxy speaks TLS to an https:// backend. By default it verifies the backend's
+    certificate against the system's CA store, for the URL's host name (also sent as SNI)."""
+
+    ca: Text | None = Field(
+        default=None,
+        description="PEM file of the CAs to trust instead of the system store; a relative path is read "
+        "from the config file's directory.",
+    )
+    server_name: ServerName | None = Field(
+        default=None, description="The name to send as SNI and to verify, instead of the URL's host."
+    )
+    cert: Text | None = Field(
+        default=None, description="Client certificate (PEM) for backends that require one (mutual TLS)."
+    )
+    key: Text | None = Field(
+        default=None, description="The client certificate's private key, when not in `cert`."
+    )
+    insecure_skip_verify: Flag = Field(
+        default=False, description="Accept any certificate: nothing is verified (logged as a warning)."
+    )
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Self:
+        if self.key is not None and self.cert is None:
+            raise invalid(("key",), "needs `cert`: the client certificate this key belongs to")
+        if self.insecure_skip_verify and self.ca is not None:
+            raise invalid(("ca",), "has no effect with insecure_skip_verify: nothing is verified")
+        return self
+
+
+@dataclass(frozen=True, slots=True, config=MODEL)
+class BackendEntry(Section):
+    """One MCP server: a `url` the proxy forwards to, or a `command` the proxy runs itself."""
+
+    name: Name = Field(
+        description="Stable id, unique, stored in the session store as the session's owner: keep it when "
+        "a URL changes. A managed entry's instances are named <name>-1 ... <name>-N."
+    )
+    url: Url | None = Field(
+        default=None,
+        description="http:// or https:// URL (port 80/443 by default). A path names the server's MCP "
+        "endpoint, kept as written: requests for `mcp_path` go there, any other path unchanged; without "
+        "a path every request path is sent as it came. No query, fragment or user:password@. Required "
+        "unless `command` is given.",
+    )
+    weight: Integer = Field(
+        default=1,
+        ge=1,
+        le=1000,
+        description="Share of new sessions; a larger weight gets proportionally more.",
+    )
+    drain: Flag = Field(
+        default=False,
+        description="true: no new sessions, existing ones keep being served. On a reload the file is "
+        "the source of truth: a backend no longer marked `drain` is undrained.",
+    )
+    drain_timeout: Number = Field(
+        default=0.0,
+        ge=0,
+        description="Seconds after a drain starts until the remaining sessions answer 404 and open "
+        "streams are closed; 0 = wait for the sessions to end by themselves.",
+    )
+    eras: Eras = Field(
+        default=ERAS,
+        description="MCP protocol eras the backend serves: legacy sessions (2025-xx revisions) go only "
+        "to legacy backends, stateless 2026-07-28 requests only to modern ones.",
+    )
+    command: Command | None = Field(
+        default=None,
+        description="Instead of `url`: a command line the proxy runs (split like a shell would, run "
+        "without one). Placeholders: {port} (a free port the proxy picked), {host}, {name}, {python} "
+        "(mcpbalancer's interpreter). Without {port} the process must print 'READY <port>' on stdout.",
+    )
+    replicas: Integer | None = Field(
+        default=None,
+        ge=1,
+        le=MAX_REPLICAS,
+        description="With `command` only: how many processes, named <name>-1 ... <name>-N. Default 1.",
+        json_schema_extra={"default": 1},
+    )
+    tls: TlsSection | None = Field(
+        default=None,
+        description="TLS to an https:// `url`; without it the certificate is verified against the "
+        "system's CAs. Not for http:// or `command` backends.",
+    )
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        """The backends this entry stands for."""
+        if self.command is None:
+            return (self.name,)
+        return tuple(f"{self.name}-{i}" for i in range(1, (self.replicas or 1) + 1))
+
+    @model_validator(mode="after")
+    def _url_or_command(self) -> Self:
+        if self.command is None:
+            if self.replicas is not None:
+                raise invalid(
+                    ("replicas",), "is only allowed with `command` (a managed backend), not with `url`"
+                )
+            if self.url is None:
+                raise invalid(("url",), "is required (or `command` for a backend the proxy runs itself)")
+            if self.tls is not None and checks.split_backend_url(self.url)[0] != "https":
+                raise invalid(("tls",), "is only for an https:// `url`; this backend is plain HTTP")
+            return self
+        if self.url is not None:
+            raise invalid(("url",), "give either `url` or `command`, not both")
+        if self.tls is not None:
+            problem = "is only for an https:// `url`; managed backends serve plain HTTP on 127.0.0.1"
+            raise invalid(("tls",), problem)
+        if not BACKEND_NAME.fullmatch(self.names[-1]):
+            problem = f"with the replica suffix must be {BACKEND_NAME_RULE}, got {self.names[-1]!r}"
+            raise invalid(("name",), problem)
+        return self
+
+
+@dataclass(frozen=True, slots=True, config=MODEL)
+class RouteMatch(Section):
+    """Conditions on a 2026-07-28 request's headers; all given ones must hold, none matches every
+    request."""
+
+    method: Text | None = Field(default=None, description="Mcp-Method, exactly, e.g. tools/call.")
+    name: Text | None = Field(
+        default=None,
+        description="A glob (* ? [seq], case-sensitive) on the decoded Mcp-Name: a tool or prompt name, "
+        "a resource URI, a task id.",
+    )
+    param: Params | None = Field(
+        default={},
+        description="{Name: value}: header Mcp-Param-<Name> must equal the value exactly after decoding.",
+    )
+
+
+@dataclass(frozen=True, slots=True, config=MODEL)
+class RouteEntry(Section):
+    """A rule for 2026-07-28 requests: `match`, then exactly one of `pool` or `deny`."""
+
+    match: RouteMatch | None = Field(
+        default=RouteMatch(), description="What the rule applies to; empty: every request."
+    )
+    pool: Text | None = Field(
+        default=None, description="A name from `pools`; the request goes to a backend of it."
+    )
+    deny: DenyStatus | None = Field(
+        default=None,
+        description="A 4xx status the proxy answers with a JSON-RPC error; no backend sees the request.",
+        json_schema_extra={"enum": list(DENY_STATUSES)},
+    )
+
+    @model_validator(mode="after")
+    def _pool_or_deny(self) -> Self:
+        if (self.pool is None) == (self.deny is None):
+            raise invalid((), "needs exactly one of `pool` (where to send) or `deny` (a 4xx status)")
+        return self
+
+
+@dataclass(frozen=True, slots=True, kw_only=True, config=MODEL)
+class ConfigFile(Section):
+    """mcpbalancer configuration. Every key except `backends` is optional. String values may name
+    environment variables as ${NAME} ($${ for a literal ${)."""
+
+    listen: HostPort = Field(
+        default="127.0.0.1:8080",
+        description="Address the proxy accepts MCP clients on, as host:port (IPv6 as [::1]:8080); port 0 "
+        "picks a free one.",
+    )
+    store: Store = Field(
+        default="memory",
+        description="Where the session -> backend map lives: memory (this process only, lost on "
+        "restart), or a redis://, rediss:// or unix:// URL shared by several proxies.",
+    )
+    store_prefix: Text = Field(
+        default=DEFAULT_STORE_PREFIX,
+        description="Prefix of every Redis key the proxy writes, so deployments can share one.",
+    )
+    local_cache_size: Integer = Field(
+        default=DEFAULT_LOCAL_CACHE_SIZE,
+        ge=1,
+        description="Sessions remembered in the local cache in front of Redis; they stay routable while "
+        "Redis is down.",
+    )
+    session_ttl: Number = Field(
+        default=3600.0,
+        gt=0,
+        description="Seconds a session mapping lives without traffic; every request slides it.",
+    )
+    balance: Balance = Field(
+        default="least_sessions",
+        description="How a new session (or a stateless 2026-07-28 request) picks a backend, weighted: "
+        "least_sessions, p2c (power of two choices) or round_robin.",
+    )
+    heartbeat: Number = Field(
+        default=15.0,
+        ge=0,
+        description="Seconds of upstream silence on an SSE response before the proxy writes a ': ping' "
+        "comment to the client; 0 = off.",
+    )
+    backends: tuple[BackendEntry, ...] = Field(
+        min_length=1, description="The MCP server instances; at least one."
+    )
+    timeouts: TimeoutsConfig | None = Field(default=TimeoutsConfig(), description=TimeoutsConfig.__doc__)
+    limits: LimitsConfig | None = Field(default=LimitsConfig(), description=LimitsConfig.__doc__)
+    admin: HostPort | None = Field(
+        default=None,
+        description="host:port of the control listener: /metrics, /healthz, /readyz and the admin API, "
+        "apart from MCP traffic. Off when absent. Keep it private: the admin API has no authentication.",
+    )
+    metrics: MetricsConfig | None = Field(default=MetricsConfig(), description=MetricsConfig.__doc__)
+    log: LogConfig | None = Field(default=LogConfig(), description=LogConfig.__doc__)
+    health: HealthConfig | None = Field(default=HealthConfig(), description=HealthConfig.__doc__)
+    shutdown_timeout: Number = Field(
+        default=DEFAULT_SHUTDOWN_TIMEOUT,
+        ge=0,
+        description="Seconds SIGTERM waits for requests in flight before closing them.",
+    )
+    pools: dict[Name, Members] | None = Field(
+        default={}, description="Named, non-empty lists of backend names that `routes` send requests to."
+    )
+    routes: tuple[RouteEntry, ...] | None = Field(
+        default=(),
+        description="Rules for 2026-07-28 requests, in order, first match wins; never for legacy sessions.",
+    )
+    affinity: AffinityConfig | None = Field(default=AffinityConfig(), description=AffinityConfig.__doc__)
+    validate_headers: Flag = Field(
+        default=False,
+        description="Strict mode: read the JSON body of every 2026-07-28 request and answer 400 (-32020) "
+        "when Mcp-Method or Mcp-Name disagree with it.",
+    )
+    failover: Failover = Field(
+        default="reinitialize",
+        description="When a session's owner is gone: reinitialize (404; the client initializes again) or "
+        "replay (re-run the session's initialize on a live backend, keeping the session id).",
+    )
+    allowed_origins: Origins | None = Field(
+        default=(),
+        description="Browser origins allowed to call the proxy: exact origins or '*'. Empty: requests "
+        "without Origin or whose Origin names the request's Host; any other gets 403.",
+    )
+    allowed_hosts: Hosts | None = Field(
+        default=None,
+        description="Host names the proxy answers for (Host header): exact names, globs with * and ?, "
+        "IPv6 addresses in brackets, or '*' for any; no port (any port matches); others get 421. Empty "
+        "or absent: the loopback names on a loopback `listen`, else those and IP addresses.",
+    )
+    bind_sessions: HeaderName | None = Field(
+        default=None,
+        description="Header a new session is bound to, e.g. authorization: a request with the session id "
+        "and another value gets 404. Off when absent.",
+    )
+    session_binding_key: BindingKey | None = Field(
+        default=None,
+        description="HMAC key of the binding, at least 16 characters of random secret (${NAME} keeps it "
+        "out of the file). Default: random per process; required with a Redis store.",
+    )
+    on_store_error: StoreErrorMode = Field(
+        default="degrade",
+        description="What new sessions get while the Redis store is down: degrade (bound in the local "
+        "cache, written back later) or fail (503 with Retry-After: 1).",
+    )
+    workers: Integer = Field(
+        default=1,
+        ge=1,
+        le=MAX_WORKERS,
+        description="Processes serving `listen` together (SO_REUSEPORT); more than 1 needs a Redis "
+        "`store`, a fixed `listen` port and no `command` backends. `--workers` overrides it.",
+    )
+    mcp_path: McpPath = Field(
+        default=DEFAULT_MCP_PATH,
+        description="The path clients use for MCP. A request for it goes to each backend's MCP endpoint: "
+        "the path of its `url`, or this same path for a url without one. Every other path is forwarded "
+        "as it came. Not /healthz, /readyz, nor metrics.path when the metrics are served on `listen`.",
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _health_path_follows_mcp_path(cls, data: Any) -> Any:
+        """health.path is `mcp_path` unless the file says otherwise; only the raw file knows whether
+        it does."""
+        if not isinstance(data, Mapping):
+            return data
+        health, mcp_path = data.get("health"), data.get("mcp_path")
+        if (
+            not isinstance(mcp_path, str)
+            or not isinstance(health, Mapping | None)
+            or "path" in (health or {})
+        ):
+            return data
+        try:
+            checks.check_mcp_path(mcp_path)
+        except ValueError:
+            return data  # mcp_path's own error says what is wrong, once
+        return {**data, "health": {**(health or {}), "path": mcp_path}}
+
+    @model_validator(mode="after")
+    def _across_keys(self) -> Self:
+        names = self._backend_names()
+        self._check_pools(names)
+        self._check_routes()
+        self._check_stream_idle()
+        self._check_binding()
+        self._check_metrics_path()
+        return self
+
+    def _backend_names(self) -> list[str]:
+        # Names are session owners in the store; two backends with one name would share sessions.
+        first_seen: dict[str, int] = {}
+        for i, entry in enumerate(self.backends):
+            for name in entry.names:
+                if name in first_seen:
+                    also = f"backends[{first_seen[name]}].name"
+                    raise invalid(("backends", i, "name"), f"duplicate name {name!r} (also {also})")
+                first_seen[name] = i
+        return list(first_seen)
+
+    def _check_pools(self, backends: list[str]) -> None:
+        for pool, members in (self.pools or {}).items():
+            for i, member in enumerate(members):
+                if member not in backends:
+                    problem = f"unknown backend {member!r}; backends: {', '.join(backends)}"
+                    raise invalid(("pools", pool, i), problem)
+
+    def _check_routes(self) -> None:
+        pools = self.pools or {}
+        for i, route in enumerate(self.routes or ()):
+            if route.pool is not None and route.pool not in pools:
+                known = ", ".join(pools) or "none defined"
+                raise invalid(("routes", i, "pool"), f"unknown pool {route.pool!r}; pools: {known}")
+
+    def _check_stream_idle(self) -> None:
+        stream_idle = (self.timeouts or TimeoutsConfig()).stream_idle
+        if self.heartbeat > 0 and 0 < stream_idle <= self.heartbeat:
+            # Heartbeats are written after `heartbeat` seconds of upstream silence; an idle cut at or
+            # before that moment would end every quiet stream before a single heartbeat went out.
+            problem = f"must be greater than heartbeat ({self.heartbeat:g}) or 0 (off), got {stream_idle:g}"
+            raise invalid(("timeouts", "stream_idle"), problem)
+
+    def _check_binding(self) -> None:
+        if self.bind_sessions is not None and self.session_binding_key is None and self.store != "memory":
+            raise invalid(
+                ("session_binding_key",),
+                "is required when bind_sessions is set and the store is Redis: every proxy replica must "
+                "hash credentials with the same key (a per-process random key would tie sessions to one "
+                "replica)",
+            )
+
+    def _check_metrics_path(self) -> None:
+        metrics = self.metrics or MetricsConfig()
+        if self.admin is None and metrics.enabled and metrics.path == self.mcp_path:
+            problem = f"must not be `mcp_path` ({self.mcp_path}) while the metrics are served on `listen`"
+            raise invalid(("metrics", "path"), problem)

@@ -1,0 +1,275 @@
+"""The configuration's building blocks: scalar types as YAML gives them, the base of every section,
+and the sections the proxy reads as they are.
+
+Each key is written once, with its type, range, default and description: the validation, the
+defaults the proxy runs with and the JSON Schema (schema.py) come from there. A value is checked by
+its type and by the pure functions of checks.py; a check across keys is a model validator raising
+`invalid(at, problem)`, where `at` is the key path below the model. loading.py turns pydantic's
+errors into `FILE: key.path: problem`.
+
+The sections whose shape is also what the proxy reads (timeouts, limits, health, metrics, log,
+affinity) are frozen, slotted dataclasses used as they are. The others (the top level, a backend
+entry, a route: file.py) are turned into the objects of runtime.py by build.py.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Callable, Mapping
+from http import HTTPStatus
+from typing import Annotated, Any, Final
+
+from pydantic import (
+    AfterValidator,
+    ConfigDict,
+    Field,
+    GetCoreSchemaHandler,
+    GetJsonSchemaHandler,
+    Strict,
+    StringConstraints,
+    model_validator,
+)
+from pydantic.dataclasses import dataclass
+from pydantic_core import CoreSchema, PydanticCustomError, core_schema
+
+from mcpbalancer.config import checks
+from mcpbalancer.config.checks import BACKEND_NAME, BACKEND_NAME_RULE, HEADER_NAME, ORIGIN
+
+BALANCE_STRATEGIES: Final = ("least_sessions", "p2c", "round_robin")
+FAILOVER_MODES: Final = ("reinitialize", "replay")
+STORE_ERROR_MODES: Final = ("degrade", "fail")
+LOG_FORMATS: Final = ("json", "text")
+LOG_LEVELS: Final = ("debug", "info", "warning", "error")
+ERAS: Final = ("legacy", "modern")
+DEFAULT_STORE_PREFIX: Final = "mcpb:"
+DEFAULT_LOCAL_CACHE_SIZE: Final = 100_000
+DEFAULT_SHUTDOWN_TIMEOUT: Final = 10.0
+DEFAULT_MCP_PATH: Final = "/mcp"
+MAX_REPLICAS: Final = 64
+MAX_WORKERS: Final = 1024  # a typo guard, not a tuning limit
+DENY_STATUSES: Final = tuple(int(s) for s in HTTPStatus if 400 <= s <= 499)
+
+Loc = tuple[str | int, ...]
+
+
+def invalid(at: Loc, problem: str) -> PydanticCustomError:
+    """A problem at key path `at` below the model being validated (pydantic would put an error a
+    model validator raises at the model itself)."""
+    return PydanticCustomError("config", "{problem}", {"at": at, "problem": problem})
+
+
+class _Check:
+    """A check on a string after its type: a validator whose ValueError says what is wrong, and
+    what the JSON Schema can say of it (`extra`), so that editors flag a bad value too."""
+
+    def __init__(self, check: Callable[[str], str], **extra: object) -> None:
+        self.check = check
+        self.extra = extra
+
+    def __get_pydantic_core_schema__(self, source: Any, handler: GetCoreSchemaHandler) -> CoreSchema:
+        return core_schema.no_info_after_validator_function(self.check, handler(source))
+
+    def __get_pydantic_json_schema__(self, schema: CoreSchema, handler: GetJsonSchemaHandler) -> Any:
+        return {**handler(schema), **self.extra}
+
+
+def _matching(regex: re.Pattern[str], rule: str) -> _Check:
+    def check(value: str) -> str:
+        if not regex.fullmatch(value):
+            raise ValueError(f"must be {rule}, got {value!r}")
+        return value
+
+    return _Check(check, pattern=f"^(?:{regex.pattern})$")
+
+
+def _one_of(choices: tuple[str, ...]) -> _Check:
+    def check(value: str) -> str:
+        if value not in choices:
+            raise ValueError(f"must be one of {', '.join(choices)}; got {value!r}")
+        return value
+
+    return _Check(check, enum=list(choices))
+
+
+# Scalars as YAML gives them: no "3600" for a number, no 1 for true. An int is a valid number (and
+# is stored as a float); a bool is not a number.
+Number = Annotated[float, Strict()]
+Integer = Annotated[int, Strict()]
+Flag = Annotated[bool, Strict()]
+Text = Annotated[str, StringConstraints(strict=True, min_length=1)]
+HostPort = Annotated[Text, AfterValidator(checks.check_host_port)]
+Name = Annotated[Text, _matching(BACKEND_NAME, BACKEND_NAME_RULE)]
+Origin = Annotated[Text, _Check(checks.check_origin, pattern=f"^(?:\\*|{ORIGIN.pattern})$")]
+HostName = Annotated[Text, _Check(checks.check_host_name, pattern=f"^(?:{checks.HOST_NAME.pattern})$")]
+HeaderName = Annotated[Text, _matching(HEADER_NAME, checks.HEADER_RULE)]
+ServerName = Annotated[Text, _matching(checks.SERVER_NAME, checks.SERVER_NAME_RULE)]
+ProbePath = Annotated[Text, _Check(checks.check_probe_path, pattern=f"^{checks.URL_PATH.pattern}$")]
+McpPath = Annotated[Text, _Check(checks.check_mcp_path, pattern='^/[!"$->@-~]{0,255}$')]
+MetricsPath = Annotated[Text, _Check(checks.check_metrics_path, pattern=f"^{checks.URL_PATH.pattern}$")]
+Balance = Annotated[Text, _one_of(BALANCE_STRATEGIES)]
+Failover = Annotated[Text, _one_of(FAILOVER_MODES)]
+StoreErrorMode = Annotated[Text, _one_of(STORE_ERROR_MODES)]
+LogFormat = Annotated[Text, _one_of(LOG_FORMATS)]
+LogLevel = Annotated[Text, _one_of(LOG_LEVELS)]
+Era = Annotated[Text, _one_of(ERAS)]
+
+MODEL = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+
+@dataclass(frozen=True, slots=True, config=MODEL)
+class Section:
+    """Refuses keys the section does not have, one error naming the key and the allowed ones."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _known_keys(cls, data: Any) -> Any:
+        if isinstance(data, Mapping):
+            allowed = tuple(f.name for f in dataclasses.fields(cls))
+            for key in data:
+                if key not in allowed:
+                    raise PydanticCustomError(
+                        "unknown_key", "unknown key", {"at": (key,), "allowed": allowed}
+                    )
+        return data
+
+
+# --- sections the proxy reads as they are --------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True, config=MODEL)
+class TimeoutsConfig(Section):
+    """Timeouts towards the backends, in seconds."""
+
+    connect: Number = Field(default=5.0, gt=0, description="Seconds to open a TCP connection to a backend.")
+    # Legacy JSON tools send their response head only when the tool is done, hence the long default.
+    response_headers: Number = Field(
+        default=300.0,
+        gt=0,
+        description="Seconds to wait for a backend's response head. Legacy JSON-answering tools send it "
+        "only when the tool is done, so this bounds the longest tool call.",
+    )
+    stream_idle: Number = Field(
+        default=0.0,
+        ge=0,
+        description="Seconds of upstream silence allowed on a streaming response before the proxy gives "
+        "up on it; 0 = off. When both are on, must be greater than `heartbeat`.",
+    )
+
+
+@dataclass(frozen=True, slots=True, config=MODEL)
+class HealthConfig(Section):
+    """Active health checks: one probe per backend every `interval` seconds, a 2026-07-28
+    `server/discover` POST to `path`. The answer must be an MCP endpoint's; a 404, a redirect or a
+    refused connection marks the backend down at once, a 5xx or a timeout counts as a failure. Down
+    backends take no new sessions but keep their existing ones."""
+
+    interval: Number = Field(
+        default=1.0,
+        ge=0,
+        description="Seconds between probes of a backend (fractional allowed); 0 = no active checks.",
+    )
+    timeout: Number = Field(default=1.0, gt=0, description="Seconds a probe may take.")
+    path: ProbePath = Field(
+        default=DEFAULT_MCP_PATH,
+        description="Path probed, as a client's request for it would be forwarded. Default: `mcp_path`, so "
+        "each backend's MCP endpoint is probed.",
+    )
+    fall: Integer = Field(
+        default=2,
+        ge=1,
+        le=100,
+        description="Failures in a row (probes, or timeouts and 5xx on traffic) that mark a backend down.",
+    )
+    rise: Integer = Field(
+        default=2, ge=1, le=100, description="Successful probes in a row that bring a backend back."
+    )
+
+
+@dataclass(frozen=True, slots=True, config=MODEL)
+class LimitsConfig(Section):
+    """Limits on what clients send."""
+
+    header_bytes: Integer = Field(
+        default=65536,
+        ge=1024,
+        description="Largest request head (request line and headers) in bytes; larger: 431.",
+    )
+    header_count: Integer = Field(
+        default=100, ge=8, description="Most header fields in one request; more: 431."
+    )
+    body_bytes: Integer = Field(
+        default=16 * 1024 * 1024, ge=1024, description="Largest request body in bytes; larger: 413."
+    )
+    connections: Integer = Field(
+        default=10_000,
+        ge=1,
+        description="Open client connections at most; one more is answered 503 (Retry-After: 1) and "
+        "closed, never queued. Keep it under the process's file descriptor limit.",
+    )
+    head_timeout: Number = Field(
+        default=10.0,
+        gt=0,
+        description="Seconds a client has to send a whole request head, from the connection's (or the "
+        "request's) first byte; then 408 and close.",
+    )
+    keepalive_timeout: Number = Field(
+        default=60.0,
+        gt=0,
+        description="Seconds an idle keep-alive client connection is kept open between requests.",
+    )
+
+
+@dataclass(frozen=True, slots=True, config=MODEL)
+class MetricsConfig(Section):
+    """Prometheus metrics, on `admin` if set, else on `listen`."""
+
+    enabled: Flag = Field(default=True, description="Serve Prometheus metrics.")
+    path: MetricsPath = Field(
+        default="/metrics",
+        description="Path of the metrics page; not /healthz or /readyz, which the proxy answers itself.",
+    )
+
+
+@dataclass(frozen=True, slots=True, config=MODEL)
+class LogConfig(Section):
+    """Logging: the access log on stdout, every other line on stderr."""
+
+    format: LogFormat = Field(
+        default="json", description="json or text, for the access log and every other log line."
+    )
+    level: LogLevel = Field(default="info", description="Lowest level logged; `--log-level` overrides it.")
+    access: Flag = Field(
+        default=True,
+        description="One line per request on stdout (written at info level: off at warning and error).",
+    )
+
+
+@dataclass(frozen=True, slots=True, config=MODEL)
+class AffinityConfig(Section):
+    """Affinity maps for 2026-07-28 requests, per proxy process and shared through a Redis `store`."""
+
+    tasks: Flag = Field(
+        default=False,
+        description="Learn taskId -> backend from tools/call answers whose result is a task, and send "
+        "tasks/get, tasks/update and tasks/cancel for that id to it.",
+    )
+    request_state: Flag = Field(
+        default=False,
+        description="Learn requestState -> backend from input_required answers, and send the retry "
+        "carrying that requestState to it (the proxy then reads the body of tools/call, prompts/get "
+        "and resources/read requests).",
+    )
+    max_entries: Integer = Field(
+        default=100_000,
+        ge=1,
+        description="Entries per map (tasks, request states); the least recently used goes first.",
+    )
+    task_ttl: Number = Field(
+        default=86_400.0,
+        gt=0,
+        description="Longest a task id is remembered, in seconds; a task's own ttlMs when shorter.",
+    )
+    request_state_ttl: Number = Field(
+        default=600.0, gt=0, description="Seconds a requestState is remembered."
+    )

@@ -1,0 +1,123 @@
+"""What the proxy reads: the frozen Config built from a validated file, and its backends and routes.
+
+The sections shaped like the file's (timeouts, limits, health, ...) are the models themselves
+(models.py). The rest differ from the file: `listen` is split into host and port, a backend's URL
+into its parts, a managed entry into its replicas.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from mcpbalancer.config.models import (
+    DEFAULT_LOCAL_CACHE_SIZE,
+    DEFAULT_MCP_PATH,
+    DEFAULT_SHUTDOWN_TIMEOUT,
+    DEFAULT_STORE_PREFIX,
+    ERAS,
+    AffinityConfig,
+    HealthConfig,
+    LimitsConfig,
+    LogConfig,
+    MetricsConfig,
+    TimeoutsConfig,
+)
+
+
+@dataclass(frozen=True, slots=True)
+class TlsConfig:
+    """How the proxy speaks TLS to an https:// backend. Paths are as written in the file (relative
+    ones are read from the config file's directory). The default verifies the backend's certificate
+    against the system's CA store, for the URL's host name."""
+
+    ca: str | None = None  # PEM file of the CAs to trust instead of the system store
+    server_name: str | None = None  # the name to send as SNI and to verify, instead of the URL's host
+    cert: str | None = None  # client certificate (PEM) for backends that require one (mutual TLS)
+    key: str | None = None  # its private key, when not in the `cert` file
+    insecure_skip_verify: bool = False  # accept any certificate (logged as a warning)
+    at: str = field(default="tls", compare=False)  # the key path, for error messages
+
+
+@dataclass(frozen=True, slots=True)
+class BackendConfig:
+    name: str
+    url: str
+    scheme: str
+    host: str
+    port: int
+    path: str  # the URL's path: the server's MCP endpoint; "" when the URL has none
+    weight: int = 1
+    drain: bool = False
+    drain_timeout: float = 0.0  # seconds after the drain starts; 0 = wait for the sessions forever
+    eras: tuple[str, ...] = ERAS  # the MCP protocol eras this backend serves
+    # A managed backend (`command` in YAML): the proxy runs this command line; host and port are
+    # known once the process is up (port 0 here). None for a backend given by `url`.
+    command: str | None = None
+    # TLS settings of an https:// backend (always set for one, defaults if the file has no `tls`).
+    tls: TlsConfig | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class RouteConfig:
+    """One `routes` entry: match on a 2026-07-28 request's headers, then a pool or a deny status."""
+
+    method: str | None = None  # Mcp-Method, exact
+    name: str | None = None  # glob on the decoded Mcp-Name
+    params: tuple[tuple[str, str], ...] = ()  # (Name, value): header Mcp-Param-<Name> equals value
+    pool: str | None = None
+    deny: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    listen_host: str
+    listen_port: int
+    store: str
+    session_ttl: float
+    balance: str
+    heartbeat: float
+    backends: tuple[BackendConfig, ...]
+    timeouts: TimeoutsConfig
+    limits: LimitsConfig
+    store_prefix: str = DEFAULT_STORE_PREFIX
+    local_cache_size: int = DEFAULT_LOCAL_CACHE_SIZE
+    source: str = "<config>"
+    admin: tuple[str, int] | None = None  # (host, port) of the control listener; None = off
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    health: HealthConfig = field(default_factory=HealthConfig)
+    shutdown_timeout: float = DEFAULT_SHUTDOWN_TIMEOUT
+    pools: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    routes: tuple[RouteConfig, ...] = ()
+    affinity: AffinityConfig = field(default_factory=AffinityConfig)
+    validate_headers: bool = False
+    failover: str = "reinitialize"  # or "replay": re-run a lost session's initialize elsewhere
+    # Exact origins ("https://app.example") allowed to call cross-origin, or "*"; empty = only
+    # requests without Origin or whose Origin names the request's Host.
+    allowed_origins: tuple[str, ...] = ()
+    # Host names (exact, or globs with * and ?; "*" = any) the proxy answers for; None = not set:
+    # the loopback names on a loopback `listen`, else those and IP addresses (hosts.for_listen).
+    allowed_hosts: tuple[str, ...] | None = None
+    # Header whose value a session is bound to (lower-case), e.g. "authorization"; None = off.
+    bind_sessions: str | None = None
+    session_binding_key: str | None = None  # HMAC key of the binding; random per process if None
+    on_store_error: str = "degrade"  # or "fail": what new sessions get while the shared store is down
+    # Processes sharing the listen port (SO_REUSEPORT); > 1 makes the CLI a supervisor (supervisor.py).
+    workers: int = 1
+    # The path clients use for MCP; requests for it go to each backend's endpoint (its URL's path).
+    mcp_path: str = DEFAULT_MCP_PATH
+
+
+def host_port(host: str, port: int) -> str:
+    """The inverse of parse_listen: `host:port`, an IPv6 host in brackets."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def admin_of_worker(config: Config, index: int) -> tuple[str, int] | None:
+    """Worker `index` (0-based) serves `admin` on its port + index, so every worker is a scrape target
+    of its own; port 0 stays 0 (each worker picks a free one)."""
+    if config.admin is None:
+        return None
+    host, port = config.admin
+    return host, port + index if port else 0
