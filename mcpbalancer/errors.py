@@ -11,11 +11,11 @@
           ├── Forbidden               403
           ├── Denied                  a `deny:` routing rule (403 or the rule's 4xx status)
           ├── SessionNotFound         404: unknown or expired session, or its owner is gone
+          ├── MethodNotAllowed        405: CONNECT (with Allow)
           ├── RequestTimeout          408: the request head did not arrive in time
           ├── PayloadTooLarge         413
           ├── MisdirectedRequest      421: a Host not in `allowed_hosts`
           ├── HeadersTooLarge         431
-          ├── NotImplementedMethod    501: CONNECT, Upgrade
           ├── BadGateway              502: the backend broke the exchange
           ├── NoBackendAvailable      503: nothing can take a new session (+ Retry-After)
           └── GatewayTimeout          504
@@ -24,6 +24,8 @@ Every ProxyError is rendered by `render_error`: a complete HTTP/1.1 response who
 JSON-RPC error object, because MCP clients parse the body of a failed POST as JSON-RPC. Status lines
 carry the reason phrase as RFC 9110 spells it (`reason_phrase`), and a message that names the status
 ("Bad Request: ...") names it the same way.
+
+A client's mistake is always a 4xx; a 5xx is only ever an upstream fault (502, 503, 504).
 """
 
 from __future__ import annotations
@@ -72,6 +74,7 @@ class ProxyError(MCPBalancerError):
     reason: ClassVar[str] = "Internal Server Error"
     rpc_code: ClassVar[int] = -32603
     default_message: ClassVar[str] = "Internal error"
+    allow: ClassVar[str | None] = None  # the Allow header of a 405
 
     def __init__(self, message: str | None = None, *, retry_after: int | None = None) -> None:
         super().__init__(message or self.default_message)
@@ -108,6 +111,11 @@ class SessionNotFound(ProxyError):
     status, reason, rpc_code, default_message = 404, "Not Found", -32600, "Session not found"
 
 
+class MethodNotAllowed(ProxyError):
+    status, reason, rpc_code, default_message = 405, "Method Not Allowed", -32600, "Method Not Allowed"
+    allow = "GET, HEAD, POST, DELETE, OPTIONS"
+
+
 class RequestTimeout(ProxyError):
     status, reason, rpc_code, default_message = 408, "Request Timeout", -32600, "Request head timeout"
 
@@ -124,10 +132,6 @@ class MisdirectedRequest(ProxyError):
 class HeadersTooLarge(ProxyError):
     status, reason = 431, "Request Header Fields Too Large"
     rpc_code, default_message = -32600, "Request Header Fields Too Large"
-
-
-class NotImplementedMethod(ProxyError):
-    status, reason, rpc_code, default_message = 501, "Not Implemented", -32600, "Not Implemented"
 
 
 class BadGateway(ProxyError):
@@ -163,5 +167,7 @@ def render_error(err: ProxyError, *, keep_alive: bool, head_only: bool = False) 
     ]
     if err.retry_after is not None:
         lines.append(f"Retry-After: {err.retry_after}")
+    if err.allow is not None:
+        lines.append(f"Allow: {err.allow}")
     head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
     return head if head_only else head + body

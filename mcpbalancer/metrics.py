@@ -62,7 +62,7 @@ REJECT_REASONS: Final = (
     "version",  # not HTTP/1.0 or 1.1, or Transfer-Encoding on HTTP/1.0
     "host",  # HTTP/1.1 without Host, several Host fields, absolute-form for another host
     "host_not_allowed",  # a Host not in allowed_hosts (DNS rebinding, or a name to add to the list)
-    "method",  # CONNECT, Upgrade
+    "method",  # CONNECT
     "session_id",  # conflicting Mcp-Session-Id fields
     "mcp_name",  # conflicting Mcp-Name fields on a 2026-07-28 request
     "header_limit",  # header_bytes, header_count

@@ -44,6 +44,7 @@ HOP_BY_HOP = frozenset(
         b"trailer",
         b"transfer-encoding",
         b"upgrade",
+        b"http2-settings",  # RFC 7540 §3.2.1: an h2c upgrade's, connection-specific by definition
     }
 )
 

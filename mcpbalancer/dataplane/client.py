@@ -24,8 +24,8 @@ from mcpbalancer.errors import (
     BadRequest,
     Forbidden,
     HeadersTooLarge,
+    MethodNotAllowed,
     MisdirectedRequest,
-    NotImplementedMethod,
     PayloadTooLarge,
     ProxyError,
     RequestTimeout,
@@ -73,6 +73,7 @@ class ClientConnection(asyncio.Protocol):
         self._head_bytes = 0
         # Host values known to be allowed (None: every Host is), tested before asking the policy.
         self._known_hosts = plane.hosts.known if plane.hosts is not None else None
+        self._upgrade: tuple[RequestHead, str] | None = None  # a head to parse again without Upgrade
 
     # -- asyncio.Protocol -------------------------------------------------------------------------
 
@@ -113,22 +114,33 @@ class ClientConnection(asyncio.Protocol):
                 exchange.flush_upstream()
 
     def _feed(self, data: bytes) -> None:
-        try:
-            self.parser.feed_data(data)
-        except httptools.HttpParserUpgrade:
-            # The Upgrade request was answered with 501 and the connection closes after it.
-            self._stop_reading()
-        except httptools.HttpParserCallbackError as exc:
-            cause = exc.__context__
-            if isinstance(cause, ProxyError):
-                self._refuse(cause, "header_limit" if isinstance(cause, HeadersTooLarge) else "framing")
+        while True:
+            try:
+                self.parser.feed_data(data)
+            except httptools.HttpParserUpgrade as exc:
+                upgrade, self._upgrade = self._upgrade, None
+                if upgrade is None:
+                    # CONNECT, answered with 405: what follows it is not HTTP; the connection closes.
+                    self._stop_reading()
+                    return
+                # The parser stopped after the head (the rest would be another protocol): parse the
+                # head again without its Upgrade fields, then its body and what follows, as HTTP.
+                self.parser = httptools.HttpRequestParser(self)
+                data = without_upgrade(*upgrade) + data[exc.args[0] :]
+                continue
+            except (httptools.HttpParserCallbackError, httptools.HttpParserError) as exc:
+                self._parse_failed(exc)
             else:
-                self._refuse(BadRequest(f"Bad Request: {exc}"), "framing")
-        except httptools.HttpParserError as exc:
-            self._refuse(BadRequest(f"Bad Request: {exc}"), "framing")
+                if self._parsing is None and self._head_bytes > 2 * self.plane.limits.header_bytes:
+                    self._refuse(HeadersTooLarge(), "header_limit")
+            return
+
+    def _parse_failed(self, exc: Exception) -> None:
+        cause = exc.__context__ if isinstance(exc, httptools.HttpParserCallbackError) else None
+        if isinstance(cause, ProxyError):
+            self._refuse(cause, "header_limit" if isinstance(cause, HeadersTooLarge) else "framing")
         else:
-            if self._parsing is None and self._head_bytes > 2 * self.plane.limits.header_bytes:
-                self._refuse(HeadersTooLarge(), "header_limit")
+            self._refuse(BadRequest(f"Bad Request: {exc}"), "framing")
 
     def eof_received(self) -> bool:
         # Half-close: the client has sent all it will; answer what is queued, then close. An event
@@ -198,6 +210,11 @@ class ClientConnection(asyncio.Protocol):
         if len(head.headers) > self._header_count:
             raise HeadersTooLarge("Too many request header fields")
         head.method = parser.get_method()
+        if parser.should_upgrade() and head.method != b"CONNECT":
+            # No protocol is switched to (RFC 9110 §7.8 lets a server ignore Upgrade): the request is
+            # answered as if its Upgrade fields were absent, parsed again without them (_feed).
+            self._upgrade = (head, parser.get_http_version())
+            return
         head.keep_alive = parser.should_keep_alive()
         if parser.get_http_version() != "1.1":
             head.http11 = False
@@ -228,9 +245,7 @@ class ClientConnection(asyncio.Protocol):
     def _head_problem(self, head: RequestHead) -> tuple[ProxyError, str] | None:
         """Why this head is refused, with its REJECT_REASONS label; None when it may go on."""
         if head.method == b"CONNECT":
-            return NotImplementedMethod("CONNECT is not supported"), "method"
-        if self.parser.should_upgrade():
-            return NotImplementedMethod("Protocol upgrade is not supported"), "method"
+            return MethodNotAllowed("Method Not Allowed: CONNECT is not supported"), "method"
         if self.parser.get_http_version() not in _VERSIONS:
             return BadRequest("Bad Request: only HTTP/1.0 and HTTP/1.1 are supported"), "version"
         if head.chunked and not head.http11:
@@ -435,6 +450,26 @@ class ClientConnection(asyncio.Protocol):
         self.uncork()
         if self.transport is not None and not self._lost:
             self.transport.close()
+
+
+def without_upgrade(head: RequestHead, version: str) -> bytes:
+    """The bytes of `head` without Upgrade and HTTP2-Settings, and with `upgrade` taken out of
+    Connection: the same request, which the parser then reads as plain HTTP/1.x."""
+    lines = [head.method, b" ", head.target, b" HTTP/", version.encode("ascii"), b"\r\n"]
+    for lname, name, value in head.headers:
+        if lname in _UPGRADE_FIELDS:
+            continue
+        if lname == protocol.CONNECTION:
+            kept = [t for t in value.split(b",") if t.strip().lower() != b"upgrade"]
+            if not any(t.strip() for t in kept):
+                continue
+            value = b",".join(kept)
+        lines += (name, b": ", value, b"\r\n")
+    lines.append(b"\r\n")
+    return b"".join(lines)
+
+
+_UPGRADE_FIELDS = frozenset({b"upgrade", b"http2-settings"})
 
 
 def _declared(content_length: bytes | None) -> int:
