@@ -6,7 +6,10 @@
      ├── BackendStartError            a managed backend's process did not start or answer
      ├── ListenError                  a listener (public or admin) could not be bound
      └── ProxyError                   an answer the proxy itself gives a client
-          ├── BadRequest              400: malformed framing, session id, header encoding
+          ├── BadRequest              400: malformed framing, a bad request target, ...
+          │    ├── InvalidSessionId   400: Mcp-Session-Id is not 1..256 visible ASCII characters
+          │    ├── MalformedHeader    400: a routing header's =?base64?...?= value does not decode
+          │    ├── InvalidBody        400: strict mode, the body is not one JSON-RPC object
           │    └── HeaderMismatch     400: Mcp-Method/Mcp-Name disagree with the body (-32020)
           ├── Forbidden               403
           ├── Denied                  a `deny:` routing rule (403 or the rule's 4xx status)
@@ -25,7 +28,10 @@ JSON-RPC error object, because MCP clients parse the body of a failed POST as JS
 carry the reason phrase as RFC 9110 spells it (`reason_phrase`), and a message that names the status
 ("Bad Request: ...") names it the same way.
 
-A client's mistake is always a 4xx; a 5xx is only ever an upstream fault (502, 503, 504).
+A client's mistake is always a 4xx; a 5xx is only ever an upstream fault (502, 503, 504). Errors
+raised while routing that refuse a client's request name their `reject_reason` (a label of
+metrics.REJECT_REASONS), counted where the exchange answers them; refusals found in the request
+head are counted where they are found, and carry none.
 """
 
 from __future__ import annotations
@@ -74,6 +80,7 @@ class ProxyError(MCPBalancerError):
     reason: ClassVar[str] = "Internal Server Error"
     rpc_code: ClassVar[int] = -32603
     default_message: ClassVar[str] = "Internal error"
+    reject_reason: ClassVar[str | None] = None
     allow: ClassVar[str | None] = None  # the Allow header of a 405
 
     def __init__(self, message: str | None = None, *, retry_after: int | None = None) -> None:
@@ -86,8 +93,21 @@ class BadRequest(ProxyError):
     status, reason, rpc_code, default_message = 400, "Bad Request", -32600, "Bad Request"
 
 
+class InvalidSessionId(BadRequest):
+    default_message, reject_reason = "Bad Request: invalid Mcp-Session-Id header", "session_id"
+
+
+class MalformedHeader(BadRequest):
+    reject_reason = "header_encoding"
+
+
+class InvalidBody(BadRequest):
+    reject_reason = "strict"
+
+
 class HeaderMismatch(BadRequest):
     rpc_code, default_message = -32020, "Header mismatch"  # MCP 2026-07-28 HEADER_MISMATCH
+    reject_reason = "strict"
 
 
 class Forbidden(ProxyError):
@@ -98,6 +118,7 @@ class Denied(ProxyError):
     """A request refused by a `deny:` routing rule; `denied(status)` makes the class of a status."""
 
     status, reason, rpc_code, default_message = 403, "Forbidden", -32600, "Denied by a routing rule"
+    reject_reason = "rule"
 
 
 @cache

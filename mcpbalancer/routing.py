@@ -33,7 +33,7 @@ from mcpbalancer.affinity import (
 from mcpbalancer.backends import Backend, BackendSet
 from mcpbalancer.balancer import Strategy
 from mcpbalancer.binding import SessionBinder, backend_of, decode_owner, encode_owner
-from mcpbalancer.errors import BadRequest, NoBackendAvailable, SessionNotFound, StoreError
+from mcpbalancer.errors import InvalidSessionId, NoBackendAvailable, SessionNotFound, StoreError
 from mcpbalancer.metrics import Metrics
 from mcpbalancer.protocol import Era
 from mcpbalancer.rules import RuleSet, decoded, header_lookup
@@ -75,14 +75,14 @@ def classify(
     mcp_name: bytes | None = None,
     headers: Sequence[tuple[bytes, bytes, bytes]] = (),
 ) -> RequestFacts:
-    """Facts of a request from its raw header values; BadRequest for a malformed session id."""
+    """Facts of a request from its raw header values; InvalidSessionId for a malformed session id."""
     era = protocol.era_of(protocol_version)
     if era is Era.MODERN:
         return RequestFacts(method, era, None, mcp_method, mcp_name, headers)
     if session_id is None:
         return RequestFacts(method, era, None)
     if not protocol.valid_session_id(session_id):
-        raise BadRequest("Bad Request: invalid Mcp-Session-Id header")
+        raise InvalidSessionId()
     return RequestFacts(method, era, session_id.decode("ascii"), protocol_version=protocol_version)
 
 

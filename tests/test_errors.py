@@ -23,6 +23,7 @@ from mcpbalancer.errors import (
     SessionNotFound,
     render_error,
 )
+from mcpbalancer.metrics import REJECT_REASONS
 
 
 class Parsed:
@@ -188,6 +189,12 @@ def test_client_mistakes_are_4xx_and_only_upstream_faults_are_5xx() -> None:
     classes = [*_subclasses(ProxyError)[1:], errors.denied(429)]
     assert {c for c in classes if c.status >= 500} == {BadGateway, NoBackendAvailable, GatewayTimeout}
     assert all(400 <= c.status < 500 for c in classes if c.status < 500)
+
+
+def test_every_reject_reason_is_a_known_label() -> None:
+    reasons = {c.reject_reason for c in _subclasses(ProxyError)} - {None}
+    assert reasons == {"session_id", "header_encoding", "strict", "rule"}
+    assert reasons <= set(REJECT_REASONS)
 
 
 def test_tree() -> None:

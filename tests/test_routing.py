@@ -12,7 +12,7 @@ import pytest
 
 from mcpbalancer.backends import Backend, BackendSet
 from mcpbalancer.balancer import LeastSessions
-from mcpbalancer.errors import BadRequest, NoBackendAvailable, SessionNotFound
+from mcpbalancer.errors import BadRequest, InvalidSessionId, NoBackendAvailable, SessionNotFound
 from mcpbalancer.protocol import Era
 from mcpbalancer.routing import RequestFacts, Router, classify
 from mcpbalancer.store.memory import MemoryStore
@@ -99,10 +99,13 @@ def test_classify(session_id: bytes | None, version: bytes | None, era: Era, sid
     assert classify(b"POST", session_id, version) == RequestFacts(b"POST", era, sid)
 
 
+@pytest.mark.parametrize("version", [LEGACY, None])
 @pytest.mark.parametrize("session_id", [b"", b"bad id", b"tab\there", b"x" * 257, b"caf\xc3\xa9", b"\x7f"])
-def test_classify_rejects_malformed_session_id(session_id: bytes) -> None:
-    with pytest.raises(BadRequest):
-        classify(b"POST", session_id, LEGACY)
+def test_classify_rejects_malformed_session_id(session_id: bytes, version: bytes | None) -> None:
+    with pytest.raises(InvalidSessionId) as caught:
+        classify(b"POST", session_id, version)
+    assert isinstance(caught.value, BadRequest)
+    assert caught.value.reject_reason == "session_id"
 
 
 # --- route ------------------------------------------------------------------------------------------

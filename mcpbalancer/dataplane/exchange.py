@@ -686,6 +686,8 @@ class Exchange:
     def _answer_error(self, err: ProxyError) -> None:
         if self.done:
             return
+        if err.reject_reason is not None:  # a refusal found while routing (errors.py)
+            self.plane.metrics.rejected(err.reject_reason)
         if self._started or self._held is not None:
             self._abort_client()
             return
