@@ -32,6 +32,7 @@ from mcpbalancer.errors import (
     render_error,
 )
 from mcpbalancer.origin import same_host
+from mcpbalancer.protocol import Era
 
 if TYPE_CHECKING:
     from mcpbalancer.dataplane.plane import DataPlane
@@ -263,7 +264,7 @@ class ClientConnection(asyncio.Protocol):
                 return err, "host_not_allowed"
         if head.sid_conflict:
             return BadRequest("Bad Request: conflicting Mcp-Session-Id headers"), "session_id"
-        if head.name_conflict and protocol.era_of(head.protocol_version) is protocol.Era.MODERN:
+        if head.name_conflict and protocol.era_of(head.session_id, head.protocol_version) is Era.MODERN:
             return BadRequest("Bad Request: conflicting Mcp-Name headers"), "mcp_name"
         if head.origin is not None and not self.plane.origins.allows(head.origin, head.host):
             return Forbidden("Forbidden: Origin not allowed"), "origin"
