@@ -75,7 +75,7 @@ def classify(
     mcp_name: bytes | None = None,
     headers: Sequence[tuple[bytes, bytes, bytes]] = (),
 ) -> RequestFacts:
-    """Facts of a request from its raw header values; BadRequest for a malformed session id.
+    """Facts of a request from its raw header values; InvalidSessionId (400) for a malformed id.
 
     A request with a session id is a legacy one, routed by its session whatever its
     MCP-Protocol-Version says (protocol.era_of): none of the 2026-07-28 routing applies to it."""

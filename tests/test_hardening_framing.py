@@ -212,6 +212,8 @@ UPGRADES = [
     ("h2c-post-chunked", POST + H2C + b"Transfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n", b"hello"),
     ("keep-alive-token", GET + b"Connection: keep-alive, upgrade\r\nUpgrade: websocket\r\n\r\n", b""),
     ("two-connection-fields", GET + b"Connection: upgrade\r\nConnection: x-a\r\nUpgrade: h2c\r\n\r\n", b""),
+    ("upper-case", GET + b"CONNECTION: UPGRADE\r\nUPGRADE: h2c\r\n\r\n", b""),
+    ("no-space", GET + b"Connection:upgrade\r\nupgrade:websocket\r\n\r\n", b""),
 ]  # fmt: skip
 UPGRADE_FIELDS = {b"upgrade", b"http2-settings", b"connection"}
 
@@ -264,3 +266,21 @@ async def test_upgrade_with_connection_close_is_answered_and_closed(
     resp = await until_eof(client)
     assert (resp.status, resp.header("connection")) == (200, b"close")
     assert [r.target for r in stub.requests] == [b"/mcp"]
+
+
+async def test_many_pipelined_upgrade_requests_in_one_send_are_each_answered(
+    make_proxy: ProxyFactory, make_stub: StubFactory, open_client: ClientFactory
+) -> None:
+    # Each is parsed again after the parser stops at it: in a loop, so more of them than Python's
+    # recursion limit come through one read.
+    stub = await make_stub()
+    proxy = await make_proxy([stub])
+    client = await open_client(proxy)
+    count = 1100
+    client.send(
+        (GET + b"Connection: Upgrade\r\nUpgrade: websocket\r\n\r\n") * count + request("GET", "/last")
+    )
+    for _ in range(count):
+        assert (await client.response()).status == 200
+    assert bytes((await client.response()).body) == b"/last"
+    assert len(stub.requests) == count + 1

@@ -115,25 +115,43 @@ class ClientConnection(asyncio.Protocol):
                 exchange.flush_upstream()
 
     def _feed(self, data: bytes) -> None:
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade as exc:
+            self._upgraded(memoryview(data)[exc.args[0] :])
+        except httptools.HttpParserError as exc:
+            self._parse_failed(exc)
+        else:
+            self._fed()
+
+    def _fed(self) -> None:
+        if self._parsing is None and self._head_bytes > 2 * self.plane.limits.header_bytes:
+            self._refuse(HeadersTooLarge(), "header_limit")
+
+    def _upgraded(self, rest: memoryview) -> None:
+        """The parser stopped after an upgrade request's head (what follows would be another
+        protocol). CONNECT was answered 405: the connection closes. Any other is parsed again
+        without its Upgrade fields, on a fresh parser, then its body and what follows, as HTTP."""
         while True:
+            upgrade, self._upgrade = self._upgrade, None
+            if upgrade is None:
+                self._stop_reading()
+                return
+            self.parser = httptools.HttpRequestParser(self)
             try:
-                self.parser.feed_data(data)
+                self.parser.feed_data(without_upgrade(*upgrade))  # a head that cannot upgrade
+            except httptools.HttpParserError as exc:
+                self._parse_failed(exc)
+                return
+            try:
+                self.parser.feed_data(rest)
             except httptools.HttpParserUpgrade as exc:
-                upgrade, self._upgrade = self._upgrade, None
-                if upgrade is None:
-                    # CONNECT, answered with 405: what follows it is not HTTP; the connection closes.
-                    self._stop_reading()
-                    return
-                # The parser stopped after the head (the rest would be another protocol): parse the
-                # head again without its Upgrade fields, then its body and what follows, as HTTP.
-                self.parser = httptools.HttpRequestParser(self)
-                data = without_upgrade(*upgrade) + data[exc.args[0] :]
+                rest = rest[exc.args[0] :]  # another upgrade request: a loop, not a recursion
                 continue
-            except (httptools.HttpParserCallbackError, httptools.HttpParserError) as exc:
+            except httptools.HttpParserError as exc:
                 self._parse_failed(exc)
             else:
-                if self._parsing is None and self._head_bytes > 2 * self.plane.limits.header_bytes:
-                    self._refuse(HeadersTooLarge(), "header_limit")
+                self._fed()
             return
 
     def _parse_failed(self, exc: Exception) -> None:
@@ -454,18 +472,13 @@ class ClientConnection(asyncio.Protocol):
 
 
 def without_upgrade(head: RequestHead, version: str) -> bytes:
-    """The bytes of `head` without Upgrade and HTTP2-Settings, and with `upgrade` taken out of
-    Connection: the same request, which the parser then reads as plain HTTP/1.x."""
+    """The bytes of `head` without its Upgrade and HTTP2-Settings fields: the same request, which
+    the parser reads as plain HTTP/1.x (llhttp upgrades only a request with an Upgrade field, so
+    this head cannot stop it again; Connection and its tokens are dropped when it is forwarded)."""
     lines = [head.method, b" ", head.target, b" HTTP/", version.encode("ascii"), b"\r\n"]
     for lname, name, value in head.headers:
-        if lname in _UPGRADE_FIELDS:
-            continue
-        if lname == protocol.CONNECTION:
-            kept = [t for t in value.split(b",") if t.strip().lower() != b"upgrade"]
-            if not any(t.strip() for t in kept):
-                continue
-            value = b",".join(kept)
-        lines += (name, b": ", value, b"\r\n")
+        if lname not in _UPGRADE_FIELDS:
+            lines += (name, b": ", value, b"\r\n")
     lines.append(b"\r\n")
     return b"".join(lines)
 
