@@ -94,6 +94,7 @@ class Ledger:
 
     issued: frozenset[str]
     ended: frozenset[str]
+    seen: dict[str, int]  # requests that carried each live id
     stray_total: int
     stray: list[dict[str, str]]
 
@@ -104,7 +105,8 @@ async def session_ledger(backend: BackendProcess) -> Ledger:
     async with aiohttp.ClientSession(timeout=timeout) as http, http.get(backend.url + LEDGER_PATH) as resp:
         assert resp.status == 200, await resp.text()
         data = await resp.json()
-    return Ledger(frozenset(data["issued"]), frozenset(data["ended"]), data["stray_total"], data["stray"])
+    issued, ended = frozenset(data["issued"]), frozenset(data["ended"])
+    return Ledger(issued, ended, data["seen"], data["stray_total"], data["stray"])
 
 
 # --- raw MCP over aiohttp ----------------------------------------------------------------------

@@ -321,12 +321,14 @@ class SessionLedger:
     answer with ``Mcp-Session-Id`` to a request without one) and ended (a 2xx to a DELETE), and every
     request that carried an id not live here: a "stray" is a request a proxy sent to an instance that
     does not own its session, or with an id no instance knows. ``GET <path>`` answers it as JSON
-    (``issued``, ``ended``, ``stray_total`` and the first ``STRAY_KEPT`` strays)."""
+    (``issued``, ``ended``, ``seen``: how many requests carried each live id, ``stray_total`` and the
+    first ``STRAY_KEPT`` strays)."""
 
     def __init__(self, app: App, path: str) -> None:
         self.app, self.path = app, path
         self.issued: set[str] = set()
         self.ended: set[str] = set()
+        self.seen: dict[str, int] = {}
         self.stray: list[dict[str, str]] = []
         self.stray_total = 0
 
@@ -343,6 +345,8 @@ class SessionLedger:
                 self.stray_total += 1
                 if len(self.stray) < STRAY_KEPT:
                     self.stray.append({"sid": sid, "method": scope["method"], "path": scope["path"]})
+            else:
+                self.seen[sid] = self.seen.get(sid, 0) + 1
 
         async def record(message: Message) -> None:
             if message["type"] == "http.response.start" and 200 <= message["status"] < 300:
@@ -360,6 +364,7 @@ class SessionLedger:
             {
                 "issued": sorted(self.issued),
                 "ended": sorted(self.ended),
+                "seen": self.seen,
                 "stray_total": self.stray_total,
                 "stray": self.stray,
             }
