@@ -37,6 +37,7 @@ CASES = [
     ("framing", post([("Transfer-Encoding", "chunked")], b"0\r\n\r\n"), 400, "framing"),
     ("version", request("GET", "/mcp", version="2.0"), 400, "version"),
     ("host", request("GET", "/mcp", host=None), 400, "host"),
+    ("host-not-allowed", request("GET", "/mcp", host="evil.example"), 421, "host_not_allowed"),
     ("method", request("CONNECT", "example.com:443", host="example.com:443"), 405, "method"),
     ("session-id-conflict", post([("Mcp-Session-Id", "a"), ("Mcp-Session-Id", "b")]), 400, "session_id"),
     ("session-id-malformed", post([("Mcp-Session-Id", "bad id")]), 400, "session_id"),
@@ -47,7 +48,7 @@ CASES = [
     ("header-limit", request("GET", "/mcp", [("X-Big", "a" * 3000)]), 431, "header_limit"),
     ("body-limit", post([], b"z" * 1025), 413, "body_limit"),
     ("origin", request("GET", "/mcp", [("Origin", "http://evil.example")]), 403, "origin"),
-    ("head-timeout", b"GET /mcp HTTP/1.1\r\nHost: proxy.test\r\n", 408, "head_timeout"),
+    ("head-timeout", b"GET /mcp HTTP/1.1\r\nHost: localhost\r\n", 408, "head_timeout"),
     (
         "deny-rule",
         post([*MODERN, ("Mcp-Method", "tools/call"), ("Mcp-Name", "drop_db")], CALL_DROP),
