@@ -6,16 +6,19 @@
      ├── BackendStartError            a managed backend's process did not start or answer
      ├── ListenError                  a listener (public or admin) could not be bound
      └── ProxyError                   an answer the proxy itself gives a client
-          ├── BadRequest              400: malformed framing, session id, header encoding
+          ├── BadRequest              400: malformed framing, a bad request target, ...
+          │    ├── InvalidSessionId   400: Mcp-Session-Id is not 1..256 visible ASCII characters
+          │    ├── MalformedHeader    400: a routing header's =?base64?...?= value does not decode
+          │    ├── InvalidBody        400: strict mode, the body is not one JSON-RPC object
           │    └── HeaderMismatch     400: Mcp-Method/Mcp-Name disagree with the body (-32020)
           ├── Forbidden               403
           ├── Denied                  a `deny:` routing rule (403 or the rule's 4xx status)
           ├── SessionNotFound         404: unknown or expired session, or its owner is gone
+          ├── MethodNotAllowed        405: CONNECT (with Allow)
           ├── RequestTimeout          408: the request head did not arrive in time
           ├── PayloadTooLarge         413
           ├── MisdirectedRequest      421: a Host not in `allowed_hosts`
           ├── HeadersTooLarge         431
-          ├── NotImplementedMethod    501: CONNECT, Upgrade
           ├── BadGateway              502: the backend broke the exchange
           ├── NoBackendAvailable      503: nothing can take a new session (+ Retry-After)
           └── GatewayTimeout          504
@@ -24,6 +27,11 @@ Every ProxyError is rendered by `render_error`: a complete HTTP/1.1 response who
 JSON-RPC error object, because MCP clients parse the body of a failed POST as JSON-RPC. Status lines
 carry the reason phrase as RFC 9110 spells it (`reason_phrase`), and a message that names the status
 ("Bad Request: ...") names it the same way.
+
+A client's mistake is always a 4xx; a 5xx is only ever an upstream fault (502, 503, 504). Errors
+raised while routing that refuse a client's request name their `reject_reason` (a label of
+metrics.REJECT_REASONS), counted where the exchange answers them; refusals found in the request
+head are counted where they are found, and carry none.
 """
 
 from __future__ import annotations
@@ -72,6 +80,8 @@ class ProxyError(MCPBalancerError):
     reason: ClassVar[str] = "Internal Server Error"
     rpc_code: ClassVar[int] = -32603
     default_message: ClassVar[str] = "Internal error"
+    reject_reason: ClassVar[str | None] = None
+    allow: ClassVar[str | None] = None  # the Allow header of a 405
 
     def __init__(self, message: str | None = None, *, retry_after: int | None = None) -> None:
         super().__init__(message or self.default_message)
@@ -83,8 +93,21 @@ class BadRequest(ProxyError):
     status, reason, rpc_code, default_message = 400, "Bad Request", -32600, "Bad Request"
 
 
+class InvalidSessionId(BadRequest):
+    default_message, reject_reason = "Bad Request: invalid Mcp-Session-Id header", "session_id"
+
+
+class MalformedHeader(BadRequest):
+    reject_reason = "header_encoding"
+
+
+class InvalidBody(BadRequest):
+    reject_reason = "strict"
+
+
 class HeaderMismatch(BadRequest):
     rpc_code, default_message = -32020, "Header mismatch"  # MCP 2026-07-28 HEADER_MISMATCH
+    reject_reason = "strict"
 
 
 class Forbidden(ProxyError):
@@ -95,6 +118,7 @@ class Denied(ProxyError):
     """A request refused by a `deny:` routing rule; `denied(status)` makes the class of a status."""
 
     status, reason, rpc_code, default_message = 403, "Forbidden", -32600, "Denied by a routing rule"
+    reject_reason = "rule"
 
 
 @cache
@@ -106,6 +130,11 @@ def denied(status: int) -> type[Denied]:
 
 class SessionNotFound(ProxyError):
     status, reason, rpc_code, default_message = 404, "Not Found", -32600, "Session not found"
+
+
+class MethodNotAllowed(ProxyError):
+    status, reason, rpc_code, default_message = 405, "Method Not Allowed", -32600, "Method Not Allowed"
+    allow = "GET, HEAD, POST, DELETE, OPTIONS"
 
 
 class RequestTimeout(ProxyError):
@@ -124,10 +153,6 @@ class MisdirectedRequest(ProxyError):
 class HeadersTooLarge(ProxyError):
     status, reason = 431, "Request Header Fields Too Large"
     rpc_code, default_message = -32600, "Request Header Fields Too Large"
-
-
-class NotImplementedMethod(ProxyError):
-    status, reason, rpc_code, default_message = 501, "Not Implemented", -32600, "Not Implemented"
 
 
 class BadGateway(ProxyError):
@@ -163,5 +188,7 @@ def render_error(err: ProxyError, *, keep_alive: bool, head_only: bool = False) 
     ]
     if err.retry_after is not None:
         lines.append(f"Retry-After: {err.retry_after}")
+    if err.allow is not None:
+        lines.append(f"Allow: {err.allow}")
     head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
     return head if head_only else head + body

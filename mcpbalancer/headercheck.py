@@ -2,8 +2,8 @@
 JSON body, so that routing and deny rules cannot be bypassed by headers that lie.
 
 Pure: `check` takes the raw header values and the whole body, returns the parsed message, and raises
-HeaderMismatch (400, JSON-RPC -32020, as MCP servers answer) or BadRequest for a body that is not
-JSON. Only `Mcp-Method` and `Mcp-Name` are checked; `Mcp-Param-*` mirror tool arguments and their
+HeaderMismatch (400, JSON-RPC -32020, as MCP servers answer) or InvalidBody (400) for a body that is
+not JSON. Only `Mcp-Method` and `Mcp-Name` are checked; `Mcp-Param-*` mirror tool arguments and their
 meaning is the tool's to define.
 """
 
@@ -12,7 +12,7 @@ from __future__ import annotations
 from typing import Final
 
 from mcpbalancer.affinity import parse_json
-from mcpbalancer.errors import BadRequest, HeaderMismatch
+from mcpbalancer.errors import HeaderMismatch, InvalidBody
 from mcpbalancer.rules import decoded
 
 # The body field each name-bearing method mirrors into Mcp-Name.
@@ -31,7 +31,7 @@ def check(mcp_method: bytes | None, mcp_name: bytes | None, body: bytes) -> dict
     """The request message, after checking that the headers say what the body says."""
     message = parse_json(body)
     if not isinstance(message, dict):
-        raise BadRequest("Parse error: the body of a 2026-07-28 request must be one JSON-RPC object")
+        raise InvalidBody("Parse error: the body of a 2026-07-28 request must be one JSON-RPC object")
     method = message.get("method")
     if not isinstance(method, str):
         return message  # a response or malformed message: nothing is routed on it

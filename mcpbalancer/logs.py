@@ -171,7 +171,8 @@ def _atomic_chunks(lines: list[str]) -> Iterator[str]:
 
 
 def _era(ex: Exchange) -> str:
-    era = ex.facts.era if ex.facts is not None else protocol.era_of(ex.head.protocol_version)
+    head = ex.head
+    era = ex.facts.era if ex.facts is not None else protocol.era_of(head.session_id, head.protocol_version)
     return _ERA_NAMES[era]
 
 

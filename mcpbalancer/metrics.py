@@ -56,14 +56,14 @@ LOOKUP_RESULTS: Final = ("cache_hit", "store_hit", "miss")
 UPSTREAM_ERROR_KINDS: Final = ("connect", "reset", "timeout", "tls")
 AFFINITY_KINDS: Final = ("tasks", "request_state")
 AFFINITY_RESULTS: Final = ("hit", "miss")
-# Why the proxy refused a request (or a connection) before routing it.
+# Why the proxy refused a request (or a connection) instead of forwarding it.
 REJECT_REASONS: Final = (
     "framing",  # unparseable or ambiguous HTTP: CL+TE, bad lengths or chunks, obs-fold, control bytes
     "version",  # not HTTP/1.0 or 1.1, or Transfer-Encoding on HTTP/1.0
     "host",  # HTTP/1.1 without Host, several Host fields, absolute-form for another host
     "host_not_allowed",  # a Host not in allowed_hosts (DNS rebinding, or a name to add to the list)
-    "method",  # CONNECT, Upgrade
-    "session_id",  # conflicting Mcp-Session-Id fields
+    "method",  # CONNECT
+    "session_id",  # a malformed Mcp-Session-Id, or conflicting Mcp-Session-Id fields
     "mcp_name",  # conflicting Mcp-Name fields on a 2026-07-28 request
     "header_limit",  # header_bytes, header_count
     "body_limit",  # body_bytes
@@ -71,6 +71,9 @@ REJECT_REASONS: Final = (
     "connections",  # limits.connections reached
     "head_timeout",  # the request head did not arrive within limits.head_timeout
     "credential",  # a bound session used with another credential (answered 404)
+    "rule",  # a `deny:` routing rule
+    "header_encoding",  # a routing header's =?base64?...?= value does not decode
+    "strict",  # validate_headers: Mcp-Method/Mcp-Name disagree with the body, or it is not JSON-RPC
 )
 _HTTP_METHODS: Final = frozenset({"GET", "POST", "DELETE", "HEAD", "OPTIONS", "PUT", "PATCH"})
 
@@ -363,7 +366,7 @@ class Metrics:
         self.rejected_requests = _Counter(
             r,
             "mcpbalancer_rejected_requests_total",
-            "Requests and connections the proxy refused before routing, by reason.",
+            "Requests and connections the proxy refused instead of forwarding, by reason.",
             ("reason",),
         )
         self.store_degraded_state = _Gauge(

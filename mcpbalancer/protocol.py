@@ -44,6 +44,7 @@ HOP_BY_HOP = frozenset(
         b"trailer",
         b"transfer-encoding",
         b"upgrade",
+        b"http2-settings",  # RFC 7540 §3.2.1: an h2c upgrade's, connection-specific by definition
     }
 )
 
@@ -53,9 +54,11 @@ class Era(enum.StrEnum):
     MODERN = "modern"
 
 
-def era_of(protocol_version: bytes | None) -> Era:
-    """Decide the era from the MCP-Protocol-Version header alone (DESIGN.md §1)."""
-    if protocol_version is None or protocol_version.strip() in LEGACY_VERSIONS:
+def era_of(session_id: bytes | None, protocol_version: bytes | None) -> Era:
+    """The era of a request from its headers alone: a session id means legacy (a 2026-07-28 client
+    never sends one, so the request is routed by its session whatever its version says); else an
+    MCP-Protocol-Version that is not a legacy revision means modern; else legacy."""
+    if session_id is not None or protocol_version is None or protocol_version.strip() in LEGACY_VERSIONS:
         return Era.LEGACY
     return Era.MODERN
 

@@ -33,7 +33,7 @@ from mcpbalancer.affinity import (
 from mcpbalancer.backends import Backend, BackendSet
 from mcpbalancer.balancer import Strategy
 from mcpbalancer.binding import SessionBinder, backend_of, decode_owner, encode_owner
-from mcpbalancer.errors import BadRequest, NoBackendAvailable, SessionNotFound, StoreError
+from mcpbalancer.errors import InvalidSessionId, NoBackendAvailable, SessionNotFound, StoreError
 from mcpbalancer.metrics import Metrics
 from mcpbalancer.protocol import Era
 from mcpbalancer.rules import RuleSet, decoded, header_lookup
@@ -75,15 +75,18 @@ def classify(
     mcp_name: bytes | None = None,
     headers: Sequence[tuple[bytes, bytes, bytes]] = (),
 ) -> RequestFacts:
-    """Facts of a request from its raw header values; BadRequest for a malformed session id."""
-    era = protocol.era_of(protocol_version)
-    if era is Era.MODERN:
-        return RequestFacts(method, era, None, mcp_method, mcp_name, headers)
-    if session_id is None:
-        return RequestFacts(method, era, None)
-    if not protocol.valid_session_id(session_id):
-        raise BadRequest("Bad Request: invalid Mcp-Session-Id header")
-    return RequestFacts(method, era, session_id.decode("ascii"), protocol_version=protocol_version)
+    """Facts of a request from its raw header values; InvalidSessionId (400) for a malformed id.
+
+    A request with a session id is a legacy one, routed by its session whatever its
+    MCP-Protocol-Version says (protocol.era_of): none of the 2026-07-28 routing applies to it."""
+    if session_id is not None:
+        if not protocol.valid_session_id(session_id):
+            raise InvalidSessionId()
+        sid = session_id.decode("ascii")
+        return RequestFacts(method, Era.LEGACY, sid, protocol_version=protocol_version)
+    if protocol.era_of(None, protocol_version) is Era.MODERN:
+        return RequestFacts(method, Era.MODERN, None, mcp_method, mcp_name, headers)
+    return RequestFacts(method, Era.LEGACY, None)
 
 
 class Router:

@@ -15,7 +15,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 from mcpbalancer.config import RouteConfig
-from mcpbalancer.errors import BadRequest, Denied, denied
+from mcpbalancer.errors import Denied, MalformedHeader, denied
 from mcpbalancer.protocol import HeaderEncodingError, decode_header_value
 
 PARAM_PREFIX = b"mcp-param-"
@@ -53,7 +53,7 @@ class RuleSet:
         return bool(self.rules)
 
     def match(self, method: bytes | None, raw_name: bytes | None, header: HeaderLookup) -> Rule | None:
-        """The first rule matching the request's headers; BadRequest on a malformed encoded value."""
+        """The first rule matching the request's headers; MalformedHeader on a malformed encoded value."""
         mcp_method = decoded(method)
         name = decoded(raw_name)  # decoded even when no rule names one: a malformed value is a 400
         for rule in self.rules:
@@ -76,7 +76,7 @@ def _compile(index: int, route: RouteConfig, pools: Mapping[str, Sequence[str]])
 
 
 def decoded(value: bytes | None, header: str | None = None) -> str | None:
-    """A routing header value decoded; BadRequest (400, naming `header` if given) for a malformed
+    """A routing header value decoded; MalformedHeader (400, naming `header` if given) for a malformed
     =?base64?...?= form."""
     if value is None:
         return None
@@ -84,7 +84,7 @@ def decoded(value: bytes | None, header: str | None = None) -> str | None:
         return decode_header_value(value)
     except HeaderEncodingError as exc:
         where = f"{header}: " if header else ""
-        raise BadRequest(f"Bad Request: {where}{exc}") from exc
+        raise MalformedHeader(f"Bad Request: {where}{exc}") from exc
 
 
 def header_lookup(headers: Sequence[tuple[bytes, bytes, bytes]]) -> HeaderLookup:

@@ -24,6 +24,7 @@ from mcp import Client
 from mcp.client.streamable_http import streamable_http_client
 
 from mcpbalancer.app import Proxy
+from tests.fixtures.backends import LEDGER_PATH, BackendProcess
 
 DEADLINE = 10.0
 POLL = 0.02
@@ -85,6 +86,27 @@ def from_backend(headers: Any) -> bool:
 
 def from_proxy(headers: Any) -> bool:
     return "Server" not in headers and "Date" not in headers and headers.get("Cache-Control") == "no-store"
+
+
+@dataclass(frozen=True)
+class Ledger:
+    """A backend's session ledger (tests/servers/fastmcp_server.py, SessionLedger)."""
+
+    issued: frozenset[str]
+    ended: frozenset[str]
+    seen: dict[str, int]  # requests that carried each live id
+    stray_total: int
+    stray: list[dict[str, str]]
+
+
+async def session_ledger(backend: BackendProcess) -> Ledger:
+    """What `backend` itself says of the session ids it issued, ended, and was sent astray."""
+    timeout = aiohttp.ClientTimeout(total=DEADLINE)
+    async with aiohttp.ClientSession(timeout=timeout) as http, http.get(backend.url + LEDGER_PATH) as resp:
+        assert resp.status == 200, await resp.text()
+        data = await resp.json()
+    issued, ended = frozenset(data["issued"]), frozenset(data["ended"])
+    return Ledger(issued, ended, data["seen"], data["stray_total"], data["stray"])
 
 
 # --- raw MCP over aiohttp ----------------------------------------------------------------------

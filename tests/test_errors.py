@@ -16,13 +16,14 @@ from mcpbalancer.errors import (
     GatewayTimeout,
     HeadersTooLarge,
     MCPBalancerError,
+    MethodNotAllowed,
     NoBackendAvailable,
-    NotImplementedMethod,
     PayloadTooLarge,
     ProxyError,
     SessionNotFound,
     render_error,
 )
+from mcpbalancer.metrics import REJECT_REASONS
 
 
 class Parsed:
@@ -75,9 +76,9 @@ ALL = [
     (BadRequest, 400, b"Bad Request", -32600),
     (Forbidden, 403, b"Forbidden", -32600),
     (SessionNotFound, 404, b"Not Found", -32600),
+    (MethodNotAllowed, 405, b"Method Not Allowed", -32600),
     (PayloadTooLarge, 413, b"Content Too Large", -32600),
     (HeadersTooLarge, 431, b"Request Header Fields Too Large", -32600),
-    (NotImplementedMethod, 501, b"Not Implemented", -32600),
     (BadGateway, 502, b"Bad Gateway", -32603),
     (NoBackendAvailable, 503, b"Service Unavailable", -32603),
     (GatewayTimeout, 504, b"Gateway Timeout", -32603),
@@ -170,6 +171,30 @@ def test_response_is_pipelining_safe() -> None:
     Collect().parser.feed_data(raw)
     assert [(status, keep_alive) for status, keep_alive, _ in seen] == [(404, True), (400, False)]
     assert [json.loads(body)["error"]["code"] for _, _, body in seen] == [-32600, -32600]
+
+
+def test_method_not_allowed_names_the_allowed_methods() -> None:
+    assert parse(render_error(MethodNotAllowed(), keep_alive=False)).header(b"allow") == (
+        b"GET, HEAD, POST, DELETE, OPTIONS"
+    )
+    assert parse(render_error(BadRequest(), keep_alive=False)).header(b"allow") is None
+
+
+def _subclasses(cls: type[ProxyError]) -> list[type[ProxyError]]:
+    return [cls, *(c for sub in cls.__subclasses__() for c in _subclasses(sub))]
+
+
+def test_client_mistakes_are_4xx_and_only_upstream_faults_are_5xx() -> None:
+    # Every error alert reads a 5xx as "the proxy is broken": a client's mistake must never be one.
+    classes = [*_subclasses(ProxyError)[1:], errors.denied(429)]
+    assert {c for c in classes if c.status >= 500} == {BadGateway, NoBackendAvailable, GatewayTimeout}
+    assert all(400 <= c.status < 500 for c in classes if c.status < 500)
+
+
+def test_every_reject_reason_is_a_known_label() -> None:
+    reasons = {c.reject_reason for c in _subclasses(ProxyError)} - {None}
+    assert reasons == {"session_id", "header_encoding", "strict", "rule"}
+    assert reasons <= set(REJECT_REASONS)
 
 
 def test_tree() -> None:

@@ -1,9 +1,10 @@
 """Ambiguous or hostile HTTP framing is refused (issue 7, item 1), and nothing behind it is smuggled.
 
 Every case is sent followed by a second, well-formed request (`/smuggled`) on the same connection.
-The proxy must answer 400 (501 for CONNECT and Upgrade) with a JSON-RPC body and close the
-connection, count the refusal in `mcpbalancer_rejected_requests_total{reason}` and log it; the stub
-backend's request log proves that `/smuggled` never reached a backend.
+The proxy must answer 400 (405 for CONNECT) with a JSON-RPC body and close the connection, count
+the refusal in `mcpbalancer_rejected_requests_total{reason}` and log it; the stub backend's request
+log proves that `/smuggled` never reached a backend. A request with `Upgrade` is no refusal: it is
+forwarded without its upgrade fields, and what follows it is parsed as HTTP.
 """
 
 from __future__ import annotations
@@ -63,8 +64,8 @@ CASES = [
     ("absolute-form-other-port", b"GET http://localhost:81/mcp HTTP/1.1\r\n" + H + b"\r\n", 400, "host", False),  # noqa: E501
     ("absolute-form-not-http", b"GET ftp://localhost/mcp HTTP/1.1\r\n" + H + b"\r\n", 400, "host", False),
     ("asterisk-not-options", b"GET * HTTP/1.1\r\n" + H + b"\r\n", 400, "host", False),
-    ("connect", b"CONNECT other.test:443 HTTP/1.1\r\nHost: other.test:443\r\n\r\n", 501, "method", False),
-    ("upgrade", GET + b"Connection: Upgrade\r\nUpgrade: websocket\r\n\r\n", 501, "method", False),
+    ("connect", b"CONNECT other.test:443 HTTP/1.1\r\nHost: other.test:443\r\n\r\n", 405, "method", False),
+    ("connect-origin-form", b"CONNECT /mcp HTTP/1.1\r\n" + H + b"\r\n", 405, "method", False),
     ("two-session-ids", POST + b"Mcp-Session-Id: aaa\r\nMcp-Session-Id: bbb\r\nContent-Length: 2\r\n\r\n{}", 400, "session_id", False),  # noqa: E501
 ]  # fmt: skip
 
@@ -184,3 +185,102 @@ async def test_body_cut_short_by_a_half_close_ends_the_upstream_request(
     assert rpc_error(resp)["message"] == "Bad Request: the request body was cut short"
     async with asyncio.timeout(5):  # the backend is not left waiting for 90 more bytes
         await stub.connections[0].closed.wait()
+
+
+async def test_connect_is_405_naming_the_methods_allowed(
+    make_proxy: ProxyFactory, make_stub: StubFactory, open_client: ClientFactory
+) -> None:
+    stub = await make_stub()
+    proxy = await make_proxy([stub])
+    client = await open_client(proxy)
+    client.send(b"CONNECT other.test:443 HTTP/1.1\r\nHost: other.test:443\r\n\r\n\x16\x03\x01tls bytes")
+    resp = await until_eof(client)
+    assert (resp.status, resp.reason) == (405, b"Method Not Allowed")
+    assert resp.header("allow") == b"GET, HEAD, POST, DELETE, OPTIONS"
+    assert stub.requests == []
+
+
+WEBSOCKET = (
+    b"Connection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\n"
+    b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+)
+H2C = b"Connection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\nHTTP2-Settings: AAMAAABkAARAAAAAAAIAAAAA\r\n"
+UPGRADES = [
+    ("websocket", GET + WEBSOCKET + b"\r\n", b""),
+    ("h2c-get", GET + H2C + b"\r\n", b""),
+    ("h2c-post-length", POST + H2C + b"Content-Length: 11\r\n\r\nhello world", b"hello world"),
+    ("h2c-post-chunked", POST + H2C + b"Transfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n", b"hello"),
+    ("keep-alive-token", GET + b"Connection: keep-alive, upgrade\r\nUpgrade: websocket\r\n\r\n", b""),
+    ("two-connection-fields", GET + b"Connection: upgrade\r\nConnection: x-a\r\nUpgrade: h2c\r\n\r\n", b""),
+    ("upper-case", GET + b"CONNECTION: UPGRADE\r\nUPGRADE: h2c\r\n\r\n", b""),
+    ("no-space", GET + b"Connection:upgrade\r\nupgrade:websocket\r\n\r\n", b""),
+]  # fmt: skip
+UPGRADE_FIELDS = {b"upgrade", b"http2-settings", b"connection"}
+
+
+@pytest.mark.parametrize(("data", "body"), [c[1:] for c in UPGRADES], ids=[c[0] for c in UPGRADES])
+async def test_upgrade_is_answered_without_switching_and_what_follows_is_http(
+    data: bytes, body: bytes, make_proxy: ProxyFactory, make_stub: StubFactory, open_client: ClientFactory
+) -> None:
+    stub = await make_stub()
+    proxy = await make_proxy([stub])
+    client = await open_client(proxy)
+    client.send(data + request("GET", "/next"))
+    first = await client.response()
+    assert (first.status, bytes(first.body)) == (200, b"/mcp")  # the backend's answer, not 101 nor 501
+    assert not {name.lower() for name, _ in first.headers} & {b"upgrade"}
+    second = await client.response()
+    assert (second.status, bytes(second.body)) == (200, b"/next")  # the same connection, kept alive
+    upgrade, following = stub.requests
+    assert {name.lower() for name, _ in upgrade.headers} & UPGRADE_FIELDS == set()
+    assert bytes(upgrade.body) == body
+    assert following.target == b"/next"
+    assert rejected(proxy, "method") == 0
+    if b"Sec-WebSocket-Key" in data:  # end-to-end fields pass as they are
+        assert upgrade.header("sec-websocket-key") == b"dGhlIHNhbXBsZSBub25jZQ=="
+
+
+async def test_a_client_that_speaks_the_new_protocol_anyway_is_a_framing_error(
+    make_proxy: ProxyFactory, make_stub: StubFactory, open_client: ClientFactory
+) -> None:
+    stub = await make_stub()
+    proxy = await make_proxy([stub])
+    client = await open_client(proxy)
+    frame = b"\x81\x85\x37\xfa\x21\x3d\x7f\x9f\x4d\x51\x58"  # a masked WebSocket "Hello"
+    client.send(GET + WEBSOCKET + b"\r\n" + frame + SMUGGLED)
+    first = await client.response()
+    assert (first.status, bytes(first.body)) == (200, b"/mcp")
+    refused = await until_eof(client)
+    assert refused.status == 400
+    assert rejected(proxy, "framing") == 1
+    assert [r.target for r in stub.requests] == [b"/mcp"]
+
+
+async def test_upgrade_with_connection_close_is_answered_and_closed(
+    make_proxy: ProxyFactory, make_stub: StubFactory, open_client: ClientFactory
+) -> None:
+    stub = await make_stub()
+    proxy = await make_proxy([stub])
+    client = await open_client(proxy)
+    client.send(GET + b"Connection: close, Upgrade\r\nUpgrade: websocket\r\n\r\n" + SMUGGLED)
+    resp = await until_eof(client)
+    assert (resp.status, resp.header("connection")) == (200, b"close")
+    assert [r.target for r in stub.requests] == [b"/mcp"]
+
+
+async def test_many_pipelined_upgrade_requests_in_one_send_are_each_answered(
+    make_proxy: ProxyFactory, make_stub: StubFactory, open_client: ClientFactory
+) -> None:
+    # Each is parsed again after the parser stops at it: in a loop, so more of them than Python's
+    # recursion limit come through one read.
+    stub = await make_stub()
+    proxy = await make_proxy([stub])
+    client = await open_client(proxy)
+    count = 1100
+    client.send(
+        (GET + b"Connection: Upgrade\r\nUpgrade: websocket\r\n\r\n") * count + request("GET", "/last")
+    )
+    for _ in range(count):
+        assert (await client.response()).status == 200
+    assert bytes((await client.response()).body) == b"/last"
+    assert len(stub.requests) == count + 1

@@ -14,17 +14,26 @@ from mcpbalancer.protocol import Era, HeaderEncodingError
 
 
 def test_absent_version_is_legacy() -> None:
-    assert protocol.era_of(None) is Era.LEGACY
+    assert protocol.era_of(None, None) is Era.LEGACY
 
 
 @pytest.mark.parametrize("version", sorted(protocol.LEGACY_VERSIONS))
 def test_each_legacy_revision_is_legacy(version: bytes) -> None:
-    assert protocol.era_of(version) is Era.LEGACY
+    assert protocol.era_of(None, version) is Era.LEGACY
 
 
 @pytest.mark.parametrize("version", [b"2026-07-28", b"2027-01-01", b"2099-12-31", b"draft"])
 def test_modern_and_future_versions_are_modern(version: bytes) -> None:
-    assert protocol.era_of(version) is Era.MODERN
+    assert protocol.era_of(None, version) is Era.MODERN
+
+
+@pytest.mark.parametrize(
+    "version", [None, b"2025-11-25", b"2026-07-28", b"1999-01-01", b"\x00\xff garbage", b""]
+)
+@pytest.mark.parametrize("session_id", [b"7f3a9c1e0d2b4c6a", b"bad id", b""])
+def test_a_session_id_makes_any_request_legacy(session_id: bytes, version: bytes | None) -> None:
+    # A 2026-07-28 client never sends Mcp-Session-Id: a request carrying one is routed by it.
+    assert protocol.era_of(session_id, version) is Era.LEGACY
 
 
 @pytest.mark.parametrize(
@@ -38,7 +47,7 @@ def test_modern_and_future_versions_are_modern(version: bytes) -> None:
     ],
 )
 def test_surrounding_whitespace_is_ignored(version: bytes, era: Era) -> None:
-    assert protocol.era_of(version) is era
+    assert protocol.era_of(None, version) is era
 
 
 # --- session ids ------------------------------------------------------------------------------------

@@ -12,7 +12,7 @@ import pytest
 
 from mcpbalancer.backends import Backend, BackendSet
 from mcpbalancer.balancer import LeastSessions
-from mcpbalancer.errors import BadRequest, NoBackendAvailable, SessionNotFound
+from mcpbalancer.errors import BadRequest, InvalidSessionId, NoBackendAvailable, SessionNotFound
 from mcpbalancer.protocol import Era
 from mcpbalancer.routing import RequestFacts, Router, classify
 from mcpbalancer.store.memory import MemoryStore
@@ -90,8 +90,10 @@ async def h() -> AsyncIterator[Harness]:
         (None, None, Era.LEGACY, None),
         (b"abc", None, Era.LEGACY, "abc"),
         (b"abc", LEGACY, Era.LEGACY, "abc"),
-        (b"abc", MODERN, Era.MODERN, None),
-        (b"bad id", MODERN, Era.MODERN, None),  # modern ignores the header entirely
+        # A session id decides, whatever the version says: a 2026-07-28 client never sends one.
+        (b"abc", MODERN, Era.LEGACY, "abc"),
+        (b"abc", b"1999-01-01", Era.LEGACY, "abc"),
+        (b"abc", b"\xff\x00", Era.LEGACY, "abc"),
         (None, b"2030-01-01", Era.MODERN, None),
     ],
 )
@@ -99,10 +101,13 @@ def test_classify(session_id: bytes | None, version: bytes | None, era: Era, sid
     assert classify(b"POST", session_id, version) == RequestFacts(b"POST", era, sid)
 
 
+@pytest.mark.parametrize("version", [LEGACY, MODERN, None])
 @pytest.mark.parametrize("session_id", [b"", b"bad id", b"tab\there", b"x" * 257, b"caf\xc3\xa9", b"\x7f"])
-def test_classify_rejects_malformed_session_id(session_id: bytes) -> None:
-    with pytest.raises(BadRequest):
-        classify(b"POST", session_id, LEGACY)
+def test_classify_rejects_malformed_session_id(session_id: bytes, version: bytes | None) -> None:
+    with pytest.raises(InvalidSessionId) as caught:
+        classify(b"POST", session_id, version)
+    assert isinstance(caught.value, BadRequest)
+    assert caught.value.reject_reason == "session_id"
 
 
 # --- route ------------------------------------------------------------------------------------------
@@ -114,9 +119,12 @@ async def test_new_session_goes_to_a_backend_from_the_strategy(h: Harness) -> No
     assert backend is h.b  # least sessions, synchronously
 
 
-async def test_modern_request_goes_to_a_backend_even_with_session_header(h: Harness) -> None:
-    facts = classify(b"POST", b"whatever", MODERN)
-    assert await resolved(h.router.route(facts)) in (h.a, h.b)
+@pytest.mark.parametrize("version", [MODERN, b"1999-01-01", b"\x01garbage"])
+async def test_a_session_id_routes_by_the_session_whatever_the_version(h: Harness, version: bytes) -> None:
+    await h.bind("s1", h.b)
+    assert all(h.router.route(classify(b"POST", b"s1", version)) is h.b for _ in range(10))
+    with pytest.raises(SessionNotFound):
+        await resolved(h.router.route(classify(b"POST", b"whatever", version)))
 
 
 @pytest.mark.parametrize("state", ["down", "draining", "mixed"])
@@ -227,13 +235,14 @@ async def test_modern_never_binds(h: Harness) -> None:
     assert h.a.sessions == 0
 
 
-async def test_modern_response_with_session_request_changes_nothing(h: Harness) -> None:
+async def test_a_session_request_ends_its_session_whatever_the_version(h: Harness) -> None:
     await h.bind("s1", h.a)
-    facts = classify(b"DELETE", b"s1", MODERN)
-    assert h.router.learn(facts, h.a, 404, None) is None
+    await h.bind("s2", h.a)
+    assert h.router.learn(classify(b"DELETE", b"s1", MODERN), h.a, 200, None) is None
+    assert h.router.learn(classify(b"POST", b"s2", b"1999-01-01"), h.a, 404, None) is None
     await h.settle()
-    assert h.store.peek("s1") == "a"
-    assert h.a.sessions == 1
+    assert (h.store.peek("s1"), h.store.peek("s2")) == (None, None)
+    assert h.a.sessions == 0
 
 
 async def test_id_collision_keeps_first_owner_and_counts(h: Harness) -> None:

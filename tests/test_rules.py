@@ -322,6 +322,32 @@ def test_router_counts_rule_hits_and_affinity_lookups() -> None:
     assert value("mcpbalancer_affinity_lookups_total", kind="request_state", result="hit") == 0
 
 
+@pytest.mark.parametrize("version", [MODERN, b"1999-01-01"])
+async def test_no_2026_feature_applies_to_a_request_with_a_session_id(version: bytes) -> None:
+    # A session id makes the request legacy: no rule denies or pools it, no affinity map or strict
+    # check reads it, whatever its Mcp-* headers and its version say. It goes to its session's owner.
+    a, b = Backend("a", "127.0.0.1", 1), Backend("b", "127.0.0.1", 2)
+    router = Router(
+        BackendSet([a, b]),
+        LeastSessions(random.Random(1)),
+        MemoryStore(),
+        60.0,
+        rules=compile_rules([RouteConfig(deny=403)], {}),
+        affinity=Affinity(AffinityConfig(tasks=True, request_state=True)),
+        validate_headers=True,
+    )
+    bind = router.learn(classify(b"POST", None, None), b, 200, b"s1")
+    assert bind is not None
+    await bind
+    cases = [(b"tools/call", b"drop_db"), (b"tasks/get", b"t1"), (b"tools/call", b"=?base64?%?=")]
+    for method, name in cases:
+        facts = classify(b"POST", b"s1", version, method, name, headers(Mcp_Method=method))
+        assert not router.needs_body(facts)
+        assert router.route(facts) is b
+        assert (facts.pool, facts.watch) == (None, False)
+    await router.close()
+
+
 # --- the data plane picks Mcp-Name out only when routing reads it -----------------------------------
 
 

@@ -24,14 +24,15 @@ from mcpbalancer.errors import (
     BadRequest,
     Forbidden,
     HeadersTooLarge,
+    MethodNotAllowed,
     MisdirectedRequest,
-    NotImplementedMethod,
     PayloadTooLarge,
     ProxyError,
     RequestTimeout,
     render_error,
 )
 from mcpbalancer.origin import same_host
+from mcpbalancer.protocol import Era
 
 if TYPE_CHECKING:
     from mcpbalancer.dataplane.plane import DataPlane
@@ -73,6 +74,7 @@ class ClientConnection(asyncio.Protocol):
         self._head_bytes = 0
         # Host values known to be allowed (None: every Host is), tested before asking the policy.
         self._known_hosts = plane.hosts.known if plane.hosts is not None else None
+        self._upgrade: tuple[RequestHead, str] | None = None  # a head to parse again without Upgrade
 
     # -- asyncio.Protocol -------------------------------------------------------------------------
 
@@ -115,20 +117,49 @@ class ClientConnection(asyncio.Protocol):
     def _feed(self, data: bytes) -> None:
         try:
             self.parser.feed_data(data)
-        except httptools.HttpParserUpgrade:
-            # The Upgrade request was answered with 501 and the connection closes after it.
-            self._stop_reading()
-        except httptools.HttpParserCallbackError as exc:
-            cause = exc.__context__
-            if isinstance(cause, ProxyError):
-                self._refuse(cause, "header_limit" if isinstance(cause, HeadersTooLarge) else "framing")
-            else:
-                self._refuse(BadRequest(f"Bad Request: {exc}"), "framing")
+        except httptools.HttpParserUpgrade as exc:
+            self._upgraded(memoryview(data)[exc.args[0] :])
         except httptools.HttpParserError as exc:
-            self._refuse(BadRequest(f"Bad Request: {exc}"), "framing")
+            self._parse_failed(exc)
         else:
-            if self._parsing is None and self._head_bytes > 2 * self.plane.limits.header_bytes:
-                self._refuse(HeadersTooLarge(), "header_limit")
+            self._fed()
+
+    def _fed(self) -> None:
+        if self._parsing is None and self._head_bytes > 2 * self.plane.limits.header_bytes:
+            self._refuse(HeadersTooLarge(), "header_limit")
+
+    def _upgraded(self, rest: memoryview) -> None:
+        """The parser stopped after an upgrade request's head (what follows would be another
+        protocol). CONNECT was answered 405: the connection closes. Any other is parsed again
+        without its Upgrade fields, on a fresh parser, then its body and what follows, as HTTP."""
+        while True:
+            upgrade, self._upgrade = self._upgrade, None
+            if upgrade is None:
+                self._stop_reading()
+                return
+            self.parser = httptools.HttpRequestParser(self)
+            try:
+                self.parser.feed_data(without_upgrade(*upgrade))  # a head that cannot upgrade
+            except httptools.HttpParserError as exc:
+                self._parse_failed(exc)
+                return
+            try:
+                self.parser.feed_data(rest)
+            except httptools.HttpParserUpgrade as exc:
+                rest = rest[exc.args[0] :]  # another upgrade request: a loop, not a recursion
+                continue
+            except httptools.HttpParserError as exc:
+                self._parse_failed(exc)
+            else:
+                self._fed()
+            return
+
+    def _parse_failed(self, exc: Exception) -> None:
+        cause = exc.__context__ if isinstance(exc, httptools.HttpParserCallbackError) else None
+        if isinstance(cause, ProxyError):
+            self._refuse(cause, "header_limit" if isinstance(cause, HeadersTooLarge) else "framing")
+        else:
+            self._refuse(BadRequest(f"Bad Request: {exc}"), "framing")
 
     def eof_received(self) -> bool:
         # Half-close: the client has sent all it will; answer what is queued, then close. An event
@@ -198,6 +229,11 @@ class ClientConnection(asyncio.Protocol):
         if len(head.headers) > self._header_count:
             raise HeadersTooLarge("Too many request header fields")
         head.method = parser.get_method()
+        if parser.should_upgrade() and head.method != b"CONNECT":
+            # No protocol is switched to (RFC 9110 §7.8 lets a server ignore Upgrade): the request is
+            # answered as if its Upgrade fields were absent, parsed again without them (_feed).
+            self._upgrade = (head, parser.get_http_version())
+            return
         head.keep_alive = parser.should_keep_alive()
         if parser.get_http_version() != "1.1":
             head.http11 = False
@@ -228,9 +264,7 @@ class ClientConnection(asyncio.Protocol):
     def _head_problem(self, head: RequestHead) -> tuple[ProxyError, str] | None:
         """Why this head is refused, with its REJECT_REASONS label; None when it may go on."""
         if head.method == b"CONNECT":
-            return NotImplementedMethod("CONNECT is not supported"), "method"
-        if self.parser.should_upgrade():
-            return NotImplementedMethod("Protocol upgrade is not supported"), "method"
+            return MethodNotAllowed("Method Not Allowed: CONNECT is not supported"), "method"
         if self.parser.get_http_version() not in _VERSIONS:
             return BadRequest("Bad Request: only HTTP/1.0 and HTTP/1.1 are supported"), "version"
         if head.chunked and not head.http11:
@@ -248,7 +282,7 @@ class ClientConnection(asyncio.Protocol):
                 return err, "host_not_allowed"
         if head.sid_conflict:
             return BadRequest("Bad Request: conflicting Mcp-Session-Id headers"), "session_id"
-        if head.name_conflict and protocol.era_of(head.protocol_version) is protocol.Era.MODERN:
+        if head.name_conflict and protocol.era_of(head.session_id, head.protocol_version) is Era.MODERN:
             return BadRequest("Bad Request: conflicting Mcp-Name headers"), "mcp_name"
         if head.origin is not None and not self.plane.origins.allows(head.origin, head.host):
             return Forbidden("Forbidden: Origin not allowed"), "origin"
@@ -435,6 +469,21 @@ class ClientConnection(asyncio.Protocol):
         self.uncork()
         if self.transport is not None and not self._lost:
             self.transport.close()
+
+
+def without_upgrade(head: RequestHead, version: str) -> bytes:
+    """The bytes of `head` without its Upgrade and HTTP2-Settings fields: the same request, which
+    the parser reads as plain HTTP/1.x (llhttp upgrades only a request with an Upgrade field, so
+    this head cannot stop it again; Connection and its tokens are dropped when it is forwarded)."""
+    lines = [head.method, b" ", head.target, b" HTTP/", version.encode("ascii"), b"\r\n"]
+    for lname, name, value in head.headers:
+        if lname not in _UPGRADE_FIELDS:
+            lines += (name, b": ", value, b"\r\n")
+    lines.append(b"\r\n")
+    return b"".join(lines)
+
+
+_UPGRADE_FIELDS = frozenset({b"upgrade", b"http2-settings"})
 
 
 def _declared(content_length: bytes | None) -> int:

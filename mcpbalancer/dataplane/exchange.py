@@ -113,7 +113,7 @@ class Exchange:
             plane.router.failover is not None
             and head.session_id is None
             and head.method == b"POST"
-            and protocol.era_of(head.protocol_version) is protocol.Era.LEGACY
+            and protocol.era_of(None, head.protocol_version) is protocol.Era.LEGACY
         ):
             self._capture = []
 
@@ -686,6 +686,8 @@ class Exchange:
     def _answer_error(self, err: ProxyError) -> None:
         if self.done:
             return
+        if err.reject_reason is not None:  # a refusal found while routing (errors.py)
+            self.plane.metrics.rejected(err.reject_reason)
         if self._started or self._held is not None:
             self._abort_client()
             return
@@ -710,9 +712,10 @@ class Exchange:
 
     def _record_own_answer(self, status: int, outcome: str) -> None:
         self.status, self.outcome = status, outcome
-        era = self.facts.era if self.facts is not None else protocol.era_of(self.head.protocol_version)
+        head, facts = self.head, self.facts
+        era = facts.era if facts is not None else protocol.era_of(head.session_id, head.protocol_version)
         backend = self.backend.name if self.backend is not None else NO_BACKEND
-        self.plane.metrics.answered(backend, era, self.head.method, status, self.head.mcp_method, None)
+        self.plane.metrics.answered(backend, era, head.method, status, head.mcp_method, None)
 
     def _serve_local(self, handler: LocalHandler) -> None:
         """A path the proxy answers itself (/healthz, /readyz, /metrics): never forwarded."""

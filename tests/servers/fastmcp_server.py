@@ -67,7 +67,8 @@ FastMCP ``EventStore``: SSE events carry ``id:``, 2025-11-25 POST streams start 
 ``id: <x>`` / empty ``data:``, and ``GET`` with ``Last-Event-ID`` replays what followed),
 ``--retry-interval MS`` (adds ``retry:`` to priming events; needs ``--event-store``),
 ``--session-idle-timeout S``, ``--host-origin-protection off|auto|strict`` (FastMCP's Host/Origin guard;
-off by default, see the fixtures module for the 421 rule).
+off by default, see the fixtures module for the 421 rule), ``--ledger-path P`` (``GET P`` answers the
+instance's session ledger, see ``SessionLedger``).
 
 TLS: ``--ssl-certfile CERT --ssl-keyfile KEY`` serve HTTPS (uvicorn's own TLS), ``--ssl-client-ca CA``
 also requires a client certificate signed by CA (mutual TLS). With TLS on, one more tool:
@@ -89,7 +90,7 @@ import socket
 import ssl
 import sys
 import threading
-from collections.abc import Callable, Generator
+from collections.abc import Awaitable, Callable, Generator, MutableMapping
 from types import FrameType
 from typing import Any, Literal
 
@@ -307,6 +308,72 @@ def _add_tls_report(mcp: FastMCP, tls: TlsLog) -> None:
         return json.dumps({"handshakes": len(tls.server_names), "server_names": tls.server_names})
 
 
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+App = Callable[[Scope, Receive, Send], Awaitable[None]]
+STRAY_KEPT = 1000
+
+
+class SessionLedger:
+    """An ASGI wrapper that keeps, for the proxy's tests, the session ids this instance issued (a 2xx
+    answer with ``Mcp-Session-Id`` to a request without one) and ended (a 2xx to a DELETE), and every
+    request that carried an id not live here: a "stray" is a request a proxy sent to an instance that
+    does not own its session, or with an id no instance knows. ``GET <path>`` answers it as JSON
+    (``issued``, ``ended``, ``seen``: how many requests carried each live id, ``stray_total`` and the
+    first ``STRAY_KEPT`` strays)."""
+
+    def __init__(self, app: App, path: str) -> None:
+        self.app, self.path = app, path
+        self.issued: set[str] = set()
+        self.ended: set[str] = set()
+        self.seen: dict[str, int] = {}
+        self.stray: list[dict[str, str]] = []
+        self.stray_total = 0
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        if scope["path"] == self.path:
+            await self._answer(send)
+            return
+        sids = [v.decode("latin-1") for n, v in scope["headers"] if n == b"mcp-session-id"]
+        for sid in sids:
+            if sid not in self.issued or sid in self.ended:
+                self.stray_total += 1
+                if len(self.stray) < STRAY_KEPT:
+                    self.stray.append({"sid": sid, "method": scope["method"], "path": scope["path"]})
+            else:
+                self.seen[sid] = self.seen.get(sid, 0) + 1
+
+        async def record(message: Message) -> None:
+            if message["type"] == "http.response.start" and 200 <= message["status"] < 300:
+                if not sids:
+                    ids = [v for n, v in message.get("headers", []) if n.lower() == b"mcp-session-id"]
+                    self.issued.update(v.decode("latin-1") for v in ids)
+                elif scope["method"] == "DELETE":
+                    self.ended.update(sids)
+            await send(message)
+
+        await self.app(scope, receive, record)
+
+    async def _answer(self, send: Send) -> None:
+        body = json.dumps(
+            {
+                "issued": sorted(self.issued),
+                "ended": sorted(self.ended),
+                "seen": self.seen,
+                "stray_total": self.stray_total,
+                "stray": self.stray,
+            }
+        ).encode()
+        headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
+
+
 class _Server(uvicorn.Server):
     """uvicorn.Server that announces readiness and exits with status 0 on SIGTERM/SIGINT."""
 
@@ -376,6 +443,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--ssl-client-ca", default=None, help="require a client certificate signed by this CA (PEM)"
     )
+    parser.add_argument("--ledger-path", default=None, help="serve the SessionLedger at this path")
     parser.add_argument("--graceful-timeout", type=float, default=3.0, help="seconds to drain on SIGTERM")
     parser.add_argument(
         "--exit-on-stdin-eof", action="store_true", help="shut down when stdin closes (the parent died)"
@@ -419,7 +487,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     sock = bind_socket(args.host, args.port)
     config = uvicorn.Config(
-        app,
+        app if args.ledger_path is None else SessionLedger(app, args.ledger_path),
         log_level="warning",
         lifespan="on",
         timeout_graceful_shutdown=args.graceful_timeout,
