@@ -23,8 +23,8 @@ from mcpbalancer.config import LOG_LEVELS, Config, admin_of_worker, check_worker
 from mcpbalancer.config.schema import schema_text
 from mcpbalancer.dataplane.tls import backend_contexts
 from mcpbalancer.errors import BackendStartError, ConfigError, ListenError
-from mcpbalancer.logs import configure_logging
-from mcpbalancer.supervisor import (
+from mcpbalancer.observability.logs import configure_logging
+from mcpbalancer.process.supervisor import (
     SESSION_TAG_KEY_ENV,
     Supervisor,
     WorkerCommand,

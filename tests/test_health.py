@@ -8,12 +8,12 @@ import re
 import pytest
 from prometheus_client import CollectorRegistry
 
-from mcpbalancer.backends import Backend
 from mcpbalancer.config import BackendConfig, HealthConfig, parse_config
 from mcpbalancer.errors import ConfigError
-from mcpbalancer.health import FAIL, OK, REFUSED, TIMEOUT, HealthChecker, HealthState
-from mcpbalancer.lifecycle import Fleet
-from mcpbalancer.metrics import Metrics
+from mcpbalancer.fleet.backends import Backend
+from mcpbalancer.fleet.health import FAIL, OK, REFUSED, TIMEOUT, HealthChecker, HealthState
+from mcpbalancer.fleet.lifecycle import Fleet
+from mcpbalancer.observability.metrics import Metrics
 
 # --- HealthState -----------------------------------------------------------------------------------
 

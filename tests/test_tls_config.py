@@ -15,7 +15,7 @@ from mcpbalancer.app import Proxy
 from mcpbalancer.config import TlsConfig, load_config, parse_config
 from mcpbalancer.dataplane.tls import backend_contexts, client_context, tls_problem
 from mcpbalancer.errors import ConfigError
-from mcpbalancer.lifecycle import Fleet
+from mcpbalancer.fleet.lifecycle import Fleet
 from tests.fixtures.tls import Pki
 from tests.mcp_helpers import DEADLINE
 

@@ -19,7 +19,7 @@ from typing import Any
 from aiohttp import web
 
 from mcpbalancer.errors import ConfigError
-from mcpbalancer.lifecycle import Changes, Fleet
+from mcpbalancer.fleet.lifecycle import Changes, Fleet
 
 Reload = Callable[[], Changes]  # raises ConfigError with the reason
 

@@ -31,7 +31,7 @@ from mcpbalancer.errors import (
     RequestTimeout,
     render_error,
 )
-from mcpbalancer.origin import same_host
+from mcpbalancer.filters.origin import same_host
 from mcpbalancer.protocol import Era
 
 if TYPE_CHECKING:

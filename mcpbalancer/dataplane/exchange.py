@@ -16,8 +16,6 @@ from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
 from mcpbalancer import protocol
-from mcpbalancer.affinity import ResultSniffer
-from mcpbalancer.backends import Backend
 from mcpbalancer.dataplane.framing import (
     CONTINUE,
     LAST_CHUNK,
@@ -30,7 +28,6 @@ from mcpbalancer.dataplane.framing import (
 )
 from mcpbalancer.dataplane.head import RequestHead
 from mcpbalancer.dataplane.local import LocalAnswer, LocalHandler, render_local
-from mcpbalancer.dataplane.sse import PING, EventBoundary
 from mcpbalancer.dataplane.tls import tls_problem
 from mcpbalancer.dataplane.upstream import UpstreamConnection
 from mcpbalancer.errors import (
@@ -41,10 +38,13 @@ from mcpbalancer.errors import (
     ProxyError,
     render_error,
 )
-from mcpbalancer.failover import BODY_LIMIT as INITIALIZE_LIMIT
-from mcpbalancer.metrics import NO_BACKEND
+from mcpbalancer.fleet.backends import Backend
+from mcpbalancer.observability.metrics import NO_BACKEND
 from mcpbalancer.protocol import Era
-from mcpbalancer.routing import RequestFacts, classify
+from mcpbalancer.protocol.sse import PING, EventBoundary
+from mcpbalancer.routing.affinity import ResultSniffer
+from mcpbalancer.routing.failover import BODY_LIMIT as INITIALIZE_LIMIT
+from mcpbalancer.routing.router import RequestFacts, classify
 
 if TYPE_CHECKING:
     from mcpbalancer.dataplane.client import ClientConnection

@@ -32,9 +32,9 @@ from mcpbalancer import protocol
 from mcpbalancer.config import LogConfig
 
 if TYPE_CHECKING:
-    from mcpbalancer.backends import Backend
     from mcpbalancer.dataplane.exchange import Exchange
     from mcpbalancer.dataplane.head import RequestHead
+    from mcpbalancer.fleet.backends import Backend
 
 FLUSH_INTERVAL: Final = 0.1
 FLUSH_LINES: Final = 1024

@@ -14,9 +14,9 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from mcpbalancer.backends import Backend, BackendSet
 from mcpbalancer.config import DEFAULT_MCP_PATH, BackendConfig, TlsConfig
 from mcpbalancer.dataplane.upstream import UpstreamPool
+from mcpbalancer.fleet.backends import Backend, BackendSet
 from mcpbalancer.protocol import Era
 
 log = logging.getLogger(__name__)

@@ -32,7 +32,7 @@ from prometheus_client.platform_collector import PlatformCollector
 from prometheus_client.process_collector import ProcessCollector
 
 from mcpbalancer import __version__
-from mcpbalancer.backends import Backend
+from mcpbalancer.fleet.backends import Backend
 from mcpbalancer.protocol import Era
 
 EXPOSITION_CONTENT_TYPE: Final = CONTENT_TYPE_LATEST

@@ -18,8 +18,13 @@ from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry
 
-from mcpbalancer import headercheck, protocol
-from mcpbalancer.affinity import (
+from mcpbalancer import protocol
+from mcpbalancer.errors import InvalidSessionId, NoBackendAvailable, SessionNotFound, StoreError
+from mcpbalancer.fleet.backends import Backend, BackendSet
+from mcpbalancer.observability.metrics import Metrics
+from mcpbalancer.protocol import Era
+from mcpbalancer.routing import headercheck
+from mcpbalancer.routing.affinity import (
     MRTR_METHODS,
     REQUEST_STATE,
     TASK_CREATING,
@@ -30,17 +35,13 @@ from mcpbalancer.affinity import (
     request_state_of,
     state_digest,
 )
-from mcpbalancer.backends import Backend, BackendSet
-from mcpbalancer.balancer import Strategy
-from mcpbalancer.binding import SessionBinder, backend_of, decode_owner, encode_owner
-from mcpbalancer.errors import InvalidSessionId, NoBackendAvailable, SessionNotFound, StoreError
-from mcpbalancer.metrics import Metrics
-from mcpbalancer.protocol import Era
-from mcpbalancer.rules import RuleSet, decoded, header_lookup
+from mcpbalancer.routing.balancer import Strategy
+from mcpbalancer.routing.binding import SessionBinder, backend_of, decode_owner, encode_owner
+from mcpbalancer.routing.rules import RuleSet, decoded, header_lookup
 from mcpbalancer.store import UNKNOWN, SessionStore
 
 if TYPE_CHECKING:
-    from mcpbalancer.failover import Failover
+    from mcpbalancer.routing.failover import Failover
     from mcpbalancer.store.shared import SharedAffinity
 
 log = logging.getLogger(__name__)
