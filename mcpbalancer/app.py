@@ -23,6 +23,7 @@ from mcpbalancer.control.probes import Readiness, local_endpoints
 from mcpbalancer.control.server import ControlServer
 from mcpbalancer.dataplane.plane import DataPlane
 from mcpbalancer.dataplane.tls import backend_contexts
+from mcpbalancer.dataplane.upstream import UpstreamPool
 from mcpbalancer.errors import BackendStartError, ConfigError, ListenError
 from mcpbalancer.filters.hosts import HostPolicy, for_listen
 from mcpbalancer.fleet.health import HealthChecker, HttpProbe
@@ -96,9 +97,10 @@ class Proxy:
         self._adjust = adjust or _unchanged
         # An explicit argument wins over the config's `shutdown_timeout` (and over its reloads).
         self._shutdown_override = shutdown_timeout
+        connect = config.timeouts.connect
         self.fleet = Fleet(
             config.backends,
-            connect_timeout=config.timeouts.connect,
+            pool=lambda backend: UpstreamPool(backend, connect_timeout=connect),
             contexts=backend_contexts(config),
             mcp_path=config.mcp_path,
         )

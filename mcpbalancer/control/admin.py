@@ -26,7 +26,7 @@ Reload = Callable[[], Changes]  # raises ConfigError with the reason
 
 class AdminApi:
     def __init__(
-        self, fleet: Fleet, last_check: dict[str, float], reload: Reload, reasons: dict[str, str]
+        self, fleet: Fleet[Any], last_check: dict[str, float], reload: Reload, reasons: dict[str, str]
     ) -> None:
         self._fleet = fleet
         self._last_check = last_check
