@@ -27,7 +27,7 @@ from mcpbalancer.app import Proxy
 from mcpbalancer.config import parse_config
 from mcpbalancer.dataplane.plane import DataPlane
 from mcpbalancer.dataplane.upstream import UpstreamConnection
-from mcpbalancer.hosts import for_listen
+from mcpbalancer.filters.hosts import for_listen
 
 BODY = b'{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"echo","arguments":{"x":1}}}'
 RESULT = b'{"jsonrpc":"2.0","id":1,"result":{"content":[{"type":"text","text":"ok"}]}}'

@@ -17,25 +17,26 @@ from typing import TextIO
 
 from prometheus_client import CollectorRegistry
 
-from mcpbalancer.affinity import Affinity
-from mcpbalancer.balancer import make_strategy
-from mcpbalancer.binding import SessionBinder
 from mcpbalancer.config import BackendConfig, Config, host_port, load_config
 from mcpbalancer.control.admin import AdminApi
 from mcpbalancer.control.probes import Readiness, local_endpoints
 from mcpbalancer.control.server import ControlServer
 from mcpbalancer.dataplane.plane import DataPlane
 from mcpbalancer.dataplane.tls import backend_contexts
+from mcpbalancer.dataplane.upstream import UpstreamPool
 from mcpbalancer.errors import BackendStartError, ConfigError, ListenError
-from mcpbalancer.failover import Failover
-from mcpbalancer.health import HealthChecker, HttpProbe
-from mcpbalancer.hosts import HostPolicy, for_listen
-from mcpbalancer.lifecycle import Changes, Fleet
-from mcpbalancer.logs import AccessLog, SessionHasher, access_enabled
-from mcpbalancer.managed import ManagedBackends
-from mcpbalancer.metrics import Metrics
-from mcpbalancer.routing import Router
-from mcpbalancer.rules import compile_rules
+from mcpbalancer.filters.hosts import HostPolicy, for_listen
+from mcpbalancer.fleet.health import HealthChecker, HttpProbe
+from mcpbalancer.fleet.lifecycle import Changes, Fleet
+from mcpbalancer.fleet.managed import ManagedBackends
+from mcpbalancer.observability.logs import AccessLog, SessionHasher, access_enabled
+from mcpbalancer.observability.metrics import Metrics
+from mcpbalancer.routing.affinity import Affinity
+from mcpbalancer.routing.balancer import make_strategy
+from mcpbalancer.routing.binding import SessionBinder
+from mcpbalancer.routing.failover import Failover
+from mcpbalancer.routing.router import Router
+from mcpbalancer.routing.rules import compile_rules
 from mcpbalancer.store import SessionStore
 from mcpbalancer.store.cache import CachedStore
 from mcpbalancer.store.factory import create_store
@@ -96,9 +97,10 @@ class Proxy:
         self._adjust = adjust or _unchanged
         # An explicit argument wins over the config's `shutdown_timeout` (and over its reloads).
         self._shutdown_override = shutdown_timeout
+        connect = config.timeouts.connect
         self.fleet = Fleet(
             config.backends,
-            connect_timeout=config.timeouts.connect,
+            pool=lambda backend: UpstreamPool(backend, connect_timeout=connect),
             contexts=backend_contexts(config),
             mcp_path=config.mcp_path,
         )

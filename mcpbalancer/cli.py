@@ -17,14 +17,15 @@ import sys
 from collections.abc import Callable, Coroutine, Sequence
 from typing import Any
 
-from mcpbalancer import __version__, healthcheck
+from mcpbalancer import __version__
 from mcpbalancer.app import Proxy
 from mcpbalancer.config import LOG_LEVELS, Config, admin_of_worker, check_workers, host_port, load_config
 from mcpbalancer.config.schema import schema_text
+from mcpbalancer.control import healthcheck
 from mcpbalancer.dataplane.tls import backend_contexts
 from mcpbalancer.errors import BackendStartError, ConfigError, ListenError
-from mcpbalancer.logs import configure_logging
-from mcpbalancer.supervisor import (
+from mcpbalancer.observability.logs import configure_logging
+from mcpbalancer.process.supervisor import (
     SESSION_TAG_KEY_ENV,
     Supervisor,
     WorkerCommand,

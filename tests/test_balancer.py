@@ -6,8 +6,8 @@ from collections.abc import Sequence
 
 import pytest
 
-from mcpbalancer.backends import Backend
-from mcpbalancer.balancer import STRATEGIES, Strategy, make_strategy
+from mcpbalancer.fleet.backends import Backend
+from mcpbalancer.routing.balancer import STRATEGIES, Strategy, make_strategy
 
 
 def backend(name: str, weight: int = 1, sessions: int = 0, in_flight: int = 0) -> Backend:

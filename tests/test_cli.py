@@ -19,7 +19,7 @@ import pytest
 
 from mcpbalancer.cli import with_log_level
 from mcpbalancer.config import parse_config
-from mcpbalancer.logs import access_enabled
+from mcpbalancer.observability.logs import access_enabled
 from tests.fixtures.backends import BackendProcess
 from tests.mcp_helpers import (
     DEADLINE,

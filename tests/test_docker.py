@@ -32,7 +32,7 @@ import yaml
 
 import mcpbalancer.cli
 from mcpbalancer.config import host_port, load_config, parse_config
-from mcpbalancer.healthcheck import healthz_address
+from mcpbalancer.control.healthcheck import healthz_address
 from tests.fixtures.proxy import DictProxy
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -39,10 +39,10 @@ import yaml
 from prometheus_client import CollectorRegistry
 
 from mcpbalancer import cli
-from mcpbalancer.backends import Backend
 from mcpbalancer.config import Config, parse_config
 from mcpbalancer.errors import ConfigError
-from mcpbalancer.metrics import Metrics
+from mcpbalancer.fleet.backends import Backend
+from mcpbalancer.observability.metrics import Metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]

@@ -6,12 +6,12 @@ import random
 
 import pytest
 
-from mcpbalancer.backends import Backend, BackendSet
-from mcpbalancer.balancer import LeastSessions
 from mcpbalancer.config import parse_config
 from mcpbalancer.errors import ConfigError, NoBackendAvailable
+from mcpbalancer.fleet.backends import Backend, BackendSet
 from mcpbalancer.protocol import Era
-from mcpbalancer.routing import Router, classify
+from mcpbalancer.routing.balancer import LeastSessions
+from mcpbalancer.routing.router import Router, classify
 from mcpbalancer.store.memory import MemoryStore
 
 LEGACY_ONLY = frozenset({Era.LEGACY})

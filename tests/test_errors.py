@@ -23,7 +23,7 @@ from mcpbalancer.errors import (
     SessionNotFound,
     render_error,
 )
-from mcpbalancer.metrics import REJECT_REASONS
+from mcpbalancer.observability.metrics import REJECT_REASONS
 
 
 class Parsed:

@@ -8,12 +8,13 @@ import re
 import pytest
 from prometheus_client import CollectorRegistry
 
-from mcpbalancer.backends import Backend
 from mcpbalancer.config import BackendConfig, HealthConfig, parse_config
+from mcpbalancer.dataplane.upstream import UpstreamPool
 from mcpbalancer.errors import ConfigError
-from mcpbalancer.health import FAIL, OK, REFUSED, TIMEOUT, HealthChecker, HealthState
-from mcpbalancer.lifecycle import Fleet
-from mcpbalancer.metrics import Metrics
+from mcpbalancer.fleet.backends import Backend
+from mcpbalancer.fleet.health import FAIL, OK, REFUSED, TIMEOUT, HealthChecker, HealthState
+from mcpbalancer.fleet.lifecycle import Fleet
+from mcpbalancer.observability.metrics import Metrics
 
 # --- HealthState -----------------------------------------------------------------------------------
 
@@ -175,6 +176,10 @@ def test_state_of_a_backend() -> None:
     assert backend.state == "drained"
 
 
+def pool(backend: Backend) -> UpstreamPool:
+    return UpstreamPool(backend, connect_timeout=1.0)
+
+
 async def test_apply_adds_removes_reweights_and_follows_the_file_on_drain() -> None:
     fleet = Fleet(
         parse_config(
@@ -185,7 +190,7 @@ async def test_apply_adds_removes_reweights_and_follows_the_file_on_drain() -> N
                 ]
             }
         ).backends,
-        connect_timeout=1.0,
+        pool=pool,
     )
     backends = fleet.backends
     a = backends.get("a")
@@ -214,7 +219,7 @@ async def test_apply_adds_removes_reweights_and_follows_the_file_on_drain() -> N
 
 
 async def test_drain_timeout_evicts_the_remaining_sessions() -> None:
-    fleet = Fleet(config({"name": "a", "url": "http://127.0.0.1:1"}), connect_timeout=1.0)
+    fleet = Fleet(config({"name": "a", "url": "http://127.0.0.1:1"}), pool=pool)
     evicted = asyncio.Event()
     fleet.on_evict = lambda backend: evicted.set()
     a = fleet.backends.get("a")
@@ -233,7 +238,7 @@ async def test_drain_timeout_evicts_the_remaining_sessions() -> None:
 
 
 async def test_undrain_cancels_the_drain_timeout() -> None:
-    fleet = Fleet(config({"name": "a", "url": "http://127.0.0.1:1"}), connect_timeout=1.0)
+    fleet = Fleet(config({"name": "a", "url": "http://127.0.0.1:1"}), pool=pool)
     fleet.on_evict = lambda backend: pytest.fail("evicted after undrain")
     fleet.drain("a", timeout=0.05)
     fleet.undrain("a")
@@ -294,7 +299,7 @@ def test_backend_drain_keys_are_validated(backend: dict[str, object], message: s
 
 
 async def test_a_reload_giving_a_drain_a_timeout_arms_it() -> None:
-    fleet = Fleet(config({"name": "a", "url": "http://127.0.0.1:1", "drain": True}), connect_timeout=1.0)
+    fleet = Fleet(config({"name": "a", "url": "http://127.0.0.1:1", "drain": True}), pool=pool)
     fleet.start()
     evicted = asyncio.Event()
     fleet.on_evict = lambda backend: evicted.set()

@@ -22,8 +22,8 @@ import pytest
 import yaml
 
 from mcpbalancer.app import Proxy
-from mcpbalancer.binding import decode_owner
 from mcpbalancer.config import load_config
+from mcpbalancer.routing.binding import decode_owner
 from tests.fixtures.backends import BackendFactory, BackendProcess
 from tests.fixtures.proxy import DictProxy, ProxyFactory, proxy_config
 from tests.fixtures.stub import Handler, StubFactory, StubRequest, response

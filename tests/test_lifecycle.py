@@ -16,9 +16,9 @@ import pytest
 import yaml
 
 from mcpbalancer.app import Proxy
-from mcpbalancer.backends import Backend
 from mcpbalancer.config import HealthConfig, load_config
-from mcpbalancer.health import DISCOVER_BODY, DISCOVER_HEADERS, OK, REFUSED, HttpProbe
+from mcpbalancer.fleet.backends import Backend
+from mcpbalancer.fleet.health import DISCOVER_BODY, DISCOVER_HEADERS, OK, REFUSED, HttpProbe
 from tests.fixtures.backends import BackendFactory, BackendProcess
 from tests.fixtures.proxy import ProxyFactory
 from tests.fixtures.stub import StubFactory, StubRequest, response

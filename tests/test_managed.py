@@ -20,10 +20,10 @@ import aiohttp
 import pytest
 
 from mcpbalancer.app import Proxy
-from mcpbalancer.backends import Backend, BackendSet
 from mcpbalancer.config import parse_config
 from mcpbalancer.errors import BackendStartError, ListenError
-from mcpbalancer.managed import ManagedBackends, command_line, uses_port
+from mcpbalancer.fleet.backends import Backend, BackendSet
+from mcpbalancer.fleet.managed import ManagedBackends, command_line, uses_port
 from tests.fixtures.proxy import DictProxy
 from tests.mcp_helpers import (
     DEADLINE,
@@ -277,7 +277,7 @@ def test_owner_ids_tell_processes_apart() -> None:
 async def test_instance_failing_to_restart_stays_down_and_is_retried(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level(logging.WARNING, logger="mcpbalancer.managed")
+    caplog.set_level(logging.WARNING, logger="mcpbalancer.fleet.managed")
     # Serves the first time; refuses to start while the marker file exists (a broken deploy).
     marker = tmp_path / "started-once"
     script = (

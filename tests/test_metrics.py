@@ -18,12 +18,11 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
 from mcpbalancer import __version__
-from mcpbalancer.backends import Backend, BackendSet
-from mcpbalancer.balancer import LeastSessions
 from mcpbalancer.config import ConfigError, LogConfig, MetricsConfig, parse_config
 from mcpbalancer.control.probes import Readiness, Verdict
 from mcpbalancer.errors import StoreError
-from mcpbalancer.logs import (
+from mcpbalancer.fleet.backends import Backend, BackendSet
+from mcpbalancer.observability.logs import (
     ATOMIC_CHARS,
     AccessLog,
     JsonFormatter,
@@ -31,9 +30,10 @@ from mcpbalancer.logs import (
     access_enabled,
     configure_logging,
 )
-from mcpbalancer.metrics import NO_BACKEND, Metrics
+from mcpbalancer.observability.metrics import NO_BACKEND, Metrics
 from mcpbalancer.protocol import Era
-from mcpbalancer.routing import Router, classify
+from mcpbalancer.routing.balancer import LeastSessions
+from mcpbalancer.routing.router import Router, classify
 from mcpbalancer.store.instrumented import InstrumentedStore
 from mcpbalancer.store.memory import MemoryStore
 from tests.mcp_helpers import wait_until
@@ -448,8 +448,8 @@ def test_lifecycle_lines_in_json() -> None:
     stream = io.StringIO()
     configure_logging(LogConfig(format="json", level="warning"), stream=stream)
     try:
-        logging.getLogger("mcpbalancer.health").warning('backend %s is "down"', "a")
-        logging.getLogger("mcpbalancer.health").info("not at this level")
+        logging.getLogger("mcpbalancer.fleet.health").warning('backend %s is "down"', "a")
+        logging.getLogger("mcpbalancer.fleet.health").info("not at this level")
     finally:
         logging.basicConfig(handlers=[logging.NullHandler()], force=True)
     [line] = stream.getvalue().splitlines()
@@ -458,7 +458,7 @@ def test_lifecycle_lines_in_json() -> None:
         "ts": "",
         "type": "event",
         "level": "warning",
-        "logger": "mcpbalancer.health",
+        "logger": "mcpbalancer.fleet.health",
         "msg": 'backend a is "down"',
     }
     record = logging.LogRecord("x", logging.ERROR, __file__, 1, "boom", None, None)

@@ -14,10 +14,10 @@ import aiohttp
 import pytest
 from aiohttp.web import Application, AppRunner, Request, Response, StreamResponse, TCPSite
 
-from mcpbalancer.backends import Backend
 from mcpbalancer.config import HealthConfig
-from mcpbalancer.health import NOT_MCP, OK, HealthChecker, HttpProbe, ProbeResult
-from mcpbalancer.probe_answer import first_sse_data, problem
+from mcpbalancer.fleet.backends import Backend
+from mcpbalancer.fleet.health import NOT_MCP, OK, HealthChecker, HttpProbe, ProbeResult
+from mcpbalancer.fleet.probe_answer import first_sse_data, problem
 from tests.fixtures.backends import BackendProcess
 from tests.fixtures.proxy import DictProxy
 from tests.mcp_helpers import DEADLINE, modern_whoami, wait_until
@@ -122,7 +122,7 @@ async def test_a_probe_answered_by_no_mcp_endpoint_marks_down_at_once_with_its_r
     a = Backend("a", "h", 8000)
     why = "probe: HTTP 404 from http://h:8000/mcp/mcp"
     probe.answer = ProbeResult(NOT_MCP, why)
-    with caplog.at_level(logging.INFO, "mcpbalancer.health"):
+    with caplog.at_level(logging.INFO, "mcpbalancer.fleet.health"):
         await check.check_once([a])
         assert statuses == {"a": False}  # one probe, though fall is 5
         assert check.reasons == {"a": why}
@@ -201,7 +201,7 @@ async def test_a_backend_url_with_a_wrong_path_is_down_and_says_why(
 ) -> None:
     a = backends[0]
     expected = reason.format(url=a.url)
-    with caplog.at_level(logging.WARNING, "mcpbalancer.health"):
+    with caplog.at_level(logging.WARNING, "mcpbalancer.fleet.health"):
         proxy = await dict_proxy(config({"name": "a", "url": a.url + path}))
 
         async def down() -> bool:

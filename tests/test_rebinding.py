@@ -18,7 +18,7 @@ import pytest
 from mcpbalancer.app import Proxy
 from mcpbalancer.config import load_config, parse_config
 from mcpbalancer.errors import ConfigError
-from mcpbalancer.hosts import SEEN_LIMIT, HostPolicy, for_listen, hostname, is_loopback
+from mcpbalancer.filters.hosts import SEEN_LIMIT, HostPolicy, for_listen, hostname, is_loopback
 from tests.fixtures.backends import BackendProcess
 from tests.fixtures.proxy import ProxyFactory
 from tests.fixtures.rawhttp import ClientFactory, request, rpc_error, until_eof

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from mcpbalancer.app import Proxy
-from mcpbalancer.metrics import REJECT_REASONS
+from mcpbalancer.observability.metrics import REJECT_REASONS
 from tests.fixtures.proxy import ProxyFactory
 from tests.fixtures.rawhttp import ClientFactory, request, rpc_error
 from tests.fixtures.stub import StubFactory, minting

@@ -10,11 +10,11 @@ from typing import TypeVar
 
 import pytest
 
-from mcpbalancer.backends import Backend, BackendSet
-from mcpbalancer.balancer import LeastSessions
 from mcpbalancer.errors import BadRequest, InvalidSessionId, NoBackendAvailable, SessionNotFound
+from mcpbalancer.fleet.backends import Backend, BackendSet
 from mcpbalancer.protocol import Era
-from mcpbalancer.routing import RequestFacts, Router, classify
+from mcpbalancer.routing.balancer import LeastSessions
+from mcpbalancer.routing.router import RequestFacts, Router, classify
 from mcpbalancer.store.memory import MemoryStore
 
 T = TypeVar("T")

@@ -12,16 +12,16 @@ from typing import Any
 import pytest
 from prometheus_client import CollectorRegistry
 
-from mcpbalancer.affinity import Affinity, AffinityMap, ResultSniffer, state_digest
-from mcpbalancer.backends import Backend, BackendSet
-from mcpbalancer.balancer import LeastSessions
 from mcpbalancer.config import AffinityConfig, LimitsConfig, RouteConfig, TimeoutsConfig, parse_config
 from mcpbalancer.dataplane.plane import DataPlane
 from mcpbalancer.errors import BadRequest, ConfigError, Denied, HeaderMismatch, render_error
-from mcpbalancer.headercheck import check
-from mcpbalancer.metrics import Metrics
-from mcpbalancer.routing import Router, classify
-from mcpbalancer.rules import compile_rules, header_lookup
+from mcpbalancer.fleet.backends import Backend, BackendSet
+from mcpbalancer.observability.metrics import Metrics
+from mcpbalancer.routing.affinity import Affinity, AffinityMap, ResultSniffer, state_digest
+from mcpbalancer.routing.balancer import LeastSessions
+from mcpbalancer.routing.headercheck import check
+from mcpbalancer.routing.router import Router, classify
+from mcpbalancer.routing.rules import compile_rules, header_lookup
 from mcpbalancer.store.memory import MemoryStore
 from mcpbalancer.store.shared import SharedAffinity
 

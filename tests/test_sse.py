@@ -9,7 +9,7 @@ from collections.abc import Iterable
 
 import pytest
 
-from mcpbalancer.dataplane.sse import PING, EventBoundary
+from mcpbalancer.protocol.sse import PING, EventBoundary
 
 _TERMINATOR = re.compile(rb"\r\n|\r|\n")
 

@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 
 from mcpbalancer.config import Config, parse_config
-from mcpbalancer.supervisor import Supervisor, check_listen, describe_status
+from mcpbalancer.process.supervisor import Supervisor, check_listen, describe_status
 from tests.mcp_helpers import wait_until
 
 FAKE = """

@@ -14,8 +14,9 @@ import pytest
 from mcpbalancer.app import Proxy
 from mcpbalancer.config import TlsConfig, load_config, parse_config
 from mcpbalancer.dataplane.tls import backend_contexts, client_context, tls_problem
+from mcpbalancer.dataplane.upstream import UpstreamPool
 from mcpbalancer.errors import ConfigError
-from mcpbalancer.lifecycle import Fleet
+from mcpbalancer.fleet.lifecycle import Fleet
 from tests.fixtures.tls import Pki
 from tests.mcp_helpers import DEADLINE
 
@@ -248,7 +249,7 @@ async def test_reload_reads_the_tls_files_again_and_refuses_unusable_ones(pki: P
 def test_an_https_backend_is_never_built_without_a_context() -> None:
     configs = parse_config(https()).backends
     with pytest.raises(ValueError, match="no TLS context"):
-        Fleet(configs, connect_timeout=1.0)
+        Fleet(configs, pool=lambda backend: UpstreamPool(backend, connect_timeout=1.0))
 
 
 def test_tls_problems_read_as_the_operator_needs_them() -> None:

@@ -273,7 +273,7 @@ async def test_sessions_keep_affinity_across_workers_and_sigterm_stops_all(
     events = [json.loads(line) for line in cluster.log if line.startswith("{")]
     stops = [event.get("worker") for event in events if event["msg"] == "shutting down"]
     assert sorted(stops) == [0, 1]
-    own = [event for event in events if event["logger"] == "mcpbalancer.supervisor"]
+    own = [event for event in events if event["logger"] == "mcpbalancer.process.supervisor"]
     assert own
     assert not [event for event in own if "worker" in event]
 

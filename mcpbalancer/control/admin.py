@@ -19,14 +19,14 @@ from typing import Any
 from aiohttp import web
 
 from mcpbalancer.errors import ConfigError
-from mcpbalancer.lifecycle import Changes, Fleet
+from mcpbalancer.fleet.lifecycle import Changes, Fleet
 
 Reload = Callable[[], Changes]  # raises ConfigError with the reason
 
 
 class AdminApi:
     def __init__(
-        self, fleet: Fleet, last_check: dict[str, float], reload: Reload, reasons: dict[str, str]
+        self, fleet: Fleet[Any], last_check: dict[str, float], reload: Reload, reasons: dict[str, str]
     ) -> None:
         self._fleet = fleet
         self._last_check = last_check

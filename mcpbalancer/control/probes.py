@@ -17,10 +17,10 @@ import time
 from collections.abc import Awaitable, Callable, Iterable
 from typing import NamedTuple
 
-from mcpbalancer.backends import Backend
 from mcpbalancer.dataplane.local import LocalAnswer, LocalHandler
 from mcpbalancer.errors import StoreError
-from mcpbalancer.metrics import EXPOSITION_CONTENT_TYPE, Metrics
+from mcpbalancer.fleet.backends import Backend
+from mcpbalancer.observability.metrics import EXPOSITION_CONTENT_TYPE, Metrics
 
 READY_CACHE = 1.0
 JSON = "application/json"

@@ -12,7 +12,7 @@ from aiohttp import web
 
 from mcpbalancer.control.probes import ALIVE, Readiness, metrics_answer, readiness_answer
 from mcpbalancer.dataplane.local import LocalAnswer
-from mcpbalancer.metrics import Metrics
+from mcpbalancer.observability.metrics import Metrics
 
 
 class ControlServer:

@@ -11,15 +11,15 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import deque
-from typing import TYPE_CHECKING, cast
+from typing import Protocol, cast
 
 import httptools
 
 from mcpbalancer import protocol
 from mcpbalancer.dataplane.deadline import Deadline
-from mcpbalancer.dataplane.exchange import Exchange
+from mcpbalancer.dataplane.exchange import Exchange, ExchangePlane
 from mcpbalancer.dataplane.framing import chunk, chunk_size
-from mcpbalancer.dataplane.head import RequestHead
+from mcpbalancer.dataplane.head import Capture, RequestHead
 from mcpbalancer.errors import (
     BadRequest,
     Forbidden,
@@ -31,11 +31,9 @@ from mcpbalancer.errors import (
     RequestTimeout,
     render_error,
 )
-from mcpbalancer.origin import same_host
+from mcpbalancer.filters.hosts import HostPolicy
+from mcpbalancer.filters.origin import OriginPolicy, same_host
 from mcpbalancer.protocol import Era
-
-if TYPE_CHECKING:
-    from mcpbalancer.dataplane.plane import DataPlane
 
 log = logging.getLogger(__name__)
 
@@ -46,8 +44,23 @@ COPY_LIMIT = 16 * 1024
 _VERSIONS = frozenset({"1.0", "1.1"})
 
 
+class ConnectionPlane(ExchangePlane, Protocol):
+    """What a client connection needs of the data plane (plane.py's DataPlane, which makes the
+    connections), besides what it hands on to its exchanges."""
+
+    capture: dict[bytes, Capture]  # the request header fields to pick out as they arrive
+    hosts: HostPolicy | None  # None when every Host is allowed
+    origins: OriginPolicy
+    connections: set[ClientConnection]
+    accepting: bool
+
+    def opened(self, conn: ClientConnection) -> None: ...
+    def closed(self, conn: ClientConnection) -> None: ...
+    def refuse_connection(self) -> bytes: ...
+
+
 class ClientConnection(asyncio.Protocol):
-    def __init__(self, plane: DataPlane) -> None:
+    def __init__(self, plane: ConnectionPlane) -> None:
         self.plane = plane
         self._capture = plane.capture
         limits = plane.limits

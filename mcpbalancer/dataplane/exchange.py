@@ -12,12 +12,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Protocol
 
 from mcpbalancer import protocol
-from mcpbalancer.affinity import ResultSniffer
-from mcpbalancer.backends import Backend
+from mcpbalancer.config import LimitsConfig, TimeoutsConfig
 from mcpbalancer.dataplane.framing import (
     CONTINUE,
     LAST_CHUNK,
@@ -30,9 +29,8 @@ from mcpbalancer.dataplane.framing import (
 )
 from mcpbalancer.dataplane.head import RequestHead
 from mcpbalancer.dataplane.local import LocalAnswer, LocalHandler, render_local
-from mcpbalancer.dataplane.sse import PING, EventBoundary
 from mcpbalancer.dataplane.tls import tls_problem
-from mcpbalancer.dataplane.upstream import UpstreamConnection
+from mcpbalancer.dataplane.upstream import Output, UpstreamConnection, UpstreamPool
 from mcpbalancer.errors import (
     BadGateway,
     GatewayTimeout,
@@ -41,20 +39,52 @@ from mcpbalancer.errors import (
     ProxyError,
     render_error,
 )
-from mcpbalancer.failover import BODY_LIMIT as INITIALIZE_LIMIT
-from mcpbalancer.metrics import NO_BACKEND
+from mcpbalancer.fleet.backends import Backend
+from mcpbalancer.observability.logs import AccessLog
+from mcpbalancer.observability.metrics import NO_BACKEND, Metrics
 from mcpbalancer.protocol import Era
-from mcpbalancer.routing import RequestFacts, classify
-
-if TYPE_CHECKING:
-    from mcpbalancer.dataplane.client import ClientConnection
-    from mcpbalancer.dataplane.plane import DataPlane
+from mcpbalancer.protocol.sse import PING, EventBoundary
+from mcpbalancer.routing.affinity import ResultSniffer
+from mcpbalancer.routing.failover import BODY_LIMIT as INITIALIZE_LIMIT
+from mcpbalancer.routing.router import RequestFacts, Router, classify
 
 log = logging.getLogger(__name__)
 
 # Request bytes kept until the first response byte, so a request sent on a keep-alive connection the
 # backend had just closed can be sent again on a fresh one. Larger requests are not retried.
 REPLAY_LIMIT = 64 * 1024
+
+
+class ClientSide(Output, Protocol):
+    """What an exchange needs of its client connection (client.py's ClientConnection), which makes
+    the exchange: a protocol, so that the exchange does not import the connection back."""
+
+    peer_ip: bytes
+    reading: bool  # inside data_received: backend writes wait in held_upstream until it ends
+    held_upstream: list[Exchange]
+    write_paused: bool  # the client's transport buffer is full
+
+    def write(self, data: bytes) -> None: ...
+    def write_chunk(self, data: bytes) -> None: ...
+    def abort(self) -> None: ...
+    def pause_reading(self) -> None: ...
+    def resume_reading(self) -> None: ...
+    def exchange_finished(self, exchange: Exchange) -> None: ...
+
+
+class ExchangePlane(Protocol):
+    """What an exchange reads of what every connection shares (plane.py's DataPlane)."""
+
+    router: Router
+    pools: dict[str, UpstreamPool]
+    metrics: Metrics
+    access_log: AccessLog | None
+    local: Mapping[bytes, LocalHandler]  # paths the proxy answers itself
+    heartbeat: float
+    timeouts: TimeoutsConfig
+    limits: LimitsConfig
+    loop: asyncio.AbstractEventLoop
+    on_backend_failure: Callable[[str, str], None]  # (backend name, refused|reset|timeout|5xx)
 
 
 class Exchange:
@@ -100,7 +130,7 @@ class Exchange:
     _capture: list[bytes] | None = None
     _alias: bytes | None = None
 
-    def __init__(self, plane: DataPlane, client: ClientConnection, head: RequestHead) -> None:
+    def __init__(self, plane: ExchangePlane, client: ClientSide, head: RequestHead) -> None:
         self.plane = plane
         self.client = client
         self.head = head

@@ -10,7 +10,6 @@ from collections.abc import Callable, Iterable, Mapping
 
 from prometheus_client import CollectorRegistry
 
-from mcpbalancer.backends import Backend
 from mcpbalancer.config import LimitsConfig, TimeoutsConfig
 from mcpbalancer.dataplane.client import ClientConnection
 from mcpbalancer.dataplane.exchange import Exchange
@@ -18,11 +17,12 @@ from mcpbalancer.dataplane.head import capture
 from mcpbalancer.dataplane.local import LocalHandler
 from mcpbalancer.dataplane.upstream import UpstreamPool
 from mcpbalancer.errors import NoBackendAvailable, render_error
-from mcpbalancer.hosts import HostPolicy
-from mcpbalancer.logs import AccessLog
-from mcpbalancer.metrics import Metrics
-from mcpbalancer.origin import OriginPolicy
-from mcpbalancer.routing import Router
+from mcpbalancer.filters.hosts import HostPolicy
+from mcpbalancer.filters.origin import OriginPolicy
+from mcpbalancer.fleet.backends import Backend
+from mcpbalancer.observability.logs import AccessLog
+from mcpbalancer.observability.metrics import Metrics
+from mcpbalancer.routing.router import Router
 
 log = logging.getLogger(__name__)
 

@@ -15,8 +15,8 @@ from typing import Protocol, cast
 
 import httptools
 
-from mcpbalancer.backends import Backend
 from mcpbalancer.dataplane.deadline import Deadline
+from mcpbalancer.fleet.backends import Backend
 
 log = logging.getLogger(__name__)
 

@@ -33,7 +33,7 @@ from mcpbalancer.errors import StoreError
 from mcpbalancer.store.base import UNKNOWN, SharedStore, Unknown
 
 if TYPE_CHECKING:
-    from mcpbalancer.metrics import Metrics
+    from mcpbalancer.observability.metrics import Metrics
 
 logger = logging.getLogger(__name__)
 

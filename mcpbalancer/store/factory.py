@@ -9,7 +9,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
-from mcpbalancer.metrics import Metrics
+from mcpbalancer.observability.metrics import Metrics
 from mcpbalancer.store.base import SessionStore, SharedStore
 from mcpbalancer.store.cache import CachedStore
 from mcpbalancer.store.instrumented import InstrumentedStore

@@ -12,7 +12,7 @@ from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
 from mcpbalancer.errors import StoreError
-from mcpbalancer.metrics import Metrics
+from mcpbalancer.observability.metrics import Metrics
 from mcpbalancer.store.base import SharedStore, Unknown
 
 _T = TypeVar("_T")

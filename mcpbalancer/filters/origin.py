@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from mcpbalancer.hosts import HostPolicy, hostname
+from mcpbalancer.filters.hosts import HostPolicy, hostname
 
 ALLOW_METHODS = b"GET, POST, DELETE, OPTIONS"
 # The headers MCP clients send; a preflight's own Access-Control-Request-Headers are echoed as well,

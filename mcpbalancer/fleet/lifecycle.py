@@ -12,11 +12,10 @@ import logging
 import ssl
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Generic, Protocol, TypeVar
 
-from mcpbalancer.backends import Backend, BackendSet
 from mcpbalancer.config import DEFAULT_MCP_PATH, BackendConfig, TlsConfig
-from mcpbalancer.dataplane.upstream import UpstreamPool
+from mcpbalancer.fleet.backends import Backend, BackendSet
 from mcpbalancer.protocol import Era
 
 log = logging.getLogger(__name__)
@@ -55,25 +54,35 @@ def _context(config: BackendConfig, context: ssl.SSLContext | None) -> ssl.SSLCo
     return context
 
 
-class Fleet:
+class Pool(Protocol):
+    """What the fleet does with a backend's connection pool (the data plane's UpstreamPool)."""
+
+    def close(self) -> None: ...
+
+
+P = TypeVar("P", bound=Pool)
+
+
+class Fleet(Generic[P]):
     """Owns the BackendSet, the upstream pools, and the drain timers.
 
-    `contexts` are the TLS client contexts of the https backends by name (dataplane/tls.py builds
-    them); a reload passes the ones built from the new file."""
+    `pool` makes a backend's pool: the pools are the data plane's, a layer above the fleet, which
+    only makes and closes them. `contexts` are the TLS client contexts of the https backends by
+    name (dataplane/tls.py builds them); a reload passes the ones built from the new file."""
 
     def __init__(
         self,
         configs: Iterable[BackendConfig],
         *,
-        connect_timeout: float,
+        pool: Callable[[Backend], P],
         contexts: Mapping[str, ssl.SSLContext] | None = None,
         mcp_path: str = DEFAULT_MCP_PATH,
     ) -> None:
-        self._connect_timeout = connect_timeout
+        self._pool = pool
         self._mcp_path = mcp_path.encode("ascii")
         contexts = contexts or {}
         self.backends = BackendSet(())
-        self.pools: dict[str, UpstreamPool] = {}
+        self.pools: dict[str, P] = {}
         self.on_evict: Callable[[Backend], None] = lambda backend: None
         self._timers: dict[str, asyncio.TimerHandle] = {}
         self._drain_timeouts: dict[str, float] = {}  # the drain_timeout each drain was started with
@@ -89,9 +98,6 @@ class Fleet:
                 self._pending_drains[backend.name] = config.drain_timeout
             members.append(backend)
         self.backends.replace(members)
-
-    def _pool(self, backend: Backend) -> UpstreamPool:
-        return UpstreamPool(backend, connect_timeout=self._connect_timeout)
 
     def start(self) -> None:
         """Arm the drain timeouts of backends drained by the config (needs the running loop)."""

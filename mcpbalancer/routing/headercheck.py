@@ -11,9 +11,9 @@ from __future__ import annotations
 
 from typing import Final
 
-from mcpbalancer.affinity import parse_json
 from mcpbalancer.errors import HeaderMismatch, InvalidBody
-from mcpbalancer.rules import decoded
+from mcpbalancer.routing.affinity import parse_json
+from mcpbalancer.routing.rules import decoded
 
 # The body field each name-bearing method mirrors into Mcp-Name.
 NAME_FIELDS: Final = {

@@ -32,11 +32,11 @@ import sys
 from collections.abc import Iterable
 from typing import Final
 
-from mcpbalancer.backends import OWNER_SEP, Backend, BackendSet
 from mcpbalancer.config import BackendConfig
 from mcpbalancer.errors import BackendStartError
-from mcpbalancer.metrics import Metrics
-from mcpbalancer.orphans import die_with_parent
+from mcpbalancer.fleet.backends import OWNER_SEP, Backend, BackendSet
+from mcpbalancer.observability.metrics import Metrics
+from mcpbalancer.process.orphans import die_with_parent
 
 log = logging.getLogger(__name__)
 

@@ -29,12 +29,12 @@ from typing import TYPE_CHECKING, Any, Final
 import aiohttp
 
 from mcpbalancer import protocol
-from mcpbalancer.backends import Backend
 from mcpbalancer.errors import NoBackendAvailable, SessionNotFound
-from mcpbalancer.metrics import Metrics
+from mcpbalancer.fleet.backends import Backend
+from mcpbalancer.observability.metrics import Metrics
 
 if TYPE_CHECKING:
-    from mcpbalancer.routing import RequestFacts, Router
+    from mcpbalancer.routing.router import RequestFacts, Router
 
 log = logging.getLogger(__name__)
 

@@ -26,15 +26,10 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from json.encoder import encode_basestring_ascii as _json_string
-from typing import TYPE_CHECKING, Final, TextIO
+from typing import Final, Protocol, TextIO
 
 from mcpbalancer import protocol
 from mcpbalancer.config import LogConfig
-
-if TYPE_CHECKING:
-    from mcpbalancer.backends import Backend
-    from mcpbalancer.dataplane.exchange import Exchange
-    from mcpbalancer.dataplane.head import RequestHead
 
 FLUSH_INTERVAL: Final = 0.1
 FLUSH_LINES: Final = 1024
@@ -43,6 +38,54 @@ _HASH_CACHE_SIZE: Final = 4096
 # Worker processes share stdout: a write of at most PIPE_BUF bytes to a pipe is not interleaved with
 # another process's. Characters here are at most 2 bytes in UTF-8 (ASCII, or paths decoded as latin-1).
 ATOMIC_CHARS: Final = select.PIPE_BUF // 2
+
+
+class AccessRecord(Protocol):
+    """What an access line reads of a finished exchange (dataplane/exchange.py). A protocol rather
+    than the class: the data plane writes to the access log, so the log cannot import it."""
+
+    status: int  # 0 when nothing was sent
+    sent: int
+    outcome: str
+    received_at: float  # perf_counter
+    created: bytes | None  # the session id the answer created, if any
+
+    @property
+    def client(self) -> _Peer: ...
+    @property
+    def head(self) -> _Head: ...
+    @property
+    def facts(self) -> _Facts | None: ...
+    @property
+    def backend(self) -> _Named | None: ...
+
+
+class _Peer(Protocol):
+    @property
+    def peer_ip(self) -> bytes: ...
+
+
+class _Head(Protocol):
+    @property
+    def method(self) -> bytes: ...
+    @property
+    def target(self) -> bytes: ...
+    @property
+    def session_id(self) -> bytes | None: ...
+    @property
+    def protocol_version(self) -> bytes | None: ...
+    @property
+    def mcp_method(self) -> bytes | None: ...
+
+
+class _Facts(Protocol):
+    @property
+    def era(self) -> protocol.Era: ...
+
+
+class _Named(Protocol):
+    @property
+    def name(self) -> str: ...
 
 
 class SessionHasher:
@@ -91,7 +134,7 @@ class AccessLog:
         self._flush_handle: asyncio.TimerHandle | None = None
         self._broken = False
 
-    def write(self, exchange: Exchange) -> None:
+    def write(self, exchange: AccessRecord) -> None:
         if self._broken:
             return
         pending = self._pending
@@ -122,7 +165,7 @@ class AccessLog:
 
     # -- the two formats ----------------------------------------------------------------------------
 
-    def _json_line(self, ex: Exchange) -> str:
+    def _json_line(self, ex: AccessRecord) -> str:
         head, sid, mcp, backend, micros = _fields(ex)
         return (
             f'{{"ts":"{self._timestamp()}","type":"access","client":"{ex.client.peer_ip.decode()}",'
@@ -135,7 +178,7 @@ class AccessLog:
             f'"outcome":"{ex.outcome}"{self._json_worker}}}\n'
         )
 
-    def _text_line(self, ex: Exchange) -> str:
+    def _text_line(self, ex: AccessRecord) -> str:
         head, sid, mcp, backend, micros = _fields(ex)
         return (
             f"{self._timestamp()} {ex.client.peer_ip.decode()} "
@@ -170,7 +213,7 @@ def _atomic_chunks(lines: list[str]) -> Iterator[str]:
     yield "".join(lines[start:])
 
 
-def _era(ex: Exchange) -> str:
+def _era(ex: AccessRecord) -> str:
     head = ex.head
     era = ex.facts.era if ex.facts is not None else protocol.era_of(head.session_id, head.protocol_version)
     return _ERA_NAMES[era]
@@ -179,7 +222,7 @@ def _era(ex: Exchange) -> str:
 _ERA_NAMES: Final = {era: era.value for era in protocol.Era}
 
 
-def _fields(ex: Exchange) -> tuple[RequestHead, bytes | None, bytes | None, Backend | None, int]:
+def _fields(ex: AccessRecord) -> tuple[_Head, bytes | None, bytes | None, _Named | None, int]:
     """What both formats read of an exchange: head, session id (the request's, or the one its answer
     created), MCP method, backend, microseconds."""
     head = ex.head

@@ -31,10 +31,10 @@ from typing import NamedTuple
 
 import aiohttp
 
-from mcpbalancer.backends import Backend
 from mcpbalancer.config import HealthConfig
-from mcpbalancer.metrics import Metrics
-from mcpbalancer.probe_answer import BODY_LIMIT, SSE, first_sse_data, problem
+from mcpbalancer.fleet.backends import Backend
+from mcpbalancer.fleet.probe_answer import BODY_LIMIT, SSE, first_sse_data, problem
+from mcpbalancer.observability.metrics import Metrics
 
 log = logging.getLogger(__name__)
 

@@ -11,7 +11,7 @@ from collections.abc import Callable, Mapping, Sequence
 from types import MappingProxyType
 from typing import Protocol
 
-from mcpbalancer.backends import Backend
+from mcpbalancer.fleet.backends import Backend
 
 
 class Strategy(Protocol):

@@ -34,7 +34,7 @@ from typing import Final
 
 from mcpbalancer.config import Config, admin_of_worker, host_port, load_config
 from mcpbalancer.errors import ConfigError
-from mcpbalancer.orphans import die_with_parent
+from mcpbalancer.process.orphans import die_with_parent
 
 log = logging.getLogger(__name__)
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from bisect import bisect_left
 from collections.abc import Callable, Iterable, Sequence
-from typing import Final, Generic, TypeVar
+from typing import Final, Generic, Protocol, TypeVar
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from prometheus_client.core import (
@@ -32,7 +32,6 @@ from prometheus_client.platform_collector import PlatformCollector
 from prometheus_client.process_collector import ProcessCollector
 
 from mcpbalancer import __version__
-from mcpbalancer.backends import Backend
 from mcpbalancer.protocol import Era
 
 EXPOSITION_CONTENT_TYPE: Final = CONTENT_TYPE_LATEST
@@ -253,7 +252,7 @@ class Metrics:
     def __init__(
         self,
         registry: CollectorRegistry,
-        backends: Callable[[], Iterable[Backend]] = tuple,
+        backends: Callable[[], Iterable[LiveBackend]] = tuple,
         *,
         version: str = __version__,
         runtime: bool = False,
@@ -498,10 +497,23 @@ class Metrics:
         return generate_latest(self.registry)
 
 
+class LiveBackend(Protocol):
+    """What the backend gauges read of a backend (fleet/backends.py's Backend)."""
+
+    @property
+    def name(self) -> str: ...
+    @property
+    def up(self) -> bool: ...
+    @property
+    def draining(self) -> bool: ...
+    @property
+    def sessions(self) -> int: ...
+
+
 class _BackendState:
     """backend_up, backend_draining and sessions_active, read from the live Backend objects."""
 
-    def __init__(self, backends: Callable[[], Iterable[Backend]]) -> None:
+    def __init__(self, backends: Callable[[], Iterable[LiveBackend]]) -> None:
         self._backends = backends
 
     def describe(self) -> list[Metric]:

@@ -14,12 +14,17 @@ import hmac
 import logging
 from collections.abc import Awaitable, Callable, Collection, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from prometheus_client import CollectorRegistry
 
-from mcpbalancer import headercheck, protocol
-from mcpbalancer.affinity import (
+from mcpbalancer import protocol
+from mcpbalancer.errors import InvalidSessionId, NoBackendAvailable, SessionNotFound, StoreError
+from mcpbalancer.fleet.backends import Backend, BackendSet
+from mcpbalancer.observability.metrics import Metrics
+from mcpbalancer.protocol import Era
+from mcpbalancer.routing import headercheck
+from mcpbalancer.routing.affinity import (
     MRTR_METHODS,
     REQUEST_STATE,
     TASK_CREATING,
@@ -30,17 +35,12 @@ from mcpbalancer.affinity import (
     request_state_of,
     state_digest,
 )
-from mcpbalancer.backends import Backend, BackendSet
-from mcpbalancer.balancer import Strategy
-from mcpbalancer.binding import SessionBinder, backend_of, decode_owner, encode_owner
-from mcpbalancer.errors import InvalidSessionId, NoBackendAvailable, SessionNotFound, StoreError
-from mcpbalancer.metrics import Metrics
-from mcpbalancer.protocol import Era
-from mcpbalancer.rules import RuleSet, decoded, header_lookup
+from mcpbalancer.routing.balancer import Strategy
+from mcpbalancer.routing.binding import SessionBinder, backend_of, decode_owner, encode_owner
+from mcpbalancer.routing.rules import RuleSet, decoded, header_lookup
 from mcpbalancer.store import UNKNOWN, SessionStore
 
 if TYPE_CHECKING:
-    from mcpbalancer.failover import Failover
     from mcpbalancer.store.shared import SharedAffinity
 
 log = logging.getLogger(__name__)
@@ -89,6 +89,19 @@ def classify(
     return RequestFacts(method, Era.LEGACY, None)
 
 
+class Replay(Protocol):
+    """Replay failover (failover.py) as the router and the data plane use it: a protocol, not an
+    import, because the failover calls back into the router (pick, rebind, session_lost)."""
+
+    def can_replay(self, sid: str) -> bool: ...
+    def replay(self, router: Router, facts: RequestFacts, gone: Backend | None) -> Awaitable[Backend]: ...
+    def remember(self, raw_sid: bytes, target: bytes, body: bytes) -> None: ...
+    def alias(self, sid: str) -> bytes | None: ...
+    def moved(self, sid: str) -> bool: ...
+    def discard(self, sid: str) -> None: ...
+    async def close(self) -> None: ...
+
+
 class Router:
     def __init__(
         self,
@@ -102,7 +115,7 @@ class Router:
         affinity: Affinity | None = None,
         validate_headers: bool = False,
         shared_affinity: SharedAffinity | None = None,
-        failover: Failover | None = None,
+        failover: Replay | None = None,
         binder: SessionBinder | None = None,
         refuse_new: Callable[[], bool] | None = None,
     ) -> None:

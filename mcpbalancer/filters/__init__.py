@@ -1,0 +1,1 @@
+"""Features that act on a request: Origin checks and CORS."""

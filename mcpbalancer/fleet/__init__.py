@@ -1,0 +1,1 @@
+"""The backends and their life: state, health checks, managed processes, drain and reload."""

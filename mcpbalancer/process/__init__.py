@@ -1,0 +1,1 @@
+"""Operating-system processes: the worker supervisor, and children that die with their parent."""

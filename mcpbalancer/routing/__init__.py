@@ -1,0 +1,1 @@
+"""The routing decision: router, balancing strategies, rules, affinity, replay failover, binding."""
