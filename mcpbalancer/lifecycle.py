@@ -90,6 +90,12 @@ class Fleet:
             members.append(backend)
         self.backends.replace(members)
 
+    def set_connect_timeout(self, seconds: float) -> None:
+        """A reload: the next connection to any backend is bounded by the new timeout."""
+        self._connect_timeout = seconds
+        for pool in self.pools.values():
+            pool.connect_timeout = seconds
+
     def _pool(self, backend: Backend) -> UpstreamPool:
         return UpstreamPool(backend, connect_timeout=self._connect_timeout)
 
