@@ -58,6 +58,8 @@ RESTART_ONLY: Final = frozenset(
         "metrics",  # its page is a route of the listener(s), registered when they start
     }
 )
+# The fields whose key in the file has another name.
+_FILE_KEYS: Final = {"listen_host": "listen", "listen_port": "listen"}
 LIVE: Final = frozenset(
     {
         "source",  # the file itself; reloads read the same one
@@ -210,10 +212,10 @@ class Proxy:
 
     def _refuse_restart_only(self, new: Config) -> None:
         """RestartRequired (and nothing applied) when `new` changes a RESTART_ONLY setting."""
-        changed = sorted(k for k in RESTART_ONLY if getattr(new, k) != getattr(self.config, k))
+        changed = {k for k in RESTART_ONLY if getattr(new, k) != getattr(self.config, k)}
         if not changed:
             return
-        keys = ", ".join(f"`{k}`" for k in changed)
+        keys = ", ".join(f"`{k}`" for k in sorted({_FILE_KEYS.get(k, k) for k in changed}))
         problem = f"{keys} changed; a restart is needed to apply it, nothing of the file was applied"
         log.error("reload refused, running configuration kept: %s", problem)
         raise RestartRequired(f"{new.source}: {problem}")
