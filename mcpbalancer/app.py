@@ -12,8 +12,8 @@ import dataclasses
 import logging
 import socket
 import sys
-from collections.abc import Callable
-from typing import TextIO
+from collections.abc import Callable, Coroutine
+from typing import Any, Final, TextIO
 
 from prometheus_client import CollectorRegistry
 
@@ -24,15 +24,15 @@ from mcpbalancer.control.server import ControlServer
 from mcpbalancer.dataplane.plane import DataPlane
 from mcpbalancer.dataplane.tls import backend_contexts
 from mcpbalancer.dataplane.upstream import UpstreamPool
-from mcpbalancer.errors import BackendStartError, ConfigError, ListenError
+from mcpbalancer.errors import BackendStartError, ConfigError, ListenError, RestartRequired
 from mcpbalancer.filters.hosts import HostPolicy, for_listen
 from mcpbalancer.fleet.health import HealthChecker, HttpProbe
 from mcpbalancer.fleet.lifecycle import Changes, Fleet
 from mcpbalancer.fleet.managed import ManagedBackends
-from mcpbalancer.observability.logs import AccessLog, SessionHasher, access_enabled
+from mcpbalancer.observability.logs import AccessLog, SessionHasher, access_enabled, reconfigure_logging
 from mcpbalancer.observability.metrics import Metrics
 from mcpbalancer.routing.affinity import Affinity
-from mcpbalancer.routing.balancer import make_strategy
+from mcpbalancer.routing.balancer import Strategy, make_strategy
 from mcpbalancer.routing.binding import SessionBinder
 from mcpbalancer.routing.failover import Failover
 from mcpbalancer.routing.router import Router
@@ -46,13 +46,53 @@ log = logging.getLogger(__name__)
 
 SWEEP_INTERVAL = 30.0
 SHUTDOWN_POLL = 0.05
-# Settings a reload applies; a change to any other one is logged and needs a restart.
-RELOADABLE = ("backends", "health", "shutdown_timeout", "source", "mcp_path")
+# Every Config field, by what a reload (SIGHUP, POST /admin/reload) does with it. A change to a
+# RESTART_ONLY one refuses the whole reload; the LIVE ones are applied together. A test checks that
+# each field is in exactly one of them.
+RESTART_ONLY: Final = frozenset(
+    {
+        "listen_host",  # `listen`: the socket is bound once (and shared by the workers)
+        "listen_port",
+        "workers",  # the supervisor forks them at start
+        "store",  # the sessions live in it: a new store would know none of them
+        "store_prefix",  # the same: the keys already written are under the old prefix
+        "admin",  # the control listener is bound once; /admin/reload itself is served there
+        "metrics",  # its page is a route of the listener(s), registered when they start
+    }
+)
+# The fields whose key in the file has another name.
+_FILE_KEYS: Final = {"listen_host": "listen", "listen_port": "listen"}
+LIVE: Final = frozenset(
+    {
+        "source",  # the file itself; reloads read the same one
+        "backends",
+        "health",
+        "shutdown_timeout",
+        "mcp_path",
+        "balance",
+        "heartbeat",
+        "timeouts",
+        "limits",  # header_bytes/header_count: connections opened after the reload
+        "session_ttl",
+        "local_cache_size",  # the cache (and the replay records) shrink or grow in place
+        "log",
+        "pools",
+        "routes",
+        "affinity",  # a change starts the maps afresh: entries learned before are dropped
+        "validate_headers",
+        "failover",
+        "allowed_origins",
+        "allowed_hosts",  # the Host check and the Origin rule that reads it
+        "bind_sessions",  # a change ends the sessions bound under the old binding (404)
+        "session_binding_key",
+        "on_store_error",
+    }
+)
 
 
 def _shared_affinity(config: Config) -> SharedAffinity | None:
     """With a Redis store and affinity on, affinity entries are shared with the other replicas."""
-    if config.store == "memory" or not (config.affinity.tasks or config.affinity.request_state):
+    if not _shared_affinity_wanted(config):
         return None
     return SharedAffinity.from_url(config.store, prefix=config.store_prefix)
 
@@ -73,12 +113,25 @@ def _host_policy(config: Config) -> HostPolicy:
     return policy
 
 
+def _shared_affinity_wanted(config: Config) -> bool:
+    return config.store != "memory" and (config.affinity.tasks or config.affinity.request_state)
+
+
+def _binder(config: Config) -> SessionBinder | None:
+    if config.bind_sessions is None:
+        return None
+    key = config.session_binding_key
+    return SessionBinder(config.bind_sessions, key.encode() if key is not None else None)
+
+
 def _unchanged(config: Config) -> Config:
     return config
 
 
 class Proxy:
     """One running mcpbalancer: `await start()`, serve, `await stop()`."""
+
+    access_log: AccessLog | None
 
     def __init__(
         self,
@@ -97,10 +150,10 @@ class Proxy:
         self._adjust = adjust or _unchanged
         # An explicit argument wins over the config's `shutdown_timeout` (and over its reloads).
         self._shutdown_override = shutdown_timeout
-        connect = config.timeouts.connect
         self.fleet = Fleet(
             config.backends,
-            pool=lambda backend: UpstreamPool(backend, connect_timeout=connect),
+            # A pool made after a reload (a backend added or moved) takes the timeout then in force.
+            pool=lambda backend: UpstreamPool(backend, connect_timeout=self.config.timeouts.connect),
             contexts=backend_contexts(config),
             mcp_path=config.mcp_path,
         )
@@ -115,20 +168,9 @@ class Proxy:
             session_ttl=config.session_ttl,
             metrics=self.metrics,
         )
-        failover = (
-            Failover(
-                max_records=config.local_cache_size,
-                connect_timeout=config.timeouts.connect,
-                response_timeout=config.timeouts.response_headers,
-                metrics=self.metrics,
-            )
-            if config.failover == "replay"
-            else None
-        )
-        binder = None
-        if config.bind_sessions is not None:
-            key = config.session_binding_key
-            binder = SessionBinder(config.bind_sessions, key.encode() if key is not None else None)
+        # Kept as the class the proxy runs; the router sees it only through its Replay protocol.
+        self.failover = failover = self._failover(config, None)
+        binder = _binder(config)
         self.router = Router(
             self.backends,
             make_strategy(config.balance),
@@ -141,7 +183,7 @@ class Proxy:
             shared_affinity=_shared_affinity(config),
             failover=failover,
             binder=binder,
-            refuse_new=self._store_down if config.on_store_error == "fail" else None,
+            refuse_new=self._refuse_new(config),
         )
         self.health = HealthChecker(config.health, self.fleet.set_status, self._probe, metrics=self.metrics)
         self._observability(config, access_stream, session_tag_key, worker)
@@ -155,16 +197,17 @@ class Proxy:
         self._sweeper: asyncio.Task[None] | None = None
         self._checker: asyncio.Task[None] | None = None
         self._watcher: asyncio.Task[None] | None = None
+        self._retired: set[asyncio.Task[None]] = set()  # closing parts a reload replaced
 
     @property
     def shutdown_timeout(self) -> float:
         return self.config.shutdown_timeout if self._shutdown_override is None else self._shutdown_override
 
     def reload(self) -> Changes:
-        """Re-read the config file and apply its backends and health settings.
+        """Re-read the config file and apply every LIVE setting of it.
 
         Raises ConfigError (and changes nothing) when the file is invalid or a TLS file of it
-        cannot be used.
+        cannot be used; RestartRequired (and changes nothing) when it changes a RESTART_ONLY one.
         """
         try:
             new = self._adjust(load_config(self.config.source))
@@ -172,20 +215,13 @@ class Proxy:
         except ConfigError as exc:
             log.error("reload rejected, running configuration kept: %s", exc)
             raise
-        for f in dataclasses.fields(Config):
-            if f.name not in RELOADABLE and getattr(new, f.name) != getattr(self.config, f.name):
-                log.warning("reload: `%s` changed; it takes effect after a restart", f.name)
+        self._refuse_restart_only(new)
         backends = self._keep_managed(new.backends)
         changes = self.fleet.apply(backends, contexts, mcp_path=new.mcp_path)
         self.health.reconfigure(new.health)
         self.health.forget(b.name for b in self.backends)
-        self.config = dataclasses.replace(
-            self.config,
-            backends=backends,
-            health=new.health,
-            shutdown_timeout=new.shutdown_timeout,
-            mcp_path=new.mcp_path,
-        )
+        self._apply_policy(self.config, new)
+        self.config = dataclasses.replace(new, backends=backends)
         log.info(
             "reloaded %s: added %s, removed %s, updated %s",
             new.source,
@@ -194,6 +230,98 @@ class Proxy:
             changes.updated or "none",
         )
         return changes
+
+    def _refuse_restart_only(self, new: Config) -> None:
+        """RestartRequired (and nothing applied) when `new` changes a RESTART_ONLY setting."""
+        changed = {k for k in RESTART_ONLY if getattr(new, k) != getattr(self.config, k)}
+        if not changed:
+            return
+        keys = ", ".join(f"`{k}`" for k in sorted({_FILE_KEYS.get(k, k) for k in changed}))
+        problem = f"{keys} changed; a restart is needed to apply it, nothing of the file was applied"
+        log.error("reload refused, running configuration kept: %s", problem)
+        raise RestartRequired(f"{new.source}: {problem}")
+
+    def _apply_policy(self, old: Config, new: Config) -> None:
+        """Swap the parts built from the LIVE settings; what did not change keeps its state (the
+        balancer's turn, the affinity maps, the replay records, a random binding key)."""
+        router = self.router
+        for pool in self.fleet.pools.values():  # the next connection of each is bounded anew
+            pool.connect_timeout = new.timeouts.connect
+        if isinstance(self.store, CachedStore):
+            self.store.resize(new.local_cache_size, new.session_ttl)
+        strategy: Strategy = router._strategy
+        if new.balance != old.balance:
+            strategy = make_strategy(new.balance)
+        affinity = router.affinity
+        if new.affinity != old.affinity:
+            affinity = Affinity(new.affinity)
+        shared = router.shared_affinity
+        if (_shared_affinity_wanted(new), new.affinity) != (_shared_affinity_wanted(old), old.affinity):
+            self._retire(shared.close() if shared is not None else None)
+            shared = _shared_affinity(new)
+        router.reconfigure(
+            strategy,
+            new.session_ttl,
+            rules=compile_rules(new.routes, new.pools),
+            affinity=affinity,
+            validate_headers=new.validate_headers,
+            shared_affinity=shared,
+        )
+        router.failover = self.failover = self._failover(new, self.failover)
+        if (new.bind_sessions, new.session_binding_key) != (old.bind_sessions, old.session_binding_key):
+            router.binder = _binder(new)
+        router.refuse_new_when(self._refuse_new(new))
+        self.readiness.store_required = new.on_store_error == "fail"
+        if new.log != old.log:
+            reconfigure_logging(new.log, worker=self._worker)
+            self._swap_access_log(new)
+        plane = self._plane
+        if plane is not None:
+            plane.configure(
+                heartbeat=new.heartbeat,
+                timeouts=new.timeouts,
+                limits=new.limits,
+                allowed_origins=new.allowed_origins,
+                hosts=_host_policy(new),
+            )
+
+    def _failover(self, config: Config, running: Failover | None) -> Failover | None:
+        """The replay failover `config` asks for: the running one (new limits, its records kept),
+        a new one, or None; a running one no longer wanted is closed."""
+        if config.failover != "replay":
+            self._retire(running.close() if running is not None else None)
+            return None
+        connect, response = config.timeouts.connect, config.timeouts.response_headers
+        if running is None:
+            return Failover(
+                max_records=config.local_cache_size,
+                connect_timeout=connect,
+                response_timeout=response,
+                metrics=self.metrics,
+            )
+        running.configure(
+            max_records=config.local_cache_size, connect_timeout=connect, response_timeout=response
+        )
+        return running
+
+    def _refuse_new(self, config: Config) -> Callable[[], bool] | None:
+        return self._store_down if config.on_store_error == "fail" else None
+
+    def _retire(self, closing: Coroutine[Any, Any, None] | None) -> None:
+        """Close a part a reload replaced, in the background; stop() waits for it."""
+        if closing is None:
+            return
+        task = asyncio.get_running_loop().create_task(closing)
+        self._retired.add(task)
+        task.add_done_callback(self._retired.discard)
+
+    def _swap_access_log(self, config: Config) -> None:
+        old: AccessLog | None = self.access_log
+        self.access_log = self._make_access_log(config)
+        if self._plane is not None:
+            self._plane.access_log = self.access_log
+        if old is not None:
+            old.close()  # writes what it holds; exchanges ending from now on use the new one
 
     def _keep_managed(self, new: tuple[BackendConfig, ...]) -> tuple[BackendConfig, ...]:
         """Managed (`command`) backends are started and stopped with the process: a reload applies
@@ -222,27 +350,32 @@ class Proxy:
         self.readiness = Readiness(
             lambda: self.router.backends, self.store.ping, store_required=config.on_store_error == "fail"
         )
-        self.access_log = (
-            AccessLog(
-                access_stream or sys.stdout,
-                fmt=config.log.format,
-                # Workers share one key, so a session reads the same in every worker's lines.
-                hasher=SessionHasher(session_tag_key) if session_tag_key is not None else None,
-                shared=config.workers > 1,
-                worker=worker,  # a worker process: its index in every line, as in the event lines
-            )
-            if access_enabled(config.log)
-            else None
-        )
+        self._access_stream = access_stream
+        self._session_tag_key = session_tag_key
+        self._worker = worker
+        self.access_log = self._make_access_log(config)
         metrics = self.metrics if config.metrics.enabled else None
         # /metrics is served on the admin listener when there is one, else on the public one.
-        self.control = (
+        self.control: ControlServer | None = (
             None
             if config.admin is None
             else ControlServer(*config.admin, self.readiness, metrics, config.metrics.path)
         )
         public_metrics = config.metrics.path if metrics is not None and self.control is None else None
         self._local = local_endpoints(self.readiness, self.metrics, public_metrics)
+
+    def _make_access_log(self, config: Config) -> AccessLog | None:
+        if not access_enabled(config.log):
+            return None
+        key = self._session_tag_key
+        return AccessLog(
+            self._access_stream or sys.stdout,
+            fmt=config.log.format,
+            # Workers share one key, so a session reads the same in every worker's lines.
+            hasher=SessionHasher(key) if key is not None else None,
+            shared=config.workers > 1,
+            worker=self._worker,  # a worker process: its index in every line, as in the event lines
+        )
 
     @property
     def port(self) -> int:
@@ -366,6 +499,8 @@ class Proxy:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
+        if self._retired:
+            await asyncio.gather(*self._retired, return_exceptions=True)
         await self._probe.close()
         await self.router.close()
         await self.store.close()

@@ -63,6 +63,10 @@ class ConfigError(MCPBalancerError):
     """The configuration is invalid; the message names the file and the key path."""
 
 
+class RestartRequired(ConfigError):
+    """A reload changes a setting only a restart can apply; nothing of the file was applied."""
+
+
 class StoreError(MCPBalancerError):
     """The session store failed to answer."""
 

@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 import yaml
 
+from mcpbalancer.app import RESTART_ONLY
 from mcpbalancer.config import DEFAULT_SHUTDOWN_TIMEOUT, Config, host_port, parse_config
 from mcpbalancer.errors import ConfigError
 
@@ -172,6 +173,21 @@ def test_docs_state_the_shutdown_wait_of_the_code() -> None:
         # No sentence about SIGTERM gives the wait as another fixed number of seconds.
         for sentence in re.findall(r"[^.]*SIGTERM[^.]*requests[^.]*\.", prose):
             assert not re.search(r"up to \d+ ?s\b", sentence), (page_id(page), sentence)
+
+
+def test_the_table_marks_the_restart_only_keys_of_the_code() -> None:
+    """Each key a reload refuses to change says "restart only", and no other: the row is where an
+    operator looks before sending SIGHUP."""
+    meanings = {}
+    for table in CONFIGURATION.split(TABLE_HEADER)[1:]:
+        for row in table.split("\n\n", 1)[0].splitlines():
+            if m := re.match(r"\| `([^`]+)` \|[^|]*\| (.*) \|$", row):
+                meanings[m[1]] = m[2]
+    marked = {key for key, meaning in meanings.items() if meaning.startswith("restart only")}
+    restart_only = {"listen" if field.startswith("listen_") else field for field in RESTART_ONLY}
+    under = {key for key in meanings if key.split(".")[0].removesuffix("[]") in restart_only}
+    assert sorted(marked ^ under) == []
+    assert {key.split(".")[0] for key in marked} == restart_only
 
 
 # --- the commented-out examples of config/*.yaml -----------------------------------------------

@@ -4,7 +4,8 @@
                                                         last_check, reason}]}
     POST /admin/backends/{name}/drain    {"backend": name, "state": ...}; 404 JSON for an unknown name
     POST /admin/backends/{name}/undrain
-    POST /admin/reload                   {"reloaded": true, "added": [...], ...}; 400 JSON with the reason
+    POST /admin/reload                   {"reloaded": true, "added": [...], ...}; 400 JSON with the reason;
+                                         409 when the file changes a setting only a restart applies
 
 `last_check` is the Unix time of the last active probe result, or null before the first one;
 `reason` why the backend is down or its last check failed, null when it is healthy.
@@ -18,7 +19,7 @@ from typing import Any
 
 from aiohttp import web
 
-from mcpbalancer.errors import ConfigError
+from mcpbalancer.errors import ConfigError, RestartRequired
 from mcpbalancer.fleet.lifecycle import Changes, Fleet
 
 Reload = Callable[[], Changes]  # raises ConfigError with the reason
@@ -58,6 +59,8 @@ class AdminApi:
     async def _reload_file(self, request: web.Request) -> web.Response:
         try:
             changes = self._reload()
+        except RestartRequired as exc:
+            return _json({"reloaded": False, "restart_required": True, "error": str(exc)}, status=409)
         except ConfigError as exc:
             return _json({"reloaded": False, "error": str(exc)}, status=400)
         return _json({"reloaded": True, **changes.as_json()})

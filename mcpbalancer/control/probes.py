@@ -53,7 +53,7 @@ class Readiness:
     ) -> None:
         self._backends = backends
         self._ping = ping
-        self._store_required = store_required
+        self.store_required = store_required
         self._cache = cache
         self._clock = clock
         self._checked_at = float("-inf")
@@ -68,7 +68,7 @@ class Readiness:
         if problem is None:
             return Verdict(True, "ready", "ready", "ok")
         reason = f"session store unreachable: {problem}"
-        if self._store_required:
+        if self.store_required:
             return Verdict(False, "unavailable", f"{reason}; new sessions are refused", "unreachable")
         return Verdict(True, "degraded", f"{reason}; new sessions are bound locally", "unreachable")
 

@@ -69,6 +69,22 @@ class DataPlane:
         # Passive health: (backend name, refused|reset|timeout|5xx), set by the composition root.
         self.on_backend_failure: Callable[[str, str], None] = _ignore_failure
 
+    def configure(
+        self,
+        *,
+        heartbeat: float,
+        timeouts: TimeoutsConfig,
+        limits: LimitsConfig,
+        allowed_origins: Iterable[str],
+        hosts: HostPolicy | None = None,
+    ) -> None:
+        """A reload: every request from now on reads the new settings (a connection's header
+        limits are taken when it opens); routing may now need Mcp-Name captured, or not."""
+        self.heartbeat, self.timeouts, self.limits = heartbeat, timeouts, limits
+        self.hosts = None if hosts is None or hosts.any else hosts
+        self.origins = OriginPolicy(allowed_origins, hosts)
+        self.capture = capture(self.router.reads_names)
+
     def opened(self, conn: ClientConnection) -> None:
         self.connections.add(conn)
         self._none_open.clear()

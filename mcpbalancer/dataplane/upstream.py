@@ -235,7 +235,7 @@ class UpstreamPool:
 
     def __init__(self, backend: Backend, *, connect_timeout: float, max_idle: int = 64) -> None:
         self.backend = backend
-        self._connect_timeout = connect_timeout
+        self.connect_timeout = connect_timeout
         self._max_idle = max_idle
         self._idle: list[UpstreamConnection] = []
         self._closed = False  # replaced or removed (reload, shutdown): keep nothing idle
@@ -256,7 +256,7 @@ class UpstreamPool:
         loop = asyncio.get_running_loop()
         backend = self.backend
         tls: ssl.SSLContext | None = backend.ssl_context if backend.tls else None
-        async with asyncio.timeout(self._connect_timeout):
+        async with asyncio.timeout(self.connect_timeout):
             _, conn = await loop.create_connection(
                 lambda: UpstreamConnection(self),
                 backend.host,

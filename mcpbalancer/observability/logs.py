@@ -269,6 +269,10 @@ class JsonFormatter(logging.Formatter):
 TEXT_FORMAT: Final = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
+# The handler configure_logging put on the root logger: a reload changes its format in place.
+_installed: list[logging.Handler] = []
+
+
 def configure_logging(
     config: LogConfig, *, level: str | None = None, stream: TextIO | None = None, worker: int | None = None
 ) -> None:
@@ -276,12 +280,23 @@ def configure_logging(
     `level` overrides the config's. A worker process (`worker`: its index) says so in every line:
     the workers share the supervisor's stderr."""
     handler = logging.StreamHandler(stream or sys.stderr)
-    if config.format == "json":
-        handler.setFormatter(JsonFormatter(worker))
-    else:
-        text = TEXT_FORMAT if worker is None else TEXT_FORMAT.replace("%(name)s", f"worker-{worker} %(name)s")
-        handler.setFormatter(logging.Formatter(text))
+    handler.setFormatter(_formatter(config.format, worker))
     logging.basicConfig(level=(level or config.level).upper(), handlers=[handler], force=True)
+    _installed[:] = [handler]
+
+
+def reconfigure_logging(config: LogConfig, *, worker: int | None = None) -> None:
+    """A reload: the new level, and the new format on the handler configure_logging installed."""
+    logging.getLogger().setLevel(config.level.upper())
+    for handler in _installed:
+        handler.setFormatter(_formatter(config.format, worker))
+
+
+def _formatter(fmt: str, worker: int | None) -> logging.Formatter:
+    if fmt == "json":
+        return JsonFormatter(worker)
+    text = TEXT_FORMAT if worker is None else TEXT_FORMAT.replace("%(name)s", f"worker-{worker} %(name)s")
+    return logging.Formatter(text)
 
 
 def access_enabled(config: LogConfig) -> bool:

@@ -79,6 +79,13 @@ class Failover:
         self._http: aiohttp.ClientSession | None = None
         self.replays = 0
 
+    def configure(self, *, max_records: int, connect_timeout: float, response_timeout: float) -> None:
+        """A reload: new limits; the records kept (fewer when `max_records` shrank)."""
+        self._max = max_records
+        self._timeout = aiohttp.ClientTimeout(total=None, connect=connect_timeout, sock_read=response_timeout)
+        while len(self._records) > self._max:
+            self._records.popitem(last=False)
+
     # -- bookkeeping, on the data plane's path ---------------------------------------------------
 
     def remember(self, raw_sid: bytes, target: bytes, body: bytes) -> None:
@@ -167,7 +174,9 @@ class Failover:
         url = f"{scheme}://{backend.host_header.decode()}{backend.target(target).decode('latin-1')}"
         headers = {"Content-Type": "application/json", "Accept": _ACCEPT, **bound}
         try:
-            async with http.post(url, data=body, headers=headers, **_tls(backend)) as resp:
+            async with http.post(
+                url, data=body, headers=headers, timeout=self._timeout, **_tls(backend)
+            ) as resp:
                 await resp.read()
                 new_sid = resp.headers.get("Mcp-Session-Id", "").encode("latin-1")
                 if not 200 <= resp.status < 300 or not protocol.valid_session_id(new_sid):
@@ -175,7 +184,9 @@ class Failover:
             headers["Mcp-Session-Id"] = new_sid.decode("ascii")
             if version is not None:
                 headers["MCP-Protocol-Version"] = version.decode("latin-1")
-            async with http.post(url, data=_INITIALIZED, headers=headers, **_tls(backend)) as resp:
+            async with http.post(
+                url, data=_INITIALIZED, headers=headers, timeout=self._timeout, **_tls(backend)
+            ) as resp:
                 await resp.read()
                 if not 200 <= resp.status < 300:
                     raise _ReplayFailed(f"notifications/initialized answered {resp.status}")

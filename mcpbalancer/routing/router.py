@@ -125,6 +125,31 @@ class Router:
         # True while new sessions must be refused (on_store_error: fail, and the store is down).
         self._refuse_new = refuse_new
         self._metrics = metrics or Metrics(CollectorRegistry())
+        self._store = store
+        self._background: set[asyncio.Task[None]] = set()
+        self._forgetting: set[str] = set()  # sessions whose store delete has not finished yet
+        self._shared: SharedAffinity | None = None
+        self.reconfigure(
+            strategy,
+            session_ttl,
+            rules=rules,
+            affinity=affinity,
+            validate_headers=validate_headers,
+            shared_affinity=shared_affinity,
+        )
+
+    def reconfigure(
+        self,
+        strategy: Strategy,
+        session_ttl: float,
+        *,
+        rules: RuleSet | None,
+        affinity: Affinity | None,
+        validate_headers: bool,
+        shared_affinity: SharedAffinity | None,
+    ) -> None:
+        """Swap the policy parts (a reload): the next decision uses them; requests already routed
+        keep their backend. The shared-affinity client replaced here is the caller's to close."""
         self._rules = rules if rules else None
         self._rule_hits = [self._metrics.rule_hits(rule.label) for rule in rules.rules] if rules else []
         self.affinity = affinity
@@ -133,10 +158,14 @@ class Router:
         self._validate = validate_headers
         self._shared = shared_affinity if self._tasks is not None or self._states is not None else None
         self._strategy = strategy
-        self._store = store
         self._ttl = session_ttl
-        self._background: set[asyncio.Task[None]] = set()
-        self._forgetting: set[str] = set()  # sessions whose store delete has not finished yet
+
+    @property
+    def shared_affinity(self) -> SharedAffinity | None:
+        return self._shared
+
+    def refuse_new_when(self, refuse_new: Callable[[], bool] | None) -> None:
+        self._refuse_new = refuse_new
 
     def route(self, facts: RequestFacts) -> Backend | Awaitable[Backend]:
         """The backend for `facts`: at once when known locally, else an awaitable store lookup.

@@ -88,6 +88,15 @@ class CachedStore:
         self._generation = 0  # bumped by every re-assertion of the whole cache
         self._resync: asyncio.Task[None] | None = None
 
+    def resize(self, capacity: int, default_ttl: float | None) -> None:
+        """A reload: a smaller cache sheds its least recently used entries (the shared store still
+        has them: they are looked up there again)."""
+        if capacity < 1:
+            raise ValueError("capacity must be at least 1")
+        self._capacity, self._ttl_hint = capacity, default_ttl
+        while len(self._entries) > capacity:
+            self._entries.popitem(last=False)
+
     def __len__(self) -> int:
         return len(self._entries)
 
