@@ -7,7 +7,7 @@ COPY pyproject.toml README.md ./
 COPY mcpbalancer ./mcpbalancer
 RUN pip install --no-cache-dir . && rm -rf /src
 # The default configuration (config/docker.yaml): MCP on 8080, the admin listener on 9100. Mount
-# your own over it, readable by uid 10001 (README, "Docker").
+# your own over it, readable by uid 10001 (docs/operations.md, "Docker").
 COPY --chmod=0644 config/docker.yaml /etc/mcpbalancer/config.yaml
 
 USER mcpbalancer

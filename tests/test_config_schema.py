@@ -1,5 +1,5 @@
 """The JSON Schema of the configuration file: committed, complete, and in agreement with the models,
-the example files and the README."""
+the example files and the configuration table of docs/configuration.md."""
 
 from __future__ import annotations
 
@@ -25,6 +25,7 @@ COMMITTED = ROOT / "config" / "schema.json"
 EXAMPLES = [ROOT / "config" / "example.yaml", ROOT / "config" / "demo.yaml"]  # name the schema
 CONFIGS = sorted((ROOT / "config").glob("*.yaml"))
 REGENERATE = "mcpbalancer schema > config/schema.json"
+CONFIGURATION = ROOT / "docs" / "configuration.md"
 
 
 def committed() -> dict[str, Any]:
@@ -173,13 +174,50 @@ def test_every_key_is_in_the_example_file() -> None:
     assert missing == []
 
 
-def test_every_key_is_in_the_readme_table() -> None:
-    # The `routes` entries' syntax is explained under the table, in "How requests are routed".
-    text = (ROOT / "README.md").read_text(encoding="utf-8")
+def test_every_key_is_in_the_configuration_table() -> None:
+    text = CONFIGURATION.read_text(encoding="utf-8")
     schema = committed()
-    paths = [path for path, _ in keys(schema, schema) if not path.startswith("routes[]")]
+    paths = [path for path, _ in keys(schema, schema)]
     leaves = [
         path for path in paths if not any(other.startswith((f"{path}.", f"{path}[]")) for other in paths)
     ]
     missing = [path for path in leaves if f"| `{path}` |" not in text]
     assert missing == []
+
+
+TABLE_ROW = re.compile(r"\| `(?P<key>[^`]+)` \| (?P<default>[^|]*) \|")
+
+
+def table() -> dict[str, str]:
+    """docs/configuration.md's key tables: key path -> the default column."""
+    lines = CONFIGURATION.read_text(encoding="utf-8").splitlines()
+    return {m["key"]: m["default"].strip() for line in lines if (m := TABLE_ROW.match(line))}
+
+
+def test_the_configuration_table_names_only_keys_of_the_schema() -> None:
+    schema = committed()
+    assert sorted(set(table()) - {path for path, _ in keys(schema, schema)}) == []
+
+
+def test_the_configuration_table_gives_the_schemas_defaults() -> None:
+    """A default written as a value (`15`, `"/mcp"`, `[legacy, modern]`) is the schema's; one written
+    in words ("off", "none", "required", "random per process") is a key whose schema has no value
+    to show: no default, or null, false or empty (a section: all its keys so)."""
+
+    def empty(value: Any) -> bool:
+        return not value or (isinstance(value, dict) and all(empty(v) for v in value.values()))
+
+    schema = committed()
+    nodes = dict(keys(schema, schema))
+    compared, wrong = [], []
+    for key, default in table().items():
+        literal = re.fullmatch(r"`([^`]+)`", default)
+        if literal is None:
+            if not empty(nodes[key].get("default")):
+                wrong.append((key, default, nodes[key]["default"]))
+            continue
+        compared.append(key)
+        if "default" not in nodes[key] or yaml.safe_load(literal[1]) != nodes[key]["default"]:
+            wrong.append((key, literal[1], nodes[key].get("default")))
+    assert len(compared) > 40
+    assert wrong == []

@@ -212,7 +212,7 @@ def test_a_mounted_config_the_image_user_cannot_read_is_a_clear_error(
     image: Dockerfile, image_root: Path
 ) -> None:
     mounted = image_root / baked_path(image).lstrip("/")
-    mounted.chmod(0o600)  # what the README advises for a file holding the binding key, owner root
+    mounted.chmod(0o600)  # what docs/operations.md advises for a file holding the binding key, owner root
     code, output = run_as(image.uids[image.user], image_root, ["--config", str(mounted), "--check"])
     assert code == 2, output
     assert output.startswith(f"mcpbalancer: invalid configuration: {mounted}: not readable by uid 10001")
@@ -221,9 +221,9 @@ def test_a_mounted_config_the_image_user_cannot_read_is_a_clear_error(
     assert "Traceback" not in output
 
 
-def test_readme_documents_the_mount_with_owner_and_mode() -> None:
-    readme = (ROOT / "README.md").read_text(encoding="utf-8")
-    docker = readme.split("\n## Docker\n", 1)[1].split("\n## ", 1)[0]
+def test_operations_page_documents_the_mount_with_owner_and_mode() -> None:
+    operations = (ROOT / "docs" / "operations.md").read_text(encoding="utf-8")
+    docker = operations.split("\n## Docker\n", 1)[1].split("\n## ", 1)[0]
     assert "sudo chown 10001:10001 my-config.yaml && chmod 0600 my-config.yaml" in docker
     assert "-v $PWD/my-config.yaml:/etc/mcpbalancer/config.yaml:ro mcpbalancer" in docker
     assert read_dockerfile().base in docker

@@ -1,8 +1,10 @@
-"""The documentation says what the code does: the README's configuration table and its defaults, the
-shutdown wait, every commented-out example in config/*.yaml, and design notes that stand on their own."""
+"""The documentation says what the code does: the configuration table of docs/configuration.md, its
+keys and defaults, the shutdown wait, every commented-out example in config/*.yaml, and pages that
+stand on their own."""
 
 from __future__ import annotations
 
+import copy
 import os
 import re
 from pathlib import Path
@@ -11,30 +13,131 @@ from typing import Any
 import pytest
 import yaml
 
+from mcpbalancer.app import RESTART_ONLY
 from mcpbalancer.config import DEFAULT_SHUTDOWN_TIMEOUT, Config, host_port, parse_config
+from mcpbalancer.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
-README = (ROOT / "README.md").read_text(encoding="utf-8")
+README = ROOT / "README.md"
+DOCS = sorted((ROOT / "docs").glob("*.md"))
+PAGES = [README, *DOCS]
+CONFIGURATION = (ROOT / "docs" / "configuration.md").read_text(encoding="utf-8")
 CONFIGS = sorted((ROOT / "config").glob("*.yaml"))
 # A commented-out setting is `#` directly followed by YAML (`#admin: ...`, `  #- name: ...`); the
 # lines after it that continue it have `#` and two spaces or more at the same column (`  #  url: ...`).
 EXAMPLE_START = re.compile(r"(?P<indent> *)#(?=[^\s#])")
+TABLE_HEADER = "| key | default | meaning |"
 TABLE_ROW = re.compile(r"\| `(?P<key>[^`]+)` \| (?P<default>[^|]*) \|")
 # Rows whose default is not one attribute of the loaded Config.
 NOT_AN_ATTRIBUTE = {"backends[].replicas": "expanded into <name>-1 ... <name>-N backends"}
 
 
+def page_id(path: Path) -> str:
+    return str(path.relative_to(ROOT))
+
+
 def config_table() -> list[tuple[str, str]]:
-    section = README.split("\n## Configuration\n", 1)[1].split("\n## ", 1)[0]
-    header = "| key | default | meaning |"
-    rows = section.split(header, 1)[1].split("\n\n", 1)[0].splitlines()
-    return [(m["key"], m["default"].strip()) for row in rows if (m := TABLE_ROW.match(row))]
+    """The rows of every key table of docs/configuration.md, in page order."""
+    rows = []
+    for table in CONFIGURATION.split(TABLE_HEADER)[1:]:
+        lines = table.split("\n\n", 1)[0].splitlines()
+        rows += [(m["key"], m["default"].strip()) for row in lines if (m := TABLE_ROW.match(row))]
+    return rows
 
 
 def test_config_table_lists_each_key_once() -> None:
     keys = [key for key, _ in config_table()]
     assert len(keys) > 40
     assert sorted({key for key in keys if keys.count(key) > 1}) == []
+
+
+# --- the keys the loader knows ---------------------------------------------------------------------
+
+PROBE = "zz_not_a_key"
+# A valid file whose lists have one item each, so that a probe can be put into an item.
+SEED: dict[str, Any] = {
+    "backends": [{"name": "a", "url": "https://127.0.0.1:8001"}],
+    "routes": [{"deny": 403}],
+}
+UNKNOWN = re.compile(r": (?P<path>\S+): unknown key; allowed: (?P<allowed>.*?)(?:; did you mean .*)?$")
+
+
+def allowed_keys(data: dict[str, Any], path: str) -> list[str] | None:
+    """The keys the loader allows in the mapping at `path`, read from its unknown-key error for the
+    probe put there; None if the loader does not complain of the probe as an unknown key there."""
+    try:
+        parse_config(data)
+    except ConfigError as exc:
+        found = UNKNOWN.search(str(exc))
+        if found is not None and found["path"] == path:
+            return [key.strip() for key in found["allowed"].split(",")]
+    return None
+
+
+Step = str | int  # a key, or the index of a list item
+
+
+def dotted(steps: tuple[Step, ...]) -> str:
+    """A key path as the loader's errors spell it: `backends[0].tls.ca`."""
+    return "".join(f"[{step}]" if isinstance(step, int) else f".{step}" for step in steps).lstrip(".")
+
+
+def documented(steps: tuple[Step, ...]) -> str:
+    """A key path as the table spells it: `backends[].tls.ca`."""
+    return re.sub(r"\[\d+\]", "[]", dotted(steps))
+
+
+def replaced(data: dict[str, Any], steps: tuple[Step, ...], value: Any) -> dict[str, Any]:
+    out = copy.deepcopy(data)
+    node: Any = out
+    for step in steps[:-1]:
+        node = node[step]
+    node[steps[-1]] = value
+    return out
+
+
+def known_keys(data: dict[str, Any] = SEED, at: tuple[Step, ...] = ()) -> list[str]:
+    """Every key the loader knows, found by asking the loader itself: a probe key put in a mapping
+    gets the unknown-key error that lists the keys allowed there. A key whose value takes a probe
+    too is a section (a mapping, or a list of mappings) and is walked in turn."""
+    here = allowed_keys(replaced(data, (*at, PROBE), 1), dotted((*at, PROBE)))
+    assert here is not None, f"no unknown-key error at {dotted(at) or 'the top level'}"
+    keys = []
+    for key in here:
+        steps = (*at, key)
+        keys.append(documented(steps))
+        node: Any = data
+        for step in at:
+            node = node[step]
+        seeded = node.get(key)
+        item = dict(seeded[0]) if isinstance(seeded, list) and seeded and isinstance(seeded[0], dict) else {}
+        if allowed_keys(replaced(data, steps, {PROBE: 1}), dotted((*steps, PROBE))) is not None:
+            keys += known_keys(replaced(data, steps, {}), steps)  # a mapping
+        elif allowed_keys(replaced(data, steps, [{**item, PROBE: 1}]), dotted((*steps, 0, PROBE))):
+            keys += known_keys(replaced(data, steps, [item]), (*steps, 0))  # a list of mappings
+    return keys
+
+
+def sections(keys: list[str]) -> set[str]:
+    """The keys that hold other keys (`health`, `backends`, `backends[].tls`)."""
+    return {key for key in keys for other in keys if other.startswith((key + ".", key + "[]."))}
+
+
+def test_every_key_the_loader_knows_is_documented_and_no_other() -> None:
+    known = known_keys()
+    assert {"listen", "health.fall", "backends[].tls.ca", "routes[].deny"} <= set(known)
+    documented = {key for key, _ in config_table()}
+    leaves = set(known) - sections(known)
+    assert sorted(leaves - documented) == []  # known to the loader, missing from the table
+    assert sorted(documented - set(known)) == []  # in the table, unknown to the loader
+
+
+def test_the_probe_finds_the_keys_of_a_section_and_of_list_items() -> None:
+    assert allowed_keys({**SEED, "health": {PROBE: 1}}, f"health.{PROBE}") is not None
+    assert allowed_keys({**SEED, "health": {"fall": 2}}, f"health.{PROBE}") is None
+    assert dotted(("backends", 0, "tls", "ca")) == "backends[0].tls.ca"
+    assert documented(("backends", 0, "tls", "ca")) == "backends[].tls.ca"
+    assert sections(["a", "a.b", "c", "c[].d", "c[].e", "c[].e.f"]) == {"a", "c", "c[].e"}
 
 
 def loaded_value(config: Config, key: str) -> Any:
@@ -62,12 +165,29 @@ def test_config_table_defaults_match_the_loader() -> None:
     assert wrong == []
 
 
-def test_readme_states_the_shutdown_wait_of_the_code() -> None:
-    prose = " ".join(README.split())
-    assert f"for up to `shutdown_timeout` seconds (default {DEFAULT_SHUTDOWN_TIMEOUT:g})" in prose
-    # No sentence about SIGTERM gives the wait as another fixed number of seconds.
-    for sentence in re.findall(r"[^.]*SIGTERM[^.]*requests[^.]*\.", prose):
-        assert not re.search(r"up to \d+ ?s\b", sentence), sentence
+def test_docs_state_the_shutdown_wait_of_the_code() -> None:
+    operations = " ".join((ROOT / "docs" / "operations.md").read_text(encoding="utf-8").split())
+    assert f"for up to `shutdown_timeout` seconds (default {DEFAULT_SHUTDOWN_TIMEOUT:g})" in operations
+    for page in PAGES:
+        prose = " ".join(page.read_text(encoding="utf-8").split())
+        # No sentence about SIGTERM gives the wait as another fixed number of seconds.
+        for sentence in re.findall(r"[^.]*SIGTERM[^.]*requests[^.]*\.", prose):
+            assert not re.search(r"up to \d+ ?s\b", sentence), (page_id(page), sentence)
+
+
+def test_the_table_marks_the_restart_only_keys_of_the_code() -> None:
+    """Each key a reload refuses to change says "restart only", and no other: the row is where an
+    operator looks before sending SIGHUP."""
+    meanings = {}
+    for table in CONFIGURATION.split(TABLE_HEADER)[1:]:
+        for row in table.split("\n\n", 1)[0].splitlines():
+            if m := re.match(r"\| `([^`]+)` \|[^|]*\| (.*) \|$", row):
+                meanings[m[1]] = m[2]
+    marked = {key for key, meaning in meanings.items() if meaning.startswith("restart only")}
+    restart_only = {"listen" if field.startswith("listen_") else field for field in RESTART_ONLY}
+    under = {key for key in meanings if key.split(".")[0].removesuffix("[]") in restart_only}
+    assert sorted(marked ^ under) == []
+    assert {key.split(".")[0] for key in marked} == restart_only
 
 
 # --- the commented-out examples of config/*.yaml -----------------------------------------------
@@ -167,10 +287,42 @@ def repository_files() -> list[str]:
     return files
 
 
-def test_design_notes_stand_on_their_own() -> None:
-    notes = (ROOT / "docs" / "DESIGN-NOTES.md").read_text(encoding="utf-8")
-    named = set(re.findall(r"[\w./-]+\.(?:md|py|yaml|json)\b", notes))
+@pytest.mark.parametrize("page", PAGES, ids=page_id)
+def test_a_page_stands_on_its_own(page: Path) -> None:
+    """No page names a file the repository does not have, nor an issue or item number (the pages
+    are read by people who never saw the tracker)."""
+    text = page.read_text(encoding="utf-8")
+    assert re.findall(r"\b(?:issue|item)s? \d+|#\d+\b", text, re.IGNORECASE) == []
+    # Shell blocks and code spans holding a command or a message name the reader's own files
+    # (`--config prod.yaml`, `config.yaml: backends[1].url: ...`); links are checked on their own,
+    # relative to their page (test_docs_examples.py); /etc/... and ~/... are not ours.
+    fence = re.compile(r"^```(\w*)\n(.*?)^```$", flags=re.MULTILINE | re.DOTALL)
+    blocks = [body for kind, body in fence.findall(text) if kind != "sh"]
+    prose = fence.sub("", text)
+    prose = re.sub(r"`(?:[^`\n]|\n(?!\n))*`", lambda span: "" if " " in span[0] else span[0], prose)
+    text = re.sub(r"\]\([^)]*\)", "]", "\n".join([prose, *blocks]))
+    named = set(re.findall(r"(?<![\w./~-])[\w.-][\w./-]*\.(?:md|py|yaml|json)\b", text))
     files = repository_files()
     missing = sorted(name for name in named if not any(f == name or f.endswith("/" + name) for f in files))
     assert missing == []
-    assert re.findall(r"\b(?:issue|item)s? \d+|#\d+\b", notes, re.IGNORECASE) == []
+
+
+# --- the README ------------------------------------------------------------------------------------
+
+QUICK_START = '.venv/bin/pip install -q ".[demo]" && .venv/bin/mcpbalancer --config config/demo.yaml'
+TEST_COMMAND = 'python3 -m venv .venv && .venv/bin/pip install -q -e ".[test]" && .venv/bin/pytest'
+
+
+def test_readme_gives_the_two_commands_of_a_fresh_machine() -> None:
+    readme = README.read_text(encoding="utf-8")
+    assert f"python3 -m venv .venv && {QUICK_START}" in readme
+    assert TEST_COMMAND in readme  # .ci/run greps for it too
+
+
+def test_readme_stays_an_introduction() -> None:
+    """What the project is, the two commands, a minimal configuration and links: the reference
+    lives in docs/, so that one subject has one page and the README does not grow into a manual."""
+    readme = README.read_text(encoding="utf-8")
+    assert TABLE_HEADER not in readme  # the configuration table is in docs/configuration.md
+    assert "| metric |" not in readme  # the metrics table is in docs/monitoring.md
+    assert len(readme.splitlines()) <= 150

@@ -204,8 +204,8 @@ def test_metrics_may_share_the_mcp_path_on_the_admin_listener() -> None:
 
 
 def test_mcp_path_is_documented() -> None:
-    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    table = (ROOT / "docs" / "configuration.md").read_text(encoding="utf-8")
     example = (ROOT / "config" / "example.yaml").read_text(encoding="utf-8")
-    assert '| `mcp_path` | `"/mcp"` |' in readme
+    assert '| `mcp_path` | `"/mcp"` |' in table
     assert "\nmcp_path: /mcp\n" in example
     assert parse_config({"backends": [{"name": "a", "url": "http://h"}]}).mcp_path == "/mcp"

@@ -165,14 +165,15 @@ def test_allowed_hosts_config() -> None:
     assert config.allowed_hosts == ("mcp.example.com", "*.internal", "[::1]", "my_svc", "*")
 
 
-def test_allowed_hosts_is_documented_in_the_example_and_the_readme() -> None:
+def test_allowed_hosts_is_documented_in_the_example_and_the_docs() -> None:
     root = Path(__file__).resolve().parents[1]
     example = root / "config" / "example.yaml"
     assert "\nallowed_hosts: []\n" in example.read_text(encoding="utf-8")
     assert load_config(example).allowed_hosts is None  # the example shows the default
-    readme = (root / "README.md").read_text(encoding="utf-8")
-    assert "\n| `allowed_hosts` | loopback names |" in readme
-    assert "`host_not_allowed`" in readme
+    table = (root / "docs" / "configuration.md").read_text(encoding="utf-8")
+    assert "\n| `allowed_hosts` | loopback names |" in table
+    for page in ("monitoring.md", "security.md"):  # the metric's reason, and what it means
+        assert "host_not_allowed" in (root / "docs" / page).read_text(encoding="utf-8"), page
 
 
 @pytest.mark.parametrize(

@@ -431,8 +431,8 @@ async def test_replay_failover_initializes_over_the_backends_tls(
 
 def test_every_tls_key_is_documented() -> None:
     root = Path(__file__).resolve().parents[1]
-    readme = (root / "README.md").read_text(encoding="utf-8")
+    table = (root / "docs" / "configuration.md").read_text(encoding="utf-8")
     example = (root / "config" / "example.yaml").read_text(encoding="utf-8")
     for key in ("ca", "server_name", "cert", "key", "insecure_skip_verify"):
-        assert f"| `backends[].tls.{key}` |" in readme, key
+        assert f"| `backends[].tls.{key}` |" in table, key
         assert f"#     {key}:" in example or f"#   {key}:" in example, key

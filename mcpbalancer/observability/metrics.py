@@ -1,6 +1,6 @@
 """Every Prometheus metric of mcpbalancer, in one object built on an injected registry.
 
-The names and labels are the interface operators build dashboards on (README "Monitoring"). Labels
+The names and labels are the interface operators build dashboards on (docs/monitoring.md). Labels
 are bounded: backend, era, HTTP method, status class, MCP method from a fixed list, reason, result,
 kind, op — never a session id, tool name, URI or task id.
 
