@@ -16,6 +16,7 @@ import yaml
 from mcpbalancer.app import RESTART_ONLY
 from mcpbalancer.config import DEFAULT_SHUTDOWN_TIMEOUT, Config, host_port, parse_config
 from mcpbalancer.errors import ConfigError
+from tests.fixtures.yamlkeys import UniqueKeyLoader
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
@@ -193,17 +194,6 @@ def test_the_table_marks_the_restart_only_keys_of_the_code() -> None:
 # --- the commented-out examples of config/*.yaml -----------------------------------------------
 
 
-class _UniqueKeyLoader(yaml.SafeLoader):
-    """A key given twice is an error here: an example that repeats a live key would be ignored."""
-
-    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
-        keys = [self.construct_object(key, deep=deep) for key, _ in node.value]
-        repeated = {key for key in keys if keys.count(key) > 1}
-        if repeated:
-            raise yaml.constructor.ConstructorError(None, None, f"repeated keys {repeated}", node.start_mark)
-        return super().construct_mapping(node, deep=deep)
-
-
 def example_blocks(lines: list[str]) -> list[list[int]]:
     """The line numbers of each commented-out example."""
     blocks: list[list[int]] = []
@@ -229,7 +219,7 @@ def uncommented(lines: list[str], numbers: list[int]) -> str:
 
 
 def load(text: str, source: str) -> tuple[Any, Config]:
-    data = yaml.load(text, Loader=_UniqueKeyLoader)  # a SafeLoader subclass
+    data = yaml.load(text, Loader=UniqueKeyLoader)  # a SafeLoader subclass
     return data, parse_config(data, source)
 
 

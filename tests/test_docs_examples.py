@@ -43,6 +43,7 @@ from mcpbalancer.config import Config, parse_config
 from mcpbalancer.errors import ConfigError
 from mcpbalancer.fleet.backends import Backend
 from mcpbalancer.observability.metrics import Metrics
+from tests.fixtures.yamlkeys import UniqueKeyLoader
 
 ROOT = Path(__file__).resolve().parents[1]
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
@@ -102,19 +103,8 @@ def test_every_block_is_of_a_known_kind() -> None:
 # --- YAML: configurations --------------------------------------------------------------------------
 
 
-class _UniqueKeyLoader(yaml.SafeLoader):
-    """A key given twice is an error: in an example it would silently hide the first value."""
-
-    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
-        keys = [self.construct_object(key, deep=deep) for key, _ in node.value]
-        repeated = {key for key in keys if keys.count(key) > 1}
-        if repeated:
-            raise yaml.constructor.ConstructorError(None, None, f"repeated keys {repeated}", node.start_mark)
-        return super().construct_mapping(node, deep=deep)
-
-
 def load_yaml(block: Block) -> Any:
-    return yaml.load(block.text, Loader=_UniqueKeyLoader)  # a SafeLoader subclass
+    return yaml.load(block.text, Loader=UniqueKeyLoader)  # a SafeLoader subclass
 
 
 def environ(block: Block) -> dict[str, str]:
