@@ -121,6 +121,10 @@ def test_the_sections_the_proxy_reads_are_frozen_dataclasses_that_check_themselv
         "path",
         "fall",
         "rise",
+        "probe",
+        "method",
+        "expect_status",
+        "headers",
     ]
 
 

@@ -2,6 +2,7 @@
 
 - checks.py: checks of single values (URLs, host:port, command lines), pure functions;
 - models.py: the scalar types, the sections the proxy reads as they are (timeouts, limits, ...);
+- health.py: the health section, a backend's own health keys, and the merge of the two;
 - file.py: the file's top level, backend entries and routes, with the checks across keys;
 - runtime.py: Config, BackendConfig, RouteConfig, what the rest of the proxy reads;
 - build.py: a validated file → Config; the worker checks after command-line overrides;
@@ -14,6 +15,7 @@ Every error is a ConfigError reading `FILE: key.path: what is wrong`.
 from mcpbalancer.config.build import check_workers, parse_listen
 from mcpbalancer.config.checks import PLACEHOLDERS, PROBE_PATHS
 from mcpbalancer.config.file import MANAGED_HOST, ConfigFile
+from mcpbalancer.config.health import PROBE_METHODS, PROBES, BackendHealth, HealthConfig, merged
 from mcpbalancer.config.loading import load_config, parse_config
 from mcpbalancer.config.models import (
     BALANCE_STRATEGIES,
@@ -27,9 +29,9 @@ from mcpbalancer.config.models import (
     LOG_LEVELS,
     MAX_REPLICAS,
     MAX_WORKERS,
+    SESSION_MODES,
     STORE_ERROR_MODES,
     AffinityConfig,
-    HealthConfig,
     LimitsConfig,
     LogConfig,
     MetricsConfig,
@@ -59,10 +61,14 @@ __all__ = [
     "MAX_REPLICAS",
     "MAX_WORKERS",
     "PLACEHOLDERS",
+    "PROBES",
+    "PROBE_METHODS",
     "PROBE_PATHS",
+    "SESSION_MODES",
     "STORE_ERROR_MODES",
     "AffinityConfig",
     "BackendConfig",
+    "BackendHealth",
     "Config",
     "ConfigError",
     "ConfigFile",
@@ -77,6 +83,7 @@ __all__ = [
     "check_workers",
     "host_port",
     "load_config",
+    "merged",
     "parse_config",
     "parse_listen",
 ]

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 from mcpbalancer.config.checks import split_backend_url, split_host_port
 from mcpbalancer.config.file import MANAGED_HOST, BackendEntry, ConfigFile, RouteEntry, RouteMatch, TlsSection
+from mcpbalancer.config.health import HealthConfig, merged
 from mcpbalancer.config.models import (
     MAX_WORKERS,
     AffinityConfig,
-    HealthConfig,
     LimitsConfig,
     LogConfig,
     MetricsConfig,
@@ -20,6 +20,7 @@ from mcpbalancer.errors import ConfigError
 
 def build(file: ConfigFile, source: str) -> Config:
     host, port = split_host_port(file.listen)
+    health = file.health or HealthConfig()
     return Config(
         listen_host=host,
         listen_port=port,
@@ -27,7 +28,9 @@ def build(file: ConfigFile, source: str) -> Config:
         session_ttl=file.session_ttl,
         balance=file.balance,
         heartbeat=file.heartbeat,
-        backends=tuple(backend for i, entry in enumerate(file.backends) for backend in _backends(entry, i)),
+        backends=tuple(
+            backend for i, entry in enumerate(file.backends) for backend in _backends(entry, i, health)
+        ),
         timeouts=file.timeouts or TimeoutsConfig(),
         limits=file.limits or LimitsConfig(),
         store_prefix=file.store_prefix,
@@ -36,7 +39,7 @@ def build(file: ConfigFile, source: str) -> Config:
         admin=None if file.admin is None else split_host_port(file.admin),
         metrics=file.metrics or MetricsConfig(),
         log=file.log or LogConfig(),
-        health=file.health or HealthConfig(),
+        health=health,
         shutdown_timeout=file.shutdown_timeout,
         pools={name: tuple(dict.fromkeys(members)) for name, members in (file.pools or {}).items()},
         routes=tuple(_route(entry) for entry in file.routes or ()),
@@ -53,26 +56,27 @@ def build(file: ConfigFile, source: str) -> Config:
     )
 
 
-def _backends(entry: BackendEntry, index: int) -> list[BackendConfig]:
+def _backends(entry: BackendEntry, index: int, health: HealthConfig) -> list[BackendConfig]:
+    own = merged(health, entry.health)
     if entry.url is not None:
         scheme, host, port, path = split_backend_url(entry.url)
         tls = _tls(entry.tls or TlsSection(), f"backends[{index}].tls") if scheme == "https" else None
-        return [_backend(entry, entry.name, entry.url, scheme, host, port, path, tls)]
+        return [_backend(entry, entry.name, entry.url, (scheme, host, port, path), tls, own)]
     # A managed entry (BackendEntry has exactly one of url and command): host and port are known
     # once the process is up.
-    return [_backend(entry, name, "", "http", MANAGED_HOST, 0, "", None) for name in entry.names]
+    address = ("http", MANAGED_HOST, 0, "")
+    return [_backend(entry, name, "", address, None, own) for name in entry.names]
 
 
 def _backend(
     entry: BackendEntry,
     name: str,
     url: str,
-    scheme: str,
-    host: str,
-    port: int,
-    path: str,
+    address: tuple[str, str, int, str],
     tls: TlsConfig | None,
+    health: HealthConfig,
 ) -> BackendConfig:
+    scheme, host, port, path = address
     return BackendConfig(
         name,
         url,
@@ -86,6 +90,8 @@ def _backend(
         eras=entry.eras,
         command=entry.command,
         tls=tls,
+        health=health,
+        session_mode=entry.session_mode,
     )
 
 

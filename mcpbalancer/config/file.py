@@ -16,6 +16,7 @@ from pydantic.dataclasses import dataclass
 
 from mcpbalancer.config import checks
 from mcpbalancer.config.checks import BACKEND_NAME, BACKEND_NAME_RULE, PARAM_NAME, describe
+from mcpbalancer.config.health import BackendHealth, HealthConfig
 from mcpbalancer.config.models import (
     DEFAULT_LOCAL_CACHE_SIZE,
     DEFAULT_MCP_PATH,
@@ -32,7 +33,6 @@ from mcpbalancer.config.models import (
     Failover,
     Flag,
     HeaderName,
-    HealthConfig,
     HostName,
     HostPort,
     Integer,
@@ -45,6 +45,7 @@ from mcpbalancer.config.models import (
     Origin,
     Section,
     ServerName,
+    SessionMode,
     StoreErrorMode,
     Text,
     TimeoutsConfig,
@@ -176,6 +177,16 @@ class BackendEntry(Section):
         default=None,
         description="TLS to an https:// `url`; without it the certificate is verified against the "
         "system's CAs. Not for http:// or `command` backends.",
+    )
+    health: BackendHealth | None = Field(
+        default=None,
+        description="This backend's own health settings, over the global `health` block: any of its keys.",
+    )
+    session_mode: SessionMode = Field(
+        default="auto",
+        description="Whether the server keeps sessions: auto (learned from its answers), stateful or "
+        "stateless. A legacy request without a session id that is not an initialize goes only to a "
+        "backend that serves it without a session; a value given here wins over what is learned.",
     )
 
     @property

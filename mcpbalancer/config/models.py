@@ -7,9 +7,9 @@ its type and by the pure functions of checks.py; a check across keys is a model 
 `invalid(at, problem)`, where `at` is the key path below the model. loading.py turns pydantic's
 errors into `FILE: key.path: problem`.
 
-The sections whose shape is also what the proxy reads (timeouts, limits, health, metrics, log,
-affinity) are frozen, slotted dataclasses used as they are. The others (the top level, a backend
-entry, a route: file.py) are turned into the objects of runtime.py by build.py.
+The sections whose shape is also what the proxy reads (timeouts, limits, metrics, log, affinity;
+health in health.py) are frozen, slotted dataclasses used as they are. The others (the top level, a
+backend entry, a route: file.py) are turned into the objects of runtime.py by build.py.
 """
 
 from __future__ import annotations
@@ -42,6 +42,7 @@ STORE_ERROR_MODES: Final = ("degrade", "fail")
 LOG_FORMATS: Final = ("json", "text")
 LOG_LEVELS: Final = ("debug", "info", "warning", "error")
 ERAS: Final = ("legacy", "modern")
+SESSION_MODES: Final = ("auto", "stateful", "stateless")
 DEFAULT_STORE_PREFIX: Final = "mcpb:"
 DEFAULT_LOCAL_CACHE_SIZE: Final = 100_000
 DEFAULT_SHUTDOWN_TIMEOUT: Final = 10.0
@@ -83,7 +84,7 @@ def _matching(regex: re.Pattern[str], rule: str) -> _Check:
     return _Check(check, pattern=f"^(?:{regex.pattern})$")
 
 
-def _one_of(choices: tuple[str, ...]) -> _Check:
+def one_of(choices: tuple[str, ...]) -> _Check:
     def check(value: str) -> str:
         if value not in choices:
             raise ValueError(f"must be one of {', '.join(choices)}; got {value!r}")
@@ -107,12 +108,13 @@ ServerName = Annotated[Text, _matching(checks.SERVER_NAME, checks.SERVER_NAME_RU
 ProbePath = Annotated[Text, _Check(checks.check_probe_path, pattern=f"^{checks.URL_PATH.pattern}$")]
 McpPath = Annotated[Text, _Check(checks.check_mcp_path, pattern='^/[!"$->@-~]{0,255}$')]
 MetricsPath = Annotated[Text, _Check(checks.check_metrics_path, pattern=f"^{checks.URL_PATH.pattern}$")]
-Balance = Annotated[Text, _one_of(BALANCE_STRATEGIES)]
-Failover = Annotated[Text, _one_of(FAILOVER_MODES)]
-StoreErrorMode = Annotated[Text, _one_of(STORE_ERROR_MODES)]
-LogFormat = Annotated[Text, _one_of(LOG_FORMATS)]
-LogLevel = Annotated[Text, _one_of(LOG_LEVELS)]
-Era = Annotated[Text, _one_of(ERAS)]
+Balance = Annotated[Text, one_of(BALANCE_STRATEGIES)]
+Failover = Annotated[Text, one_of(FAILOVER_MODES)]
+StoreErrorMode = Annotated[Text, one_of(STORE_ERROR_MODES)]
+LogFormat = Annotated[Text, one_of(LOG_FORMATS)]
+LogLevel = Annotated[Text, one_of(LOG_LEVELS)]
+Era = Annotated[Text, one_of(ERAS)]
+SessionMode = Annotated[Text, one_of(SESSION_MODES)]
 
 MODEL = ConfigDict(extra="forbid", allow_inf_nan=False)
 
@@ -154,35 +156,6 @@ class TimeoutsConfig(Section):
         ge=0,
         description="Seconds of upstream silence allowed on a streaming response before the proxy gives "
         "up on it; 0 = off. When both are on, must be greater than `heartbeat`.",
-    )
-
-
-@dataclass(frozen=True, slots=True, config=MODEL)
-class HealthConfig(Section):
-    """Active health checks: one probe per backend every `interval` seconds, a 2026-07-28
-    `server/discover` POST to `path`. The answer must be an MCP endpoint's; a 404, a redirect or a
-    refused connection marks the backend down at once, a 5xx or a timeout counts as a failure. Down
-    backends take no new sessions but keep their existing ones."""
-
-    interval: Number = Field(
-        default=1.0,
-        ge=0,
-        description="Seconds between probes of a backend (fractional allowed); 0 = no active checks.",
-    )
-    timeout: Number = Field(default=1.0, gt=0, description="Seconds a probe may take.")
-    path: ProbePath = Field(
-        default=DEFAULT_MCP_PATH,
-        description="Path probed, as a client's request for it would be forwarded. Default: `mcp_path`, so "
-        "each backend's MCP endpoint is probed.",
-    )
-    fall: Integer = Field(
-        default=2,
-        ge=1,
-        le=100,
-        description="Failures in a row (probes, or timeouts and 5xx on traffic) that mark a backend down.",
-    )
-    rise: Integer = Field(
-        default=2, ge=1, le=100, description="Successful probes in a row that bring a backend back."
     )
 
 

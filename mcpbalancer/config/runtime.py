@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+from mcpbalancer.config.health import HealthConfig
 from mcpbalancer.config.models import (
     DEFAULT_LOCAL_CACHE_SIZE,
     DEFAULT_MCP_PATH,
@@ -17,7 +18,6 @@ from mcpbalancer.config.models import (
     DEFAULT_STORE_PREFIX,
     ERAS,
     AffinityConfig,
-    HealthConfig,
     LimitsConfig,
     LogConfig,
     MetricsConfig,
@@ -56,6 +56,9 @@ class BackendConfig:
     command: str | None = None
     # TLS settings of an https:// backend (always set for one, defaults if the file has no `tls`).
     tls: TlsConfig | None = None
+    # Its health settings: its own `health:` keys over the global block's (config/health.py merged).
+    health: HealthConfig = field(default_factory=HealthConfig)
+    session_mode: str = "auto"  # auto (learned), stateful or stateless
 
 
 @dataclass(frozen=True, slots=True)
