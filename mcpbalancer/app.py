@@ -17,7 +17,7 @@ from typing import Any, Final, TextIO
 
 from prometheus_client import CollectorRegistry
 
-from mcpbalancer.config import BackendConfig, Config, host_port, load_config
+from mcpbalancer.config import BackendConfig, Config, HealthConfig, host_port, load_config
 from mcpbalancer.control.admin import AdminApi
 from mcpbalancer.control.probes import Readiness, local_endpoints
 from mcpbalancer.control.server import ControlServer
@@ -26,9 +26,11 @@ from mcpbalancer.dataplane.tls import backend_contexts
 from mcpbalancer.dataplane.upstream import UpstreamPool
 from mcpbalancer.errors import BackendStartError, ConfigError, ListenError, RestartRequired
 from mcpbalancer.filters.hosts import HostPolicy, for_listen
-from mcpbalancer.fleet.health import HealthChecker, HttpProbe
+from mcpbalancer.fleet.health import HealthChecker
+from mcpbalancer.fleet.http_probe import HttpProbe
 from mcpbalancer.fleet.lifecycle import Changes, Fleet
 from mcpbalancer.fleet.managed import ManagedBackends
+from mcpbalancer.fleet.session_modes import PingProbe, SessionModes
 from mcpbalancer.observability.logs import AccessLog, SessionHasher, access_enabled, reconfigure_logging
 from mcpbalancer.observability.metrics import Metrics
 from mcpbalancer.routing.affinity import Affinity
@@ -124,6 +126,11 @@ def _binder(config: Config) -> SessionBinder | None:
     return SessionBinder(config.bind_sessions, key.encode() if key is not None else None)
 
 
+def _process(backend: BackendConfig) -> BackendConfig:
+    """What of a managed backend only a restart changes: all but its health and session mode."""
+    return dataclasses.replace(backend, health=HealthConfig(), session_mode="auto")
+
+
 def _unchanged(config: Config) -> Config:
     return config
 
@@ -159,6 +166,8 @@ class Proxy:
         )
         self.backends = self.fleet.backends
         self._probe = HttpProbe(lambda: self.health.config)
+        self._ping = PingProbe(lambda: self.health.config)
+        self.modes = SessionModes(self._ping)
         self.metrics = Metrics(registry or CollectorRegistry(), lambda: self.router.backends, runtime=True)
         self.store: SessionStore = create_store(
             config.store,
@@ -184,13 +193,12 @@ class Proxy:
             failover=failover,
             binder=binder,
             refuse_new=self._refuse_new(config),
+            modes=self.modes,
         )
         self.health = HealthChecker(config.health, self.fleet.set_status, self._probe, metrics=self.metrics)
         self._observability(config, access_stream, session_tag_key, worker)
         if self.control is not None:
-            AdminApi(self.fleet, self.health.last_check, self.reload, self.health.reasons).install(
-                self.control.app
-            )
+            AdminApi(self.fleet, self.health, self.reload).install(self.control.app)
         self.managed = ManagedBackends(config.backends, self.backends, metrics=self.metrics)
         self._server: asyncio.Server | None = None
         self._plane: DataPlane | None = None
@@ -219,7 +227,7 @@ class Proxy:
         backends = self._keep_managed(new.backends)
         changes = self.fleet.apply(backends, contexts, mcp_path=new.mcp_path)
         self.health.reconfigure(new.health)
-        self.health.forget(b.name for b in self.backends)
+        self.health.track(self.backends)
         self._apply_policy(self.config, new)
         self.config = dataclasses.replace(new, backends=backends)
         log.info(
@@ -336,9 +344,17 @@ class Proxy:
             problem = f"backend {', '.join(map(repr, clash))} is the name of a running managed backend"
             log.error("reload rejected, running configuration kept: %s", problem)
             raise ConfigError(f"{self.config.source}: {problem}")
-        if tuple(b for b in new if b.command is not None) != running:
+        wanted = {b.name: b for b in new if b.command is not None}
+        if [_process(b) for b in wanted.values()] != [_process(b) for b in running]:
             log.warning("reload: managed (`command`) backends change only on restart; kept as running")
-        return urls + running
+        # Their health settings and session_mode are the file's, as any backend's.
+        kept = tuple(
+            dataclasses.replace(b, health=wanted[b.name].health, session_mode=wanted[b.name].session_mode)
+            if b.name in wanted
+            else b
+            for b in running
+        )
+        return urls + kept
 
     def _observability(
         self,
@@ -501,7 +517,9 @@ class Proxy:
                     await task
         if self._retired:
             await asyncio.gather(*self._retired, return_exceptions=True)
+        await self.modes.close()
         await self._probe.close()
+        await self._ping.close()
         await self.router.close()
         await self.store.close()
         if self.control is not None:

@@ -18,7 +18,7 @@ from mcpbalancer.app import Proxy
 from mcpbalancer.config import load_config, parse_config
 from mcpbalancer.errors import ConfigError
 from mcpbalancer.fleet.backends import Backend
-from mcpbalancer.fleet.health import HttpProbe
+from mcpbalancer.fleet.http_probe import HttpProbe
 from tests.fixtures.backends import BackendProcess
 from tests.fixtures.proxy import ProxyFactory
 from tests.mcp_helpers import modern_whoami, recorded_client, text_of

@@ -18,7 +18,8 @@ import yaml
 from mcpbalancer.app import Proxy
 from mcpbalancer.config import HealthConfig, load_config
 from mcpbalancer.fleet.backends import Backend
-from mcpbalancer.fleet.health import DISCOVER_BODY, DISCOVER_HEADERS, OK, REFUSED, HttpProbe
+from mcpbalancer.fleet.health import OK, REFUSED
+from mcpbalancer.fleet.http_probe import DISCOVER_BODY, DISCOVER_HEADERS, HttpProbe
 from tests.fixtures.backends import BackendFactory, BackendProcess
 from tests.fixtures.proxy import ProxyFactory
 from tests.fixtures.stub import StubFactory, StubRequest, response
@@ -130,10 +131,23 @@ async def test_admin_backends_json_shape_and_never_on_the_public_listener(
         body = await resp.json()
     assert [b["name"] for b in body["backends"]] == ["a", "b"]
     first = body["backends"][0]
-    assert set(first) == {"name", "state", "weight", "sessions", "in_flight", "last_check", "reason"}
+    assert set(first) == {
+        "name",
+        "state",
+        "weight",
+        "sessions",
+        "in_flight",
+        "session_mode",
+        "last_check",
+        "last_probe",
+        "down_reason",
+        "reason",
+    }
     assert (first["state"], first["weight"], first["sessions"], first["in_flight"]) == ("up", 3, 0, 0)
-    assert first["reason"] is None
+    assert (first["reason"], first["down_reason"]) == (None, None)
     assert abs(first["last_check"] - time.time()) < 30
+    assert first["last_probe"] == {"status": 200, "error": None, "ok": True, "at": first["last_check"]}
+    assert first["session_mode"] == "unknown"  # learned from traffic, or when a request needs it
     # The public listener forwards /admin/... like any path: the proxy never answers it there.
     for path in ("/admin/backends", "/admin/reload"):
         async with m.http.post(m.proxy.url + path) as resp:
@@ -342,7 +356,7 @@ async def test_default_probe_is_stateless_on_a_stock_fastmcp(backends: list[Back
     target = Backend(a.name, a.host, a.port)
     try:
         assert probe.url(target) == a.mcp_url
-        assert await probe(target) == (OK, None)
+        assert await probe(target) == (OK, None, 200, None)
         async with (
             aiohttp.ClientSession() as http,
             http.post(a.mcp_url, data=DISCOVER_BODY, headers=DISCOVER_HEADERS) as resp,

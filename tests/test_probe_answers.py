@@ -16,7 +16,8 @@ from aiohttp.web import Application, AppRunner, Request, Response, StreamRespons
 
 from mcpbalancer.config import HealthConfig
 from mcpbalancer.fleet.backends import Backend
-from mcpbalancer.fleet.health import NOT_MCP, OK, HealthChecker, HttpProbe, ProbeResult
+from mcpbalancer.fleet.health import NOT_MCP, OK, HealthChecker, ProbeResult
+from mcpbalancer.fleet.http_probe import HttpProbe
 from mcpbalancer.fleet.probe_answer import first_sse_data, problem
 from tests.fixtures.backends import BackendProcess
 from tests.fixtures.proxy import DictProxy
@@ -53,43 +54,35 @@ LEGACY_STATELESS = (  # the same, with stateless_http=True
     ],
 )
 def test_answers_of_an_mcp_endpoint(status: int, content_type: str, body: bytes) -> None:
-    assert problem(status, content_type, body, URL) is None
+    assert problem(status, content_type, body) is None
 
 
 @pytest.mark.parametrize(
     ("status", "content_type", "body", "location", "reason"),
     [
-        (404, TEXT, b"Not Found", None, "HTTP 404 from http://h:8000/mcp"),
+        (404, TEXT, b"Not Found", None, "no MCP endpoint at that path"),
         # Even with a JSON-RPC body: the probe sends no session, so no 404 is an MCP endpoint's.
-        (404, JSON, LEGACY_STATEFUL, None, "HTTP 404 from http://h:8000/mcp"),
-        (
-            307,
-            "",
-            b"",
-            "http://h:8000/mcp",
-            "HTTP 307 from http://h:8000/mcp, a redirect to http://h:8000/mcp",
-        ),
-        (301, "", b"", None, "HTTP 301 from http://h:8000/mcp"),
-        (200, "text/html", b"<html>shop</html>", None, "from http://h:8000/mcp is not MCP (text/html)"),
-        (200, "", b"", None, "HTTP 200 from http://h:8000/mcp is not MCP (no Content-Type)"),
-        (200, JSON, b'{"status":"ok"}', None, "is not MCP (no JSON-RPC response)"),
-        (200, JSON, b'{"jsonrpc":"2.0","method":"x"}', None, "is not MCP (no JSON-RPC response)"),
-        (200, JSON, b"not json", None, "is not MCP (no JSON-RPC response)"),
-        (200, JSON, b"[" * 200_000, None, "is not MCP (no JSON-RPC response)"),
-        (200, JSON, b'{"jsonrpc":"2.0","result":"\xff"}', None, "is not MCP (no JSON-RPC response)"),
-        (202, JSON, b"", None, "is not MCP (no JSON-RPC response)"),
-        (200, SSE, b"id: 1\ndata:\n\n", None, "is not MCP (text/event-stream)"),
-        (400, JSON, FASTMCP_4, None, "HTTP 400 from http://h:8000/mcp is not MCP (no JSON-RPC error)"),
-        (405, TEXT, b"Method Not Allowed", None, "HTTP 405 from http://h:8000/mcp is not MCP (text/plain)"),
-        (400, SSE, b"data: " + LEGACY_STATEFUL + b"\n\n", None, "is not MCP (text/event-stream)"),
+        (404, JSON, LEGACY_STATEFUL, None, "no MCP endpoint at that path"),
+        (307, "", b"", "http://h:8000/mcp", "a redirect to http://h:8000/mcp"),
+        (301, "", b"", None, "a redirect"),
+        (200, "text/html", b"<html>shop</html>", None, "not MCP (text/html)"),
+        (200, "", b"", None, "not MCP (no Content-Type)"),
+        (200, JSON, b'{"status":"ok"}', None, "not MCP (no JSON-RPC response)"),
+        (200, JSON, b'{"jsonrpc":"2.0","method":"x"}', None, "not MCP (no JSON-RPC response)"),
+        (200, JSON, b"not json", None, "not MCP (no JSON-RPC response)"),
+        (200, JSON, b"[" * 200_000, None, "not MCP (no JSON-RPC response)"),
+        (200, JSON, b'{"jsonrpc":"2.0","result":"\xff"}', None, "not MCP (no JSON-RPC response)"),
+        (202, JSON, b"", None, "not MCP (no JSON-RPC response)"),
+        (200, SSE, b"id: 1\ndata:\n\n", None, "not MCP (text/event-stream)"),
+        (400, JSON, FASTMCP_4, None, "not MCP (no JSON-RPC error)"),
+        (405, TEXT, b"Method Not Allowed", None, "not MCP (text/plain)"),
+        (400, SSE, b"data: " + LEGACY_STATEFUL + b"\n\n", None, "not MCP (text/event-stream)"),
     ],
 )
 def test_answers_that_are_not_mcp(
     status: int, content_type: str, body: bytes, location: str | None, reason: str
 ) -> None:
-    found = problem(status, content_type, body, URL, location)
-    assert found is not None
-    assert reason in found
+    assert problem(status, content_type, body, location) == reason
 
 
 def test_first_sse_data() -> None:
@@ -120,7 +113,7 @@ async def test_a_probe_answered_by_no_mcp_endpoint_marks_down_at_once_with_its_r
     probe, statuses = ScriptedProbe(), {}
     check = HealthChecker(HealthConfig(fall=5, rise=2, timeout=0.01), statuses.__setitem__, probe)
     a = Backend("a", "h", 8000)
-    why = "probe: HTTP 404 from http://h:8000/mcp/mcp"
+    why = "POST /mcp/mcp answered 404, no MCP endpoint at that path"
     probe.answer = ProbeResult(NOT_MCP, why)
     with caplog.at_level(logging.INFO, "mcpbalancer.fleet.health"):
         await check.check_once([a])
@@ -136,12 +129,12 @@ async def test_a_probe_answered_by_no_mcp_endpoint_marks_down_at_once_with_its_r
         assert "backend a is up (health check: ok)" in caplog.text
     probe.answer = "hang"
     await check.check_once([a])
-    assert check.reasons == {"a": "probe: no answer within 0.01 s"}
+    assert check.reasons == {"a": "probe timed out after 0.01s"}
     probe.answer = OK  # a bare result string, as a probe without reasons returns
     await check.check_once([a])
     assert check.reasons == {}
     check.passive("a", "reset")
-    assert check.reasons == {"a": "passive: reset"}
+    assert check.reasons == {"a": "connection reset before an answer to a request"}
 
 
 # --- real servers through the proxy ------------------------------------------------------------
@@ -186,9 +179,9 @@ async def web_server() -> AsyncIterator[Callable[[Application], Awaitable[str]]]
 @pytest.mark.parametrize(
     ("path", "reason"),
     [
-        ("/nope", "probe: HTTP 404 from {url}/nope"),
-        ("/mcp/mcp", "probe: HTTP 404 from {url}/mcp/mcp"),
-        ("/mcp/", "probe: HTTP 307 from {url}/mcp/, a redirect to {url}/mcp"),
+        ("/nope", "POST /nope answered 404, no MCP endpoint at that path"),
+        ("/mcp/mcp", "POST /mcp/mcp answered 404, no MCP endpoint at that path"),
+        ("/mcp/", "POST /mcp/ answered 307, a redirect to {url}/mcp"),
     ],
 )
 async def test_a_backend_url_with_a_wrong_path_is_down_and_says_why(
@@ -208,7 +201,9 @@ async def test_a_backend_url_with_a_wrong_path_is_down_and_says_why(
             return (await admin_backends(web, proxy))["a"]["state"] == "down"
 
         await wait_until(down, "the backend at a wrong path to be down")
-    assert (await admin_backends(web, proxy))["a"]["reason"] == expected
+    state = (await admin_backends(web, proxy))["a"]
+    assert (state["reason"], state["down_reason"]) == (expected, expected)
+    assert state["last_probe"]["status"] == int(expected.split()[3].rstrip(","))
     assert f"backend a is down ({expected})" in caplog.text
     # The only backend: the proxy is not ready, and a new session finds no backend.
     assert await readyz(web, proxy) == (
@@ -232,7 +227,7 @@ async def test_the_right_endpoint_is_up_and_a_wrong_one_gets_no_traffic(
     await wait_until(probed, "both backends probed")
     states = await admin_backends(web, proxy)
     assert (states["a"]["state"], states["a"]["reason"]) == ("up", None)
-    assert states["b"]["reason"] == f"probe: HTTP 404 from {b.url}/nope"
+    assert states["b"]["down_reason"] == "POST /nope answered 404, no MCP endpoint at that path"
     assert await readyz(web, proxy) == (200, {"status": "ready", "reason": "ready", "store": "ok"})
     answers = [await modern_whoami(web, proxy.url + "/mcp") for _ in range(6)]
     assert answers == [(200, "a")] * 6
@@ -254,8 +249,8 @@ async def test_a_server_that_is_not_mcp_is_down(
         return (await admin_backends(web, proxy))["site"]["state"] == "down"
 
     await wait_until(down, "the web site to be down")
-    reason = (await admin_backends(web, proxy))["site"]["reason"]
-    assert reason == f"probe: HTTP 200 from {base}/mcp is not MCP (text/html)"
+    reason = (await admin_backends(web, proxy))["site"]["down_reason"]
+    assert reason == "POST /mcp answered 200, not MCP (text/html)"
 
 
 async def test_the_probe_reads_an_event_stream_up_to_its_first_message(
@@ -281,6 +276,6 @@ async def test_the_probe_reads_an_event_stream_up_to_its_first_message(
     try:
         async with asyncio.timeout(DEADLINE):
             for endpoint in (b"/stream", b"/legacy"):
-                assert await probe(Backend("x", "127.0.0.1", port, endpoint=endpoint)) == (OK, None)
+                assert (await probe(Backend("x", "127.0.0.1", port, endpoint=endpoint))).result == OK
     finally:
         await probe.close()

@@ -1,14 +1,19 @@
 """The admin API, on the control listener only (never on the public one).
 
     GET  /admin/backends                 {"backends": [{name, state, weight, sessions, in_flight,
-                                                        last_check, reason}]}
+                                                        session_mode, last_check, last_probe,
+                                                        down_reason, reason}]}
     POST /admin/backends/{name}/drain    {"backend": name, "state": ...}; 404 JSON for an unknown name
     POST /admin/backends/{name}/undrain
     POST /admin/reload                   {"reloaded": true, "added": [...], ...}; 400 JSON with the reason;
                                          409 when the file changes a setting only a restart applies
 
-`last_check` is the Unix time of the last active probe result, or null before the first one;
-`reason` why the backend is down or its last check failed, null when it is healthy.
+`session_mode` is stateful, stateless or unknown (declared in the file, or learned). `last_check`
+is the Unix time of the last active probe result, or null before the first one; `last_probe`
+that probe, `{status, error, ok, at}` (`status` null when no answer came, `error` then a word:
+timeout, refused, reset, tls, unreachable, invalid), or null. `down_reason` is the sentence that
+says what took the backend down, null while it is up; `reason` the last failure's, null once a
+check finds it healthy.
 A drain or undrain from the API lasts until the next reload: the file is the source of truth.
 """
 
@@ -20,18 +25,16 @@ from typing import Any
 from aiohttp import web
 
 from mcpbalancer.errors import ConfigError, RestartRequired
+from mcpbalancer.fleet.health import HealthChecker
 from mcpbalancer.fleet.lifecycle import Changes, Fleet
 
 Reload = Callable[[], Changes]  # raises ConfigError with the reason
 
 
 class AdminApi:
-    def __init__(
-        self, fleet: Fleet[Any], last_check: dict[str, float], reload: Reload, reasons: dict[str, str]
-    ) -> None:
+    def __init__(self, fleet: Fleet[Any], health: HealthChecker, reload: Reload) -> None:
         self._fleet = fleet
-        self._last_check = last_check
-        self._reasons = reasons
+        self._health = health
         self._reload = reload
 
     def install(self, app: web.Application) -> None:
@@ -41,7 +44,7 @@ class AdminApi:
         app.router.add_post("/admin/reload", self._reload_file)
 
     async def _backends(self, request: web.Request) -> web.Response:
-        return _json({"backends": self._fleet.snapshot(self._last_check, self._reasons)})
+        return _json({"backends": self._fleet.snapshot(self._health)})
 
     async def _drain(self, request: web.Request) -> web.Response:
         return self._change(request.match_info["name"], self._fleet.drain)

@@ -493,7 +493,7 @@ class Exchange:
             self._start_stream()
         if self.facts.watch and 200 <= status < 300 and not self._no_body:
             self._sniffer = ResultSniffer(is_stream, content_length(length) if coding is None else None)
-        wait = self.plane.router.learn(self.facts, self.backend, status, response_sid)
+        wait = self.plane.router.learn(self.facts, self.backend, status, response_sid, head.target)
         if self._capture is not None and response_sid is not None and 200 <= status < 300:
             failover = self.plane.router.failover
             if failover is not None and self.request_complete:

@@ -11,9 +11,15 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Final
 
+from mcpbalancer.config import HealthConfig
 from mcpbalancer.protocol import Era
 
 BOTH_ERAS = frozenset(Era)
+# What a backend does with legacy clients (`session_mode`): it keeps sessions, it serves every
+# request without one, or the proxy does not know yet (session_modes.py learns it).
+STATEFUL: Final = "stateful"
+STATELESS: Final = "stateless"
+UNKNOWN: Final = "unknown"
 
 # Separates a backend's name from an incarnation token in the owner id stored with each session.
 # Backend names cannot contain it (see config), so a name-only owner id never does.
@@ -37,6 +43,12 @@ class Backend:
     # tls.py), and the name sent as SNI and verified when it is not `host`.
     ssl_context: ssl.SSLContext | None = None
     server_name: str | None = None
+    # Its own health settings (its `health:` keys over the global block); None: the checker's.
+    health: HealthConfig | None = None
+    # `session_mode` from the file (STATEFUL or STATELESS), None for auto: then `session_mode` is
+    # what was learned, UNKNOWN until then and again after a restart or a new address.
+    declared_mode: str | None = None
+    session_mode: str = UNKNOWN
     up: bool = True
     draining: bool = False
     evicted: bool = False  # drain_timeout passed: its sessions answer 404
@@ -51,9 +63,12 @@ class Backend:
     def __post_init__(self) -> None:
         self.owner_id = self.name
         self.set_address(self.host, self.port, self.tls)
+        self.declare_mode(self.declared_mode)
 
     def set_address(self, host: str, port: int, tls: bool) -> None:
+        """A new address, so perhaps another server: what was learned of the old one is forgotten."""
         self.host, self.port, self.tls = host, port, tls
+        self.forget_mode()
         default_port = 443 if self.tls else 80
         authority = self.host if self.port == default_port else f"{self.host}:{self.port}"
         if ":" in self.host and not self.host.startswith("["):
@@ -72,6 +87,29 @@ class Backend:
             if not rest or rest[0] == _QUERY:
                 return endpoint + rest
         return target
+
+    def serves_mcp(self, target: bytes) -> bool:
+        """`target` is the proxy's MCP path, alone or with a query: a request for this endpoint."""
+        mcp_path = self.mcp_path
+        if not target.startswith(mcp_path):
+            return False
+        return len(target) == len(mcp_path) or target[len(mcp_path)] == _QUERY
+
+    def declare_mode(self, mode: str | None) -> None:
+        """The file's `session_mode`: STATEFUL or STATELESS wins over what is learned; None (auto)
+        learns it again."""
+        self.declared_mode = mode
+        self.session_mode = UNKNOWN if mode is None else mode
+
+    def learned_mode(self, mode: str) -> None:
+        """What the backend's answers showed; ignored when the file declares the mode."""
+        if self.declared_mode is None:
+            self.session_mode = mode
+
+    def forget_mode(self) -> None:
+        """Restarted or re-addressed: learned again."""
+        if self.declared_mode is None:
+            self.session_mode = UNKNOWN
 
     def relocate(self, port: int) -> None:
         """The backend now listens on `port` (a managed backend's new process)."""

@@ -10,30 +10,32 @@ in a row bring it back. A refused or reset connection (from a probe or from the 
 symptom of slowness: it marks the backend down at once. Timeouts and 5xx answers are failures that
 count toward `fall`.
 
-The default probe is a stateless 2026-07-28 `server/discover` POST to the backend's MCP endpoint: a
-stock FastMCP server answers 200 without creating a session (a `GET` of the MCP path without a session
-id would answer 400 but create and discard a server session on every probe). The answer must be an
-MCP endpoint's (probe_answer.py: a legacy-only server's JSON-RPC 400 is one); a 404, a redirect or
-an answer that is not MCP means the URL names no MCP endpoint, which is not slowness either: down at
-once, like a refused connection. Every failure has a reason (`reasons`, shown by the admin API and
-logged when the state changes).
+The default probe (`probe: discover`) is a stateless 2026-07-28 `server/discover` POST to the
+backend's MCP endpoint: a stock FastMCP server answers 200 without creating a session (a `GET` of the
+MCP path without a session id would answer 400 but create and discard a server session on every
+probe). The answer must be an MCP endpoint's (probe_answer.py: a legacy-only server's JSON-RPC 400 is
+one); a 404, a redirect or an answer that is not MCP means the URL names no MCP endpoint, which is
+not slowness either: down at once, like a refused connection. `probe: http` is the load balancers'
+readiness check: `method` (GET or HEAD) to `path`, and a status of `expect_status` is a success,
+any other one a failure toward `fall`.
+
+Each backend is probed with its own settings (`Backend.health`, its `health:` keys merged over the
+global block) and on its own schedule. Every failure has a sentence (`reasons`); `down_reasons` holds
+the one that took a backend down while it is down, which the admin API shows and the log line of
+the change says; `last_probe` the status or error word of the last probe.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import time
 from collections.abc import Awaitable, Callable, Iterable
-from typing import NamedTuple
-
-import aiohttp
+from typing import Final, NamedTuple
 
 from mcpbalancer.config import HealthConfig
 from mcpbalancer.fleet.backends import Backend
-from mcpbalancer.fleet.probe_answer import BODY_LIMIT, SSE, first_sse_data, problem
 from mcpbalancer.observability.metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -48,37 +50,37 @@ HARD_FAILURES = frozenset({"refused", "reset"})  # the process is gone: down at 
 SOFT_FAILURES = frozenset({"timeout", "5xx", "tls"})
 
 OFF_RECHECK = 1.0
-MODERN_VERSION = "2026-07-28"
-DISCOVER_BODY = json.dumps(
-    {
-        "jsonrpc": "2.0",
-        "id": 0,
-        "method": "server/discover",
-        "params": {
-            "_meta": {
-                "io.modelcontextprotocol/protocolVersion": MODERN_VERSION,
-                "io.modelcontextprotocol/clientCapabilities": {},
-            }
-        },
-    },
-    separators=(",", ":"),
-).encode()
-DISCOVER_HEADERS = {
-    "Content-Type": "application/json",
-    "Accept": "application/json, text/event-stream",
-    "MCP-Protocol-Version": MODERN_VERSION,
-    "Mcp-Method": "server/discover",
-    "User-Agent": "mcpbalancer-health",
-}
 
 
 class ProbeResult(NamedTuple):
     result: str  # OK, FAIL, TIMEOUT, REFUSED or NOT_MCP
-    reason: str | None = None  # why it failed, for the log and the admin API
+    reason: str | None = None  # why it failed, a sentence for the log and the admin API
+    status: int | None = None  # the answer's HTTP status; None when no answer came
+    error: str | None = None  # when no answer came: timeout, refused, reset, tls, unreachable, invalid
+
+
+class LastProbe(NamedTuple):
+    """The last active probe of a backend, as the admin API shows it."""
+
+    status: int | None
+    error: str | None
+    ok: bool
+    at: float  # Unix time
+
+    def as_json(self) -> dict[str, object]:
+        return {"status": self.status, "error": self.error, "ok": self.ok, "at": self.at}
 
 
 SetStatus = Callable[[str, bool], None]
 Probe = Callable[[Backend], Awaitable[ProbeResult | str]]  # a bare result string has no reason
+# What the data plane saw, as the sentence that says why a backend went down.
+PASSIVE_REASONS: Final = {
+    "refused": "connection refused to a request",
+    "reset": "connection reset before an answer to a request",
+    "timeout": "a request timed out",
+    "5xx": "a request was answered 5xx",
+    "tls": "TLS failed on a request",
+}
 
 
 class HealthState:
@@ -118,7 +120,10 @@ class HealthState:
 
 
 class HealthChecker:
-    """Keeps a HealthState per backend name and reports changes through `set_status`."""
+    """Keeps a HealthState per backend name and reports changes through `set_status`.
+
+    Each backend is probed with its own settings (`Backend.health`: its `health:` keys over the
+    global block), or with the checker's `config` when it has none."""
 
     def __init__(
         self,
@@ -136,13 +141,30 @@ class HealthChecker:
         self._clock = clock
         self._states: dict[str, HealthState] = {}
         self.last_check: dict[str, float] = {}  # wall-clock time of the last probe result
+        self.last_probe: dict[str, LastProbe] = {}
         # Why a backend is down, or why its last check failed; no entry when it is healthy.
         self.reasons: dict[str, str] = {}
+        # What took a backend down: an entry only while it is down.
+        self.down_reasons: dict[str, str] = {}
+
+    def settings(self, backend: Backend) -> HealthConfig:
+        return backend.health or self.config
 
     def reconfigure(self, config: HealthConfig) -> None:
         self.config = config
         for state in self._states.values():
             state.fall, state.rise = config.fall, config.rise
+
+    def track(self, backends: Iterable[Backend]) -> None:
+        """The backends now configured: each state counts with its backend's fall and rise, and
+        the state of a backend no longer configured is dropped."""
+        targets = list(backends)
+        for backend in targets:
+            state = self._states.get(backend.name)
+            if state is not None:
+                settings = self.settings(backend)
+                state.fall, state.rise = settings.fall, settings.rise
+        self.forget(b.name for b in targets)
 
     def _state(self, name: str) -> HealthState:
         state = self._states.get(name)
@@ -155,12 +177,22 @@ class HealthChecker:
         names = set(keep)
         for name in [n for n in self._states if n not in names]:
             del self._states[name]
-            self.last_check.pop(name, None)
-            self.reasons.pop(name, None)
+            for record in (self.last_check, self.last_probe, self.reasons, self.down_reasons):
+                record.pop(name, None)
 
-    def observe(self, name: str, result: str, reason: str | None = None) -> None:
+    def observe(
+        self,
+        name: str,
+        result: str,
+        reason: str | None = None,
+        *,
+        status: int | None = None,
+        error: str | None = None,
+    ) -> None:
         """One active probe result, and why it failed."""
-        self.last_check[name] = self._clock()
+        now = self._clock()
+        self.last_check[name] = now
+        self.last_probe[name] = LastProbe(status, error, result == OK, now)
         if self._metrics is not None:
             self._metrics.health_check(name, result)
         state = self._state(name)
@@ -171,12 +203,13 @@ class HealthChecker:
             self._report(name, state.up, why)
 
     def passive(self, name: str, kind: str) -> None:
-        """A failure the data plane saw on real traffic: `refused`, `reset`, `timeout` or `5xx`."""
+        """A failure the data plane saw on real traffic: `refused`, `reset`, `timeout`, `5xx`, `tls`."""
         state = self._state(name)
         changed = state.eject() if kind in HARD_FAILURES else state.record(False)
-        self._note(name, state.up, f"passive: {kind}")
+        why = PASSIVE_REASONS.get(kind, f"a request failed ({kind})")
+        self._note(name, state.up, why)
         if changed:
-            self._report(name, state.up, f"passive: {kind}")
+            self._report(name, state.up, why)
 
     def _note(self, name: str, up: bool, failure: str | None) -> None:
         """Keep the reason of the last failure until a success finds the backend up."""
@@ -186,6 +219,10 @@ class HealthChecker:
             self.reasons.pop(name, None)
 
     def _report(self, name: str, up: bool, why: str) -> None:
+        if up:
+            self.down_reasons.pop(name, None)
+        else:
+            self.down_reasons[name] = why
         log.log(
             logging.INFO if up else logging.WARNING,
             "backend %s is %s (%s)",
@@ -196,104 +233,68 @@ class HealthChecker:
         self._set_status(name, up)
 
     async def check_once(self, backends: Iterable[Backend]) -> None:
-        """Probe every backend concurrently, each bounded by the timeout."""
-        targets = list(backends)
-        results = await asyncio.gather(*(self._bounded(b) for b in targets))
-        for backend, (result, reason) in zip(targets, results, strict=True):
-            self.observe(backend.name, result, reason)
+        """Probe every backend concurrently, each bounded by its timeout."""
+        await asyncio.gather(*(self._check(b) for b in backends))
+
+    async def _check(self, backend: Backend) -> None:
+        result, reason, status, error = await self._bounded(backend)
+        self.observe(backend.name, result, reason, status=status, error=error)
 
     async def _bounded(self, backend: Backend) -> ProbeResult:
+        timeout = self.settings(backend).timeout
         try:
-            async with asyncio.timeout(self.config.timeout):
+            async with asyncio.timeout(timeout):
                 result = await self._probe(backend)
         except TimeoutError:
-            return ProbeResult(TIMEOUT, f"probe: no answer within {self.config.timeout:g} s")
+            return ProbeResult(TIMEOUT, f"probe timed out after {timeout:g}s", error="timeout")
         return result if isinstance(result, ProbeResult) else ProbeResult(result)
 
     async def run(self, backends: Callable[[], Iterable[Backend]]) -> None:
-        """Probe forever, one round per `interval`; cancel to stop. `interval` 0: checks are off
-        (looked at again every second, so a reload can turn them on)."""
+        """Probe forever, each backend every `interval` of its own settings; cancel to stop. A
+        backend whose interval is 0 is not probed (looked at again every second, so a reload can
+        turn it on). A probe still running when its next one is due delays that one."""
         loop = asyncio.get_running_loop()
-        while True:
-            if self.config.interval <= 0:
-                await asyncio.sleep(OFF_RECHECK)
-                continue
-            started = loop.time()
-            try:
-                await self.check_once(backends())
-            except Exception:  # a bug in a probe must not end health checking
-                log.exception("health check round failed")
-            await asyncio.sleep(max(self.config.interval - (loop.time() - started), 0.0))
-
-
-class HttpProbe:
-    """The default probe: a `server/discover` POST on one shared aiohttp ClientSession, to
-    `health.path` as a client's request for it would go (by default: the backend's MCP endpoint)."""
-
-    def __init__(self, config: Callable[[], HealthConfig]) -> None:
-        self._config = config
-        self._session: aiohttp.ClientSession | None = None
-
-    def _http(self) -> aiohttp.ClientSession:
-        if self._session is None:
-            # Timeouts are applied by the checker; no keep-alive, so a probe also proves `accept`.
-            self._session = aiohttp.ClientSession(
-                timeout=aiohttp.ClientTimeout(total=None),
-                connector=aiohttp.TCPConnector(force_close=True),
-            )
-        return self._session
-
-    def url(self, backend: Backend) -> str:
-        scheme = "https" if backend.tls else "http"
-        path = backend.target(self._config().path.encode("ascii")).decode("ascii")
-        return f"{scheme}://{backend.host_header.decode('ascii')}{path}"
-
-    async def __call__(self, backend: Backend) -> ProbeResult:
-        url = self.url(backend)
+        started: dict[str, float] = {}  # loop time the last probe of each backend began
+        running: dict[str, asyncio.Task[None]] = {}
+        finished = asyncio.Event()
         try:
-            async with self._http().post(
-                url,
-                data=DISCOVER_BODY,
-                headers=DISCOVER_HEADERS,
-                # The backend's own context, the one its traffic uses (aiohttp's default otherwise).
-                ssl=backend.ssl_context or True,
-                server_hostname=backend.server_name,
-                allow_redirects=False,
-            ) as resp:
-                return await _judge(resp, url)
-        except aiohttp.ClientConnectorError as exc:
-            if isinstance(exc.os_error, ConnectionRefusedError):
-                return ProbeResult(REFUSED, f"probe: connection refused by {url}")
-            return ProbeResult(FAIL, f"probe: cannot connect to {url}: {exc.os_error}")
-        except (aiohttp.ServerDisconnectedError, ConnectionResetError):
-            return ProbeResult(REFUSED, f"probe: connection closed by {url} without an answer")
-        except (aiohttp.ClientError, OSError) as exc:
-            return ProbeResult(FAIL, f"probe: {type(exc).__name__} from {url}: {exc}")
+            while True:
+                finished.clear()
+                now = loop.time()
+                targets = list(backends())
+                self.track(targets)
+                wake = now + OFF_RECHECK
+                for backend in targets:
+                    interval = self.settings(backend).interval
+                    if interval <= 0 or backend.name in running:
+                        continue
+                    due = started.get(backend.name, now) + interval
+                    if backend.name not in started or due <= now:
+                        started[backend.name] = now
+                        running[backend.name] = self._spawn(backend, running, finished)
+                        due = now + interval
+                    wake = min(wake, due)
+                names = {b.name for b in targets}
+                for name in [n for n in started if n not in names and n not in running]:
+                    del started[name]  # no longer configured
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(max(wake - loop.time(), 0.0)):
+                        await finished.wait()
+        finally:
+            for task in running.values():
+                task.cancel()
+            await asyncio.gather(*running.values(), return_exceptions=True)
 
-    async def close(self) -> None:
-        if self._session is not None:
-            with contextlib.suppress(Exception):
-                await self._session.close()
-            self._session = None
+    def _spawn(
+        self, backend: Backend, running: dict[str, asyncio.Task[None]], finished: asyncio.Event
+    ) -> asyncio.Task[None]:
+        async def probe() -> None:
+            try:
+                await self._check(backend)
+            except Exception:  # a bug in a probe must not end health checking
+                log.exception("health check of %s failed", backend.name)
+            finally:
+                running.pop(backend.name, None)
+                finished.set()
 
-
-async def _judge(resp: aiohttp.ClientResponse, url: str) -> ProbeResult:
-    status = resp.status
-    if status >= 500:
-        return ProbeResult(FAIL, f"probe: HTTP {status} from {url}")
-    body = b""
-    if status != 404 and not 300 <= status < 400:
-        body = await _read(resp)
-    wrong = problem(status, resp.content_type, body, url, resp.headers.get("Location"))
-    return ProbeResult(OK) if wrong is None else ProbeResult(NOT_MCP, f"probe: {wrong}")
-
-
-async def _read(resp: aiohttp.ClientResponse) -> bytes:
-    """The body up to BODY_LIMIT; of an event stream, up to its first event with data."""
-    stream = resp.content_type == SSE
-    body = bytearray()
-    async for chunk in resp.content.iter_any():
-        body += chunk
-        if len(body) > BODY_LIMIT or (stream and first_sse_data(bytes(body)) is not None):
-            break
-    return bytes(body[:BODY_LIMIT])
+        return asyncio.get_running_loop().create_task(probe())

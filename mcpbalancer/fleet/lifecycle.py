@@ -16,9 +16,14 @@ from typing import Any, Generic, Protocol, TypeVar
 
 from mcpbalancer.config import DEFAULT_MCP_PATH, BackendConfig, TlsConfig
 from mcpbalancer.fleet.backends import Backend, BackendSet
+from mcpbalancer.fleet.health import HealthChecker
 from mcpbalancer.protocol import Era
 
 log = logging.getLogger(__name__)
+
+# The down reason of a backend the checker did not take down: a managed one whose process is
+# starting or gone.
+_NOT_SERVING = "its process is not serving"
 
 
 @dataclass
@@ -44,7 +49,25 @@ def _backend(config: BackendConfig, contexts: Mapping[str, ssl.SSLContext], mcp_
         up=config.command is None,  # a managed backend is up once its process serves
         ssl_context=_context(config, contexts.get(config.name)),
         server_name=config.tls.server_name if config.tls is not None else None,
+        health=config.health,
+        declared_mode=_declared(config),
     )
+
+
+def _settle(backend: Backend, config: BackendConfig) -> bool:
+    """A reload's health settings and `session_mode` for a running backend, managed ones too;
+    True when the declared mode changed."""
+    backend.health = config.health  # the checker reads it at the next probe
+    declared = _declared(config)
+    if declared == backend.declared_mode:
+        return False
+    backend.declare_mode(declared)
+    return True
+
+
+def _declared(config: BackendConfig) -> str | None:
+    """The file's `session_mode`, None for auto."""
+    return None if config.session_mode == "auto" else config.session_mode
 
 
 def _context(config: BackendConfig, context: ssl.SSLContext | None) -> ssl.SSLContext | None:
@@ -112,6 +135,8 @@ class Fleet(Generic[P]):
     def set_status(self, name: str, up: bool) -> None:
         backend = self.backends.get(name)
         if backend is not None:
+            if up and not backend.up:
+                backend.forget_mode()  # back from down, perhaps restarted as another kind of server
             backend.up = up
 
     # -- drain ------------------------------------------------------------------------------------
@@ -186,9 +211,13 @@ class Fleet(Generic[P]):
                 self.pools[backend.name] = self._pool(backend)
                 self._tls[backend.name] = config.tls
                 changes.added.append(backend.name)
-            elif config.command is None and self._update(backend, config, contexts.get(config.name)):
+            else:
+                changed = _settle(backend, config)
                 # (A managed backend's address is its process's; managed.py moves it.)
-                changes.updated.append(backend.name)
+                if config.command is None and self._update(backend, config, contexts.get(config.name)):
+                    changed = True
+                if changed:
+                    changes.updated.append(backend.name)
             if config.drain and backend.draining:
                 if self._drain_timeouts.get(backend.name) != config.drain_timeout and not backend.evicted:
                     self._arm(backend, config.drain_timeout)  # a new timeout counts from the reload
@@ -233,22 +262,32 @@ class Fleet(Generic[P]):
 
     # -- report -----------------------------------------------------------------------------------
 
-    def snapshot(self, last_check: dict[str, float], reasons: dict[str, str]) -> list[dict[str, Any]]:
-        return [
-            {
-                "name": b.name,
-                "state": b.state,
-                "weight": b.weight,
-                "sessions": b.sessions,
-                "in_flight": b.in_flight,
-                "last_check": last_check.get(b.name),
-                "reason": reasons.get(b.name),
-            }
-            for b in self.backends
-        ]
+    def snapshot(self, health: HealthChecker) -> list[dict[str, Any]]:
+        return [_report(b, health) for b in self.backends]
 
     def close(self) -> None:
         for name in list(self._timers):
             self._disarm(name)
         for pool in self.pools.values():
             pool.close()
+
+
+def _report(backend: Backend, health: HealthChecker) -> dict[str, Any]:
+    """What the admin API says of a backend."""
+    name = backend.name
+    last_probe = health.last_probe.get(name)
+    down_reason = None
+    if not backend.up:
+        down_reason = health.down_reasons.get(name) or health.reasons.get(name) or _NOT_SERVING
+    return {
+        "name": name,
+        "state": backend.state,
+        "weight": backend.weight,
+        "sessions": backend.sessions,
+        "in_flight": backend.in_flight,
+        "session_mode": backend.session_mode,
+        "last_check": health.last_check.get(name),
+        "last_probe": None if last_probe is None else last_probe.as_json(),
+        "down_reason": down_reason,
+        "reason": health.reasons.get(name),
+    }

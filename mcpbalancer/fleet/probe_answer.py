@@ -26,28 +26,28 @@ BODY_LIMIT: Final = 1 << 20  # bytes of an answer read at most
 _AUTH: Final = frozenset({401, 403})
 
 
-def problem(status: int, content_type: str, body: bytes, url: str, location: str | None = None) -> str | None:
-    """None when a 1xx-4xx answer from `url` is an MCP endpoint's; else what is wrong with it.
+def problem(status: int, content_type: str, body: bytes, location: str | None = None) -> str | None:
+    """None when a 1xx-4xx answer is an MCP endpoint's; else what is wrong with it, as the end of
+    the sentence "POST /mcp answered 404, ...".
 
     `content_type` is the media type alone, lower case (aiohttp's `content_type`); `location` the
     Location header of a redirect."""
-    answered = f"HTTP {status} from {url}"
     if status in _AUTH:
         return None
     if status == 404:
-        return answered
+        return "no MCP endpoint at that path"
     if 300 <= status < 400:
-        return f"{answered}, a redirect to {location}" if location else answered
+        return f"a redirect to {location}" if location else "a redirect"
     success = 200 <= status < 300
     data = body if content_type == JSON else None
     if content_type == SSE and success:
         data = first_sse_data(body)
     if data is None:
-        return f"{answered} is not MCP ({content_type or 'no Content-Type'})"
+        return f"not MCP ({content_type or 'no Content-Type'})"
     message = _jsonrpc(data)
     wanted = ("result", "error") if success else ("error",)
     if message is None or not any(key in message for key in wanted):
-        return f"{answered} is not MCP (no JSON-RPC {'response' if success else 'error'})"
+        return f"not MCP (no JSON-RPC {'response' if success else 'error'})"
     return None
 
 

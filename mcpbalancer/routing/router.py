@@ -20,7 +20,9 @@ from prometheus_client import CollectorRegistry
 
 from mcpbalancer import protocol
 from mcpbalancer.errors import InvalidSessionId, NoBackendAvailable, SessionNotFound, StoreError
-from mcpbalancer.fleet.backends import Backend, BackendSet
+from mcpbalancer.fleet import backends as kinds
+from mcpbalancer.fleet.backends import STATEFUL, STATELESS, Backend, BackendSet
+from mcpbalancer.fleet.session_modes import SessionModes
 from mcpbalancer.observability.metrics import Metrics
 from mcpbalancer.protocol import Era
 from mcpbalancer.routing import headercheck
@@ -62,6 +64,10 @@ class RequestFacts:
     watch: bool = False  # the response may create a task or a request state: learn from it
     # Only what replay failover needs to re-run `notifications/initialized`; not a routing fact.
     protocol_version: bytes | None = field(default=None, compare=False)
+    # A legacy request without a session id that carries MCP-Protocol-Version: not an initialize
+    # (a 2025-06-18 client sends the header on every request after it), so it goes only to a
+    # backend that serves requests without a session (a stateless one).
+    sessionless: bool = False
     tag: str | None = None  # keyed hash of the bound credential (bind_sessions), else None
     # The bound credential itself: replay failover sends it with the replayed initialize.
     credential: bytes | None = field(default=None, compare=False, repr=False)
@@ -84,9 +90,11 @@ def classify(
             raise InvalidSessionId()
         sid = session_id.decode("ascii")
         return RequestFacts(method, Era.LEGACY, sid, protocol_version=protocol_version)
+    if protocol_version is None:
+        return RequestFacts(method, Era.LEGACY, None)
     if protocol.era_of(None, protocol_version) is Era.MODERN:
         return RequestFacts(method, Era.MODERN, None, mcp_method, mcp_name, headers)
-    return RequestFacts(method, Era.LEGACY, None)
+    return RequestFacts(method, Era.LEGACY, None, sessionless=True)
 
 
 class Replay(Protocol):
@@ -118,8 +126,10 @@ class Router:
         failover: Replay | None = None,
         binder: SessionBinder | None = None,
         refuse_new: Callable[[], bool] | None = None,
+        modes: SessionModes | None = None,
     ) -> None:
         self.backends = backends
+        self._modes = modes  # learns which backends are stateless; None: only what traffic shows
         self.failover = failover  # `failover: replay`; None for `reinitialize`
         self.binder = binder
         # True while new sessions must be refused (on_store_error: fail, and the store is down).
@@ -177,7 +187,9 @@ class Router:
             return self._route_modern(facts)
         sid = facts.session_id
         if sid is None:
-            if self._refuse_new is not None and facts.era is Era.LEGACY and self._refuse_new():
+            if facts.sessionless:
+                return self._route_sessionless(facts)
+            if self._refuse_new is not None and self._refuse_new():
                 raise NoBackendAvailable("Session store unavailable")  # 503 + Retry-After
             return self.pick(facts)
         owner = self._store.peek(sid)
@@ -189,17 +201,43 @@ class Router:
 
     def pick(self, facts: RequestFacts, exclude: Collection[str] = ()) -> Backend:
         """A backend for a new session or a stateless request, skipping names in `exclude`: one that
-        serves the request's era (legacy sessions never land on a modern-only backend, and back)."""
+        serves the request's era (legacy sessions never land on a modern-only backend, and back),
+        and for a session-less legacy request one that serves it without a session (`_serving`)."""
+        candidates = self._candidates(facts, exclude)
+        return self._choose(_serving(candidates) if facts.sessionless else candidates)
+
+    def _candidates(self, facts: RequestFacts, exclude: Collection[str] = ()) -> list[Backend]:
         era, pool = facts.era, facts.pool
-        candidates = [
+        return [
             b
             for b in self.backends.available()
             if era in b.eras and b.name not in exclude and (pool is None or b.name in pool)
         ]
+
+    def _choose(self, candidates: list[Backend]) -> Backend:
         backend = self._strategy.pick(candidates)
         if backend is None:
             raise NoBackendAvailable("No backend available")
         return backend
+
+    # -- legacy requests without a session -------------------------------------------------------
+
+    def _route_sessionless(self, facts: RequestFacts) -> Backend | Awaitable[Backend]:
+        """A session-less legacy request that is not an initialize: to a stateless backend. The
+        kind of the backends not known yet is learned; while no stateless one is known (a cold
+        proxy), the request waits for that, each probe within its backend's health timeout."""
+        candidates = self._candidates(facts)
+        modes = self._modes
+        if modes is not None and len(candidates) > 1:  # with one, there is nothing to choose
+            unknown = [b for b in candidates if b.session_mode == kinds.UNKNOWN]
+            learning = modes.learn(unknown) if unknown else None
+            if learning and not any(b.session_mode == STATELESS for b in candidates):
+                return self._pick_after(learning, facts)
+        return self._choose(_serving(candidates))
+
+    async def _pick_after(self, learning: list[asyncio.Task[None]], facts: RequestFacts) -> Backend:
+        await asyncio.wait(learning)  # not cancelled with this request: other requests share them
+        return self.pick(facts)
 
     # -- 2026-07-28 requests ------------------------------------------------------------------------
 
@@ -315,24 +353,51 @@ class Router:
         return backend
 
     def learn(
-        self, facts: RequestFacts, backend: Backend, status: int, session_id: bytes | None
+        self,
+        facts: RequestFacts,
+        backend: Backend,
+        status: int,
+        session_id: bytes | None,
+        target: bytes = b"",
     ) -> Awaitable[None] | None:
         """React to a response head; an awaitable when the client must wait for a store write.
 
         A mapping is learned only from a 2xx answer carrying Mcp-Session-Id to a request that carried
         none (stateful servers put fresh, unusable ids on their 400s). A 404 to a session request,
-        or a 2xx to its DELETE, ends the session.
+        or a 2xx to its DELETE, ends the session. The answers to session-less requests also tell
+        whether the backend keeps sessions: a 2xx with an id, yes; a 2xx without one to a POST of
+        the MCP endpoint (`target`), no; a 400 to a session-less request from a backend known
+        stateless sends its kind back to be learned again.
         """
         if facts.era is Era.MODERN:
             return None
         sid = facts.session_id
         if sid is None:
+            if backend.declared_mode is None:
+                self._learn_kind(facts, backend, status, session_id is not None, target)
             if session_id is not None and 200 <= status < 300:
                 return self._bind(session_id, backend, facts.tag if self.binder is not None else None)
             return None
         if status == 404 or (facts.method == b"DELETE" and 200 <= status < 300):
             self._forget(sid, backend, "backend_404" if status == 404 else "delete")
         return None
+
+    def _learn_kind(
+        self, facts: RequestFacts, backend: Backend, status: int, with_id: bool, target: bytes
+    ) -> None:
+        """What the answer to a session-less legacy request says of the backend's kind."""
+        mode = backend.session_mode
+        if 200 <= status < 300:
+            if with_id:
+                if mode != STATEFUL:
+                    _learned(backend, STATEFUL, "a request without a session got one")
+            elif mode != STATELESS and facts.method == b"POST" and backend.serves_mcp(target):
+                _learned(backend, STATELESS, "a request without a session was served without one")
+        elif status == 400 and facts.sessionless and mode == STATELESS:
+            # Refused for want of a session, perhaps: a stateless server restarted stateful.
+            backend.forget_mode()
+            if self._modes is not None:
+                self._modes.forget(backend)
 
     def owner_gone(self, facts: RequestFacts, backend: Backend) -> SessionNotFound:
         """The session's backend is unreachable: forget the session; the client must re-initialize."""
@@ -414,6 +479,22 @@ class Router:
             await asyncio.gather(*self._background, return_exceptions=True)
         if self._shared is not None:
             await self._shared.close()
+
+
+def _serving(candidates: list[Backend]) -> list[Backend]:
+    """The candidates for a session-less legacy request: the stateless ones; else those of an
+    unknown kind (it could not be learned); else all of them, every one stateful, which answers
+    400 "Missing session ID" as the server itself would."""
+    stateless = [b for b in candidates if b.session_mode == STATELESS]
+    if stateless:
+        return stateless
+    unknown = [b for b in candidates if b.session_mode == kinds.UNKNOWN]
+    return unknown or candidates
+
+
+def _learned(backend: Backend, mode: str, why: str) -> None:
+    backend.learned_mode(mode)
+    log.info("backend %s is %s (%s)", backend.name, mode, why)
 
 
 def _same_tag(bound: str | None, tag: str | None) -> bool:
