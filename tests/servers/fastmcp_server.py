@@ -66,9 +66,10 @@ instead of SSE), ``--stateless-http`` (legacy clients get no session), ``--event
 FastMCP ``EventStore``: SSE events carry ``id:``, 2025-11-25 POST streams start with a priming event
 ``id: <x>`` / empty ``data:``, and ``GET`` with ``Last-Event-ID`` replays what followed),
 ``--retry-interval MS`` (adds ``retry:`` to priming events; needs ``--event-store``),
-``--session-idle-timeout S``, ``--host-origin-protection off|auto|strict`` (FastMCP's Host/Origin guard;
-off by default, see the fixtures module for the 421 rule), ``--ledger-path P`` (``GET P`` answers the
-instance's session ledger, see ``SessionLedger``).
+``--session-idle-timeout S``, ``--ready-route`` (a ``GET /ready`` the test sets, and a record of
+the proxy's probes: see ``ReadyRoute``), ``--host-origin-protection off|auto|strict`` (FastMCP's
+Host/Origin guard; off by default, see the fixtures module for the 421 rule), ``--ledger-path P``
+(``GET P`` answers the instance's session ledger, see ``SessionLedger``).
 
 TLS: ``--ssl-certfile CERT --ssl-keyfile KEY`` serve HTTPS (uvicorn's own TLS), ``--ssl-client-ca CA``
 also requires a client certificate signed by CA (mutual TLS). With TLS on, one more tool:
@@ -374,6 +375,65 @@ class SessionLedger:
         await send({"type": "http.response.body", "body": body})
 
 
+class ReadyRoute:
+    """An ASGI wrapper that adds, for the proxy's health tests, a readiness route whose answer the
+    test sets, and a record of the proxy's probes.
+
+    ``GET``/``HEAD /ready`` answers the status last set (200 at first) with a small JSON body, or
+    never answers while ``hang`` is set (until the client goes). ``POST /_test/ready?status=503``
+    or ``?hang=1`` sets it. Every request whose ``User-Agent`` starts with ``mcpbalancer-`` (the
+    proxy's probes, whatever their path) is recorded; ``GET /_test/probes`` answers them as JSON,
+    ``{"probes": [{"method", "path", "headers"}, ...]}`` with the headers lower-cased."""
+
+    def __init__(self, app: App) -> None:
+        self.app = app
+        self.status = 200
+        self.hang = False
+        self.probes: list[dict[str, Any]] = []
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = {n.decode("latin-1"): v.decode("latin-1") for n, v in scope["headers"]}
+        if headers.get("user-agent", "").startswith("mcpbalancer-"):
+            self.probes.append({"method": scope["method"], "path": scope["path"], "headers": headers})
+        path = scope["path"]
+        if path == "/ready" and scope["method"] in ("GET", "HEAD"):
+            await self._ready(scope, receive, send)
+        elif path == "/_test/ready" and scope["method"] == "POST":
+            query = dict(
+                part.split("=", 1) for part in scope["query_string"].decode().split("&") if "=" in part
+            )
+            self.hang = query.get("hang") == "1"
+            self.status = int(query.get("status", self.status))
+            await _json_answer(send, {"status": self.status, "hang": self.hang})
+        elif path == "/_test/probes":
+            await _json_answer(send, {"probes": self.probes})
+        else:
+            await self.app(scope, receive, send)
+
+    async def _ready(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if self.hang:
+            while (await receive())["type"] != "http.disconnect":
+                pass
+            return
+        bodiless = scope["method"] == "HEAD" or self.status in (204, 304)
+        body = b"" if bodiless else json.dumps({"status": self.status}).encode()
+        headers = [(b"content-type", b"application/json")]
+        if self.status not in (204, 304):
+            headers.append((b"content-length", str(len(body)).encode()))
+        await send({"type": "http.response.start", "status": self.status, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
+
+
+async def _json_answer(send: Send, payload: Any) -> None:
+    body = json.dumps(payload).encode()
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    await send({"type": "http.response.start", "status": 200, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+
+
 class _Server(uvicorn.Server):
     """uvicorn.Server that announces readiness and exits with status 0 on SIGTERM/SIGINT."""
 
@@ -444,6 +504,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--ssl-client-ca", default=None, help="require a client certificate signed by this CA (PEM)"
     )
     parser.add_argument("--ledger-path", default=None, help="serve the SessionLedger at this path")
+    parser.add_argument(
+        "--ready-route", action="store_true", help="serve GET /ready as the test sets it (ReadyRoute)"
+    )
     parser.add_argument("--graceful-timeout", type=float, default=3.0, help="seconds to drain on SIGTERM")
     parser.add_argument(
         "--exit-on-stdin-eof", action="store_true", help="shut down when stdin closes (the parent died)"
@@ -486,8 +549,9 @@ def main(argv: list[str] | None = None) -> int:
         session_idle_timeout=args.session_idle_timeout if args.session_idle_timeout is not None else "auto",
     )
     sock = bind_socket(args.host, args.port)
+    served: App = app if args.ledger_path is None else SessionLedger(app, args.ledger_path)
     config = uvicorn.Config(
-        app if args.ledger_path is None else SessionLedger(app, args.ledger_path),
+        served if not args.ready_route else ReadyRoute(served),
         log_level="warning",
         lifespan="on",
         timeout_graceful_shutdown=args.graceful_timeout,
