@@ -147,7 +147,7 @@ def test_the_schema_defaults_are_the_running_defaults() -> None:
             continue
         value = getattr(config, name)
         if dataclasses.is_dataclass(value):
-            value = dataclasses.asdict(value)  # type: ignore[arg-type]
+            value = json.loads(json.dumps(dataclasses.asdict(value)))  # type: ignore[arg-type]  # lists
         elif isinstance(value, tuple):
             value = list(value)
         assert value == node["default"], name
