@@ -1,10 +1,11 @@
 """The data plane's own cost per request, without sockets: a deterministic micro benchmark.
 
-    python benchmarks/micro.py [--sse] [--requests N] [--profile]
+    python benchmarks/micro.py [--sse] [--sessionless] [--requests N] [--profile]
 
 One client connection and one pooled backend connection with in-memory transports; a session is
 initialized, then a known-session POST and its answer (JSON, or with --sse a one-event SSE stream)
-are relayed in a loop. What is timed is the Python work of the proxy alone (httptools parsing,
+are relayed in a loop; with --sessionless the POST carries no session id, as a client of a stateless
+server sends it. What is timed is the Python work of the proxy alone (httptools parsing,
 routing, head building, metrics, bookkeeping): no syscalls, no event loop wake-ups, no other
 process, so two versions of the code can be compared in seconds, even on a busy machine, to a few
 percent. It is what the end-to-end numbers of run.py are made of, minus the kernel's part and
@@ -118,7 +119,8 @@ async def main(args: argparse.Namespace) -> None:
     client.data_received(request(None, args.sse))
     upstream.data_received(response(b"sess-1", args.sse))
     await asyncio.sleep(0.01)  # the session's binding is stored in a task
-    ask, answer = request(b"sess-1", args.sse), response(None, args.sse)
+    # --sessionless: a legacy request without a session id (a client of a stateless server).
+    ask, answer = request(None if args.sessionless else b"sess-1", args.sse), response(None, args.sse)
 
     def relay(n: int) -> None:
         for _ in range(n):
@@ -138,7 +140,7 @@ async def main(args: argparse.Namespace) -> None:
         started = time.perf_counter()
         relay(args.requests // 5)
         best = min(best, (time.perf_counter() - started) / (args.requests // 5))
-    kind = "SSE" if args.sse else "JSON"
+    kind = ("SSE" if args.sse else "JSON") + (" session-less" if args.sessionless else "")
     print(f"{kind}: {best * 1e6:.2f} µs of proxy Python per request (best of 5 runs of {args.requests // 5})")
 
 
@@ -146,6 +148,7 @@ if __name__ == "__main__":
     raw = argparse.RawDescriptionHelpFormatter
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=raw)
     parser.add_argument("--sse", action="store_true", help="answers as a one-event SSE stream")
+    parser.add_argument("--sessionless", action="store_true", help="requests without a session id")
     parser.add_argument("--requests", type=int, default=100_000)
     parser.add_argument("--profile", action="store_true")
     uvloop.run(main(parser.parse_args()))
