@@ -307,3 +307,17 @@ async def test_a_reload_giving_a_drain_a_timeout_arms_it() -> None:
     async with asyncio.timeout(5):
         await evicted.wait()
     fleet.close()
+
+
+async def test_each_backend_counts_with_its_own_fall_from_its_first_probe() -> None:
+    probe = FakeProbe()
+    check, statuses, _ = checker(probe, fall=5)
+    own = Backend("own", "h", 1, health=HealthConfig(fall=1, timeout=0.01))
+    probe.results = {"own": FAIL, "global": FAIL}
+    await check.check_once([own, Backend("global", "h", 2)])
+    assert statuses == {"own": False}  # one failure was enough for it; the other needs 5
+    assert check.down_reasons == {"own": "health check: fail"}
+    probe.results["own"] = "hang"
+    check.passive("own", "timeout")
+    await check.check_once([own])  # bounded by its own timeout, not the checker's 1 s
+    assert check.last_probe["own"].error == "timeout"

@@ -160,10 +160,9 @@ class HealthChecker:
         the state of a backend no longer configured is dropped."""
         targets = list(backends)
         for backend in targets:
-            state = self._states.get(backend.name)
-            if state is not None:
-                settings = self.settings(backend)
-                state.fall, state.rise = settings.fall, settings.rise
+            settings = self.settings(backend)
+            state = self._state(backend.name)
+            state.fall, state.rise = settings.fall, settings.rise
         self.forget(b.name for b in targets)
 
     def _state(self, name: str) -> HealthState:
@@ -238,6 +237,9 @@ class HealthChecker:
 
     async def _check(self, backend: Backend) -> None:
         result, reason, status, error = await self._bounded(backend)
+        settings = self.settings(backend)
+        state = self._state(backend.name)
+        state.fall, state.rise = settings.fall, settings.rise  # its own, from the first probe on
         self.observe(backend.name, result, reason, status=status, error=error)
 
     async def _bounded(self, backend: Backend) -> ProbeResult:
