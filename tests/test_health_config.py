@@ -165,3 +165,27 @@ async def test_an_unknown_kind_is_asked_once_at_a_time_and_again_after_the_retry
     declared.learned_mode(STATELESS)
     assert declared.session_mode == STATEFUL
     await modes.close()
+
+
+def test_a_reload_gives_running_backends_their_new_health_keys_and_session_mode() -> None:
+    from mcpbalancer.dataplane.upstream import UpstreamPool
+    from mcpbalancer.fleet.lifecycle import Fleet
+
+    def backends(interval: float, **entry: Any) -> Any:
+        return parse_config({"health": {"interval": interval}, "backends": [backend(**entry)]}).backends
+
+    fleet = Fleet(backends(1), pool=lambda b: UpstreamPool(b, connect_timeout=1.0))
+    running = fleet.backends.get("a")
+    assert running is not None
+    assert (running.health, running.session_mode) == (HealthConfig(interval=1.0), "unknown")
+    running.learned_mode(STATELESS)
+    changes = fleet.apply(backends(1, health={"probe": "http", "method": "HEAD"}))
+    assert changes.updated == []  # new probe settings, nothing a client sees
+    assert running.health == HealthConfig(interval=1.0, probe="http", method="HEAD")
+    assert running.session_mode == STATELESS  # still what was learned
+    changes = fleet.apply(backends(2, session_mode="stateful"))
+    assert changes.updated == ["a"]
+    assert (running.health.interval, running.session_mode) == (2.0, STATEFUL)
+    fleet.apply(backends(2))  # back to auto: learned again
+    assert running.session_mode == "unknown"
+    fleet.close()
