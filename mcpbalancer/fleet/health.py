@@ -79,7 +79,7 @@ PASSIVE_REASONS: Final = {
     "reset": "connection reset before an answer to a request",
     "timeout": "a request timed out",
     "5xx": "a request was answered 5xx",
-    "tls": "TLS failed on a request",
+    "tls": "the TLS handshake of a request failed",
 }
 
 
