@@ -214,13 +214,16 @@ class Router:
         kind of the backends not known yet is learned; while no stateless one is known (a cold
         proxy), the request waits for that, each probe within its backend's health timeout."""
         candidates = self._candidates(facts)
+        if len(candidates) < 2:
+            return self._choose(candidates)  # nothing to choose between
+        stateless, unknown = _kinds(candidates)
         modes = self._modes
-        if modes is not None and len(candidates) > 1:  # with one, there is nothing to choose
-            unknown = [b for b in candidates if b.session_mode == kinds.UNKNOWN]
-            learning = modes.learn(unknown) if unknown else None
-            if learning and not any(b.session_mode == STATELESS for b in candidates):
-                return self._pick_after(learning, facts)
-        return self._choose(_serving(candidates))
+        learning = modes.learn(unknown) if unknown and modes is not None else None
+        if stateless:
+            return self._choose(stateless)
+        if learning:
+            return self._pick_after(learning, facts)
+        return self._choose(unknown or candidates)
 
     async def _pick_after(self, learning: list[asyncio.Task[None]], facts: RequestFacts) -> Backend:
         await asyncio.wait(learning)  # not cancelled with this request: other requests share them
@@ -338,10 +341,16 @@ class Router:
             return None
         sid = facts.session_id
         if sid is None:
-            if backend.declared_mode is None:
-                self._learn_kind(facts, backend, status, session_id is not None, target)
-            if session_id is not None and 200 <= status < 300:
-                return self._bind(session_id, backend, facts.tag if self.binder is not None else None)
+            # The kind the answer shows, looked at only when it differs from what is known.
+            if 200 <= status < 300:
+                if session_id is not None:
+                    if backend.session_mode != STATEFUL:
+                        self._learn_kind(facts, backend, status, True, target)
+                    return self._bind(session_id, backend, facts.tag if self.binder is not None else None)
+                if backend.session_mode != STATELESS:
+                    self._learn_kind(facts, backend, status, False, target)
+            elif status == 400 and backend.session_mode == STATELESS and facts.sessionless:
+                self._learn_kind(facts, backend, status, False, target)
             return None
         if status == 404 or (facts.method == b"DELETE" and 200 <= status < 300):
             self._forget(sid, backend, "backend_404" if status == 404 else "delete")
@@ -351,6 +360,8 @@ class Router:
         self, facts: RequestFacts, backend: Backend, status: int, with_id: bool, target: bytes
     ) -> None:
         """What the answer to a session-less legacy request says of the backend's kind."""
+        if backend.declared_mode is not None:
+            return  # the file's word
         mode = backend.session_mode
         if 200 <= status < 300:
             if with_id:
@@ -450,11 +461,21 @@ def _serving(candidates: list[Backend]) -> list[Backend]:
     """The candidates for a session-less legacy request: the stateless ones; else those of an
     unknown kind (it could not be learned); else all of them, every one stateful, which answers
     400 "Missing session ID" as the server itself would."""
-    stateless = [b for b in candidates if b.session_mode == STATELESS]
-    if stateless:
-        return stateless
-    unknown = [b for b in candidates if b.session_mode == kinds.UNKNOWN]
-    return unknown or candidates
+    stateless, unknown = _kinds(candidates)
+    return stateless or unknown or candidates
+
+
+def _kinds(candidates: list[Backend]) -> tuple[list[Backend], list[Backend]]:
+    """The stateless candidates and those of an unknown kind, in one pass."""
+    stateless: list[Backend] = []
+    unknown: list[Backend] = []
+    for backend in candidates:
+        mode = backend.session_mode
+        if mode == STATELESS:
+            stateless.append(backend)
+        elif mode == kinds.UNKNOWN:
+            unknown.append(backend)
+    return stateless, unknown
 
 
 def _learned(backend: Backend, mode: str, why: str) -> None:
