@@ -16,7 +16,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from typing import Protocol
 
 from mcpbalancer import protocol
-from mcpbalancer.config import LimitsConfig, TimeoutsConfig
+from mcpbalancer.config import DEFAULT_SERVICE, LimitsConfig, TimeoutsConfig
 from mcpbalancer.dataplane.framing import (
     CONTINUE,
     LAST_CHUNK,
@@ -40,7 +40,7 @@ from mcpbalancer.errors import (
     render_error,
 )
 from mcpbalancer.fleet.backends import Backend
-from mcpbalancer.observability.logs import AccessLog
+from mcpbalancer.observability.logs import AccessLog, new_request_id, request_fields
 from mcpbalancer.observability.metrics import NO_BACKEND, Metrics
 from mcpbalancer.protocol import Era
 from mcpbalancer.protocol.sse import PING, EventBoundary
@@ -122,6 +122,8 @@ class Exchange:
     outcome = "ok"  # or error, aborted, client_disconnect, shutdown, local
     cut_by: str | None = None  # the outcome when the proxy closes the client connection (shutdown)
     created: bytes | None = None  # the session id a 2xx answer to a request without one minted
+    service = DEFAULT_SERVICE
+    _request_id: bytes | None = None  # made for an error answer when the client sent none
     _stream_at = 0.0
     _awaiting_body = False  # routing waits for the whole request body (2026-07-28 only)
     _sniffer: ResultSniffer | None = None  # reads a watched response for affinity
@@ -146,6 +148,18 @@ class Exchange:
             and protocol.era_of(None, head.protocol_version) is protocol.Era.LEGACY
         ):
             self._capture = []
+
+    @property
+    def request_id(self) -> bytes | None:
+        """The client's X-Request-Id (kept), or the one made for this exchange's error answer."""
+        return self._request_id if self._request_id is not None else self.head.request_id
+
+    def log_fields(self) -> dict[str, str]:
+        """`extra=` of a log line about this request: its service and request id (made now if the
+        client sent none, so that the error answer that follows carries the same one)."""
+        if self.request_id is None:
+            self._request_id = new_request_id()
+        return request_fields(self.service, self.request_id)
 
     @property
     def streaming(self) -> bool:
@@ -355,7 +369,12 @@ class Exchange:
             self._tls_failed(backend, problem)
             return
         timed_out = isinstance(exc, TimeoutError)
-        log.warning("backend %s: connect failed: %s", backend.name, exc or type(exc).__name__)
+        log.warning(
+            "backend %s: connect failed: %s",
+            backend.name,
+            exc or type(exc).__name__,
+            extra=self.log_fields(),
+        )
         self.plane.metrics.upstream_error(backend.name, "timeout" if timed_out else "connect")
         self.plane.on_backend_failure(backend.name, "timeout" if timed_out else "refused")
         self._tried += (backend.name,)
@@ -380,7 +399,7 @@ class Exchange:
     def _tls_failed(self, backend: Backend, problem: str) -> None:
         """TLS with the backend failed (its certificate refused, or it refused ours): a 502, for a
         session too. The backend is not gone, and nothing is ever sent to it without TLS."""
-        log.warning("backend %s: TLS failed: %s", backend.name, problem)
+        log.warning("backend %s: TLS failed: %s", backend.name, problem, extra=self.log_fields())
         self.plane.metrics.upstream_error(backend.name, "tls")
         self.plane.on_backend_failure(backend.name, "tls")
         self._answer_error(BadGateway("Backend TLS handshake failed"))
@@ -601,7 +620,12 @@ class Exchange:
         if problem is not None:  # a TLS alert after the handshake: a client certificate refused
             self._tls_failed(self.backend, problem)
             return
-        log.warning("backend %s closed the connection before answering: %s", self.backend.name, exc)
+        log.warning(
+            "backend %s closed the connection before answering: %s",
+            self.backend.name,
+            exc,
+            extra=self.log_fields(),
+        )
         self._upstream_failed("reset")
         self.plane.on_backend_failure(self.backend.name, "reset")
         if self.facts.session_id is not None:
@@ -635,7 +659,12 @@ class Exchange:
         if self.done or self._started:
             return
         name = self.backend.name if self.backend else "?"
-        log.warning("backend %s: no response head within %ss", name, self.plane.timeouts.response_headers)
+        log.warning(
+            "backend %s: no response head within %ss",
+            name,
+            self.plane.timeouts.response_headers,
+            extra=self.log_fields(),
+        )
         self._upstream_failed("timeout")
         if self.backend is not None:
             self.plane.on_backend_failure(self.backend.name, "timeout")
@@ -672,7 +701,7 @@ class Exchange:
         idle = self.plane.timeouts.stream_idle
         if idle > 0 and now - self._last_upstream >= idle:
             name = self.backend.name if self.backend else "?"
-            log.info("backend %s: stream idle for %ss; closing", name, idle)
+            log.info("backend %s: stream idle for %ss; closing", name, idle, extra=self.log_fields())
             self._upstream_failed("timeout")
             self._abort_client()
             return
@@ -726,10 +755,13 @@ class Exchange:
         if not self.request_complete and (self.head.expect_continue or isinstance(err, PayloadTooLarge)):
             self.keep_alive = False
         target = self.head.target[:200].decode("latin-1")
-        log.info("%s %s -> %d %s", self.head.method.decode("latin-1"), target, err.status, err)
+        fields = self.log_fields()
+        log.info("%s %s -> %d %s", self.head.method.decode("latin-1"), target, err.status, err, extra=fields)
         self._record_own_answer(err.status, "error")
         head_only = self.head.method == b"HEAD"
-        answer = render_error(err, keep_alive=self.keep_alive, head_only=head_only)
+        answer = render_error(
+            err, keep_alive=self.keep_alive, head_only=head_only, request_id=self.request_id
+        )
         if self.head.cors is not None:  # a browser may read the error only with CORS headers
             end = answer.index(b"\r\n") + 2
             answer = answer[:end] + self.head.cors + answer[end:]
