@@ -12,15 +12,19 @@ import dataclasses
 import logging
 import socket
 import sys
+import time
+import urllib.parse
 from collections.abc import Callable, Coroutine
 from typing import Any, Final, TextIO
 
 from prometheus_client import CollectorRegistry
 
-from mcpbalancer.config import BackendConfig, Config, host_port, load_config
+from mcpbalancer import __version__
+from mcpbalancer.config import DEFAULT_SERVICE, BackendConfig, Config, host_port, load_config
 from mcpbalancer.control.admin import AdminApi
 from mcpbalancer.control.probes import Readiness, local_endpoints
 from mcpbalancer.control.server import ControlServer
+from mcpbalancer.control.status import ProcessInfo, Reload, StatusPage
 from mcpbalancer.dataplane.plane import DataPlane
 from mcpbalancer.dataplane.tls import backend_contexts
 from mcpbalancer.dataplane.upstream import UpstreamPool
@@ -124,6 +128,18 @@ def _binder(config: Config) -> SessionBinder | None:
     return SessionBinder(config.bind_sessions, key.encode() if key is not None else None)
 
 
+def _without_credentials(store: str) -> str:
+    """A store URL as the status page shows it: no user or password."""
+    parts = urllib.parse.urlsplit(store)
+    if parts.password is None and parts.username is None:
+        return store
+    host = parts.hostname or ""
+    netloc = f"[{host}]" if ":" in host else host
+    if parts.port is not None:
+        netloc = f"{netloc}:{parts.port}"
+    return urllib.parse.urlunsplit(parts._replace(netloc=netloc))
+
+
 def _unchanged(config: Config) -> Config:
     return config
 
@@ -145,6 +161,8 @@ class Proxy:
         worker: int | None = None,
     ) -> None:
         self.config = config
+        self.started_at = time.time()
+        self.last_reload: Reload | None = None
         # What the command line changed in `config` (--log-level, --workers, a worker's admin port),
         # applied to every reloaded file too, so a reload neither drops it nor warns about it.
         self._adjust = adjust or _unchanged
@@ -191,6 +209,7 @@ class Proxy:
             AdminApi(self.fleet, self.health.last_check, self.reload, self.health.reasons).install(
                 self.control.app
             )
+            self._status_page().install(self.control.app)
         self.managed = ManagedBackends(config.backends, self.backends, metrics=self.metrics)
         self._server: asyncio.Server | None = None
         self._plane: DataPlane | None = None
@@ -208,7 +227,18 @@ class Proxy:
 
         Raises ConfigError (and changes nothing) when the file is invalid or a TLS file of it
         cannot be used; RestartRequired (and changes nothing) when it changes a RESTART_ONLY one.
+        The outcome is kept for the status page.
         """
+        try:
+            changes = self._reload()
+        except ConfigError as exc:
+            self.last_reload = Reload(time.time(), f"refused: {exc}")
+            raise
+        added, removed = ", ".join(changes.added) or "none", ", ".join(changes.removed) or "none"
+        self.last_reload = Reload(time.time(), f"ok (added {added}; removed {removed})")
+        return changes
+
+    def _reload(self) -> Changes:
         try:
             new = self._adjust(load_config(self.config.source))
             contexts = backend_contexts(new)  # TLS files read again: a renewed certificate is used
@@ -363,6 +393,28 @@ class Proxy:
         )
         public_metrics = config.metrics.path if metrics is not None and self.control is None else None
         self._local = local_endpoints(self.readiness, self.metrics, public_metrics)
+
+    def _status_page(self) -> StatusPage:
+        return StatusPage(
+            # One service today: the top-level backends.
+            lambda: {DEFAULT_SERVICE: list(self.backends)},
+            self.metrics,
+            self.readiness,
+            self._process_info,
+            last_check=self.health.last_check,
+            reasons=self.health.reasons,
+            health_interval=lambda: self.health.config.interval,
+        )
+
+    def _process_info(self) -> ProcessInfo:
+        return ProcessInfo(
+            started=self.started_at,
+            version=__version__,
+            source=self.config.source,
+            store=_without_credentials(self.config.store),
+            worker=self._worker,
+            last_reload=self.last_reload,
+        )
 
     def _make_access_log(self, config: Config) -> AccessLog | None:
         if not access_enabled(config.log):

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from bisect import bisect_left
 from collections.abc import Callable, Iterable, Sequence
-from typing import Final, Generic, Protocol, TypeVar
+from typing import Final, Generic, NamedTuple, Protocol, TypeVar
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from prometheus_client.core import (
@@ -242,6 +242,16 @@ class _Histogram(_Family[Observations]):
 # --- the metrics -----------------------------------------------------------------------------------
 
 _ResponseKey = tuple[str, Era, bytes, int]
+
+
+class Traffic(NamedTuple):
+    """Metrics.traffic(): totals since start, and the streams open now."""
+
+    requests: float
+    errors: float  # 5xx answers, the backends' and the proxy's own
+    durations: tuple[int, ...]  # time-to-head observations per REQUEST_BUCKETS bucket (+Inf last)
+    duration_sum: float
+    streams: float
 
 
 class Metrics:
@@ -489,6 +499,24 @@ class Metrics:
     def health_check(self, backend: str, result: str) -> None:
         """For the active health checker; `result` from a small fixed set (e.g. ok, fail, timeout)."""
         self.health_checks.labels(backend, result).value += 1
+
+    # -- reading back (the status page) ------------------------------------------------------------
+
+    def traffic(self) -> Traffic:
+        """Totals since start over every label: requests, 5xx answers, the time-to-head histogram,
+        and the event streams open now. Off the hot path: it walks the children."""
+        requests = errors = 0.0
+        for (_, _, _, code), child in self.requests._children.items():
+            requests += child.value
+            if code == "5xx":
+                errors += child.value
+        counts = [0] * (len(REQUEST_BUCKETS) + 1)
+        total = 0.0
+        for histogram in self.request_duration._children.values():
+            counts = [a + b for a, b in zip(counts, histogram.counts, strict=True)]
+            total += histogram.sum
+        streams = sum(child.value for child in self.sse_streams_active._children.values())
+        return Traffic(requests, errors, tuple(counts), total, streams)
 
     # -- exposition ---------------------------------------------------------------------------------
 
