@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
+import os
 import socket
 import sys
 import time
@@ -35,6 +36,7 @@ from mcpbalancer.fleet.lifecycle import Changes, Fleet
 from mcpbalancer.fleet.managed import ManagedBackends
 from mcpbalancer.observability.logs import AccessLog, SessionHasher, access_enabled, reconfigure_logging
 from mcpbalancer.observability.metrics import Metrics
+from mcpbalancer.observability.tracing import Tracing
 from mcpbalancer.routing.affinity import Affinity
 from mcpbalancer.routing.balancer import Strategy, make_strategy
 from mcpbalancer.routing.binding import SessionBinder
@@ -80,6 +82,7 @@ LIVE: Final = frozenset(
         "session_ttl",
         "local_cache_size",  # the cache (and the replay records) shrink or grow in place
         "log",
+        "tracing",  # a change starts a new exporter; spans begun before end with the old one
         "pools",
         "routes",
         "affinity",  # a change starts the maps afresh: entries learned before are dropped
@@ -305,6 +308,8 @@ class Proxy:
         if new.log != old.log:
             reconfigure_logging(new.log, worker=self._worker)
             self._swap_access_log(new)
+        if new.tracing != old.tracing:
+            self._swap_tracing(new)
         plane = self._plane
         if plane is not None:
             plane.configure(
@@ -313,6 +318,7 @@ class Proxy:
                 limits=new.limits,
                 allowed_origins=new.allowed_origins,
                 hosts=_host_policy(new),
+                tracing=self.tracing,
             )
 
     def _failover(self, config: Config, running: Failover | None) -> Failover | None:
@@ -381,8 +387,11 @@ class Proxy:
             lambda: self.router.backends, self.store.ping, store_required=config.on_store_error == "fail"
         )
         self._access_stream = access_stream
-        self._session_tag_key = session_tag_key
+        # One key for the session tags of the access log and the spans (workers share the
+        # supervisor's), so a session reads the same in both and across a log swap.
+        self._session_tag_key = session_tag_key or os.urandom(16)
         self._worker = worker
+        self.tracing = self._make_tracing(config)
         self.access_log = self._make_access_log(config)
         metrics = self.metrics if config.metrics.enabled else None
         # /metrics is served on the admin listener when there is one, else on the public one.
@@ -393,6 +402,18 @@ class Proxy:
         )
         public_metrics = config.metrics.path if metrics is not None and self.control is None else None
         self._local = local_endpoints(self.readiness, self.metrics, public_metrics)
+
+    def _make_tracing(self, config: Config) -> Tracing | None:
+        if not config.tracing.enabled:
+            return None
+        return Tracing(config.tracing, self.metrics, session_key=self._session_tag_key)
+
+    def _swap_tracing(self, config: Config) -> None:
+        old, self.tracing = self.tracing, self._make_tracing(config)
+        if self.tracing is not None and self._plane is not None:
+            self.tracing.start()
+        if old is not None:  # exports what it holds, in a thread; stop() waits for it
+            self._retire(asyncio.to_thread(old.close))
 
     def _status_page(self) -> StatusPage:
         return StatusPage(
@@ -419,12 +440,10 @@ class Proxy:
     def _make_access_log(self, config: Config) -> AccessLog | None:
         if not access_enabled(config.log):
             return None
-        key = self._session_tag_key
         return AccessLog(
             self._access_stream or sys.stdout,
             fmt=config.log.format,
-            # Workers share one key, so a session reads the same in every worker's lines.
-            hasher=SessionHasher(key) if key is not None else None,
+            hasher=SessionHasher(self._session_tag_key),
             shared=config.workers > 1,
             worker=self._worker,  # a worker process: its index in every line, as in the event lines
         )
@@ -461,7 +480,10 @@ class Proxy:
             local=self._local,
             allowed_origins=self.config.allowed_origins,
             hosts=_host_policy(self.config),
+            tracing=self.tracing,
         )
+        if self.tracing is not None:
+            self.tracing.start()
         self._plane.on_backend_failure = self.health.passive
         self.fleet.on_evict = self._plane.abort_streams
         self.fleet.start()
@@ -560,5 +582,7 @@ class Proxy:
             await self.control.stop()
         if self.access_log is not None:
             self.access_log.close()
+        if self.tracing is not None:
+            await asyncio.to_thread(self.tracing.close)  # the last spans, bounded in time
         if self._server is not None:
             await self._server.wait_closed()

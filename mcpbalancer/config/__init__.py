@@ -35,6 +35,7 @@ from mcpbalancer.config.models import (
     LogConfig,
     MetricsConfig,
     TimeoutsConfig,
+    TracingConfig,
 )
 from mcpbalancer.config.runtime import (
     BackendConfig,
@@ -75,6 +76,7 @@ __all__ = [
     "RouteConfig",
     "TimeoutsConfig",
     "TlsConfig",
+    "TracingConfig",
     "admin_of_worker",
     "check_workers",
     "host_port",

@@ -42,6 +42,7 @@ from mcpbalancer.errors import (
 from mcpbalancer.fleet.backends import Backend
 from mcpbalancer.observability.logs import AccessLog, new_request_id, request_fields
 from mcpbalancer.observability.metrics import NO_BACKEND, Metrics
+from mcpbalancer.observability.tracing import SCAN_LIMIT, Span, Tracing
 from mcpbalancer.protocol import Era
 from mcpbalancer.protocol.sse import PING, EventBoundary
 from mcpbalancer.routing.affinity import ResultSniffer
@@ -85,6 +86,7 @@ class ExchangePlane(Protocol):
     limits: LimitsConfig
     loop: asyncio.AbstractEventLoop
     on_backend_failure: Callable[[str, str], None]  # (backend name, refused|reset|timeout|5xx)
+    tracing: Tracing | None  # None unless `tracing.enabled`
 
 
 class Exchange:
@@ -131,6 +133,7 @@ class Exchange:
     # binds one), and the backend's own id for this request's session when it was moved.
     _capture: list[bytes] | None = None
     _alias: bytes | None = None
+    _trace: Span | None = None  # this request's span, when tracing sampled it
 
     def __init__(self, plane: ExchangePlane, client: ClientSide, head: RequestHead) -> None:
         self.plane = plane
@@ -179,6 +182,9 @@ class Exchange:
     def start(self) -> None:
         """This exchange is at the head of its connection's queue: route it."""
         self._turn = True
+        tracing = self.plane.tracing
+        if tracing is not None and self.head.target not in self.plane.local:
+            self._trace = tracing.request(self.head)  # before the head is forwarded: traceparent
         if self._preset is not None:
             self._answer_error(self._preset)
             return
@@ -231,7 +237,7 @@ class Exchange:
         if isinstance(target, Backend):
             self._use(target)
         else:
-            self._await(target)
+            self._await(target, "store_lookup" if self.facts.session_id is not None else "affinity_lookup")
 
     def _route_with_body(self) -> None:
         """The whole body is here (bounded by limits.body_bytes): check it, then route."""
@@ -251,6 +257,9 @@ class Exchange:
         if self._body_bytes > self.plane.limits.body_bytes:
             self._too_large()
             return
+        trace = self._trace
+        if trace is not None and trace.wants_body:  # its first chunk, for the span's method and tool
+            trace.body, trace.wants_body = data[:SCAN_LIMIT], False
         if self._capture is not None:
             if self._body_bytes > INITIALIZE_LIMIT:
                 self._capture = None
@@ -315,13 +324,21 @@ class Exchange:
 
     # -- routing and connecting -------------------------------------------------------------------
 
-    def _await(self, awaitable: Awaitable[Backend]) -> None:
+    def _await(self, awaitable: Awaitable[Backend], decision: str) -> None:
+        """Route once `awaitable` (a store lookup, a replay) has the backend. `decision` names it
+        for the span."""
+
         async def run() -> None:
+            trace = self._trace
+            started = time.perf_counter() if trace is not None else 0.0
             try:
                 backend = await awaitable
             except ProxyError as err:
                 self._answer_error(err)
                 return
+            finally:
+                if trace is not None:
+                    trace.decision, trace.store_seconds = decision, time.perf_counter() - started
             if not self.done:
                 self._use(backend)
 
@@ -384,7 +401,7 @@ class Exchange:
                 # A backend slow to accept is not gone: keep its sessions.
                 self._answer_error(GatewayTimeout("Backend connect timeout"))
             elif failover is not None and failover.can_replay(self.facts.session_id):
-                self._await(failover.replay(self.plane.router, self.facts, backend))
+                self._await(failover.replay(self.plane.router, self.facts, backend), "replay")
             else:
                 self._answer_error(self.plane.router.owner_gone(self.facts, backend))
             return
@@ -554,9 +571,13 @@ class Exchange:
 
     def _hold_until(self, wait: Awaitable[None]) -> None:
         async def run() -> None:
+            trace = self._trace
+            started = time.perf_counter() if trace is not None else 0.0
             try:
                 await wait
             finally:
+                if trace is not None:  # the new session's binding, written to the shared store
+                    trace.store_seconds = time.perf_counter() - started
                 held, self._held = self._held, None
                 if not self.done and held is not None:
                     self._started = True
@@ -822,6 +843,8 @@ class Exchange:
             self.plane.metrics.stream_ended(self.backend.name, time.perf_counter() - self._stream_at)
         if self.plane.access_log is not None:
             self.plane.access_log.write(self)
+        if self._trace is not None:
+            self._trace.finish(self)
         if self.backend is not None:
             self.backend.in_flight -= 1
         if self.upstream is not None:

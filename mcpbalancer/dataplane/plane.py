@@ -22,6 +22,7 @@ from mcpbalancer.filters.origin import OriginPolicy
 from mcpbalancer.fleet.backends import Backend
 from mcpbalancer.observability.logs import AccessLog
 from mcpbalancer.observability.metrics import Metrics
+from mcpbalancer.observability.tracing import Tracing
 from mcpbalancer.routing.router import Router
 
 log = logging.getLogger(__name__)
@@ -46,8 +47,10 @@ class DataPlane:
         local: Mapping[bytes, LocalHandler] | None = None,
         allowed_origins: Iterable[str] = (),
         hosts: HostPolicy | None = None,
+        tracing: Tracing | None = None,
     ) -> None:
         self.router = router
+        self.tracing = tracing
         self.metrics = metrics or Metrics(CollectorRegistry())
         self.access_log = access_log
         self.local = local or {}  # paths the proxy answers itself (/healthz, /readyz, /metrics)
@@ -56,7 +59,7 @@ class DataPlane:
         self.timeouts = timeouts
         self.limits = limits
         self.loop = loop
-        self.capture = capture(router.reads_names)
+        self.capture = capture(router.reads_names or tracing is not None)
         # The Host allow list; None when every Host is allowed (no check at all).
         self.hosts = None if hosts is None or hosts.any else hosts
         self.origins = OriginPolicy(allowed_origins, hosts)
@@ -77,13 +80,16 @@ class DataPlane:
         limits: LimitsConfig,
         allowed_origins: Iterable[str],
         hosts: HostPolicy | None = None,
+        tracing: Tracing | None = None,
     ) -> None:
         """A reload: every request from now on reads the new settings (a connection's header
-        limits are taken when it opens); routing may now need Mcp-Name captured, or not."""
+        limits are taken when it opens); routing or tracing may now need Mcp-Name captured, or not.
+        Spans already begun end with the tracing that began them."""
         self.heartbeat, self.timeouts, self.limits = heartbeat, timeouts, limits
+        self.tracing = tracing
         self.hosts = None if hosts is None or hosts.any else hosts
         self.origins = OriginPolicy(allowed_origins, hosts)
-        self.capture = capture(self.router.reads_names)
+        self.capture = capture(self.router.reads_names or tracing is not None)
 
     def opened(self, conn: ClientConnection) -> None:
         self.connections.add(conn)

@@ -389,6 +389,13 @@ class Metrics:
             "mcpbalancer_store_resynced_sessions_total",
             "Sessions re-asserted (SET NX) to the shared store after an outage or a loss of its data.",
         )
+        self.trace_spans = _Counter(
+            r,
+            "mcpbalancer_trace_spans_total",
+            "Spans of sampled requests (tracing): exported, failed (the collector refused or did not "
+            "answer), dropped (the export queue was full).",
+            ("result",),
+        )
         self.build_info = _Gauge(
             r, "mcpbalancer_build_info", "Always 1; the version is a label.", ("version",)
         )
@@ -414,6 +421,12 @@ class Metrics:
             for kind in AFFINITY_KINDS
             for result in AFFINITY_RESULTS
         }
+
+    def trace_spans_children(self) -> tuple[Value, Value, Value]:
+        """The exported, dropped and failed counters of the tracing (exported from zero once asked
+        for: a proxy without tracing has no such series)."""
+        exported, dropped, failed = (self.trace_spans.labels(r) for r in ("exported", "dropped", "failed"))
+        return exported, dropped, failed
 
     def rule_hits(self, label: str) -> Value:
         """The counter child of one routing rule, for the router to resolve once per rule."""
