@@ -79,6 +79,7 @@ class TracedExchange(Protocol):
     """What a span reads of its finished exchange (dataplane/exchange.py): a protocol, like the
     access log's AccessRecord, because the data plane calls in here."""
 
+    trace: Span | None
     status: int
     outcome: str
     created: bytes | None
@@ -146,9 +147,21 @@ class Span:
         self._tracing.queue(self)
 
 
+class _Context(Protocol):
+    """The exchange as the tracing filter sees it (filters/phases.py's Context, and its span)."""
+
+    trace: Span | None
+
+    @property
+    def head(self) -> _Head: ...
+
+
 class Tracing:
-    """The tracing of one proxy: `request` per request head, `start()` the export thread,
+    """The tracing of one proxy, a filter at two phases (filters/phases.py): `request` (the span,
+    and the traceparent the backend gets) and `logging` (its end). `start()` the export thread,
     `close()` (blocking, bounded) to flush and stop it."""
+
+    reads_names = True  # Mcp-Name names a 2026-07-28 request's tool: the connection captures it
 
     def __init__(
         self,
@@ -176,7 +189,17 @@ class Tracing:
     def new_span_id(self) -> int:
         return self._rng.getrandbits(64) or 1
 
-    def request(self, head: _Head) -> Span | None:
+    def request(self, ctx: _Context, facts: object) -> None:
+        """The request phase: a span for this request if it is sampled, kept on the exchange."""
+        ctx.trace = self.begin(ctx.head)
+
+    def logging(self, ctx: TracedExchange) -> None:
+        """The logging phase: the exchange is over; its span is queued for export."""
+        span = ctx.trace
+        if span is not None:
+            span.finish(ctx)
+
+    def begin(self, head: _Head) -> Span | None:
         """A span for this request if it is sampled (its traceparent rewritten), else None."""
         headers = head.headers
         found = [i for i, field in enumerate(headers) if field[0] == TRACEPARENT]
