@@ -125,6 +125,7 @@ async def main(args: argparse.Namespace) -> None:
             TracingConfig(enabled=True), proxy.metrics, session_key=b"k" * 16, exporter=Discard()
         )
         tracing.start()
+        proxy.tracing = tracing  # registered by compose_phases, as a configured one is
     plane = DataPlane(
         proxy.router,
         proxy.fleet.pools,
