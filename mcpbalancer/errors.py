@@ -187,8 +187,11 @@ def error_body(err: ProxyError) -> bytes:
     return json.dumps(payload, separators=(",", ":")).encode()
 
 
-def render_error(err: ProxyError, *, keep_alive: bool, head_only: bool = False) -> bytes:
-    """The whole HTTP/1.1 response for `err`, ready to write to the client socket."""
+def render_error(
+    err: ProxyError, *, keep_alive: bool, head_only: bool = False, request_id: bytes | None = None
+) -> bytes:
+    """The whole HTTP/1.1 response for `err`, ready to write to the client socket; with
+    `request_id`, an X-Request-Id header (the id its log line carries)."""
     body = error_body(err)
     lines = [
         f"HTTP/1.1 {err.status} {err.reason}",
@@ -201,5 +204,7 @@ def render_error(err: ProxyError, *, keep_alive: bool, head_only: bool = False) 
         lines.append(f"Retry-After: {err.retry_after}")
     if err.allow is not None:
         lines.append(f"Allow: {err.allow}")
+    if request_id is not None:
+        lines.append(f"X-Request-Id: {request_id.decode('latin-1')}")
     head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
     return head if head_only else head + body

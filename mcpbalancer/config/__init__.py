@@ -19,6 +19,7 @@ from mcpbalancer.config.models import (
     BALANCE_STRATEGIES,
     DEFAULT_LOCAL_CACHE_SIZE,
     DEFAULT_MCP_PATH,
+    DEFAULT_SERVICE,
     DEFAULT_SHUTDOWN_TIMEOUT,
     DEFAULT_STORE_PREFIX,
     ERAS,
@@ -34,6 +35,7 @@ from mcpbalancer.config.models import (
     LogConfig,
     MetricsConfig,
     TimeoutsConfig,
+    TracingConfig,
 )
 from mcpbalancer.config.runtime import (
     BackendConfig,
@@ -49,6 +51,7 @@ __all__ = [
     "BALANCE_STRATEGIES",
     "DEFAULT_LOCAL_CACHE_SIZE",
     "DEFAULT_MCP_PATH",
+    "DEFAULT_SERVICE",
     "DEFAULT_SHUTDOWN_TIMEOUT",
     "DEFAULT_STORE_PREFIX",
     "ERAS",
@@ -73,6 +76,7 @@ __all__ = [
     "RouteConfig",
     "TimeoutsConfig",
     "TlsConfig",
+    "TracingConfig",
     "admin_of_worker",
     "check_workers",
     "host_port",

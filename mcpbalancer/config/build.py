@@ -13,6 +13,7 @@ from mcpbalancer.config.models import (
     LogConfig,
     MetricsConfig,
     TimeoutsConfig,
+    TracingConfig,
 )
 from mcpbalancer.config.runtime import BackendConfig, Config, RouteConfig, TlsConfig
 from mcpbalancer.errors import ConfigError
@@ -36,6 +37,7 @@ def build(file: ConfigFile, source: str) -> Config:
         admin=None if file.admin is None else split_host_port(file.admin),
         metrics=file.metrics or MetricsConfig(),
         log=file.log or LogConfig(),
+        tracing=file.tracing or TracingConfig(),
         health=file.health or HealthConfig(),
         shutdown_timeout=file.shutdown_timeout,
         pools={name: tuple(dict.fromkeys(members)) for name, members in (file.pools or {}).items()},

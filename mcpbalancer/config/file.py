@@ -48,6 +48,7 @@ from mcpbalancer.config.models import (
     StoreErrorMode,
     Text,
     TimeoutsConfig,
+    TracingConfig,
     invalid,
 )
 
@@ -301,6 +302,7 @@ class ConfigFile(Section):
     )
     metrics: MetricsConfig | None = Field(default=MetricsConfig(), description=MetricsConfig.__doc__)
     log: LogConfig | None = Field(default=LogConfig(), description=LogConfig.__doc__)
+    tracing: TracingConfig | None = Field(default=TracingConfig(), description=TracingConfig.__doc__)
     health: HealthConfig | None = Field(default=HealthConfig(), description=HealthConfig.__doc__)
     shutdown_timeout: Number = Field(
         default=DEFAULT_SHUTDOWN_TIMEOUT,

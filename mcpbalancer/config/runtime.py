@@ -22,6 +22,7 @@ from mcpbalancer.config.models import (
     LogConfig,
     MetricsConfig,
     TimeoutsConfig,
+    TracingConfig,
 )
 
 
@@ -86,6 +87,7 @@ class Config:
     admin: tuple[str, int] | None = None  # (host, port) of the control listener; None = off
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    tracing: TracingConfig = field(default_factory=TracingConfig)
     health: HealthConfig = field(default_factory=HealthConfig)
     shutdown_timeout: float = DEFAULT_SHUTDOWN_TIMEOUT
     pools: Mapping[str, tuple[str, ...]] = field(default_factory=dict)

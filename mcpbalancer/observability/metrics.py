@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from bisect import bisect_left
 from collections.abc import Callable, Iterable, Sequence
-from typing import Final, Generic, Protocol, TypeVar
+from typing import Final, Generic, NamedTuple, Protocol, TypeVar
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from prometheus_client.core import (
@@ -244,6 +244,16 @@ class _Histogram(_Family[Observations]):
 _ResponseKey = tuple[str, Era, bytes, int]
 
 
+class Traffic(NamedTuple):
+    """Metrics.traffic(): totals since start, and the streams open now."""
+
+    requests: float
+    errors: float  # 5xx answers, the backends' and the proxy's own
+    durations: tuple[int, ...]  # time-to-head observations per REQUEST_BUCKETS bucket (+Inf last)
+    duration_sum: float
+    streams: float
+
+
 class Metrics:
     """The metrics of one proxy. `backends` returns the live Backend objects; it is called at every
     scrape, so a reloaded backend list shows up without re-registering anything. Not thread-safe:
@@ -379,6 +389,13 @@ class Metrics:
             "mcpbalancer_store_resynced_sessions_total",
             "Sessions re-asserted (SET NX) to the shared store after an outage or a loss of its data.",
         )
+        self.trace_spans = _Counter(
+            r,
+            "mcpbalancer_trace_spans_total",
+            "Spans of sampled requests (tracing): exported, failed (the collector refused or did not "
+            "answer), dropped (the export queue was full).",
+            ("result",),
+        )
         self.build_info = _Gauge(
             r, "mcpbalancer_build_info", "Always 1; the version is a label.", ("version",)
         )
@@ -404,6 +421,12 @@ class Metrics:
             for kind in AFFINITY_KINDS
             for result in AFFINITY_RESULTS
         }
+
+    def trace_spans_children(self) -> tuple[Value, Value, Value]:
+        """The exported, dropped and failed counters of the tracing (exported from zero once asked
+        for: a proxy without tracing has no such series)."""
+        exported, dropped, failed = (self.trace_spans.labels(r) for r in ("exported", "dropped", "failed"))
+        return exported, dropped, failed
 
     def rule_hits(self, label: str) -> Value:
         """The counter child of one routing rule, for the router to resolve once per rule."""
@@ -489,6 +512,24 @@ class Metrics:
     def health_check(self, backend: str, result: str) -> None:
         """For the active health checker; `result` from a small fixed set (e.g. ok, fail, timeout)."""
         self.health_checks.labels(backend, result).value += 1
+
+    # -- reading back (the status page) ------------------------------------------------------------
+
+    def traffic(self) -> Traffic:
+        """Totals since start over every label: requests, 5xx answers, the time-to-head histogram,
+        and the event streams open now. Off the hot path: it walks the children."""
+        requests = errors = 0.0
+        for (_, _, _, code), child in self.requests._children.items():
+            requests += child.value
+            if code == "5xx":
+                errors += child.value
+        counts = [0] * (len(REQUEST_BUCKETS) + 1)
+        total = 0.0
+        for histogram in self.request_duration._children.values():
+            counts = [a + b for a, b in zip(counts, histogram.counts, strict=True)]
+            total += histogram.sum
+        streams = sum(child.value for child in self.sse_streams_active._children.values())
+        return Traffic(requests, errors, tuple(counts), total, streams)
 
     # -- exposition ---------------------------------------------------------------------------------
 
