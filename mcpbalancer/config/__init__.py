@@ -38,6 +38,7 @@ from mcpbalancer.config.models import (
 from mcpbalancer.config.runtime import (
     BackendConfig,
     Config,
+    DiscoveryConfig,
     RouteConfig,
     TlsConfig,
     admin_of_worker,
@@ -66,6 +67,7 @@ __all__ = [
     "Config",
     "ConfigError",
     "ConfigFile",
+    "DiscoveryConfig",
     "HealthConfig",
     "LimitsConfig",
     "LogConfig",
