@@ -210,8 +210,9 @@ class BackendEntry(Section):
     drain_timeout: Number = Field(
         default=0.0,
         ge=0,
-        description="Seconds after a drain starts until the remaining sessions answer 404 and open "
-        "streams are closed; 0 = wait for the sessions to end by themselves.",
+        description="Seconds after a drain starts until the remaining sessions answer 404 (or move, with "
+        "failover: replay) and their GET streams are closed; requests in flight finish. 0 = wait for the "
+        "sessions to end by themselves.",
     )
     eras: Eras = Field(
         default=ERAS,
