@@ -39,9 +39,12 @@ from mcpbalancer.filters.origin import OriginFilter, OriginPolicy
 from mcpbalancer.filters.phases import Phases, compose
 from mcpbalancer.filters.route_rules import RouteRules
 from mcpbalancer.filters.session_binding import SessionBinding
+from mcpbalancer.fleet.backends import Backend
+from mcpbalancer.fleet.discovery import Discovery
 from mcpbalancer.fleet.health import HealthChecker, HttpProbe
 from mcpbalancer.fleet.lifecycle import Changes, Fleet
 from mcpbalancer.fleet.managed import ManagedBackends
+from mcpbalancer.fleet.resolver import DnsResolver
 from mcpbalancer.observability.logs import AccessLog, SessionHasher, access_enabled, reconfigure_logging
 from mcpbalancer.observability.metrics import Metrics
 from mcpbalancer.observability.tracing import Tracing
@@ -80,6 +83,7 @@ LIVE: Final = frozenset(
     {
         "source",  # the file itself; reloads read the same one
         "backends",
+        "discovery",  # the `discover` entries: looked up again at once when their lookup changed
         "health",
         "shutdown_timeout",
         "mcp_path",
@@ -179,11 +183,12 @@ class Proxy:
         self._adjust = adjust or _unchanged
         # An explicit argument wins over the config's `shutdown_timeout` (and over its reloads).
         self._shutdown_override = shutdown_timeout
+        contexts = backend_contexts(config)
         self.fleet = Fleet(
             config.backends,
             # A pool made after a reload (a backend added or moved) takes the timeout then in force.
             pool=lambda backend: UpstreamPool(backend, connect_timeout=self.config.timeouts.connect),
-            contexts=backend_contexts(config),
+            contexts=contexts,
             mcp_path=config.mcp_path,
         )
         self.backends = self.fleet.backends
@@ -213,6 +218,10 @@ class Proxy:
             refuse_new=self._refuse_new(config),
         )
         self.health = HealthChecker(config.health, self.fleet.set_status, self._probe, metrics=self.metrics)
+        self.discovery = Discovery(
+            config.discovery, self.fleet, DnsResolver(), contexts=contexts, metrics=self.metrics
+        )
+        self.fleet.on_remove = self._removed
         self._observability(config, access_stream, session_tag_key, worker)
         if self.control is not None:
             AdminApi(self.fleet, self.health.last_check, self.reload, self.health.reasons).install(
@@ -256,7 +265,9 @@ class Proxy:
             raise
         self._refuse_restart_only(new)
         backends = self._keep_managed(new.backends)
-        changes = self.fleet.apply(backends, contexts, mcp_path=new.mcp_path)
+        entries = {entry.name for entry in new.discovery}
+        changes = self.fleet.apply(backends, contexts, mcp_path=new.mcp_path, discovered=entries)
+        self.discovery.reconfigure(new.discovery, contexts)
         self.health.reconfigure(new.health)
         self.health.forget(b.name for b in self.backends)
         self._apply_policy(self.config, new)
@@ -269,6 +280,11 @@ class Proxy:
             changes.updated or "none",
         )
         return changes
+
+    def _removed(self, backend: Backend) -> None:
+        """A discovered backend left for good: its health state and metric series go with it."""
+        self.health.forget(b.name for b in self.backends)
+        self.metrics.forget("backend", backend.name)
 
     def _refuse_restart_only(self, new: Config) -> None:
         """RestartRequired (and nothing applied) when `new` changes a RESTART_ONLY setting."""
@@ -413,7 +429,10 @@ class Proxy:
         worker: int | None,
     ) -> None:
         self.readiness = Readiness(
-            lambda: self.router.backends, self.store.ping, store_required=config.on_store_error == "fail"
+            lambda: self.router.backends,
+            self.store.ping,
+            store_required=config.on_store_error == "fail",
+            discovery=self.discovery.status,
         )
         self._access_stream = access_stream
         # One key for the session tags of the access log and the spans (workers share the
@@ -496,6 +515,7 @@ class Proxy:
                 await self.store.close()
                 raise
         await self._check_store()
+        await self.discovery.start()  # the first answers, so that it serves with its backends
         loop = asyncio.get_running_loop()
         self._plane = DataPlane(
             self.router,
@@ -590,6 +610,7 @@ class Proxy:
                 async with asyncio.timeout(self.shutdown_timeout):
                     await self._wait_quiet(plane)
             plane.abort_all()
+        await self.discovery.close()
         self.fleet.close()
         # After the in-flight exchanges: a tool call running on a managed backend may finish.
         await self.managed.stop()

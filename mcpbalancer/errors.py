@@ -5,6 +5,7 @@
      ├── StoreError                   the session store could not answer (Redis down, timeout)
      ├── BackendStartError            a managed backend's process did not start or answer
      ├── ListenError                  a listener (public or admin) could not be bound
+ ├── LookupFailed                 a discovery lookup got no answer (DNS down, timeout, SERVFAIL)
      └── ProxyError                   an answer the proxy itself gives a client
           ├── BadRequest              400: malformed framing, a bad request target, ...
           │    ├── InvalidSessionId   400: Mcp-Session-Id is not 1..256 visible ASCII characters
@@ -79,6 +80,11 @@ class BackendStartError(MCPBalancerError):
 
 class ListenError(MCPBalancerError):
     """A listener could not be bound; the message names which one and its address."""
+
+
+class LookupFailed(MCPBalancerError):
+    """A DNS lookup of a `discover` entry failed; the message says why. The last known backends
+    stay (fleet/discovery.py)."""
 
 
 class ProxyError(MCPBalancerError):

@@ -40,6 +40,7 @@ from mcpbalancer.config.models import (
 from mcpbalancer.config.runtime import (
     BackendConfig,
     Config,
+    DiscoveryConfig,
     RouteConfig,
     TlsConfig,
     admin_of_worker,
@@ -69,6 +70,7 @@ __all__ = [
     "Config",
     "ConfigError",
     "ConfigFile",
+    "DiscoveryConfig",
     "HealthConfig",
     "LimitsConfig",
     "LogConfig",

@@ -3,8 +3,16 @@ changed it (`--workers`)."""
 
 from __future__ import annotations
 
-from mcpbalancer.config.checks import split_backend_url, split_host_port
-from mcpbalancer.config.file import MANAGED_HOST, BackendEntry, ConfigFile, RouteEntry, RouteMatch, TlsSection
+from mcpbalancer.config.checks import split_backend_url, split_host_port, split_nameserver
+from mcpbalancer.config.file import (
+    MANAGED_HOST,
+    BackendEntry,
+    ConfigFile,
+    DiscoverSection,
+    RouteEntry,
+    RouteMatch,
+    TlsSection,
+)
 from mcpbalancer.config.models import (
     MAX_WORKERS,
     AffinityConfig,
@@ -15,7 +23,7 @@ from mcpbalancer.config.models import (
     TimeoutsConfig,
     TracingConfig,
 )
-from mcpbalancer.config.runtime import BackendConfig, Config, RouteConfig, TlsConfig
+from mcpbalancer.config.runtime import BackendConfig, Config, DiscoveryConfig, RouteConfig, TlsConfig
 from mcpbalancer.errors import ConfigError
 
 
@@ -28,7 +36,12 @@ def build(file: ConfigFile, source: str) -> Config:
         session_ttl=file.session_ttl,
         balance=file.balance,
         heartbeat=file.heartbeat,
-        backends=tuple(backend for i, entry in enumerate(file.backends) for backend in _backends(entry, i)),
+        backends=tuple(
+            backend
+            for i, entry in enumerate(file.backends)
+            if entry.discover is None
+            for backend in _backends(entry, i)
+        ),
         timeouts=file.timeouts or TimeoutsConfig(),
         limits=file.limits or LimitsConfig(),
         store_prefix=file.store_prefix,
@@ -52,6 +65,11 @@ def build(file: ConfigFile, source: str) -> Config:
         on_store_error=file.on_store_error,
         workers=file.workers,
         mcp_path=file.mcp_path,
+        discovery=tuple(
+            _discovery(entry, entry.discover, i)
+            for i, entry in enumerate(file.backends)
+            if entry.discover is not None
+        ),
     )
 
 
@@ -63,6 +81,28 @@ def _backends(entry: BackendEntry, index: int) -> list[BackendConfig]:
     # A managed entry (BackendEntry has exactly one of url and command): host and port are known
     # once the process is up.
     return [_backend(entry, name, "", "http", MANAGED_HOST, 0, "", None) for name in entry.names]
+
+
+def _discovery(entry: BackendEntry, discover: DiscoverSection, index: int) -> DiscoveryConfig:
+    tls = None
+    if discover.scheme == "https":
+        tls = _tls(entry.tls or TlsSection(), f"backends[{index}].tls")
+    # The settings of every backend it finds; name, address and (SRV) weight are filled in then.
+    path = "" if discover.path in (None, "/") else discover.path
+    template = _backend(entry, entry.name, "", discover.scheme, "", 0, path, tls)
+    return DiscoveryConfig(
+        name=entry.name,
+        dns=discover.dns,
+        srv=discover.srv,
+        port=discover.port,
+        interval=discover.interval,
+        timeout=discover.timeout,
+        family=discover.family,
+        scheme=discover.scheme,
+        path=path,
+        nameservers=tuple(split_nameserver(server) for server in discover.nameservers or ()),
+        template=template,
+    )
 
 
 def _backend(

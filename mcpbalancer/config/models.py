@@ -43,6 +43,10 @@ STORE_ERROR_MODES: Final = ("degrade", "fail")
 LOG_FORMATS: Final = ("json", "text")
 LOG_LEVELS: Final = ("debug", "info", "warning", "error")
 ERAS: Final = ("legacy", "modern")
+SCHEMES: Final = ("http", "https")
+# One address family per discovery entry: an instance with both an A and an AAAA record would
+# otherwise be two backends, with twice its share of new sessions.
+FAMILIES: Final = ("ipv4", "ipv6")
 DEFAULT_STORE_PREFIX: Final = "mcpb:"
 DEFAULT_LOCAL_CACHE_SIZE: Final = 100_000
 DEFAULT_SHUTDOWN_TIMEOUT: Final = 10.0
@@ -107,6 +111,12 @@ Origin = Annotated[Text, _Check(checks.check_origin, pattern=f"^(?:\\*|{ORIGIN.p
 HostName = Annotated[Text, _Check(checks.check_host_name, pattern=f"^(?:{checks.HOST_NAME.pattern})$")]
 HeaderName = Annotated[Text, _matching(HEADER_NAME, checks.HEADER_RULE)]
 ServerName = Annotated[Text, _matching(checks.SERVER_NAME, checks.SERVER_NAME_RULE)]
+DnsName = Annotated[Text, _matching(checks.DNS_NAME, checks.DNS_NAME_RULE)]
+NameServer = Annotated[Text, AfterValidator(checks.check_nameserver)]
+EndpointPath = Annotated[Text, _Check(checks.check_endpoint_path, pattern=f"^{checks.URL_PATH.pattern}$")]
+Scheme = Annotated[Text, _one_of(SCHEMES)]
+Family = Annotated[Text, _one_of(FAMILIES)]
+Port = Annotated[Integer, Field(ge=1, le=65535)]
 ProbePath = Annotated[Text, _Check(checks.check_probe_path, pattern=f"^{checks.URL_PATH.pattern}$")]
 McpPath = Annotated[Text, _Check(checks.check_mcp_path, pattern='^/[!"$->@-~]{0,255}$')]
 MetricsPath = Annotated[Text, _Check(checks.check_metrics_path, pattern=f"^{checks.URL_PATH.pattern}$")]
