@@ -349,10 +349,10 @@ def test_prometheus_scrapes_both_proxies_admin_listeners_and_grafana_reads_it(
         admin[name] = port_of(load_config(config, environ=env).admin)
     assert sorted(targets["targets"]) == sorted(f"{name}:{port}" for name, port in admin.items())
     assert job["metrics_path"] == "/metrics"
-    # The rules beside the scrape configuration (a glob: none is an empty rule set, not an error).
-    assert scrape["rule_files"] == ["alerts*.yaml"]
-    for rules in prometheus_dir.glob("alerts*.yaml"):
-        assert yaml.safe_load(rules.read_text(encoding="utf-8"))["groups"]
+    # The shipped alert rules beside the scrape configuration (not their promtool tests).
+    assert scrape["rule_files"] == ["alerts.yaml"]
+    for name in scrape["rule_files"]:
+        assert yaml.safe_load((prometheus_dir / name).read_text(encoding="utf-8"))["groups"]
     grafana = mounts(services["grafana"])
     provisioning = grafana["/etc/grafana/provisioning"]
     [source] = yaml.safe_load((provisioning / "datasources" / "prometheus.yaml").read_text())["datasources"]
