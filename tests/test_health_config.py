@@ -189,3 +189,29 @@ def test_a_reload_gives_running_backends_their_new_health_keys_and_session_mode(
     fleet.apply(backends(2))  # back to auto: learned again
     assert running.session_mode == "unknown"
     fleet.close()
+
+
+def test_endpoints_found_by_discovery_take_their_groups_health_keys_and_session_mode() -> None:
+    from mcpbalancer.fleet.discovery import endpoints
+    from mcpbalancer.fleet.resolver import Record
+
+    config = parse_config(
+        {
+            "health": {"interval": 3, "headers": {"Authorization": "Bearer g"}},
+            "backends": [
+                {
+                    "name": "tools",
+                    "discover": {"dns": "tools.example", "port": 8000, "path": "/mcp"},
+                    "health": {"probe": "http", "path": "/ready"},
+                    "session_mode": "stateless",
+                }
+            ],
+        }
+    )
+    [entry] = config.discovery
+    found = endpoints(entry, [Record("10.0.0.1", 8000), Record("10.0.0.2", 8000)])
+    assert [b.name for b in found] == ["tools@10.0.0.1:8000", "tools@10.0.0.2:8000"]
+    for backend in found:
+        assert (backend.health.probe, backend.health.path, backend.health.interval) == ("http", "/ready", 3.0)
+        assert backend.health.headers == {"Authorization": "Bearer g"}
+        assert backend.session_mode == "stateless"

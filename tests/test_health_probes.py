@@ -6,6 +6,7 @@ taken down. Real FastMCP backends with a `/ready` route whose answer the test se
 from __future__ import annotations
 
 import asyncio
+import html
 import logging
 import re
 import signal
@@ -101,6 +102,11 @@ async def test_a_503_takes_the_backend_down_its_sessions_stay_and_200_brings_it_
     assert (r1_state["last_probe"]["status"], r1_state["last_probe"]["error"]) == (503, None)
     assert r1_state["last_probe"]["ok"] is False
     assert f"backend r1 is down ({why})" in caplog.text
+    assert proxy.control is not None
+    async with web.get(f"http://127.0.0.1:{proxy.control.port}/") as resp:  # the status page
+        row = re.search(r'<tr data-backend="r1" data-state="down">(.*?)</tr>', await resp.text(), re.DOTALL)
+    assert row is not None
+    assert html.escape(why) in row[1]
     # New sessions avoid it; its own session is still served by it.
     for _ in range(4):
         assert await whoami(web, proxy, await open_session(web, mcp_url(proxy))) == "r2"

@@ -3,8 +3,16 @@ changed it (`--workers`)."""
 
 from __future__ import annotations
 
-from mcpbalancer.config.checks import split_backend_url, split_host_port
-from mcpbalancer.config.file import MANAGED_HOST, BackendEntry, ConfigFile, RouteEntry, RouteMatch, TlsSection
+from mcpbalancer.config.checks import split_backend_url, split_host_port, split_nameserver
+from mcpbalancer.config.file import (
+    MANAGED_HOST,
+    BackendEntry,
+    ConfigFile,
+    DiscoverSection,
+    RouteEntry,
+    RouteMatch,
+    TlsSection,
+)
 from mcpbalancer.config.health import HealthConfig, merged
 from mcpbalancer.config.models import (
     MAX_WORKERS,
@@ -13,8 +21,9 @@ from mcpbalancer.config.models import (
     LogConfig,
     MetricsConfig,
     TimeoutsConfig,
+    TracingConfig,
 )
-from mcpbalancer.config.runtime import BackendConfig, Config, RouteConfig, TlsConfig
+from mcpbalancer.config.runtime import BackendConfig, Config, DiscoveryConfig, RouteConfig, TlsConfig
 from mcpbalancer.errors import ConfigError
 
 
@@ -29,7 +38,10 @@ def build(file: ConfigFile, source: str) -> Config:
         balance=file.balance,
         heartbeat=file.heartbeat,
         backends=tuple(
-            backend for i, entry in enumerate(file.backends) for backend in _backends(entry, i, health)
+            backend
+            for i, entry in enumerate(file.backends)
+            if entry.discover is None
+            for backend in _backends(entry, i, health)
         ),
         timeouts=file.timeouts or TimeoutsConfig(),
         limits=file.limits or LimitsConfig(),
@@ -39,6 +51,7 @@ def build(file: ConfigFile, source: str) -> Config:
         admin=None if file.admin is None else split_host_port(file.admin),
         metrics=file.metrics or MetricsConfig(),
         log=file.log or LogConfig(),
+        tracing=file.tracing or TracingConfig(),
         health=health,
         shutdown_timeout=file.shutdown_timeout,
         pools={name: tuple(dict.fromkeys(members)) for name, members in (file.pools or {}).items()},
@@ -53,6 +66,11 @@ def build(file: ConfigFile, source: str) -> Config:
         on_store_error=file.on_store_error,
         workers=file.workers,
         mcp_path=file.mcp_path,
+        discovery=tuple(
+            _discovery(entry, entry.discover, i, health)
+            for i, entry in enumerate(file.backends)
+            if entry.discover is not None
+        ),
     )
 
 
@@ -66,6 +84,33 @@ def _backends(entry: BackendEntry, index: int, health: HealthConfig) -> list[Bac
     # once the process is up.
     address = ("http", MANAGED_HOST, 0, "")
     return [_backend(entry, name, "", address, None, own) for name in entry.names]
+
+
+def _discovery(
+    entry: BackendEntry, discover: DiscoverSection, index: int, health: HealthConfig
+) -> DiscoveryConfig:
+    tls = None
+    if discover.scheme == "https":
+        tls = _tls(entry.tls or TlsSection(), f"backends[{index}].tls")
+    # The settings of every backend it finds, its health keys and session_mode among them; name,
+    # address and (SRV) weight are filled in then.
+    path = "" if discover.path in (None, "/") else discover.path
+    template = _backend(
+        entry, entry.name, "", (discover.scheme, "", 0, path), tls, merged(health, entry.health)
+    )
+    return DiscoveryConfig(
+        name=entry.name,
+        dns=discover.dns,
+        srv=discover.srv,
+        port=discover.port,
+        interval=discover.interval,
+        timeout=discover.timeout,
+        family=discover.family,
+        scheme=discover.scheme,
+        path=path,
+        nameservers=tuple(split_nameserver(server) for server in discover.nameservers or ()),
+        template=template,
+    )
 
 
 def _backend(
