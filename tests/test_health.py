@@ -321,3 +321,23 @@ async def test_each_backend_counts_with_its_own_fall_from_its_first_probe() -> N
     check.passive("own", "timeout")
     await check.check_once([own])  # bounded by its own timeout, not the checker's 1 s
     assert check.last_probe["own"].error == "timeout"
+
+
+async def test_run_probes_each_backend_on_its_own_interval_and_stops_when_cancelled() -> None:
+    probe = FakeProbe()
+    check, _, _ = checker(probe)
+    fast = Backend("fast", "h", 1, health=HealthConfig(interval=0.01))
+    slow = Backend("slow", "h", 2, health=HealthConfig(interval=0.2))
+    off = Backend("off", "h", 3, health=HealthConfig(interval=0))
+    for attempt in range(20):  # cancelled at many moments: while waiting, while probing
+        probe.calls.clear()
+        task = asyncio.get_running_loop().create_task(check.run(lambda: [fast, slow, off]))
+        async with asyncio.timeout(5):
+            while probe.calls.count("fast") < 3 + attempt % 4:
+                await asyncio.sleep(0.005)
+        task.cancel()
+        async with asyncio.timeout(2):  # a cancel is never lost, whatever it meets
+            with pytest.raises(asyncio.CancelledError):
+                await task
+        assert "off" not in probe.calls
+        assert probe.calls.count("slow") <= 1 < probe.calls.count("fast")

@@ -28,7 +28,6 @@ the change says; `last_probe` the status or error word of the last probe.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable, Iterable
@@ -263,14 +262,21 @@ class HealthChecker:
         loop = asyncio.get_running_loop()
         started: dict[str, float] = {}  # loop time the last probe of each backend began
         running: dict[str, asyncio.Task[None]] = {}
-        finished = asyncio.Event()
+        # Woken when the next probe is due or one ends. A plain future, not asyncio.timeout around
+        # an Event: on Python 3.11 a cancel that meets the timeout's expiry can come out as the
+        # TimeoutError, which would keep this loop (and the proxy's stop) going.
+        wakeup: list[asyncio.Future[None]] = [loop.create_future()]
+
+        def wake() -> None:
+            if not wakeup[0].done():
+                wakeup[0].set_result(None)
+
         try:
             while True:
-                finished.clear()
                 now = loop.time()
                 targets = list(backends())
                 self.track(targets)
-                wake = now + OFF_RECHECK
+                wake_at = now + OFF_RECHECK
                 for backend in targets:
                     interval = self.settings(backend).interval
                     if interval <= 0 or backend.name in running:
@@ -278,22 +284,25 @@ class HealthChecker:
                     due = started.get(backend.name, now) + interval
                     if backend.name not in started or due <= now:
                         started[backend.name] = now
-                        running[backend.name] = self._spawn(backend, running, finished)
+                        running[backend.name] = self._spawn(backend, running, wake)
                         due = now + interval
-                    wake = min(wake, due)
+                    wake_at = min(wake_at, due)
                 names = {b.name for b in targets}
                 for name in [n for n in started if n not in names and n not in running]:
                     del started[name]  # no longer configured
-                with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(max(wake - loop.time(), 0.0)):
-                        await finished.wait()
+                wakeup[0] = loop.create_future()
+                timer = loop.call_later(max(wake_at - loop.time(), 0.0), wake)
+                try:
+                    await wakeup[0]
+                finally:
+                    timer.cancel()
         finally:
             for task in running.values():
                 task.cancel()
             await asyncio.gather(*running.values(), return_exceptions=True)
 
     def _spawn(
-        self, backend: Backend, running: dict[str, asyncio.Task[None]], finished: asyncio.Event
+        self, backend: Backend, running: dict[str, asyncio.Task[None]], ended: Callable[[], None]
     ) -> asyncio.Task[None]:
         async def probe() -> None:
             try:
@@ -302,6 +311,6 @@ class HealthChecker:
                 log.exception("health check of %s failed", backend.name)
             finally:
                 running.pop(backend.name, None)
-                finished.set()
+                ended()
 
         return asyncio.get_running_loop().create_task(probe())
