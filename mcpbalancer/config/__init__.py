@@ -40,7 +40,6 @@ from mcpbalancer.config.runtime import (
     Config,
     RouteConfig,
     TlsConfig,
-    admin_of_worker,
     host_port,
 )
 from mcpbalancer.errors import ConfigError
@@ -73,7 +72,6 @@ __all__ = [
     "RouteConfig",
     "TimeoutsConfig",
     "TlsConfig",
-    "admin_of_worker",
     "check_workers",
     "host_port",
     "load_config",
