@@ -261,6 +261,9 @@ class JsonFormatter(logging.Formatter):
         }
         if self._worker is not None:
             entry["worker"] = self._worker
+        audit = getattr(record, "audit", None)  # the admin API's audit lines: their facts as fields
+        if audit is not None:
+            entry["audit"] = audit
         if record.exc_info:
             entry["exc"] = self.formatException(record.exc_info)
         return json.dumps(entry, ensure_ascii=False, separators=(",", ":"))
