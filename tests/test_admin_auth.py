@@ -16,10 +16,11 @@ from typing import Any
 import aiohttp
 import pytest
 import yaml
+from aiohttp import web
 
 from mcpbalancer.app import Proxy
 from mcpbalancer.config import ConfigError, load_config, parse_config
-from mcpbalancer.control.auth import AdminAuth
+from mcpbalancer.control.auth import AdminAuth, authorized
 
 TOKEN = "t0ken-for-the-admin-api-0123456789"
 OTHER = "an0ther-token-for-rotation-987654"
@@ -355,3 +356,26 @@ async def test_a_target_that_is_not_a_name_cannot_forge_a_line(
     [message] = [r.getMessage() for r in caplog.records if r.name == "mcpbalancer.audit"]
     assert "\n" not in message
     assert message.startswith("admin drain 'x\\n2026-01-01 INFO forged' from 127.0.0.1: not_found")
+
+
+async def test_a_route_added_later_is_guarded_and_can_ask_itself(start_admin: StartAdmin) -> None:
+    """What the status page does: a route of its own on the listener, behind the same token."""
+    admin = await start_admin()
+    assert admin.proxy.control is not None
+    seen: list[bool] = []
+
+    async def page(request: web.Request) -> web.Response:
+        seen.append(authorized(request))
+        return web.Response(text="status")
+
+    # Routes are frozen once the listener runs: a fresh proxy gets the page before start().
+    await admin.proxy.stop()
+    proxy = Proxy(load_config(admin.path))
+    assert proxy.control is not None
+    proxy.control.app.router.add_get("/", page, name="status")
+    await proxy.start()
+    admin.proxy = proxy
+    assert (await admin.ask("GET", "/"))[0] == 401
+    assert (await admin.ask("GET", "/", TOKEN))[:3:2] == (200, "status")
+    assert seen == [True]
+    assert admin.count("status", "unauthorized") == 1

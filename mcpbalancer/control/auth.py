@@ -3,7 +3,7 @@
 Every path of the listener needs the token except OPEN ones (the probes and the metrics page, for
 kubelet and Prometheus), so a page added later (the status page) is guarded without asking. The
 check is a middleware on the listener's aiohttp application; a handler that wants to know itself
-calls `request.app[AUTH].authorized(request)`.
+calls `authorized(request)`.
 
 Tokens are compared as SHA-256 digests with `hmac.compare_digest`, against every configured token
 without stopping at a match: the time does not depend on how much of a token was right, nor on
@@ -79,6 +79,12 @@ class AdminAuth:
 
 
 AUTH: Final = web.AppKey("auth", AdminAuth)
+
+
+def authorized(request: web.BaseRequest) -> bool:
+    """Whether `request` may see what the admin listener serves (True where no token is set)."""
+    auth = request.app.get(AUTH) if isinstance(request, web.Request) else None
+    return auth is None or auth.authorized(request)
 
 
 def unauthorized(problem: str) -> web.Response:
