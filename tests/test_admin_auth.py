@@ -359,23 +359,31 @@ async def test_a_target_that_is_not_a_name_cannot_forge_a_line(
 
 
 async def test_a_route_added_later_is_guarded_and_can_ask_itself(start_admin: StartAdmin) -> None:
-    """What the status page does: a route of its own on the listener, behind the same token."""
+    """A route of its own on the listener, added after the admin API, is behind the same token."""
     admin = await start_admin()
     assert admin.proxy.control is not None
     seen: list[bool] = []
 
     async def page(request: web.Request) -> web.Response:
         seen.append(authorized(request))
-        return web.Response(text="status")
+        return web.Response(text="later")
 
-    # Routes are frozen once the listener runs: a fresh proxy gets the page before start().
+    # Routes are frozen once the listener runs: a fresh proxy gets the route before start().
     await admin.proxy.stop()
     proxy = Proxy(load_config(admin.path))
     assert proxy.control is not None
-    proxy.control.app.router.add_get("/", page, name="status")
+    proxy.control.app.router.add_get("/later", page, name="later")
     await proxy.start()
     admin.proxy = proxy
-    assert (await admin.ask("GET", "/"))[0] == 401
-    assert (await admin.ask("GET", "/", TOKEN))[:3:2] == (200, "status")
+    assert (await admin.ask("GET", "/later"))[0] == 401
+    assert (await admin.ask("GET", "/later", TOKEN))[:3:2] == (200, "later")
     assert seen == [True]
+
+
+async def test_the_status_page_needs_the_token(start_admin: StartAdmin) -> None:
+    admin = await start_admin()
+    assert (await admin.ask("GET", "/"))[0] == 401
+    status, _, body = await admin.ask("GET", "/", TOKEN)
+    assert status == 200
+    assert "<html" in body.lower()
     assert admin.count("status", "unauthorized") == 1
