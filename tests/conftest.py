@@ -15,6 +15,7 @@ pytest_plugins = [
     "tests.fixtures.mcp",
     "tests.fixtures.tls",
     "tests.fixtures.dns",
+    "tests.fixtures.cluster",
 ]
 
 

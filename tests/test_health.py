@@ -15,6 +15,7 @@ from mcpbalancer.fleet.backends import Backend
 from mcpbalancer.fleet.health import FAIL, OK, REFUSED, TIMEOUT, HealthChecker, HealthState
 from mcpbalancer.fleet.lifecycle import Fleet
 from mcpbalancer.observability.metrics import Metrics
+from tests.mcp_helpers import wait_until
 
 # --- HealthState -----------------------------------------------------------------------------------
 
@@ -332,9 +333,12 @@ async def test_run_probes_each_backend_on_its_own_interval_and_stops_when_cancel
     for attempt in range(20):  # cancelled at many moments: while waiting, while probing
         probe.calls.clear()
         task = asyncio.get_running_loop().create_task(check.run(lambda: [fast, slow, off]))
-        async with asyncio.timeout(5):
-            while probe.calls.count("fast") < 3 + attempt % 4:
-                await asyncio.sleep(0.005)
+        wanted = 3 + attempt % 4
+
+        async def probed(wanted: int = wanted) -> bool:
+            return probe.calls.count("fast") >= wanted
+
+        await wait_until(probed, "probes of the fast backend", deadline=5)
         task.cancel()
         async with asyncio.timeout(2):  # a cancel is never lost, whatever it meets
             with pytest.raises(asyncio.CancelledError):

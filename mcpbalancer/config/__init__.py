@@ -45,7 +45,6 @@ from mcpbalancer.config.runtime import (
     DiscoveryConfig,
     RouteConfig,
     TlsConfig,
-    admin_of_worker,
     host_port,
 )
 from mcpbalancer.errors import ConfigError
@@ -85,7 +84,6 @@ __all__ = [
     "TimeoutsConfig",
     "TlsConfig",
     "TracingConfig",
-    "admin_of_worker",
     "check_workers",
     "host_port",
     "load_config",
