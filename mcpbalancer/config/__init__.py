@@ -2,6 +2,7 @@
 
 - checks.py: checks of single values (URLs, host:port, command lines), pure functions;
 - models.py: the scalar types, the sections the proxy reads as they are (timeouts, limits, ...);
+- access.py: auth, tool_policy and rate_limits, the one record (AccessConfig) the access filters read;
 - file.py: the file's top level, backend entries and routes, with the checks across keys;
 - runtime.py: Config, BackendConfig, RouteConfig, what the rest of the proxy reads;
 - build.py: a validated file → Config; the worker checks after command-line overrides;
@@ -11,6 +12,16 @@
 Every error is a ConfigError reading `FILE: key.path: what is wrong`.
 """
 
+from mcpbalancer.config.access import (
+    AccessConfig,
+    ApiKey,
+    AuthConfig,
+    RateLimit,
+    RateMatch,
+    ToolRule,
+    When,
+    parse_rate,
+)
 from mcpbalancer.config.build import check_workers, parse_listen
 from mcpbalancer.config.checks import PLACEHOLDERS, PROBE_PATHS
 from mcpbalancer.config.file import MANAGED_HOST, ConfigFile
@@ -61,7 +72,10 @@ __all__ = [
     "PLACEHOLDERS",
     "PROBE_PATHS",
     "STORE_ERROR_MODES",
+    "AccessConfig",
     "AffinityConfig",
+    "ApiKey",
+    "AuthConfig",
     "BackendConfig",
     "Config",
     "ConfigError",
@@ -70,13 +84,18 @@ __all__ = [
     "LimitsConfig",
     "LogConfig",
     "MetricsConfig",
+    "RateLimit",
+    "RateMatch",
     "RouteConfig",
     "TimeoutsConfig",
     "TlsConfig",
+    "ToolRule",
+    "When",
     "admin_of_worker",
     "check_workers",
     "host_port",
     "load_config",
     "parse_config",
     "parse_listen",
+    "parse_rate",
 ]

@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+from mcpbalancer.config.access import AccessConfig
 from mcpbalancer.config.models import (
     DEFAULT_LOCAL_CACHE_SIZE,
     DEFAULT_MCP_PATH,
@@ -56,6 +57,8 @@ class BackendConfig:
     command: str | None = None
     # TLS settings of an https:// backend (always set for one, defaults if the file has no `tls`).
     tls: TlsConfig | None = None
+    max_in_flight: int | None = None  # requests sent at once (GET streams not counted); None = no limit
+    queue_timeout: float = 10.0  # seconds a request waits for a slot, then 503
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,6 +110,10 @@ class Config:
     workers: int = 1
     # The path clients use for MCP; requests for it go to each backend's endpoint (its URL's path).
     mcp_path: str = DEFAULT_MCP_PATH
+    # Who may call what and how often (auth, tool_policy, rate_limits): one record, per service.
+    access: AccessConfig = field(default_factory=AccessConfig)
+    # Networks of proxies in front whose X-Forwarded-For / X-Forwarded-Proto are believed.
+    trusted_proxies: tuple[str, ...] = ()
 
 
 def host_port(host: str, port: int) -> str:
