@@ -5,6 +5,10 @@ HMAC-SHA256 of that header's value (absent header: no tag) under `session_bindin
 per-process random key with the memory store). The value format lives here and only here; backend
 names cannot contain `|` (config.py), so an untagged value is a plain backend name as before.
 
+With `auth`, the tag is the HMAC of the authenticated Principal's id instead (`by_principal`): a
+session stays its principal's when a token is refreshed, and another principal's request for it is
+a 404. The same store value, so it works with Redis as with the memory store.
+
 Pure: no I/O.
 """
 
@@ -13,6 +17,8 @@ from __future__ import annotations
 import hashlib
 import hmac
 import secrets
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 
 SEPARATOR = "|"
 _TAG_HEX = 32  # 128 bits of the HMAC: ample against forgery, short in Redis
@@ -31,12 +37,30 @@ def backend_of(value: str) -> str:
     return value.partition(SEPARATOR)[0]
 
 
-class SessionBinder:
-    """Tags credentials of the header `header` (lower-case bytes) with a keyed hash."""
+@dataclass(frozen=True, slots=True)
+class Principal:
+    """Who a request was authenticated as (filters/auth.py): a token's `sub` or an API key's name."""
 
-    def __init__(self, header: str, key: bytes | None = None) -> None:
+    name: str
+    kind: str  # "jwt" or "key": a key named like a token's subject is another principal
+    scopes: frozenset[str] = frozenset()
+    claims: Mapping[str, object] = field(default_factory=dict, compare=False, repr=False)
+
+    @property
+    def id(self) -> str:
+        """What sessions are bound to and rate limits count."""
+        return f"{self.kind}:{self.name}"
+
+
+class SessionBinder:
+    """Tags credentials of the header `header` (lower-case bytes) with a keyed hash; with
+    `by_principal`, the authenticated principal instead (the header is then the one the replay
+    failover re-sends, Authorization)."""
+
+    def __init__(self, header: str, key: bytes | None = None, *, by_principal: bool = False) -> None:
         self.header = header.lower().encode("ascii")
         self._key = key if key is not None else secrets.token_bytes(32)
+        self.by_principal = by_principal
 
     def tag(self, value: bytes | None) -> str | None:
         if value is None:
