@@ -17,7 +17,7 @@ from typing import Any, Final, TextIO
 
 from prometheus_client import CollectorRegistry
 
-from mcpbalancer.config import BackendConfig, Config, host_port, load_config
+from mcpbalancer.config import AuthConfig, BackendConfig, Config, host_port, load_config
 from mcpbalancer.control.admin import AdminApi
 from mcpbalancer.control.probes import Readiness, local_endpoints
 from mcpbalancer.control.server import ControlServer
@@ -25,7 +25,14 @@ from mcpbalancer.dataplane.plane import DataPlane
 from mcpbalancer.dataplane.tls import backend_contexts
 from mcpbalancer.dataplane.upstream import UpstreamPool
 from mcpbalancer.errors import BackendStartError, ConfigError, ListenError, RestartRequired
+from mcpbalancer.filters.access import AccessPhases, compose
+from mcpbalancer.filters.auth import Authenticator
+from mcpbalancer.filters.clientip import TrustedProxies
+from mcpbalancer.filters.concurrency import ConcurrencyLimits
 from mcpbalancer.filters.hosts import HostPolicy, for_listen
+from mcpbalancer.filters.jwks import JwksSource, StaticKeys, configured_keys
+from mcpbalancer.filters.ratelimit import Buckets, RateLimits, rates_of
+from mcpbalancer.filters.toolpolicy import ToolPolicy
 from mcpbalancer.fleet.health import HealthChecker, HttpProbe
 from mcpbalancer.fleet.lifecycle import Changes, Fleet
 from mcpbalancer.fleet.managed import ManagedBackends
@@ -40,6 +47,8 @@ from mcpbalancer.routing.rules import compile_rules
 from mcpbalancer.store import SessionStore
 from mcpbalancer.store.cache import CachedStore
 from mcpbalancer.store.factory import create_store
+from mcpbalancer.store.ratelimit import LocalBuckets, SharedBuckets
+from mcpbalancer.store.redis import RedisStore
 from mcpbalancer.store.shared import SharedAffinity
 
 log = logging.getLogger(__name__)
@@ -86,6 +95,8 @@ LIVE: Final = frozenset(
         "bind_sessions",  # a change ends the sessions bound under the old binding (404)
         "session_binding_key",
         "on_store_error",
+        "access",  # auth, tool_policy, rate_limits: the buckets start afresh when rate_limits change
+        "trusted_proxies",
     }
 )
 
@@ -118,10 +129,26 @@ def _shared_affinity_wanted(config: Config) -> bool:
 
 
 def _binder(config: Config) -> SessionBinder | None:
+    """The session binding: to a header (`bind_sessions`), or to the principal with `auth`."""
+    key = config.session_binding_key
+    secret = key.encode() if key is not None else None
+    if config.access.auth.enforced:
+        return SessionBinder("authorization", secret, by_principal=True)
     if config.bind_sessions is None:
         return None
-    key = config.session_binding_key
-    return SessionBinder(config.bind_sessions, key.encode() if key is not None else None)
+    return SessionBinder(config.bind_sessions, secret)
+
+
+def _binding(config: Config) -> tuple[object, ...]:
+    """What the binder is made of: a change ends the sessions bound under the old one."""
+    return config.bind_sessions, config.session_binding_key, config.access.auth.enforced
+
+
+def _jwks_settings(config: Config) -> tuple[object, ...] | None:
+    auth = config.access.auth
+    if not auth.enforced or auth.jwks_url is None:
+        return None
+    return auth.jwks_url, auth.algorithms, auth.jwks_refresh, auth.jwks_cooldown
 
 
 def _unchanged(config: Config) -> Config:
@@ -186,6 +213,13 @@ class Proxy:
             refuse_new=self._refuse_new(config),
         )
         self.health = HealthChecker(config.health, self.fleet.set_status, self._probe, metrics=self.metrics)
+        self._plane: DataPlane | None = None
+        self._retired: set[asyncio.Task[None]] = set()  # closing parts a reload replaced
+        self._concurrency = ConcurrencyLimits(self.metrics)
+        self._jwks: JwksSource | None = None
+        self._jwks_task: asyncio.Task[None] | None = None
+        self._buckets: Buckets | None = None
+        self.access = self._access_filters(config, None, configured_keys(config))
         self._observability(config, access_stream, session_tag_key, worker)
         if self.control is not None:
             AdminApi(self.fleet, self.health.last_check, self.reload, self.health.reasons).install(
@@ -193,11 +227,9 @@ class Proxy:
             )
         self.managed = ManagedBackends(config.backends, self.backends, metrics=self.metrics)
         self._server: asyncio.Server | None = None
-        self._plane: DataPlane | None = None
         self._sweeper: asyncio.Task[None] | None = None
         self._checker: asyncio.Task[None] | None = None
         self._watcher: asyncio.Task[None] | None = None
-        self._retired: set[asyncio.Task[None]] = set()  # closing parts a reload replaced
 
     @property
     def shutdown_timeout(self) -> float:
@@ -212,6 +244,7 @@ class Proxy:
         try:
             new = self._adjust(load_config(self.config.source))
             contexts = backend_contexts(new)  # TLS files read again: a renewed certificate is used
+            keys = configured_keys(new)  # and the key set file
         except ConfigError as exc:
             log.error("reload rejected, running configuration kept: %s", exc)
             raise
@@ -220,7 +253,7 @@ class Proxy:
         changes = self.fleet.apply(backends, contexts, mcp_path=new.mcp_path)
         self.health.reconfigure(new.health)
         self.health.forget(b.name for b in self.backends)
-        self._apply_policy(self.config, new)
+        self._apply_policy(self.config, new, keys)
         self.config = dataclasses.replace(new, backends=backends)
         log.info(
             "reloaded %s: added %s, removed %s, updated %s",
@@ -241,7 +274,7 @@ class Proxy:
         log.error("reload refused, running configuration kept: %s", problem)
         raise RestartRequired(f"{new.source}: {problem}")
 
-    def _apply_policy(self, old: Config, new: Config) -> None:
+    def _apply_policy(self, old: Config, new: Config, keys: StaticKeys | None = None) -> None:
         """Swap the parts built from the LIVE settings; what did not change keeps its state (the
         balancer's turn, the affinity maps, the replay records, a random binding key)."""
         router = self.router
@@ -268,8 +301,9 @@ class Proxy:
             shared_affinity=shared,
         )
         router.failover = self.failover = self._failover(new, self.failover)
-        if (new.bind_sessions, new.session_binding_key) != (old.bind_sessions, old.session_binding_key):
+        if _binding(new) != _binding(old):
             router.binder = _binder(new)
+        self.access = self._access_filters(new, old, keys)
         router.refuse_new_when(self._refuse_new(new))
         self.readiness.store_required = new.on_store_error == "fail"
         if new.log != old.log:
@@ -283,7 +317,88 @@ class Proxy:
                 limits=new.limits,
                 allowed_origins=new.allowed_origins,
                 hosts=_host_policy(new),
+                access=self.access,
             )
+
+    # -- the access filters: auth, tool_policy, rate_limits, max_in_flight ------------------------
+
+    def _access_filters(
+        self, config: Config, old: Config | None, keys: StaticKeys | None
+    ) -> AccessPhases | None:
+        """The access filters `config` asks for, in their order; None when it asks for none. What
+        did not change is kept (the key set fetched, the rate-limit buckets, the lines of waiting
+        requests)."""
+        access = config.access
+        trusted = TrustedProxies(config.trusted_proxies)
+        filters: list[object] = []
+        turned_off = access.auth.mode == "off" and access.auth != AuthConfig(mode="off")
+        if turned_off and (old is None or old.access.auth != access.auth):  # once, not at every reload
+            log.warning("auth.mode: off: requests are not authenticated, every client may call any tool")
+        if access.auth.enforced:
+            assert self.router.binder is not None
+            source = self._key_source(config, old) if keys is None else keys
+            filters.append(
+                Authenticator(
+                    access.auth,
+                    keys=source,
+                    binder=self.router.binder,
+                    metrics=self.metrics,
+                    mcp_path=config.mcp_path,
+                    trusted=trusted,
+                )
+            )
+        else:
+            self._key_source(config, old)  # closes a fetcher no longer wanted
+        if access.tool_policy:
+            filters.append(ToolPolicy(access.tool_policy, self.metrics))
+        buckets = self._rate_buckets(config, old)
+        if buckets is not None:
+            filters.append(RateLimits(access.rate_limits, buckets, self.metrics, trusted))
+        if any(b.max_in_flight is not None for b in config.backends):
+            filters.append(self._concurrency)
+        return compose(filters, config.limits.policy_body_bytes)
+
+    def _key_source(self, config: Config, old: Config | None) -> JwksSource | None:
+        """The fetcher of `auth.jwks_url`: the running one when its settings did not change."""
+        wanted = _jwks_settings(config)
+        if self._jwks is not None and (old is None or _jwks_settings(old) != wanted):
+            self._retire(self._jwks.close())
+            if self._jwks_task is not None:
+                self._jwks_task.cancel()
+            self._jwks = self._jwks_task = None
+        if wanted is None:
+            return None
+        if self._jwks is None:
+            auth = config.access.auth
+            assert auth.jwks_url is not None
+            self._jwks = JwksSource(
+                auth.jwks_url,
+                auth.algorithms,
+                self.metrics,
+                refresh=auth.jwks_refresh,
+                cooldown=auth.jwks_cooldown,
+            )
+            if self._plane is not None:  # a reload: started now, else at start()
+                self._jwks_task = asyncio.get_running_loop().create_task(self._jwks.run())
+        return self._jwks
+
+    def _rate_buckets(self, config: Config, old: Config | None) -> Buckets | None:
+        """The buckets of `rate_limits`: kept while the rules are the same, else new (and empty)."""
+        rules = config.access.rate_limits
+        if old is not None and old.access.rate_limits == rules and self._buckets is not None:
+            return self._buckets
+        if isinstance(self._buckets, SharedBuckets):
+            self._retire(self._buckets.close())
+        self._buckets = None
+        if not rules:
+            return None
+        rates = rates_of(rules)
+        if config.store == "memory":
+            self._buckets = LocalBuckets(rates)
+        else:
+            client = RedisStore.from_url(config.store, prefix=config.store_prefix).client
+            self._buckets = SharedBuckets(client, rates, prefix=config.store_prefix, metrics=self.metrics)
+        return self._buckets
 
     def _failover(self, config: Config, running: Failover | None) -> Failover | None:
         """The replay failover `config` asks for: the running one (new limits, its records kept),
@@ -409,8 +524,11 @@ class Proxy:
             local=self._local,
             allowed_origins=self.config.allowed_origins,
             hosts=_host_policy(self.config),
+            access=self.access,
         )
         self._plane.on_backend_failure = self.health.passive
+        if self._jwks is not None:
+            self._jwks_task = loop.create_task(self._jwks.run())
         self.fleet.on_evict = self._plane.abort_streams
         self.fleet.start()
         try:
@@ -494,7 +612,7 @@ class Proxy:
         self.fleet.close()
         # After the in-flight exchanges: a tool call running on a managed backend may finish.
         await self.managed.stop()
-        for task in (self._sweeper, self._checker, self._watcher):
+        for task in (self._sweeper, self._checker, self._watcher, self._jwks_task):
             if task is not None:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
@@ -502,6 +620,10 @@ class Proxy:
         if self._retired:
             await asyncio.gather(*self._retired, return_exceptions=True)
         await self._probe.close()
+        if self._jwks is not None:
+            await self._jwks.close()
+        if isinstance(self._buckets, SharedBuckets):
+            await self._buckets.close()
         await self.router.close()
         await self.store.close()
         if self.control is not None:

@@ -39,6 +39,8 @@ from mcpbalancer.errors import (
     ProxyError,
     render_error,
 )
+from mcpbalancer.filters.access import AccessPhases
+from mcpbalancer.filters.concurrency import Ticket
 from mcpbalancer.fleet.backends import Backend
 from mcpbalancer.observability.logs import AccessLog
 from mcpbalancer.observability.metrics import NO_BACKEND, Metrics
@@ -85,6 +87,7 @@ class ExchangePlane(Protocol):
     limits: LimitsConfig
     loop: asyncio.AbstractEventLoop
     on_backend_failure: Callable[[str, str], None]  # (backend name, refused|reset|timeout|5xx)
+    access: AccessPhases | None  # auth, tool policy, rate limits, max_in_flight; None when none is set
 
 
 class Exchange:
@@ -129,6 +132,12 @@ class Exchange:
     # binds one), and the backend's own id for this request's session when it was moved.
     _capture: list[bytes] | None = None
     _alias: bytes | None = None
+    # The access filters (filters/access.py): who reads the awaited body, the bound on it, and the
+    # hold on a backend's max_in_flight slot.
+    _router_body = False
+    _access_body = False
+    _body_limit = 0
+    _ticket: Ticket | None = None
 
     def __init__(self, plane: ExchangePlane, client: ClientSide, head: RequestHead) -> None:
         self.plane = plane
@@ -146,6 +155,10 @@ class Exchange:
             and protocol.era_of(None, head.protocol_version) is protocol.Era.LEGACY
         ):
             self._capture = []
+
+    @property
+    def peer_ip(self) -> bytes:
+        return self.client.peer_ip
 
     @property
     def streaming(self) -> bool:
@@ -169,18 +182,19 @@ class Exchange:
             self._answer_error(self._preset)
             return
         if self._preset_raw is not None:
-            status, answer = self._preset_raw
-            if not self.request_complete and self.head.expect_continue:
-                self.keep_alive = False  # the client may or may not send the body it announced
-            self._record_own_answer(status, "local")
-            self.client.write(answer)
-            self._finish(reusable=False)
+            self._answer_raw(*self._preset_raw)
             return
         head = self.head
         local = self.plane.local.get(head.target)
         if local is not None:
             self._serve_local(local)
             return
+        access = self.plane.access
+        if access is not None and access.early_request is not None:
+            early = access.early_request(head, self.client.peer_ip)
+            if early is not None:
+                self._answer_raw(*early)
+                return
         try:
             self.facts = facts = classify(
                 head.method,
@@ -190,22 +204,71 @@ class Exchange:
                 head.mcp_name,
                 head.headers,
             )
-            router = self.plane.router
-            if router.binder is not None and facts.era is Era.LEGACY:
-                facts.credential = router.binder.value(head.headers)
-                facts.tag = router.binder.tag(facts.credential)
+            binder = self.plane.router.binder
+            if binder is not None and facts.era is Era.LEGACY and not binder.by_principal:
+                facts.credential = binder.value(head.headers)
+                facts.tag = binder.tag(facts.credential)
+            pending = access.request(self, facts) if access is not None and access.request else None
         except ProxyError as err:
             self._answer_error(err)
             return
-        if head.has_body and self.plane.router.needs_body(facts):
-            self._awaiting_body = True
-            if head.expect_continue and not self.request_complete:
-                self.client.write(CONTINUE)
-                head.expect_continue = False
-            if self.request_complete:
-                self._route_with_body()
+        if pending is not None:
+            self._then(pending, self._filtered)
             return
-        self._route()
+        self._filtered()
+
+    def _answer_raw(self, status: int, answer: bytes) -> None:
+        """A whole answer of the proxy's own: a CORS preflight, the protected-resource metadata."""
+        if not self.request_complete and self.head.expect_continue:
+            self.keep_alive = False  # the client may or may not send the body it announced
+        self._record_own_answer(status, "local")
+        self.client.write(answer)
+        self._finish(reusable=False)
+
+    def _filtered(self) -> None:
+        """The request filters let it through: read its body first if one needs it, then route."""
+        head, facts = self.head, self.facts
+        assert facts is not None
+        access = self.plane.access
+        self._router_body = head.has_body and self.plane.router.needs_body(facts)
+        self._access_body = access_body = (
+            access is not None and access.wants_body is not None and access.wants_body(facts)
+        )
+        if access_body and not head.has_body:
+            self._route_with_body()  # a POST without a body: the filters see an empty one
+            return
+        if not (self._router_body or access_body):
+            self._route()
+            return
+        if access_body:
+            assert access is not None
+            self._body_limit = access.body_limit
+            declared = 0 if head.chunked else content_length(head.content_length) or 0
+            if max(self._body_bytes, declared) > access.body_limit:
+                self._too_large()  # it could not be checked whole: refused, mostly unread
+                return
+        self._awaiting_body = True
+        if head.expect_continue and not self.request_complete:
+            self.client.write(CONTINUE)
+            head.expect_continue = False
+        if self.request_complete:
+            self._route_with_body()
+        else:
+            self.client.resume_reading()  # paused if a filter kept it waiting past REPLAY_LIMIT
+
+    def _then(self, pending: Awaitable[None], then: Callable[[], None]) -> None:
+        """Continue with `then` once a filter's `pending` work is done (a ProxyError answers)."""
+
+        async def run() -> None:
+            try:
+                await pending
+            except ProxyError as err:
+                self._answer_error(err)
+                return
+            if not self.done:
+                then()
+
+        self._task = self.plane.loop.create_task(run())
 
     def _route(self) -> None:
         assert self.facts is not None
@@ -220,13 +283,24 @@ class Exchange:
             self._await(target)
 
     def _route_with_body(self) -> None:
-        """The whole body is here (bounded by limits.body_bytes): check it, then route."""
-        assert self.facts is not None
+        """The whole body is here (bounded by limits.body_bytes, or policy_body_bytes for the
+        access filters): check it, then route."""
+        facts = self.facts
+        assert facts is not None
         self._awaiting_body = False
+        body = b"".join(self._body)
+        access = self.plane.access
         try:
-            self.plane.router.inspect(self.facts, b"".join(self._body))
+            if self._router_body:
+                self.plane.router.inspect(facts, body)
+            pending = None
+            if self._access_body and access is not None and access.request_body is not None:
+                pending = access.request_body(self, facts, body)
         except ProxyError as err:
             self._answer_error(err)
+            return
+        if pending is not None:
+            self._then(pending, self._route)
             return
         self._route()
 
@@ -244,7 +318,10 @@ class Exchange:
                 self._capture.append(data)
         if self.upstream is None:
             self._body.append(data)
-            if self._body_bytes > REPLAY_LIMIT and not self._awaiting_body:
+            if self._awaiting_body:
+                if self._body_limit and self._body_bytes > self._body_limit:
+                    self._too_large()  # the access filters read no more than this
+            elif self._body_bytes > REPLAY_LIMIT:
                 self.client.pause_reading()
             return
         self._send(chunk(data) if self.head.chunked else data)
@@ -322,6 +399,20 @@ class Exchange:
             self.backend.in_flight -= 1
             backend.in_flight += 1
         self.backend = backend
+        access = self.plane.access
+        if access is not None and access.upstream_peer is not None:
+            if self._ticket is not None:
+                self._ticket.release()  # the slot of the backend tried before
+            ticket = self._ticket = access.upstream_peer(self.head.method, backend)
+            if ticket is not None and ticket.ready is not None:
+                self._then(ticket.ready, self._forward)  # in line for a slot; 503 if none frees
+                return
+        self._forward()
+
+    def _forward(self) -> None:
+        """Send the request to self.backend: on a pooled connection, or on a new one."""
+        backend = self.backend
+        assert backend is not None
         if self.head.expect_continue and not self.request_complete and not self._started:
             self.client.write(CONTINUE)
             self.head.expect_continue = False
@@ -406,6 +497,11 @@ class Exchange:
             self._alias = failover.alias(self.facts.session_id)  # the session was moved here
             moved = failover.moved(self.facts.session_id)
         target = backend.target(self.head.target) if backend.endpoint else self.head.target
+        access = self.plane.access
+        if access is not None and access.upstream_request is not None and self.facts is not None:
+            drop, add = access.upstream_request(self.facts)
+            peer = self.client.peer_ip
+            return request_head(self.head, target, backend.host_header, peer, self._alias, moved, drop, add)
         return request_head(self.head, target, backend.host_header, self.client.peer_ip, self._alias, moved)
 
     def _flush_pending(self, head: bytes = b"") -> None:
@@ -792,6 +888,9 @@ class Exchange:
             self.plane.access_log.write(self)
         if self.backend is not None:
             self.backend.in_flight -= 1
+        if self._ticket is not None:
+            self._ticket.release()
+            self._ticket = None
         if self.upstream is not None:
             self.upstream.release(reusable)
             self.upstream = None

@@ -31,14 +31,19 @@ def request_head(
     peer_ip: bytes,
     alias: bytes | None,
     moved: bool = False,
+    drop_also: frozenset[bytes] = frozenset(),
+    add: bytes = b"",
 ) -> bytes:
     """The head to send to a backend at `host` for `target` (the client's, or the backend's own MCP
     endpoint): hop-by-hop fields dropped, X-Forwarded-* added, the body's framing restated; with
     `alias`, the session id the backend knows a moved session by; when `moved`, without
-    Last-Event-ID (the backend never issued the client's event ids)."""
+    Last-Event-ID (the backend never issued the client's event ids); without the fields named in
+    `drop_also` and with the lines `add` (the access filters' edits: a principal header)."""
     drop = _DROP_REQUEST | head.connection_tokens if head.connection_tokens else _DROP_REQUEST
     if moved:
         drop = drop | {protocol.LAST_EVENT_ID}
+    if drop_also:
+        drop = drop | drop_also
     lines = [head.method, b" ", target, b" HTTP/1.1\r\nHost: ", host, b"\r\n"]
     if alias is not None:
         drop = drop | {protocol.SESSION_ID}
@@ -46,6 +51,8 @@ def request_head(
     for lname, name, value in head.headers:
         if lname not in drop:
             lines += (name, b": ", value, b"\r\n")
+    if add:
+        lines.append(add)
     forwarded_for = peer_ip if head.forwarded_for is None else head.forwarded_for + b", " + peer_ip
     lines += (b"X-Forwarded-For: ", forwarded_for, b"\r\nX-Forwarded-Proto: http\r\n")
     if head.host is not None:

@@ -17,6 +17,7 @@ from mcpbalancer.dataplane.head import capture
 from mcpbalancer.dataplane.local import LocalHandler
 from mcpbalancer.dataplane.upstream import UpstreamPool
 from mcpbalancer.errors import NoBackendAvailable, render_error
+from mcpbalancer.filters.access import AccessPhases
 from mcpbalancer.filters.hosts import HostPolicy
 from mcpbalancer.filters.origin import OriginPolicy
 from mcpbalancer.fleet.backends import Backend
@@ -46,8 +47,10 @@ class DataPlane:
         local: Mapping[bytes, LocalHandler] | None = None,
         allowed_origins: Iterable[str] = (),
         hosts: HostPolicy | None = None,
+        access: AccessPhases | None = None,
     ) -> None:
         self.router = router
+        self.access = access  # who may call what, how often, how many at once; None: nobody asked
         self.metrics = metrics or Metrics(CollectorRegistry())
         self.access_log = access_log
         self.local = local or {}  # paths the proxy answers itself (/healthz, /readyz, /metrics)
@@ -56,7 +59,7 @@ class DataPlane:
         self.timeouts = timeouts
         self.limits = limits
         self.loop = loop
-        self.capture = capture(router.reads_names)
+        self.capture = capture(router.reads_names or (access is not None and access.reads_names))
         # The Host allow list; None when every Host is allowed (no check at all).
         self.hosts = None if hosts is None or hosts.any else hosts
         self.origins = OriginPolicy(allowed_origins, hosts)
@@ -77,13 +80,15 @@ class DataPlane:
         limits: LimitsConfig,
         allowed_origins: Iterable[str],
         hosts: HostPolicy | None = None,
+        access: AccessPhases | None = None,
     ) -> None:
         """A reload: every request from now on reads the new settings (a connection's header
         limits are taken when it opens); routing may now need Mcp-Name captured, or not."""
         self.heartbeat, self.timeouts, self.limits = heartbeat, timeouts, limits
         self.hosts = None if hosts is None or hosts.any else hosts
         self.origins = OriginPolicy(allowed_origins, hosts)
-        self.capture = capture(self.router.reads_names)
+        self.access = access
+        self.capture = capture(self.router.reads_names or (access is not None and access.reads_names))
 
     def opened(self, conn: ClientConnection) -> None:
         self.connections.add(conn)

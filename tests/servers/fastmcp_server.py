@@ -261,6 +261,17 @@ def build_server(name: str, *, tasks: bool = False, tls: TlsLog | None = None) -
         await ctx.session.send_tool_list_changed()
         return "sent"
 
+    @mcp.tool
+    def request_headers() -> str:
+        """The HTTP headers of the request that called this tool, as a JSON object (lower-case names;
+        a repeated header's values joined with ", ")."""
+        from fastmcp.server.dependencies import get_http_request
+
+        headers: dict[str, str] = {}
+        for key, value in get_http_request().headers.items():
+            headers[key] = f"{headers[key]}, {value}" if key in headers else value
+        return json.dumps(headers)
+
     @mcp.custom_route(WHOAMI_PATH, methods=["GET"])
     async def whoami_route(request: Request) -> Response:
         """A plain HTTP route beside the MCP endpoint: the name and the target it was asked for."""
