@@ -133,7 +133,8 @@ def _binder(config: Config) -> SessionBinder | None:
     key = config.session_binding_key
     secret = key.encode() if key is not None else None
     if config.access.auth.enforced:
-        return SessionBinder("authorization", secret, by_principal=True)
+        header = config.bind_sessions
+        return SessionBinder(header or "authorization", secret, by_principal=True, header_bound=bool(header))
     if config.bind_sessions is None:
         return None
     return SessionBinder(config.bind_sessions, secret)

@@ -86,7 +86,8 @@ def test_every_key_has_a_description_and_every_optional_key_a_default() -> None:
     schema = committed()
     undescribed = [path for path, node in keys(schema, schema) if not node.get("description")]
     assert undescribed == []
-    required = {"backends", "backends[].name"}
+    required = {"backends", "backends[].name", "auth.api_keys[].name", "auth.api_keys[].sha256"}
+    required |= {"rate_limits[].key", "rate_limits[].rate"}
     no_default = [
         path for path, node in keys(schema, schema) if "default" not in node and path not in required
     ]

@@ -30,7 +30,10 @@ EXAMPLE_START = re.compile(r"(?P<indent> *)#(?=[^\s#])")
 TABLE_HEADER = "| key | default | meaning |"
 TABLE_ROW = re.compile(r"\| `(?P<key>[^`]+)` \| (?P<default>[^|]*) \|")
 # Rows whose default is not one attribute of the loaded Config.
-NOT_AN_ATTRIBUTE = {"backends[].replicas": "expanded into <name>-1 ... <name>-N backends"}
+NOT_AN_ATTRIBUTE = {
+    "backends[].replicas": "expanded into <name>-1 ... <name>-N backends",
+    "auth.mode": "the section's default; without an `auth` section authentication is off",
+}
 
 
 def page_id(path: Path) -> str:
@@ -141,9 +144,15 @@ def test_the_probe_finds_the_keys_of_a_section_and_of_list_items() -> None:
     assert sections(["a", "a.b", "c", "c[].d", "c[].e", "c[].e.f"]) == {"a", "c", "c[].e"}
 
 
+# The sections the proxy reads in one record of its own (Config.access).
+IN_ACCESS = ("auth", "tool_policy", "rate_limits")
+
+
 def loaded_value(config: Config, key: str) -> Any:
     if key == "listen":
         return host_port(config.listen_host, config.listen_port)
+    if key.split(".")[0].removesuffix("[]") in IN_ACCESS:
+        key = f"access.{key}"
     value: Any = config
     for part in key.split("."):
         value = getattr(value, part[:-2])[0] if part.endswith("[]") else getattr(value, part)

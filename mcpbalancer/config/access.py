@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Annotated, Final, Self
 from urllib.parse import urlsplit
 
-from pydantic import BeforeValidator, Field, model_validator
+from pydantic import BeforeValidator, Field, WithJsonSchema, model_validator
 from pydantic.dataclasses import dataclass as model
 
 from mcpbalancer.config.checks import URL_PATH, describe
@@ -144,8 +144,11 @@ Rate = Annotated[Text, _Check(_rate, pattern=f"^{RATE.pattern}$")]
 Sha256 = Annotated[Text, _matching(SHA256_HEX, "64 hex digits (the SHA-256 of the key)")]
 PrincipalName = Annotated[Text, _matching(PRINCIPAL, PRINCIPAL_RULE)]
 Glob = Text
-Globs = Annotated[tuple[Glob, ...], BeforeValidator(_one_or_list), Field(min_length=1)]
-Audience = Annotated[tuple[Text, ...], BeforeValidator(_one_or_list)]
+# One string, or a list of them: what the schema says too, so that editors accept both.
+_STRING: Final = {"type": "string", "minLength": 1}
+_ONE_OR_LIST: Final = WithJsonSchema({"anyOf": [_STRING, {"type": "array", "items": _STRING, "minItems": 1}]})
+Globs = Annotated[tuple[Glob, ...], BeforeValidator(_one_or_list), Field(min_length=1), _ONE_OR_LIST]
+Audience = Annotated[tuple[Text, ...], BeforeValidator(_one_or_list), _ONE_OR_LIST]
 Scopes = Annotated[tuple[Text, ...], BeforeValidator(_scopes)]
 JwksUrl = Annotated[Text, _Check(_jwks_url)]
 ServerUrl = Annotated[Text, _Check(_https_url)]
@@ -331,7 +334,6 @@ class RateLimit(Section):
         ge=1,
         le=1_000_000,
         description="Requests allowed at once (the bucket's size); default: the rate's count.",
-        json_schema_extra={"default": "the rate's count"},
     )
 
     @property

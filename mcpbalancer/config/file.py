@@ -372,6 +372,13 @@ class ConfigFile(Section):
         description="Processes serving `listen` together (SO_REUSEPORT); more than 1 needs a Redis "
         "`store`, a fixed `listen` port and no `command` backends. `--workers` overrides it.",
     )
+    mcp_path: McpPath = Field(
+        default=DEFAULT_MCP_PATH,
+        description="The path clients use for MCP. A request for it goes to each backend's MCP endpoint: "
+        "the path of its `url`, or this same path for a url without one. Every other path is forwarded "
+        "as it came. Not /healthz, /readyz, nor metrics.path when the metrics are served on `listen`.",
+    )
+
     auth: AuthConfig | None = Field(default=None, description=AuthConfig.__doc__)
     tool_policy: tuple[ToolRule, ...] | None = Field(
         default=(),
@@ -387,12 +394,6 @@ class ConfigFile(Section):
         default=(),
         description="Addresses or networks of proxies in front of this one: only their X-Forwarded-For "
         "and X-Forwarded-Proto are believed (client_ip rate limits, the resource URL).",
-    )
-    mcp_path: McpPath = Field(
-        default=DEFAULT_MCP_PATH,
-        description="The path clients use for MCP. A request for it goes to each backend's MCP endpoint: "
-        "the path of its `url`, or this same path for a url without one. Every other path is forwarded "
-        "as it came. Not /healthz, /readyz, nor metrics.path when the metrics are served on `listen`.",
     )
 
     @model_validator(mode="before")
@@ -483,9 +484,6 @@ class ConfigFile(Section):
                 raise invalid(("rate_limits", i), f"counts principals, which {_NEEDS_AUTH}")
         if auth is None:
             return
-        if enforced and self.bind_sessions is not None:
-            problem = "cannot be set with auth: sessions are bound to the authenticated principal"
-            raise invalid(("bind_sessions",), problem)
         if enforced and self.session_binding_key is None and self.store != "memory":
             raise invalid(
                 ("session_binding_key",),

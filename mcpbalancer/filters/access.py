@@ -11,9 +11,11 @@ returns None when no filter is configured at all, so the exchange pays one `is N
     upstream_peer     a backend was picked (may wait)         concurrency (max_in_flight)
     upstream_request  the head sent to the backend            auth: principal header, Authorization
 
-A filter refuses by raising a ProxyError; `request` and `request_body` may return an awaitable
-(a key set fetch, a Redis round trip), and the filters after it run once it is done: they are
-always called in order, each seeing what the ones before it set in the facts (the principal first).
+`request_body` runs when any filter wants the body: each filter acts there only on the requests
+its own `wants_body` names. A filter refuses by raising a ProxyError; `request` and `request_body`
+may return an awaitable (a key set fetch, a Redis round trip), and the filters after it run once it
+is done: they are always called in order, each seeing what the ones before it set in the facts (the
+principal first).
 """
 
 from __future__ import annotations

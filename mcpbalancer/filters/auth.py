@@ -234,8 +234,12 @@ class Authenticator:
             )
         facts.principal = principal
         if facts.era is Era.LEGACY:
-            facts.tag = self._binder.tag(principal.id.encode("utf-8", "surrogateescape"))
-            facts.credential = authorization if self.config.forward_authorization else None
+            binder = self._binder
+            if binder.header_bound:  # bind_sessions as well: the header's value is bound too
+                facts.credential = binder.value(ctx.head.headers)
+            else:  # what the replay failover sends the new backend, if the backend gets it
+                facts.credential = authorization if self.config.forward_authorization else None
+            facts.tag = binder.principal_tag(principal, facts.credential)
 
     def _invalid(self, ctx: Context, why: str) -> Unauthorized:
         return Unauthorized(f"Unauthorized: {why}", challenge=self.challenge(ctx, "invalid_token", why))

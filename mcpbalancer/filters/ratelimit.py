@@ -102,6 +102,8 @@ class RateLimits:
         return self.reads_names and reads_body(facts)
 
     def request_body(self, ctx: Context, facts: RequestFacts, body: bytes) -> Awaitable[None] | None:
+        if not self.wants_body(facts):
+            return None  # another filter wanted the body; this one counted the request already
         if facts.calls is None:
             facts.calls = calls_of_body(body)
         return self._count(ctx, facts)

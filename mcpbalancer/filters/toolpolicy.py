@@ -109,6 +109,8 @@ class ToolPolicy:
         return reads_body(facts)
 
     def request_body(self, ctx: object, facts: RequestFacts, body: bytes) -> None:
+        if not reads_body(facts):
+            return  # decided in the request phase
         if facts.calls is None:
             facts.calls = calls_of_body(body)
         self.check(facts.calls, facts.principal)

@@ -7,7 +7,8 @@ names cannot contain `|` (config.py), so an untagged value is a plain backend na
 
 With `auth`, the tag is the HMAC of the authenticated Principal's id instead (`by_principal`): a
 session stays its principal's when a token is refreshed, and another principal's request for it is
-a 404. The same store value, so it works with Redis as with the memory store.
+a 404; with `bind_sessions` as well, of the principal and that header's value together. The same
+store value, so it works with Redis as with the memory store.
 
 Pure: no I/O.
 """
@@ -54,13 +55,29 @@ class Principal:
 
 class SessionBinder:
     """Tags credentials of the header `header` (lower-case bytes) with a keyed hash; with
-    `by_principal`, the authenticated principal instead (the header is then the one the replay
-    failover re-sends, Authorization)."""
+    `by_principal`, the authenticated principal, and the header's value too when `header_bound`
+    (else the header is only what the replay failover re-sends: Authorization)."""
 
-    def __init__(self, header: str, key: bytes | None = None, *, by_principal: bool = False) -> None:
+    def __init__(
+        self,
+        header: str,
+        key: bytes | None = None,
+        *,
+        by_principal: bool = False,
+        header_bound: bool = True,
+    ) -> None:
         self.header = header.lower().encode("ascii")
         self._key = key if key is not None else secrets.token_bytes(32)
         self.by_principal = by_principal
+        self.header_bound = header_bound
+
+    def principal_tag(self, principal: Principal, credential: bytes | None) -> str:
+        """The tag of a session of `principal` (and of `credential`, the header's value, when the
+        header is bound too). Principal ids never hold a line feed, header values neither."""
+        data = principal.id.encode("utf-8", "surrogateescape")
+        if self.header_bound:
+            data += b"\n" + (credential or b"")
+        return hmac.new(self._key, data, hashlib.sha256).hexdigest()[:_TAG_HEX]
 
     def tag(self, value: bytes | None) -> str | None:
         if value is None:
