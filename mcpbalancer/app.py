@@ -25,13 +25,20 @@ from mcpbalancer.dataplane.plane import DataPlane
 from mcpbalancer.dataplane.tls import backend_contexts
 from mcpbalancer.dataplane.upstream import UpstreamPool
 from mcpbalancer.errors import BackendStartError, ConfigError, ListenError, RestartRequired
-from mcpbalancer.filters.access import AccessPhases, compose
+from mcpbalancer.filters.affinity import AffinityLearning, RequestStateKey
 from mcpbalancer.filters.auth import Authenticator
 from mcpbalancer.filters.clientip import TrustedProxies
 from mcpbalancer.filters.concurrency import ConcurrencyLimits
-from mcpbalancer.filters.hosts import HostPolicy, for_listen
+from mcpbalancer.filters.failover import ReplayAlias
+from mcpbalancer.filters.front_door import FrontDoor
+from mcpbalancer.filters.headercheck import StrictHeaders
+from mcpbalancer.filters.hosts import HostFilter, HostPolicy, for_listen
 from mcpbalancer.filters.jwks import JwksSource, StaticKeys, configured_keys
+from mcpbalancer.filters.origin import OriginFilter, OriginPolicy
+from mcpbalancer.filters.phases import Phases, compose
 from mcpbalancer.filters.ratelimit import Buckets, RateLimits, rates_of
+from mcpbalancer.filters.route_rules import RouteRules
+from mcpbalancer.filters.session_binding import SessionBinding
 from mcpbalancer.filters.toolpolicy import ToolPolicy
 from mcpbalancer.fleet.health import HealthChecker, HttpProbe
 from mcpbalancer.fleet.lifecycle import Changes, Fleet
@@ -205,9 +212,7 @@ class Proxy:
             self.store,
             config.session_ttl,
             self.metrics,
-            rules=compile_rules(config.routes, config.pools),
             affinity=Affinity(config.affinity),
-            validate_headers=config.validate_headers,
             shared_affinity=_shared_affinity(config),
             failover=failover,
             binder=binder,
@@ -220,7 +225,7 @@ class Proxy:
         self._jwks: JwksSource | None = None
         self._jwks_task: asyncio.Task[None] | None = None
         self._buckets: Buckets | None = None
-        self.access = self._access_filters(config, None, configured_keys(config))
+        self.access_filters = self._access_filters(config, None, configured_keys(config))
         self._observability(config, access_stream, session_tag_key, worker)
         if self.control is not None:
             AdminApi(self.fleet, self.health.last_check, self.reload, self.health.reasons).install(
@@ -296,15 +301,13 @@ class Proxy:
         router.reconfigure(
             strategy,
             new.session_ttl,
-            rules=compile_rules(new.routes, new.pools),
             affinity=affinity,
-            validate_headers=new.validate_headers,
             shared_affinity=shared,
         )
         router.failover = self.failover = self._failover(new, self.failover)
         if _binding(new) != _binding(old):
             router.binder = _binder(new)
-        self.access = self._access_filters(new, old, keys)
+        self.access_filters = self._access_filters(new, old, keys)
         router.refuse_new_when(self._refuse_new(new))
         self.readiness.store_required = new.on_store_error == "fail"
         if new.log != old.log:
@@ -316,19 +319,43 @@ class Proxy:
                 heartbeat=new.heartbeat,
                 timeouts=new.timeouts,
                 limits=new.limits,
-                allowed_origins=new.allowed_origins,
-                hosts=_host_policy(new),
-                access=self.access,
+                phases=self.compose_phases(new),
             )
+
+    def compose_phases(self, config: Config) -> Phases:
+        """The filters `config` turns on, each at its phases (filters/phases.py). This is the one
+        place a filter is registered: a feature that is not configured is not in the list, and
+        costs a request nothing. At each phase, filters run in this order."""
+        router = self.router
+        hosts = _host_policy(config)
+        origins = OriginFilter(OriginPolicy(config.allowed_origins, hosts))
+        filters: list[object] = [FrontDoor(None if hosts.any else HostFilter(hosts), origins)]
+        filters += self.access_filters  # auth first: the filters after it read the principal
+        if router.binder is not None and not router.binder.by_principal:  # else auth binds
+            filters.append(SessionBinding(router.binder))
+        rules = compile_rules(config.routes, config.pools)
+        if rules:
+            filters.append(RouteRules(rules, self.metrics))
+        if config.validate_headers:
+            filters.append(StrictHeaders())  # parses the body first: the next filter reuses it
+        affinity = router.affinity
+        if affinity is not None and affinity.states is not None:
+            filters.append(RequestStateKey())
+        if affinity is not None and (affinity.tasks is not None or affinity.states is not None):
+            filters.append(AffinityLearning(router))
+        if self.failover is not None:
+            filters.append(ReplayAlias(self.failover))
+        if self.access_log is not None:
+            filters.append(self.access_log)
+        filters.append(self.health)  # passive health: fail_to_connect, error_while_proxy
+        return compose(filters)
 
     # -- the access filters: auth, tool_policy, rate_limits, max_in_flight ------------------------
 
-    def _access_filters(
-        self, config: Config, old: Config | None, keys: StaticKeys | None
-    ) -> AccessPhases | None:
-        """The access filters `config` asks for, in their order; None when it asks for none. What
-        did not change is kept (the key set fetched, the rate-limit buckets, the lines of waiting
-        requests)."""
+    def _access_filters(self, config: Config, old: Config | None, keys: StaticKeys | None) -> list[object]:
+        """The access filters `config` asks for, in their order (compose_phases registers them).
+        What did not change is kept: the key set fetched, the rate-limit buckets, the lines of
+        requests waiting for a slot."""
         access = config.access
         trusted = TrustedProxies(config.trusted_proxies)
         filters: list[object] = []
@@ -351,13 +378,14 @@ class Proxy:
         else:
             self._key_source(config, old)  # closes a fetcher no longer wanted
         if access.tool_policy:
-            filters.append(ToolPolicy(access.tool_policy, self.metrics))
+            filters.append(ToolPolicy(access.tool_policy, self.metrics, config.limits.policy_body_bytes))
         buckets = self._rate_buckets(config, old)
         if buckets is not None:
-            filters.append(RateLimits(access.rate_limits, buckets, self.metrics, trusted))
+            limit = config.limits.policy_body_bytes
+            filters.append(RateLimits(access.rate_limits, buckets, self.metrics, trusted, body_limit=limit))
         if any(b.max_in_flight is not None for b in config.backends):
             filters.append(self._concurrency)
-        return compose(filters, config.limits.policy_body_bytes)
+        return filters
 
     def _key_source(self, config: Config, old: Config | None) -> JwksSource | None:
         """The fetcher of `auth.jwks_url`: the running one when its settings did not change."""
@@ -433,9 +461,7 @@ class Proxy:
 
     def _swap_access_log(self, config: Config) -> None:
         old: AccessLog | None = self.access_log
-        self.access_log = self._make_access_log(config)
-        if self._plane is not None:
-            self._plane.access_log = self.access_log
+        self.access_log = self._make_access_log(config)  # registered by the _compose that follows
         if old is not None:
             old.close()  # writes what it holds; exchanges ending from now on use the new one
 
@@ -521,13 +547,9 @@ class Proxy:
             limits=self.config.limits,
             loop=loop,
             metrics=self.metrics,
-            access_log=self.access_log,
             local=self._local,
-            allowed_origins=self.config.allowed_origins,
-            hosts=_host_policy(self.config),
-            access=self.access,
+            phases=self.compose_phases(self.config),
         )
-        self._plane.on_backend_failure = self.health.passive
         if self._jwks is not None:
             self._jwks_task = loop.create_task(self._jwks.run())
         self.fleet.on_evict = self._plane.abort_streams

@@ -16,7 +16,8 @@
           ├── Unauthorized            401: no valid credential (auth), with WWW-Authenticate
           ├── Forbidden               403
           │    ├── InsufficientScope  403: the credential lacks a required scope (auth)
-          │    └── ToolDenied         403: a `tool_policy` rule denies the tool
+          │    ├── ToolDenied         403: a `tool_policy` rule denies the tool
+          │    └── OriginNotAllowed   403: an Origin the policy refuses (DNS rebinding, CSRF)
           ├── Denied                  a `deny:` routing rule (403 or the rule's 4xx status)
           ├── SessionNotFound         404: unknown or expired session, or its owner is gone
           ├── MethodNotAllowed        405: CONNECT (with Allow)
@@ -39,9 +40,10 @@ carry the reason phrase as RFC 9110 spells it (`reason_phrase`), and a message t
 ("Bad Request: ...") names it the same way.
 
 A client's mistake is always a 4xx; a 5xx is only ever an upstream fault (502, 503, 504). Errors
-raised while routing that refuse a client's request name their `reject_reason` (a label of
-metrics.REJECT_REASONS), counted where the exchange answers them; refusals found in the request
-head are counted where they are found, and carry none.
+raised while routing or by a filter (filters/phases.py) that refuse a client's request name their
+`reject_reason` (a label of metrics.REJECT_REASONS), counted where the exchange answers them;
+refusals of the request's framing, found as its head is parsed, are counted where they are found,
+and carry none.
 """
 
 from __future__ import annotations
@@ -156,6 +158,10 @@ class ToolDenied(Forbidden):
     reject_reason = "tool_policy"
 
 
+class OriginNotAllowed(Forbidden):
+    default_message, reject_reason = "Forbidden: Origin not allowed", "origin"
+
+
 class Denied(ProxyError):
     """A request refused by a `deny:` routing rule; `denied(status)` makes the class of a status."""
 
@@ -190,6 +196,7 @@ class PayloadTooLarge(ProxyError):
 class MisdirectedRequest(ProxyError):
     status, reason, rpc_code = 421, "Misdirected Request", -32600
     default_message = "Misdirected Request: Host not allowed"
+    reject_reason = "host_not_allowed"
 
 
 class RateLimited(ProxyError):

@@ -74,7 +74,7 @@ async def test_the_access_settings_take_effect_and_go_on_reload(running: Running
     r = running
     url = mcp_url(r.p)
     sid = await open_session(r.http, url)
-    assert r.p.access is None  # nothing configured: no filter at all
+    assert r.p.access_filters == []  # nothing configured: no access filter at all
     assert (await call_tool(r.http, url, sid, "slow", seconds=0)).status == 200
 
     async def reload(**changes: Any) -> None:
@@ -93,8 +93,8 @@ async def test_the_access_settings_take_effect_and_go_on_reload(running: Running
     assert (await call_tool(r.http, url, sid, "slow", seconds=0)).status == 200
 
     await reload(backends=[{"name": "a", "url": r.settings["backends"][0]["url"], "max_in_flight": 3}])
-    assert r.p.access is not None
-    assert r.p.access.upstream_peer is not None
+    assert r.p._plane is not None
+    assert r.p._plane.phases.upstream_peer is not None
     assert r.p.backends.get("a").max_in_flight == 3  # type: ignore[union-attr]
     assert (await call_tool(r.http, url, sid, "whoami")).status == 200
 
@@ -132,5 +132,6 @@ async def test_the_access_settings_take_effect_and_go_on_reload(running: Running
 
     keys.write_text(json.dumps({"keys": [public_jwk("file-1", key)]}))
     await reload(auth=None, backends=[{"name": "a", "url": r.settings["backends"][0]["url"]}])
-    assert r.p.access is None
+    assert r.p.access_filters == []
+    assert r.p._plane.phases.upstream_peer is None
     assert await initialize(r, {}) == 200

@@ -20,6 +20,9 @@ from mcp.shared.exceptions import MCPError
 from mcpbalancer.app import Proxy
 from mcpbalancer.dataplane.framing import request_head
 from mcpbalancer.dataplane.head import RequestHead
+from mcpbalancer.filters.failover import ReplayAlias
+from mcpbalancer.filters.phases import HeadEdits
+from mcpbalancer.routing.router import classify
 from mcpbalancer.store import UNKNOWN
 from tests.fixtures.backends import BackendFactory, BackendProcess
 from tests.fixtures.proxy import ProxyFactory
@@ -213,10 +216,25 @@ def test_the_head_sent_for_a_moved_session_has_its_backend_id_and_no_last_event_
         (b"last-event-id", b"Last-Event-ID", b"issued-by-the-dead-one"),
         (b"accept", b"Accept", b"text/event-stream"),
     ]
-    moved = request_head(head, b"", b"127.0.0.1:9", b"10.0.0.1", b"backend-id", moved=True)
+    edits = HeadEdits()
+    ReplayAlias(_MovedTo(b"backend-id")).upstream_request(classify(b"GET", b"client-id", None), edits)
+    moved = request_head(head, b"", b"127.0.0.1:9", b"10.0.0.1", edits)
     assert b"Mcp-Session-Id: backend-id\r\n" in moved
     assert b"last-event-id" not in moved.lower()
     assert b"Accept: text/event-stream\r\n" in moved
     # A session that was not moved resumes as the client asks.
     kept = request_head(head, b"", b"127.0.0.1:9", b"10.0.0.1", None)
     assert b"Last-Event-ID: issued-by-the-dead-one\r\n" in kept
+
+
+class _MovedTo:
+    """The two questions the upstream_request filter asks of replay failover, for one moved session."""
+
+    def __init__(self, alias: bytes) -> None:
+        self._alias = alias
+
+    def alias(self, sid: str) -> bytes | None:
+        return self._alias
+
+    def moved(self, sid: str) -> bool:
+        return True

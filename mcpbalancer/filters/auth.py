@@ -48,6 +48,7 @@ from mcpbalancer.config import AuthConfig
 from mcpbalancer.errors import AuthUnavailable, InsufficientScope, Unauthorized
 from mcpbalancer.filters.clientip import TrustedProxies
 from mcpbalancer.filters.jwks import KeySet
+from mcpbalancer.filters.phases import HeadEdits
 from mcpbalancer.observability.metrics import Metrics
 from mcpbalancer.protocol import Era
 from mcpbalancer.routing.binding import Principal, SessionBinder
@@ -356,12 +357,12 @@ class Authenticator:
 
     # -- upstream-request phase -------------------------------------------------------------------
 
-    def upstream_request(self, facts: RequestFacts) -> tuple[frozenset[bytes], bytes]:
-        """(lower-case names of fields not to forward, lines to add)."""
+    def upstream_request(self, facts: RequestFacts, edits: HeadEdits) -> None:
+        if self._drop:
+            edits.drop = edits.drop | self._drop
         principal = facts.principal
-        if principal is None or self._principal_header is None:
-            return self._drop, b""
-        return self._drop, b"%b: %b\r\n" % (self._principal_header, _header_value(principal.name))
+        if principal is not None and self._principal_header is not None:
+            edits.add.append(b"%b: %b\r\n" % (self._principal_header, _header_value(principal.name)))
 
 
 def _principal(claims: dict[str, Any]) -> Principal | None:

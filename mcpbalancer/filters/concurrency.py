@@ -23,6 +23,7 @@ from collections import deque
 from collections.abc import Awaitable
 
 from mcpbalancer.errors import BackendBusy
+from mcpbalancer.filters.phases import Context
 from mcpbalancer.fleet.backends import Backend
 from mcpbalancer.observability.metrics import Metrics
 
@@ -79,12 +80,12 @@ class ConcurrencyLimits:
         self._loop = loop
         self._lines: dict[Backend, deque[Ticket]] = {}
 
-    def peer(self, method: bytes, backend: Backend) -> Ticket | None:
+    def upstream_peer(self, ctx: Context, backend: Backend) -> Ticket | None:
         """A ticket for a request about to be sent to `backend`; its `ready` is set when it must
         wait for a slot first. None for a backend without a limit."""
         if backend.max_in_flight is None:
             return None
-        if method == b"GET":
+        if ctx.head.method == b"GET":
             backend.streams += 1
             return Ticket(self, backend, stream=True)
         ticket = Ticket(self, backend, stream=False)

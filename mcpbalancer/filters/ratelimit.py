@@ -78,7 +78,10 @@ class RateLimits:
         buckets: Buckets,
         metrics: Metrics,
         trusted: TrustedProxies | None = None,
+        *,
+        body_limit: int,
     ) -> None:
+        self._body_limit = body_limit  # limits.policy_body_bytes
         self._buckets = buckets
         self._trusted = trusted or TrustedProxies()
         self._rules = tuple(self._compile(i, rule, metrics) for i, rule in enumerate(rules))
@@ -101,12 +104,17 @@ class RateLimits:
     def wants_body(self, facts: RequestFacts) -> bool:
         return self.reads_names and reads_body(facts)
 
-    def request_body(self, ctx: Context, facts: RequestFacts, body: bytes) -> Awaitable[None] | None:
+    def body_limit(self, facts: RequestFacts) -> int | None:
+        return self._body_limit if self.wants_body(facts) else None
+
+    def request_body(self, ctx: Context, facts: RequestFacts, body: bytes, message: object) -> object:
+        """The request counted once its calls are known; an awaitable while Redis answers."""
         if not self.wants_body(facts):
-            return None  # another filter wanted the body; this one counted the request already
+            return message  # another filter wanted the body; this one counted the request already
         if facts.calls is None:
             facts.calls = calls_of_body(body)
-        return self._count(ctx, facts)
+        pending = self._count(ctx, facts)
+        return message if pending is None else pending
 
     # -- counting ---------------------------------------------------------------------------------
 

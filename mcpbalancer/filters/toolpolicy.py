@@ -81,7 +81,8 @@ class _Rule:
 class ToolPolicy:
     reads_names = True  # 2026-07-28 tool calls are decided on Mcp-Name
 
-    def __init__(self, rules: Sequence[ToolRule], metrics: Metrics) -> None:
+    def __init__(self, rules: Sequence[ToolRule], metrics: Metrics, body_limit: int) -> None:
+        self._body_limit = body_limit  # limits.policy_body_bytes
         family = metrics.tool_policy_decisions
         self._rules = tuple(
             _Rule(
@@ -108,12 +109,15 @@ class ToolPolicy:
     def wants_body(self, facts: RequestFacts) -> bool:
         return reads_body(facts)
 
-    def request_body(self, ctx: object, facts: RequestFacts, body: bytes) -> None:
-        if not reads_body(facts):
-            return  # decided in the request phase
-        if facts.calls is None:
-            facts.calls = calls_of_body(body)
-        self.check(facts.calls, facts.principal)
+    def body_limit(self, facts: RequestFacts) -> int | None:
+        return self._body_limit if reads_body(facts) else None
+
+    def request_body(self, ctx: object, facts: RequestFacts, body: bytes, message: object) -> object:
+        if reads_body(facts):  # else decided in the request phase
+            if facts.calls is None:
+                facts.calls = calls_of_body(body)
+            self.check(facts.calls, facts.principal)
+        return message
 
     # -- the decision -----------------------------------------------------------------------------
 
