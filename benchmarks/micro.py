@@ -1,6 +1,7 @@
 """The data plane's own cost per request, without sockets: a deterministic micro benchmark.
 
     python benchmarks/micro.py [--sse] [--requests N] [--profile]
+                               [--auth jwt|jwt-verify|key] [--tool-policy] [--rate-limit]
 
 One client connection and one pooled backend connection with in-memory transports; a session is
 initialized, then a known-session POST and its answer (JSON, or with --sse a one-event SSE stream)
@@ -10,6 +11,12 @@ process, so two versions of the code can be compared in seconds, even on a busy 
 percent. It is what the end-to-end numbers of run.py are made of, minus the kernel's part and
 uvloop's. `--profile` prints cProfile's view of the same loop (slower, distorted, but it names the
 functions).
+
+The access filters (docs/access.md) are off unless asked for: `--auth jwt` sends an RS256 token
+(checked once, then remembered until it expires), `--auth jwt-verify` forgets it after every
+request (so each one checks the signature), `--auth key` an API key (hashed every time);
+`--tool-policy` adds a tool policy, which reads and parses every legacy body; `--rate-limit` a
+rate limit per session in this process's buckets.
 """
 
 from __future__ import annotations
@@ -17,11 +24,17 @@ from __future__ import annotations
 import argparse
 import asyncio
 import cProfile
+import hashlib
+import json
+import os
 import pstats
+import tempfile
 import time
 from typing import Any
 
+import jwt
 import uvloop
+from cryptography.hazmat.primitives.asymmetric import rsa
 
 from mcpbalancer.app import Proxy
 from mcpbalancer.config import parse_config
@@ -62,7 +75,35 @@ class MemoryTransport:
     abort = close
 
 
-def request(sid: bytes | None, sse: bool) -> bytes:
+API_KEY = b"micro-benchmark-api-key"
+
+
+def access(args: argparse.Namespace, jwks_dir: str) -> tuple[dict[str, Any], bytes | None]:
+    """The access settings of the options, and the Authorization value the requests carry."""
+    settings: dict[str, Any] = {}
+    credential = None
+    if args.auth == "key":
+        settings["auth"] = {"api_keys": [{"name": "bench", "sha256": hashlib.sha256(API_KEY).hexdigest()}]}
+        credential = b"Bearer " + API_KEY
+    elif args.auth is not None:
+        key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+        public = json.loads(jwt.algorithms.RSAAlgorithm.to_jwk(key.public_key()))
+        path = os.path.join(jwks_dir, "jwks.json")
+        with open(path, "w") as fh:
+            json.dump({"keys": [{**public, "kid": "k1", "use": "sig"}]}, fh)
+        issuer, audience = "https://idp.example", "http://127.0.0.1:8080/mcp"
+        settings["auth"] = {"issuer": issuer, "audience": audience, "jwks_file": path}
+        claims = {"iss": issuer, "aud": audience, "sub": "bench", "exp": int(time.time()) + 3600}
+        token = jwt.encode(claims, key, algorithm="RS256", headers={"kid": "k1"})
+        credential = b"Bearer " + token.encode()
+    if args.tool_policy:
+        settings["tool_policy"] = [{"deny": ["drop_*"]}, {"allow": ["*"]}]
+    if args.rate_limit:
+        settings["rate_limits"] = [{"key": "session", "rate": "1000000000/second"}]
+    return settings, credential
+
+
+def request(sid: bytes | None, sse: bool, credential: bytes | None = None) -> bytes:
     lines = [
         b"POST /mcp%s HTTP/1.1" % (b"?sse=1" if sse else b""),
         b"Host: 127.0.0.1:8080",
@@ -72,6 +113,8 @@ def request(sid: bytes | None, sse: bool) -> bytes:
     ]
     if sid is not None:
         lines.append(b"Mcp-Session-Id: " + sid)
+    if credential is not None:
+        lines.append(b"Authorization: " + credential)
     lines.append(b"Content-Length: %d" % len(BODY))
     return b"\r\n".join(lines) + b"\r\n\r\n" + BODY
 
@@ -89,12 +132,18 @@ def response(sid: bytes | None, sse: bool) -> bytes:
 
 
 async def main(args: argparse.Namespace) -> None:
+    with tempfile.TemporaryDirectory() as jwks_dir:
+        await measure(args, *access(args, jwks_dir))
+
+
+async def measure(args: argparse.Namespace, settings: dict[str, Any], credential: bytes | None) -> None:
     config = parse_config(
         {
             "listen": "127.0.0.1:0",
             "backends": [{"name": "s1", "url": "http://127.0.0.1:9"}],
             "health": {"interval": 0},
             "log": {"level": "warning", "access": False},
+            **settings,
         },
         source="<micro>",
     )
@@ -114,17 +163,23 @@ async def main(args: argparse.Namespace) -> None:
     proxy.fleet.pools["s1"].release(upstream)
     client, down = plane.protocol_factory(), MemoryTransport()
     client.connection_made(down)  # type: ignore[arg-type]
-    client.data_received(request(None, args.sse))
+    client.data_received(request(None, args.sse, credential))
     upstream.data_received(response(b"sess-1", args.sse))
     await asyncio.sleep(0.01)  # the session's binding is stored in a task
-    ask, answer = request(b"sess-1", args.sse), response(None, args.sse)
+    ask, answer = request(b"sess-1", args.sse, credential), response(None, args.sse)
+    # --auth jwt-verify: the verified token is forgotten after each request, so each checks it.
+    forget = proxy.access_filters[0]._cache.clear if args.auth == "jwt-verify" else None  # type: ignore[attr-defined]
 
     def relay(n: int) -> None:
         for _ in range(n):
             client.data_received(ask)
             upstream.data_received(answer)
+            if not down.out or not down.out[0].startswith(b"HTTP/1.1 200"):
+                raise RuntimeError(f"not relayed: {b''.join(down.out)[:200]!r}")
             down.out.clear()
             up.out.clear()
+            if forget is not None:
+                forget()
 
     relay(2000)  # warm up, and check the loop works: a refusal or a close raises
     if args.profile:
@@ -138,7 +193,11 @@ async def main(args: argparse.Namespace) -> None:
         relay(args.requests // 5)
         best = min(best, (time.perf_counter() - started) / (args.requests // 5))
     kind = "SSE" if args.sse else "JSON"
-    print(f"{kind}: {best * 1e6:.2f} µs of proxy Python per request (best of 5 runs of {args.requests // 5})")
+    options = ", ".join(f"{k}={v}" for k, v in vars(args).items() if v and k not in ("sse", "requests"))
+    print(
+        f"{kind}: {best * 1e6:.2f} µs of proxy Python per request (best of 5 runs of {args.requests // 5})"
+        + (f" [{options}]" if options else "")
+    )
 
 
 if __name__ == "__main__":
@@ -147,4 +206,7 @@ if __name__ == "__main__":
     parser.add_argument("--sse", action="store_true", help="answers as a one-event SSE stream")
     parser.add_argument("--requests", type=int, default=100_000)
     parser.add_argument("--profile", action="store_true")
+    parser.add_argument("--auth", choices=("jwt", "jwt-verify", "key"), help="auth on, with this credential")
+    parser.add_argument("--tool-policy", action="store_true", help="a tool policy (legacy bodies read)")
+    parser.add_argument("--rate-limit", action="store_true", help="a rate limit per session (memory)")
     uvloop.run(main(parser.parse_args()))
