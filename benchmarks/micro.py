@@ -13,8 +13,9 @@ uvloop's. `--profile` prints cProfile's view of the same loop (slower, distorted
 functions).
 
 The access filters (docs/access.md) are off unless asked for: `--auth jwt` sends an RS256 token
-(checked once, then remembered until it expires), `--auth jwt-verify` forgets it after every
-request (so each one checks the signature), `--auth key` an API key (hashed every time);
+(`--alg ES256` an ES256 one; checked once, then remembered until it expires), `--auth jwt-verify`
+forgets it after every request (so each one checks the signature), `--auth key` an API key
+(hashed every time);
 `--tool-policy` adds a tool policy, which reads and parses every legacy body; `--rate-limit` a
 rate limit per session in this process's buckets.
 """
@@ -34,7 +35,7 @@ from typing import Any
 
 import jwt
 import uvloop
-from cryptography.hazmat.primitives.asymmetric import rsa
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from mcpbalancer.app import Proxy
 from mcpbalancer.config import parse_config
@@ -86,15 +87,20 @@ def access(args: argparse.Namespace, jwks_dir: str) -> tuple[dict[str, Any], byt
         settings["auth"] = {"api_keys": [{"name": "bench", "sha256": hashlib.sha256(API_KEY).hexdigest()}]}
         credential = b"Bearer " + API_KEY
     elif args.auth is not None:
-        key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-        public = json.loads(jwt.algorithms.RSAAlgorithm.to_jwk(key.public_key()))
+        key: Any
+        if args.alg == "ES256":
+            key = ec.generate_private_key(ec.SECP256R1())
+            public = json.loads(jwt.algorithms.ECAlgorithm.to_jwk(key.public_key()))
+        else:
+            key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+            public = json.loads(jwt.algorithms.RSAAlgorithm.to_jwk(key.public_key()))
         path = os.path.join(jwks_dir, "jwks.json")
         with open(path, "w") as fh:
             json.dump({"keys": [{**public, "kid": "k1", "use": "sig"}]}, fh)
         issuer, audience = "https://idp.example", "http://127.0.0.1:8080/mcp"
         settings["auth"] = {"issuer": issuer, "audience": audience, "jwks_file": path}
         claims = {"iss": issuer, "aud": audience, "sub": "bench", "exp": int(time.time()) + 3600}
-        token = jwt.encode(claims, key, algorithm="RS256", headers={"kid": "k1"})
+        token = jwt.encode(claims, key, algorithm=args.alg, headers={"kid": "k1"})
         credential = b"Bearer " + token.encode()
     if args.tool_policy:
         settings["tool_policy"] = [{"deny": ["drop_*"]}, {"allow": ["*"]}]
@@ -193,7 +199,10 @@ async def measure(args: argparse.Namespace, settings: dict[str, Any], credential
         relay(args.requests // 5)
         best = min(best, (time.perf_counter() - started) / (args.requests // 5))
     kind = "SSE" if args.sse else "JSON"
-    options = ", ".join(f"{k}={v}" for k, v in vars(args).items() if v and k not in ("sse", "requests"))
+    shown = {k: v for k, v in vars(args).items() if v and k not in ("sse", "requests", "alg")}
+    if args.auth in ("jwt", "jwt-verify"):
+        shown["alg"] = args.alg
+    options = ", ".join(f"{k}={v}" for k, v in shown.items())
     print(
         f"{kind}: {best * 1e6:.2f} µs of proxy Python per request (best of 5 runs of {args.requests // 5})"
         + (f" [{options}]" if options else "")
@@ -207,6 +216,7 @@ if __name__ == "__main__":
     parser.add_argument("--requests", type=int, default=100_000)
     parser.add_argument("--profile", action="store_true")
     parser.add_argument("--auth", choices=("jwt", "jwt-verify", "key"), help="auth on, with this credential")
+    parser.add_argument("--alg", choices=("RS256", "ES256"), default="RS256", help="the token's algorithm")
     parser.add_argument("--tool-policy", action="store_true", help="a tool policy (legacy bodies read)")
     parser.add_argument("--rate-limit", action="store_true", help="a rate limit per session (memory)")
     uvloop.run(main(parser.parse_args()))

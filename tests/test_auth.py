@@ -429,3 +429,25 @@ async def test_the_sdk_client_sees_the_401_as_an_error(
     [error] = leaves(caught.value)
     assert isinstance(error, MCPError)
     assert (error.code, error.message) == (-32030, "Unauthorized: the algorithm 'none' is not accepted")
+
+
+async def test_with_bind_sessions_too_a_session_is_bound_to_the_principal_and_the_header(
+    backends: list[BackendProcess], make_proxy: ProxyFactory, web: aiohttp.ClientSession
+) -> None:
+    digest = hashlib.sha256(API_KEY.encode()).hexdigest()
+    proxy = await make_proxy(
+        backends[:1], auth={"api_keys": [{"name": "ci", "sha256": digest}]}, bind_sessions="X-Device"
+    )
+    url = mcp_url(proxy)
+    device = {**bearer(API_KEY), "X-Device": "laptop"}
+    async with web.post(url, json=INIT_BODY, headers={**INIT_HEADERS, **device}) as resp:
+        assert resp.status == 200
+        sid = resp.headers["Mcp-Session-Id"]
+    for headers, status in (
+        (device, 200),
+        ({**bearer(API_KEY), "X-Device": "phone"}, 404),  # the same principal, another device
+        (bearer(API_KEY), 404),
+    ):
+        body = {"jsonrpc": "2.0", "id": 3, "method": "ping"}
+        async with web.post(url, json=body, headers={**session_headers(sid), **headers}) as resp:
+            assert resp.status == status
