@@ -113,6 +113,7 @@ class Endings(ExchangeState):
         plane = self.plane
         stream = self._stream
         if stream is not None:
+            self._stream = None  # the stream holds its exchange: no cycle left for the collector
             if stream.timer is not None:
                 stream.timer.cancel()
                 stream.timer = None
