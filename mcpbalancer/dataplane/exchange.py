@@ -90,27 +90,35 @@ class Exchange(RequestRelay, ResponseRelay, Endings):
                 head.mcp_name,
                 head.headers,
             )
-            pending = phases.request(self, facts) if phases.request is not None else None
+            if phases.request is not None and (pending := phases.request(self, facts)) is not None:
+                self._then(pending, self._filtered)  # a filter must ask something first
+                return
         except ProxyError as err:
             self._answer_error(err)
             return
-        if pending is not None:
-            self._then(pending, self._filtered)  # a filter must ask something first
+        if phases.wants_body is not None and phases.wants_body(facts):
+            self._read_body_first()
             return
-        self._filtered()
+        self._route()
 
     def _filtered(self) -> None:
-        """The request filters let it through: read the whole body first if one wants it (bounded
-        by the least of the filters' body_limit and limits.body_bytes), then route."""
+        """The request filters are done (after one of them waited): the body, then the route."""
+        phases = self.plane.phases
+        assert self.facts is not None
+        if phases.wants_body is not None and phases.wants_body(self.facts):
+            self._read_body_first()
+            return
+        self._route()
+
+    def _read_body_first(self) -> None:
+        """A request_body filter wants the whole body: read it (bounded by the least body_limit of
+        the filters, and by limits.body_bytes), then run them, then route."""
         head, facts = self.head, self.facts
         assert facts is not None
-        phases = self.plane.phases
-        if phases.wants_body is None or not phases.wants_body(facts):
-            self._route()
-            return
         if not head.has_body:
             self._route_with_body()  # a POST without a body: the filters see an empty one
             return
+        phases = self.plane.phases
         limit = phases.body_limit(facts) if phases.body_limit is not None else None
         if limit is not None:
             declared = 0 if head.chunked else content_length(head.content_length) or 0
@@ -158,6 +166,9 @@ class Exchange(RequestRelay, ResponseRelay, Endings):
         """The whole body is here: the request_body filters, then the routing decision."""
         assert self.facts is not None
         self._awaiting_body = False
+        if self._body_limit and self._body_bytes > self._body_limit:
+            self._too_large()  # it came whole before the bound was checked (under REPLAY_LIMIT)
+            return
         check = self.plane.phases.request_body
         if check is not None:
             try:

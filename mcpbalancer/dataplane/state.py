@@ -109,6 +109,7 @@ class ExchangeState:
     _edits: HeadEdits | None = None  # the upstream_request filters' changes to the head sent
     _body_limit = 0  # a request_body filter's bound on the awaited body (body_limit); 0: none
     _ticket: Ticket | None = None  # an upstream_peer filter's hold on the backend (max_in_flight)
+    _held_for: Backend | None = None  # the backend the upstream_peer filter was asked about
     # Replay failover: the body of a legacy request without a session (an initialize, if it
     # binds one).
     _capture: list[bytes] | None = None
