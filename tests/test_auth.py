@@ -451,3 +451,21 @@ async def test_with_bind_sessions_too_a_session_is_bound_to_the_principal_and_th
         body = {"jsonrpc": "2.0", "id": 3, "method": "ping"}
         async with web.post(url, json=body, headers={**session_headers(sid), **headers}) as resp:
             assert resp.status == status
+
+
+async def test_two_credentials_in_one_request_are_refused(
+    backends: list[BackendProcess], make_proxy: ProxyFactory, make_idp: IdPFactory, open_client: Any
+) -> None:
+    """The proxy would check one, and the backend might read the other."""
+    idp = await make_idp()
+    proxy = await auth_proxy(make_proxy, idp, backends[:1])
+    client = await open_client(proxy)
+    twice = f"Authorization: Bearer {idp.token('alice')}\r\nAuthorization: Bearer {idp.token('bob')}\r\n"
+    client.send(
+        b"POST /mcp HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
+        + twice.encode()
+        + b"Content-Length: 2\r\n\r\n{}"
+    )
+    resp = await client.response()
+    assert resp.status == 400
+    assert b"more than one authorization header" in bytes(resp.body)

@@ -45,7 +45,7 @@ from jwt.exceptions import (
 )
 
 from mcpbalancer.config import AuthConfig
-from mcpbalancer.errors import AuthUnavailable, InsufficientScope, Unauthorized
+from mcpbalancer.errors import AuthUnavailable, BadRequest, InsufficientScope, Unauthorized
 from mcpbalancer.filters.clientip import TrustedProxies
 from mcpbalancer.filters.jwks import KeySet
 from mcpbalancer.filters.phases import HeadEdits
@@ -189,8 +189,8 @@ class Authenticator:
                 self._results["public"].value += 1
                 return None
         headers = head.headers
-        key = _header(headers, self._key_header) if self._key_header is not None else None
-        authorization = _header(headers, AUTHORIZATION)
+        key = _only(headers, self._key_header) if self._key_header is not None else None
+        authorization = _only(headers, AUTHORIZATION)
         if key is not None:
             self._admit(ctx, facts, self._api_key(ctx, key), authorization)
             return None
@@ -394,6 +394,18 @@ def _reason(exc: PyJWTError) -> str:
     if isinstance(exc, MissingRequiredClaimError):
         return f"the token has no {exc.claim} claim"
     return "invalid token"
+
+
+def _only(headers: Sequence[tuple[bytes, bytes, bytes]], name: bytes) -> bytes | None:
+    """The value of the credential header `name`; BadRequest when the request has it twice: the
+    proxy would check one and the backend might read the other."""
+    found = None
+    for lname, _, value in headers:
+        if lname == name:
+            if found is not None:
+                raise BadRequest(f"Bad Request: more than one {name.decode()} header")
+            found = value
+    return found
 
 
 def _header(headers: Sequence[tuple[bytes, bytes, bytes]], name: bytes | None) -> bytes | None:
