@@ -14,6 +14,7 @@ from mcpbalancer.app import Proxy
 from tests.fixtures.backends import BackendProcess
 from tests.fixtures.proxy import ProxyFactory
 from tests.fixtures.redis import RedisServer
+from tests.fixtures.stub import StubFactory
 from tests.mcp_helpers import (
     MODERN_META,
     MODERN_WHOAMI_HEADERS,
@@ -179,3 +180,23 @@ async def test_client_ip_comes_from_x_forwarded_for_only_through_a_trusted_proxy
     # Only the rightmost untrusted hop counts: what a client wrote further left is ignored.
     forged = {"X-Forwarded-For": "203.0.113.9, 198.51.100.2"}
     assert (await whoami(web, url, None, **forged))[0] == 429
+
+
+async def test_a_legacy_post_without_a_body_is_counted_too(
+    make_proxy: ProxyFactory, make_stub: StubFactory, web: aiohttp.ClientSession
+) -> None:
+    """With a rule on tools the body of a legacy POST is read before counting; one without a body
+    calls no tool, and is still counted by the other rules."""
+    stub = await make_stub()
+    limits = [
+        {"key": "tool", "match": {"tool": "count"}, "rate": "1/minute"},
+        {"key": "client_ip", "rate": "2/minute"},
+    ]
+    proxy = await make_proxy([stub], rate_limits=limits)
+    headers = _legacy()  # no session: a new one is placed on the stub
+    statuses = []
+    for _ in range(3):
+        async with web.post(mcp_url(proxy), data=b"", headers=headers) as resp:
+            statuses.append(resp.status)
+    assert statuses == [200, 200, 429]
+    assert len(stub.requests) == 2

@@ -96,7 +96,7 @@ class Exchange(RequestRelay, ResponseRelay, Endings):
         except ProxyError as err:
             self._answer_error(err)
             return
-        if phases.wants_body is not None and phases.wants_body(facts):
+        if head.has_body and phases.wants_body is not None and phases.wants_body(facts):
             self._read_body_first()
             return
         self._route()
@@ -105,7 +105,7 @@ class Exchange(RequestRelay, ResponseRelay, Endings):
         """The request filters are done (after one of them waited): the body, then the route."""
         phases = self.plane.phases
         assert self.facts is not None
-        if phases.wants_body is not None and phases.wants_body(self.facts):
+        if self.head.has_body and phases.wants_body is not None and phases.wants_body(self.facts):
             self._read_body_first()
             return
         self._route()
@@ -115,9 +115,6 @@ class Exchange(RequestRelay, ResponseRelay, Endings):
         the filters, and by limits.body_bytes), then run them, then route."""
         head, facts = self.head, self.facts
         assert facts is not None
-        if not head.has_body:
-            self._route_with_body()  # a POST without a body: the filters see an empty one
-            return
         phases = self.plane.phases
         limit = phases.body_limit(facts) if phases.body_limit is not None else None
         if limit is not None:

@@ -37,6 +37,8 @@ class Buckets(Protocol):
 class Head(Protocol):
     @property
     def forwarded_for(self) -> bytes | None: ...
+    @property
+    def has_body(self) -> bool: ...
 
 
 class Context(Protocol):
@@ -97,8 +99,10 @@ class RateLimits:
     # -- phases -----------------------------------------------------------------------------------
 
     def request(self, ctx: Context, facts: RequestFacts) -> Awaitable[None] | None:
-        if self.wants_body(facts):
+        if ctx.head.has_body and self.wants_body(facts):
             return None  # a legacy POST with rules on its calls: counted once its body is read
+        if self.reads_names and reads_body(facts):
+            facts.calls = ()  # a legacy POST without a body calls nothing
         return self._count(ctx, facts)
 
     def wants_body(self, facts: RequestFacts) -> bool:
