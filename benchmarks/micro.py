@@ -33,9 +33,7 @@ import tempfile
 import time
 from typing import Any
 
-import jwt
 import uvloop
-from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from mcpbalancer.app import Proxy
 from mcpbalancer.config import parse_config
@@ -87,6 +85,10 @@ def access(args: argparse.Namespace, jwks_dir: str) -> tuple[dict[str, Any], byt
         settings["auth"] = {"api_keys": [{"name": "bench", "sha256": hashlib.sha256(API_KEY).hexdigest()}]}
         credential = b"Bearer " + API_KEY
     elif args.auth is not None:
+        # Imported only here: the proxy loads PyJWT only with auth, and so does its measurement.
+        import jwt
+        from cryptography.hazmat.primitives.asymmetric import ec, rsa
+
         key: Any
         if args.alg == "ES256":
             key = ec.generate_private_key(ec.SECP256R1())

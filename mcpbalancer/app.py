@@ -13,7 +13,7 @@ import logging
 import socket
 import sys
 from collections.abc import Callable, Coroutine
-from typing import Any, Final, TextIO
+from typing import TYPE_CHECKING, Any, Final, TextIO
 
 from prometheus_client import CollectorRegistry
 
@@ -26,14 +26,12 @@ from mcpbalancer.dataplane.tls import backend_contexts
 from mcpbalancer.dataplane.upstream import UpstreamPool
 from mcpbalancer.errors import BackendStartError, ConfigError, ListenError, RestartRequired
 from mcpbalancer.filters.affinity import AffinityLearning, RequestStateKey
-from mcpbalancer.filters.auth import Authenticator
 from mcpbalancer.filters.clientip import TrustedProxies
 from mcpbalancer.filters.concurrency import ConcurrencyLimits
 from mcpbalancer.filters.failover import ReplayAlias
 from mcpbalancer.filters.front_door import FrontDoor
 from mcpbalancer.filters.headercheck import StrictHeaders
 from mcpbalancer.filters.hosts import HostFilter, HostPolicy, for_listen
-from mcpbalancer.filters.jwks import JwksSource, StaticKeys, configured_keys
 from mcpbalancer.filters.origin import OriginFilter, OriginPolicy
 from mcpbalancer.filters.phases import Phases, compose
 from mcpbalancer.filters.ratelimit import Buckets, RateLimits, rates_of
@@ -57,6 +55,9 @@ from mcpbalancer.store.factory import create_store
 from mcpbalancer.store.ratelimit import LocalBuckets, SharedBuckets
 from mcpbalancer.store.redis import RedisStore
 from mcpbalancer.store.shared import SharedAffinity
+
+if TYPE_CHECKING:
+    from mcpbalancer.filters.jwks import JwksSource, StaticKeys
 
 log = logging.getLogger(__name__)
 
@@ -152,6 +153,19 @@ def _binding(config: Config) -> tuple[object, ...]:
     return config.bind_sessions, config.session_binding_key, config.access.auth.enforced
 
 
+def key_file(config: Config) -> StaticKeys | None:
+    """The key set of `auth.jwks_file`, read now (at start, by --check, on every reload); None
+    without one. PyJWT and the key-set code are loaded only when auth is on: a proxy without it
+    carries none of their objects (some 6000, which every full garbage collection walks) nor
+    their import time."""
+    auth = config.access.auth
+    if not auth.enforced or auth.jwks_file is None:
+        return None
+    from mcpbalancer.filters.jwks import configured_keys  # only with auth: see above
+
+    return configured_keys(config)
+
+
 def _jwks_settings(config: Config) -> tuple[object, ...] | None:
     auth = config.access.auth
     if not auth.enforced or auth.jwks_url is None:
@@ -225,7 +239,7 @@ class Proxy:
         self._jwks: JwksSource | None = None
         self._jwks_task: asyncio.Task[None] | None = None
         self._buckets: Buckets | None = None
-        self.access_filters = self._access_filters(config, None, configured_keys(config))
+        self.access_filters = self._access_filters(config, None, key_file(config))
         self._observability(config, access_stream, session_tag_key, worker)
         if self.control is not None:
             AdminApi(self.fleet, self.health.last_check, self.reload, self.health.reasons).install(
@@ -250,7 +264,7 @@ class Proxy:
         try:
             new = self._adjust(load_config(self.config.source))
             contexts = backend_contexts(new)  # TLS files read again: a renewed certificate is used
-            keys = configured_keys(new)  # and the key set file
+            keys = key_file(new)  # and the key set file
         except ConfigError as exc:
             log.error("reload rejected, running configuration kept: %s", exc)
             raise
@@ -363,6 +377,8 @@ class Proxy:
         if turned_off and (old is None or old.access.auth != access.auth):  # once, not at every reload
             log.warning("auth.mode: off: requests are not authenticated, every client may call any tool")
         if access.auth.enforced:
+            from mcpbalancer.filters.auth import Authenticator  # only with auth: see key_file
+
             assert self.router.binder is not None
             source = self._key_source(config, old) if keys is None else keys
             filters.append(
@@ -398,6 +414,8 @@ class Proxy:
         if wanted is None:
             return None
         if self._jwks is None:
+            from mcpbalancer.filters.jwks import JwksSource  # only with auth: see key_file
+
             auth = config.access.auth
             assert auth.jwks_url is not None
             self._jwks = JwksSource(

@@ -18,13 +18,12 @@ from collections.abc import Callable, Coroutine, Sequence
 from typing import Any
 
 from mcpbalancer import __version__
-from mcpbalancer.app import Proxy
+from mcpbalancer.app import Proxy, key_file
 from mcpbalancer.config import LOG_LEVELS, Config, admin_of_worker, check_workers, host_port, load_config
 from mcpbalancer.config.schema import schema_text
 from mcpbalancer.control import healthcheck
 from mcpbalancer.dataplane.tls import backend_contexts
 from mcpbalancer.errors import BackendStartError, ConfigError, ListenError
-from mcpbalancer.filters.jwks import configured_keys
 from mcpbalancer.observability.logs import configure_logging
 from mcpbalancer.process.supervisor import (
     SESSION_TAG_KEY_ENV,
@@ -111,7 +110,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.check:
         try:
             backend_contexts(config)  # the CA, certificate and key files are read and used
-            configured_keys(config)  # and the key set of auth.jwks_file
+            key_file(config)  # and the key set of auth.jwks_file
         except ConfigError as exc:
             print(f"mcpbalancer: invalid configuration: {exc}", file=sys.stderr)
             return 2
