@@ -137,10 +137,16 @@ class Authenticator:
             if name is not None
         )
         self._principal_header = None if config.principal_header is None else config.principal_header.encode()
+        # Per principal, what every request of theirs needs: the session tag (unless a header is
+        # bound too) and the forwarded header line. Bounded like the token cache.
+        self._tags: dict[str, str] = {}
+        self._lines: dict[str, bytes] = {}
 
     # -- early phase: the protected-resource metadata ---------------------------------------------
 
     def early_request(self, head: Head, peer_ip: bytes) -> tuple[int, bytes] | None:
+        if not self._metadata or not head.target.startswith(WELL_KNOWN):
+            return None
         path = head.target.partition(b"?")[0]
         if path not in self._metadata:
             return None
@@ -238,9 +244,16 @@ class Authenticator:
             binder = self._binder
             if binder.header_bound:  # bind_sessions as well: the header's value is bound too
                 facts.credential = binder.value(ctx.head.headers)
-            else:  # what the replay failover sends the new backend, if the backend gets it
-                facts.credential = authorization if self.config.forward_authorization else None
-            facts.tag = binder.principal_tag(principal, facts.credential)
+                facts.tag = binder.principal_tag(principal, facts.credential)
+                return
+            # What the replay failover sends the new backend, if the backend gets it.
+            facts.credential = authorization if self.config.forward_authorization else None
+            tag = self._tags.get(principal.id)
+            if tag is None:
+                tag = self._tags[principal.id] = binder.principal_tag(principal, None)
+                if len(self._tags) > CACHE_SIZE:
+                    self._tags.clear()
+            facts.tag = tag
 
     def _invalid(self, ctx: Context, why: str) -> Unauthorized:
         return Unauthorized(f"Unauthorized: {why}", challenge=self.challenge(ctx, "invalid_token", why))
@@ -362,7 +375,13 @@ class Authenticator:
             edits.drop = edits.drop | self._drop
         principal = facts.principal
         if principal is not None and self._principal_header is not None:
-            edits.add.append(b"%b: %b\r\n" % (self._principal_header, _header_value(principal.name)))
+            line = self._lines.get(principal.name)
+            if line is None:
+                line = b"%b: %b\r\n" % (self._principal_header, _header_value(principal.name))
+                if len(self._lines) >= CACHE_SIZE:
+                    self._lines.clear()
+                self._lines[principal.name] = line
+            edits.add.append(line)
 
 
 def _principal(claims: dict[str, Any]) -> Principal | None:

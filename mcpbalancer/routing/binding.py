@@ -46,11 +46,11 @@ class Principal:
     kind: str  # "jwt" or "key": a key named like a token's subject is another principal
     scopes: frozenset[str] = frozenset()
     claims: Mapping[str, object] = field(default_factory=dict, compare=False, repr=False)
+    # What sessions are bound to and rate limits count: "<kind>:<name>".
+    id: str = field(init=False, compare=False, repr=False)
 
-    @property
-    def id(self) -> str:
-        """What sessions are bound to and rate limits count."""
-        return f"{self.kind}:{self.name}"
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "id", f"{self.kind}:{self.name}")
 
 
 class SessionBinder:
