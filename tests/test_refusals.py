@@ -93,7 +93,7 @@ ACCESS_CASES = [
         403,
         "tool_policy",
     ),
-    ("call-body", post(LEGACY, b"{"), 400, "call_body"),
+    ("call-body", post(LEGACY, b'{"method": "tools/call"'), 400, "call_body"),
     ("policy-body-limit", post(LEGACY, b" " * 2 * 1024 * 1024), 413, "body_limit"),
 ]
 

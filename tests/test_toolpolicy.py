@@ -172,6 +172,13 @@ async def test_a_body_that_could_fool_the_check_is_refused(
             assert (await resp.json())["error"]["code"] == code
     assert (await session_ledger(backends[0])).seen[sid] == seen
     assert rejected(proxy, "call_body") == 3
+    # An escaped name is a name: "tools\/call" is "tools/call" to every JSON parser.
+    escaped = (
+        b'{"jsonrpc":"2.0","id":7,"method":"tools\\/call","params":{"name":"sl\\u006fw","arguments":{}}}'
+    )
+    async with web.post(url, data=escaped, headers=session_headers(sid)) as resp:
+        assert resp.status == 403
+        assert (await resp.json())["error"]["code"] == -32032
 
 
 async def test_when_conditions_on_the_principal_and_its_scopes(

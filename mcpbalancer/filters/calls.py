@@ -22,24 +22,36 @@ from mcpbalancer.routing.router import RequestFacts
 from mcpbalancer.routing.rules import decoded
 
 TOOLS_CALL: Final = "tools/call"
+TOOLS_CALL_BYTES: Final = TOOLS_CALL.encode()
 Call = tuple[str, str | None]  # (JSON-RPC method, tool name for tools/call, else None)
 
 
 def _unique(pairs: list[tuple[str, object]]) -> dict[str, object]:
-    keys = [key for key, _ in pairs]
-    if len(set(keys)) != len(keys):
+    obj = dict(pairs)
+    if len(obj) != len(pairs):
+        keys = [key for key, _ in pairs]
         twice = next(key for key in keys if keys.count(key) > 1)
         raise CallBodyError(f"Bad Request: the key {twice!r} appears twice in one JSON object")
-    return dict(pairs)
+    return obj
+
+
+_DECODER: Final = json.JSONDecoder(object_pairs_hook=_unique)  # made once: json.loads makes one per call
+
+
+def may_call_a_tool(body: bytes) -> bool:
+    """False when the body cannot hold a tools/call: the name is not in it, spelt out or escaped."""
+    return TOOLS_CALL_BYTES in body or b"\\" in body
 
 
 def calls_of_body(body: bytes) -> tuple[Call, ...]:
     """The calls of a legacy request body: one, or one per message of a batch."""
+    if not body:
+        return ()  # no body: nothing is called
     try:
-        message = json.loads(body, object_pairs_hook=_unique)
+        message = _DECODER.decode(body.decode("utf-8"))
     except CallBodyError:
         raise
-    except (ValueError, RecursionError) as exc:
+    except (ValueError, RecursionError) as exc:  # UnicodeDecodeError is a ValueError
         raise CallBodyError("Bad Request: the body is not JSON") from exc
     messages = message if isinstance(message, list) else [message]
     return tuple(call for item in messages if (call := _call(item)) is not None)

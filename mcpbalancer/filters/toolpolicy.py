@@ -24,7 +24,7 @@ from typing import Final
 
 from mcpbalancer.config import ToolRule, When
 from mcpbalancer.errors import BadRequest, ToolDenied
-from mcpbalancer.filters.calls import Call, calls_of_body, known_calls, reads_body
+from mcpbalancer.filters.calls import Call, calls_of_body, known_calls, may_call_a_tool, reads_body
 from mcpbalancer.observability.metrics import Metrics, Value
 from mcpbalancer.protocol import Era
 from mcpbalancer.routing.binding import Principal
@@ -113,10 +113,13 @@ class ToolPolicy:
         return self._body_limit if reads_body(facts) else None
 
     def request_body(self, ctx: object, facts: RequestFacts, body: bytes, message: object) -> object:
-        if reads_body(facts):  # else decided in the request phase
-            if facts.calls is None:
-                facts.calls = calls_of_body(body)
-            self.check(facts.calls, facts.principal)
+        if not reads_body(facts):
+            return message  # decided in the request phase
+        if facts.calls is None:
+            if not may_call_a_tool(body):
+                return message  # no tools/call in it, not even escaped: nothing to decide
+            facts.calls = calls_of_body(body)
+        self.check(facts.calls, facts.principal)
         return message
 
     # -- the decision -----------------------------------------------------------------------------
