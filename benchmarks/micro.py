@@ -107,7 +107,7 @@ def access(args: argparse.Namespace, jwks_dir: str) -> tuple[dict[str, Any], byt
     if args.tool_policy:
         settings["tool_policy"] = [{"deny": ["drop_*"]}, {"allow": ["*"]}]
     if args.rate_limit:
-        settings["rate_limits"] = [{"key": "session", "rate": "1000000000/second"}]
+        settings["rate_limits"] = [{"key": "session", "rate": "100000000/second"}]
     return settings, credential
 
 
