@@ -1,6 +1,6 @@
 """The data plane's own cost per request, without sockets: a deterministic micro benchmark.
 
-    python benchmarks/micro.py [--sse] [--requests N] [--profile]
+    python benchmarks/micro.py [--sse] [--tracing] [--requests N] [--profile]
                                [--auth jwt|jwt-verify|key] [--tool-policy] [--rate-limit]
 
 One client connection and one pooled backend connection with in-memory transports; a session is
@@ -10,14 +10,15 @@ routing, head building, metrics, bookkeeping): no syscalls, no event loop wake-u
 process, so two versions of the code can be compared in seconds, even on a busy machine, to a few
 percent. It is what the end-to-end numbers of run.py are made of, minus the kernel's part and
 uvloop's. `--profile` prints cProfile's view of the same loop (slower, distorted, but it names the
-functions).
+functions). `--tracing` turns tracing on (every request sampled, a traceparent sent), with an
+exporter that discards the spans: what is timed then includes the export thread's work (building
+SDK spans and encoding them), which runs while the loop relays.
 
 The access filters (docs/access.md) are off unless asked for: `--auth jwt` sends an RS256 token
 (`--alg ES256` an ES256 one; checked once, then remembered until it expires), `--auth jwt-verify`
 forgets it after every request (so each one checks the signature), `--auth key` an API key
-(hashed every time);
-`--tool-policy` adds a tool policy, which reads and parses every legacy body; `--rate-limit` a
-rate limit per session in this process's buckets.
+(hashed every time); `--tool-policy` adds a tool policy, which reads and parses every legacy body;
+`--rate-limit` a rate limit per session in this process's buckets.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ from typing import Any
 import uvloop
 
 from mcpbalancer.app import Proxy
-from mcpbalancer.config import parse_config
+from mcpbalancer.config import TracingConfig, parse_config
 from mcpbalancer.dataplane.plane import DataPlane
 from mcpbalancer.dataplane.upstream import UpstreamConnection
 
@@ -72,6 +73,20 @@ class MemoryTransport:
         raise RuntimeError("the proxy closed a connection: the loop is not what it should be")
 
     abort = close
+
+
+class Discard:
+    """A SpanExporter that encodes every batch as OTLP would, then drops it."""
+
+    def export(self, spans: Any) -> Any:
+        from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
+        from opentelemetry.sdk.trace.export import SpanExportResult
+
+        encode_spans(spans).SerializePartialToString()
+        return SpanExportResult.SUCCESS
+
+    def shutdown(self) -> None:
+        pass
 
 
 API_KEY = b"micro-benchmark-api-key"
@@ -111,7 +126,7 @@ def access(args: argparse.Namespace, jwks_dir: str) -> tuple[dict[str, Any], byt
     return settings, credential
 
 
-def request(sid: bytes | None, sse: bool, credential: bytes | None = None) -> bytes:
+def request(sid: bytes | None, sse: bool, traced: bool = False, credential: bytes | None = None) -> bytes:
     lines = [
         b"POST /mcp%s HTTP/1.1" % (b"?sse=1" if sse else b""),
         b"Host: 127.0.0.1:8080",
@@ -121,6 +136,8 @@ def request(sid: bytes | None, sse: bool, credential: bytes | None = None) -> by
     ]
     if sid is not None:
         lines.append(b"Mcp-Session-Id: " + sid)
+    if traced:
+        lines.append(b"traceparent: 00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01")
     if credential is not None:
         lines.append(b"Authorization: " + credential)
     lines.append(b"Content-Length: %d" % len(BODY))
@@ -156,6 +173,15 @@ async def measure(args: argparse.Namespace, settings: dict[str, Any], credential
         source="<micro>",
     )
     proxy = Proxy(config)
+    tracing = None
+    if args.tracing:
+        from mcpbalancer.observability.tracing import Tracing
+
+        tracing = Tracing(
+            TracingConfig(enabled=True), proxy.metrics, session_key=b"k" * 16, exporter=Discard()
+        )
+        tracing.start()
+        proxy.tracing = tracing  # registered by compose_phases, as a configured one is
     plane = DataPlane(
         proxy.router,
         proxy.fleet.pools,
@@ -171,10 +197,10 @@ async def measure(args: argparse.Namespace, settings: dict[str, Any], credential
     proxy.fleet.pools["s1"].release(upstream)
     client, down = plane.protocol_factory(), MemoryTransport()
     client.connection_made(down)  # type: ignore[arg-type]
-    client.data_received(request(None, args.sse, credential))
+    client.data_received(request(None, args.sse, args.tracing, credential))
     upstream.data_received(response(b"sess-1", args.sse))
     await asyncio.sleep(0.01)  # the session's binding is stored in a task
-    ask, answer = request(b"sess-1", args.sse, credential), response(None, args.sse)
+    ask, answer = request(b"sess-1", args.sse, args.tracing, credential), response(None, args.sse)
     # --auth jwt-verify: the verified token is forgotten after each request, so each checks it.
     forget = proxy.access_filters[0]._cache.clear if args.auth == "jwt-verify" else None  # type: ignore[attr-defined]
 
@@ -200,8 +226,8 @@ async def measure(args: argparse.Namespace, settings: dict[str, Any], credential
         started = time.perf_counter()
         relay(args.requests // 5)
         best = min(best, (time.perf_counter() - started) / (args.requests // 5))
-    kind = "SSE" if args.sse else "JSON"
-    shown = {k: v for k, v in vars(args).items() if v and k not in ("sse", "requests", "alg")}
+    kind = ("SSE" if args.sse else "JSON") + (" traced" if args.tracing else "")
+    shown = {k: v for k, v in vars(args).items() if v and k not in ("sse", "requests", "alg", "tracing")}
     if args.auth in ("jwt", "jwt-verify"):
         shown["alg"] = args.alg
     options = ", ".join(f"{k}={v}" for k, v in shown.items())
@@ -209,12 +235,19 @@ async def measure(args: argparse.Namespace, settings: dict[str, Any], credential
         f"{kind}: {best * 1e6:.2f} µs of proxy Python per request (best of 5 runs of {args.requests // 5})"
         + (f" [{options}]" if options else "")
     )
+    if tracing is not None:
+        tracing.close()
+        spans = proxy.metrics.registry.get_sample_value
+        exported = spans("mcpbalancer_trace_spans_total", {"result": "exported"})
+        dropped = spans("mcpbalancer_trace_spans_total", {"result": "dropped"})
+        print(f"  spans exported {exported:.0f}, dropped (queue full) {dropped:.0f}")
 
 
 if __name__ == "__main__":
     raw = argparse.RawDescriptionHelpFormatter
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=raw)
     parser.add_argument("--sse", action="store_true", help="answers as a one-event SSE stream")
+    parser.add_argument("--tracing", action="store_true", help="tracing on, every request sampled")
     parser.add_argument("--requests", type=int, default=100_000)
     parser.add_argument("--profile", action="store_true")
     parser.add_argument("--auth", choices=("jwt", "jwt-verify", "key"), help="auth on, with this credential")

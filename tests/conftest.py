@@ -15,6 +15,8 @@ pytest_plugins = [
     "tests.fixtures.mcp",
     "tests.fixtures.tls",
     "tests.fixtures.idp",
+    "tests.fixtures.dns",
+    "tests.fixtures.cluster",
 ]
 
 

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 import yaml
 
-from mcpbalancer.app import RESTART_ONLY
+from mcpbalancer.app import LIVE, RESTART_ONLY
 from mcpbalancer.config import DEFAULT_SHUTDOWN_TIMEOUT, Config, host_port, parse_config
 from mcpbalancer.errors import ConfigError
 from tests.fixtures.yamlkeys import UniqueKeyLoader
@@ -34,6 +34,8 @@ NOT_AN_ATTRIBUTE = {
     "backends[].replicas": "expanded into <name>-1 ... <name>-N backends",
     "auth.mode": "the section's default; without an `auth` section authentication is off",
 }
+# Keys under a restart-only key that are a Config field of their own (key -> field).
+LIVE_KEYS = {"admin.token": "admin_tokens"}
 
 
 def page_id(path: Path) -> str:
@@ -146,6 +148,9 @@ def test_the_probe_finds_the_keys_of_a_section_and_of_list_items() -> None:
 
 # The sections the proxy reads in one record of its own (Config.access).
 IN_ACCESS = ("auth", "tool_policy", "rate_limits")
+# A file with a `discover` entry: its keys are read from the entry's DiscoveryConfig.
+DISCOVERED = parse_config({"backends": [{"name": "t", "discover": {"dns": "t.test", "port": 1}}]})
+DISCOVER_KEY = "backends[].discover."
 
 
 def loaded_value(config: Config, key: str) -> Any:
@@ -154,6 +159,8 @@ def loaded_value(config: Config, key: str) -> Any:
     if key.split(".")[0].removesuffix("[]") in IN_ACCESS:
         key = f"access.{key}"
     value: Any = config
+    if key.startswith(DISCOVER_KEY):
+        value, key = DISCOVERED.discovery[0], key.removeprefix(DISCOVER_KEY)
     for part in key.split("."):
         value = getattr(value, part[:-2])[0] if part.endswith("[]") else getattr(value, part)
     return list(value) if isinstance(value, tuple) else value
@@ -171,6 +178,7 @@ def test_config_table_defaults_match_the_loader() -> None:
         if loaded_value(config, key) != documented:
             wrong.append((key, documented, loaded_value(config, key)))
     assert "shutdown_timeout" in compared
+    assert "backends[].discover.interval" in compared
     assert len(compared) > 30
     assert wrong == []
 
@@ -195,7 +203,9 @@ def test_the_table_marks_the_restart_only_keys_of_the_code() -> None:
                 meanings[m[1]] = m[2]
     marked = {key for key, meaning in meanings.items() if meaning.startswith("restart only")}
     restart_only = {"listen" if field.startswith("listen_") else field for field in RESTART_ONLY}
-    under = {key for key in meanings if key.split(".")[0].removesuffix("[]") in restart_only}
+    # Keys of a restart-only section that are Config fields of their own, which reload.
+    live = {key for key, field in LIVE_KEYS.items() if field in LIVE}
+    under = {key for key in meanings if key.split(".")[0].removesuffix("[]") in restart_only} - live
     assert sorted(marked ^ under) == []
     assert {key.split(".")[0] for key in marked} == restart_only
 

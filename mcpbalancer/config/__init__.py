@@ -30,6 +30,7 @@ from mcpbalancer.config.models import (
     BALANCE_STRATEGIES,
     DEFAULT_LOCAL_CACHE_SIZE,
     DEFAULT_MCP_PATH,
+    DEFAULT_SERVICE,
     DEFAULT_SHUTDOWN_TIMEOUT,
     DEFAULT_STORE_PREFIX,
     ERAS,
@@ -45,13 +46,14 @@ from mcpbalancer.config.models import (
     LogConfig,
     MetricsConfig,
     TimeoutsConfig,
+    TracingConfig,
 )
 from mcpbalancer.config.runtime import (
     BackendConfig,
     Config,
+    DiscoveryConfig,
     RouteConfig,
     TlsConfig,
-    admin_of_worker,
     host_port,
 )
 from mcpbalancer.errors import ConfigError
@@ -60,6 +62,7 @@ __all__ = [
     "BALANCE_STRATEGIES",
     "DEFAULT_LOCAL_CACHE_SIZE",
     "DEFAULT_MCP_PATH",
+    "DEFAULT_SERVICE",
     "DEFAULT_SHUTDOWN_TIMEOUT",
     "DEFAULT_STORE_PREFIX",
     "ERAS",
@@ -80,6 +83,7 @@ __all__ = [
     "Config",
     "ConfigError",
     "ConfigFile",
+    "DiscoveryConfig",
     "HealthConfig",
     "LimitsConfig",
     "LogConfig",
@@ -90,6 +94,7 @@ __all__ = [
     "TimeoutsConfig",
     "TlsConfig",
     "ToolRule",
+    "TracingConfig",
     "When",
     "admin_of_worker",
     "check_workers",

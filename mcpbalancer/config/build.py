@@ -4,8 +4,16 @@ changed it (`--workers`)."""
 from __future__ import annotations
 
 from mcpbalancer.config.access import AccessConfig, AuthConfig
-from mcpbalancer.config.checks import split_backend_url, split_host_port
-from mcpbalancer.config.file import MANAGED_HOST, BackendEntry, ConfigFile, RouteEntry, RouteMatch, TlsSection
+from mcpbalancer.config.checks import split_backend_url, split_host_port, split_nameserver
+from mcpbalancer.config.file import (
+    MANAGED_HOST,
+    BackendEntry,
+    ConfigFile,
+    DiscoverSection,
+    RouteEntry,
+    RouteMatch,
+    TlsSection,
+)
 from mcpbalancer.config.models import (
     MAX_WORKERS,
     AffinityConfig,
@@ -14,8 +22,9 @@ from mcpbalancer.config.models import (
     LogConfig,
     MetricsConfig,
     TimeoutsConfig,
+    TracingConfig,
 )
-from mcpbalancer.config.runtime import BackendConfig, Config, RouteConfig, TlsConfig
+from mcpbalancer.config.runtime import BackendConfig, Config, DiscoveryConfig, RouteConfig, TlsConfig
 from mcpbalancer.errors import ConfigError
 
 
@@ -28,15 +37,22 @@ def build(file: ConfigFile, source: str) -> Config:
         session_ttl=file.session_ttl,
         balance=file.balance,
         heartbeat=file.heartbeat,
-        backends=tuple(backend for i, entry in enumerate(file.backends) for backend in _backends(entry, i)),
+        backends=tuple(
+            backend
+            for i, entry in enumerate(file.backends)
+            if entry.discover is None
+            for backend in _backends(entry, i)
+        ),
         timeouts=file.timeouts or TimeoutsConfig(),
         limits=file.limits or LimitsConfig(),
         store_prefix=file.store_prefix,
         local_cache_size=file.local_cache_size,
         source=source,
-        admin=None if file.admin is None else split_host_port(file.admin),
+        admin=None if file.admin is None else split_host_port(file.admin.listen),
+        admin_tokens=() if file.admin is None or file.admin.token is None else file.admin.token,
         metrics=file.metrics or MetricsConfig(),
         log=file.log or LogConfig(),
+        tracing=file.tracing or TracingConfig(),
         health=file.health or HealthConfig(),
         shutdown_timeout=file.shutdown_timeout,
         pools={name: tuple(dict.fromkeys(members)) for name, members in (file.pools or {}).items()},
@@ -57,6 +73,11 @@ def build(file: ConfigFile, source: str) -> Config:
             rate_limits=tuple(file.rate_limits or ()),
         ),
         trusted_proxies=tuple(file.trusted_proxies or ()),
+        discovery=tuple(
+            _discovery(entry, entry.discover, i)
+            for i, entry in enumerate(file.backends)
+            if entry.discover is not None
+        ),
     )
 
 
@@ -68,6 +89,28 @@ def _backends(entry: BackendEntry, index: int) -> list[BackendConfig]:
     # A managed entry (BackendEntry has exactly one of url and command): host and port are known
     # once the process is up.
     return [_backend(entry, name, "", "http", MANAGED_HOST, 0, "", None) for name in entry.names]
+
+
+def _discovery(entry: BackendEntry, discover: DiscoverSection, index: int) -> DiscoveryConfig:
+    tls = None
+    if discover.scheme == "https":
+        tls = _tls(entry.tls or TlsSection(), f"backends[{index}].tls")
+    # The settings of every backend it finds; name, address and (SRV) weight are filled in then.
+    path = "" if discover.path in (None, "/") else discover.path
+    template = _backend(entry, entry.name, "", discover.scheme, "", 0, path, tls)
+    return DiscoveryConfig(
+        name=entry.name,
+        dns=discover.dns,
+        srv=discover.srv,
+        port=discover.port,
+        interval=discover.interval,
+        timeout=discover.timeout,
+        family=discover.family,
+        scheme=discover.scheme,
+        path=path,
+        nameservers=tuple(split_nameserver(server) for server in discover.nameservers or ()),
+        template=template,
+    )
 
 
 def _backend(
@@ -163,19 +206,4 @@ def _workers_problem(config: Config) -> str | None:
             "would start its own copies, and a session on one worker's copy is unknown to the other "
             "workers; run the servers yourself and list their `url`s, or use 1 worker"
         )
-    return _admin_ports_problem(config)
-
-
-def _admin_ports_problem(config: Config) -> str | None:
-    if config.admin is None or config.admin[1] == 0:
-        return None
-    host, first = config.admin
-    last = first + config.workers - 1
-    ports = f"{config.workers} workers serve `admin` on ports {first}-{last} (port + worker index)"
-    if last > 65535:
-        return f"{ports}: past 65535"
-    wildcard = ("0.0.0.0", "::")
-    same_host = host == config.listen_host or host in wildcard or config.listen_host in wildcard
-    if same_host and first <= config.listen_port <= last:
-        return f"{ports}, which includes the `listen` port {config.listen_port}"
     return None

@@ -116,9 +116,13 @@ class ResponseRelay(ExchangeState):
 
     def _hold_until(self, wait: Awaitable[None]) -> None:
         async def run() -> None:
+            trace = self.trace
+            started = time.perf_counter() if trace is not None else 0.0
             try:
                 await wait
             finally:
+                if trace is not None:  # the new session's binding, written to the shared store
+                    trace.store_seconds = time.perf_counter() - started
                 held, self._held = self._held, None
                 if not self.done and held is not None:
                     self._started = True
@@ -202,7 +206,12 @@ class ResponseRelay(ExchangeState):
         if problem is not None:  # a TLS alert after the handshake: a client certificate refused
             self._tls_failed(self.backend, problem, connecting=False)
             return
-        log.warning("backend %s closed the connection before answering: %s", self.backend.name, exc)
+        log.warning(
+            "backend %s closed the connection before answering: %s",
+            self.backend.name,
+            exc,
+            extra=self.log_fields(),
+        )
         self._upstream_failed("reset")
         fault = self.plane.phases.error_while_proxy
         if fault is not None:
@@ -216,7 +225,12 @@ class ResponseRelay(ExchangeState):
         if self.done or self._started:
             return
         name = self.backend.name if self.backend else "?"
-        log.warning("backend %s: no response head within %ss", name, self.plane.timeouts.response_headers)
+        log.warning(
+            "backend %s: no response head within %ss",
+            name,
+            self.plane.timeouts.response_headers,
+            extra=self.log_fields(),
+        )
         self._upstream_failed("timeout")
         fault = self.plane.phases.error_while_proxy
         if self.backend is not None and fault is not None:

@@ -278,7 +278,9 @@ class Router:
             self._forget(sid, None, "backend_lost")
             raise SessionNotFound()
         if backend.evicted:
-            # Its drain_timeout passed: the sessions left on it are ended.
+            # Its drain_timeout passed: the sessions left on it are moved (replay) or ended.
+            if self.failover is not None and self.failover.can_replay(sid):
+                return self.failover.replay(self, facts, backend)
             self._forget(sid, backend, "backend_lost")
             raise SessionNotFound()
         return backend

@@ -52,6 +52,9 @@ Tools and their behaviour per era:
     also stored for replay). Returns ``"sent"``. Modern: there is no standalone stream, the SDK drops the
     notification; the tool still answers ``"sent"``.
 
+``request_headers()``
+    ``{"traceparent": ..., "tracestate": ..., "x-request-id": ...}``: those headers of the HTTP request
+    that carried the call, as the backend received them (null when absent). Both eras.
 ``GET /whoami`` (a custom route, not MCP)
     ``{"name": <instance>, "path": <request path>, "query": <query string>}``.
 
@@ -103,6 +106,7 @@ import mcp_types
 import uvicorn
 from fastmcp import Context, FastMCP
 from fastmcp.exceptions import ToolError
+from fastmcp.server.dependencies import get_http_headers
 from mcp_types.version import MODERN_PROTOCOL_VERSIONS
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -110,6 +114,7 @@ from starlette.responses import JSONResponse, Response
 MCP_PATH = "/mcp"
 WHOAMI_PATH = "/whoami"
 DEFAULT_WAIT_SECONDS = 10.0
+SEEN_HEADERS = ("traceparent", "tracestate", "x-request-id")
 
 HostOriginProtection = bool | Literal["auto"]
 
@@ -263,13 +268,12 @@ def build_server(name: str, *, tasks: bool = False, tls: TlsLog | None = None) -
 
     @mcp.tool
     def request_headers() -> str:
-        """The HTTP headers of the request that called this tool, as a JSON object (lower-case names;
-        a repeated header's values joined with ", ")."""
-        from fastmcp.server.dependencies import get_http_request
-
-        headers: dict[str, str] = {}
-        for key, value in get_http_request().headers.items():
-            headers[key] = f"{headers[key]}, {value}" if key in headers else value
+        """The HTTP headers of the request that carried this call, as JSON: every one (lower-case
+        names, a repeated header's values joined with ", "), and the tracing and request-id ones
+        always (null when absent)."""
+        headers: dict[str, str | None] = dict.fromkeys(SEEN_HEADERS)
+        for key, value in get_http_headers(include_all=True).items():
+            headers[key] = value
         return json.dumps(headers)
 
     @mcp.custom_route(WHOAMI_PATH, methods=["GET"])
