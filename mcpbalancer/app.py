@@ -468,7 +468,8 @@ class Proxy:
         if buckets is not None:
             limit = config.limits.policy_body_bytes
             filters.append(RateLimits(access.rate_limits, buckets, self.metrics, trusted, body_limit=limit))
-        if any(b.max_in_flight is not None for b in config.backends):
+        templates = (entry.template for entry in config.discovery)  # the backends DNS will give
+        if any(b.max_in_flight is not None for b in (*config.backends, *templates)):
             filters.append(self._concurrency)
         return filters
 

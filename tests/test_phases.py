@@ -176,6 +176,11 @@ def test_the_default_proxy_registers_only_the_front_door_and_passive_health() ->
         ({"tool_policy": [{"allow": ["*"]}]}, ToolPolicy, "body_limit"),
         ({"rate_limits": [{"key": "session", "rate": "1/s"}]}, RateLimits, "request"),
         ({"backends": [{**BASE["backends"][0], "max_in_flight": 2}]}, ConcurrencyLimits, "upstream_peer"),
+        (
+            {"backends": [{"name": "d", "discover": {"dns": "d.test", "port": 1}, "max_in_flight": 2}]},
+            ConcurrencyLimits,
+            "upstream_peer",
+        ),
     ],
 )
 def test_a_configured_feature_registers_its_filter(extra: dict[str, Any], kind: type, phase: str) -> None:

@@ -297,8 +297,8 @@ class BackendEntry(Section):
         default=None,
         ge=1,
         le=100_000,
-        description="Requests the backend is sent at once (GET event streams are not counted); more "
-        "wait up to `queue_timeout`. Off when absent.",
+        description="Requests each proxy process sends the backend at once (GET event streams are not "
+        "counted); more wait up to `queue_timeout`. Off when absent.",
     )
     queue_timeout: Number = Field(
         default=10.0,
