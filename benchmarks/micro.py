@@ -1,6 +1,7 @@
 """The data plane's own cost per request, without sockets: a deterministic micro benchmark.
 
     python benchmarks/micro.py [--sse] [--tracing] [--sessionless] [--requests N] [--profile]
+                               [--auth jwt|jwt-verify|key] [--tool-policy] [--rate-limit]
 
 One client connection and one pooled backend connection with in-memory transports; a session is
 initialized, then a known-session POST and its answer (JSON, or with --sse a one-event SSE stream)
@@ -13,6 +14,12 @@ uvloop's. `--profile` prints cProfile's view of the same loop (slower, distorted
 functions). `--tracing` turns tracing on (every request sampled, a traceparent sent), with an
 exporter that discards the spans: what is timed then includes the export thread's work (building
 SDK spans and encoding them), which runs while the loop relays.
+
+The access filters (docs/access.md) are off unless asked for: `--auth jwt` sends an RS256 token
+(`--alg ES256` an ES256 one; checked once, then remembered until it expires), `--auth jwt-verify`
+forgets it after every request (so each one checks the signature), `--auth key` an API key
+(hashed every time); `--tool-policy` adds a tool policy, which reads and parses every legacy body;
+`--rate-limit` a rate limit per session in this process's buckets.
 """
 
 from __future__ import annotations
@@ -20,7 +27,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import cProfile
+import hashlib
+import json
+import os
 import pstats
+import tempfile
 import time
 from typing import Any
 
@@ -79,7 +90,44 @@ class Discard:
         pass
 
 
-def request(sid: bytes | None, sse: bool, traced: bool = False) -> bytes:
+API_KEY = b"micro-benchmark-api-key"
+
+
+def access(args: argparse.Namespace, jwks_dir: str) -> tuple[dict[str, Any], bytes | None]:
+    """The access settings of the options, and the Authorization value the requests carry."""
+    settings: dict[str, Any] = {}
+    credential = None
+    if args.auth == "key":
+        settings["auth"] = {"api_keys": [{"name": "bench", "sha256": hashlib.sha256(API_KEY).hexdigest()}]}
+        credential = b"Bearer " + API_KEY
+    elif args.auth is not None:
+        # Imported only here: the proxy loads PyJWT only with auth, and so does its measurement.
+        import jwt
+        from cryptography.hazmat.primitives.asymmetric import ec, rsa
+
+        key: Any
+        if args.alg == "ES256":
+            key = ec.generate_private_key(ec.SECP256R1())
+            public = json.loads(jwt.algorithms.ECAlgorithm.to_jwk(key.public_key()))
+        else:
+            key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+            public = json.loads(jwt.algorithms.RSAAlgorithm.to_jwk(key.public_key()))
+        path = os.path.join(jwks_dir, "jwks.json")
+        with open(path, "w") as fh:
+            json.dump({"keys": [{**public, "kid": "k1", "use": "sig"}]}, fh)
+        issuer, audience = "https://idp.example", "http://127.0.0.1:8080/mcp"
+        settings["auth"] = {"issuer": issuer, "audience": audience, "jwks_file": path}
+        claims = {"iss": issuer, "aud": audience, "sub": "bench", "exp": int(time.time()) + 3600}
+        token = jwt.encode(claims, key, algorithm=args.alg, headers={"kid": "k1"})
+        credential = b"Bearer " + token.encode()
+    if args.tool_policy:
+        settings["tool_policy"] = [{"deny": ["drop_*"]}, {"allow": ["*"]}]
+    if args.rate_limit:
+        settings["rate_limits"] = [{"key": "session", "rate": "100000000/second"}]
+    return settings, credential
+
+
+def request(sid: bytes | None, sse: bool, traced: bool = False, credential: bytes | None = None) -> bytes:
     lines = [
         b"POST /mcp%s HTTP/1.1" % (b"?sse=1" if sse else b""),
         b"Host: 127.0.0.1:8080",
@@ -91,6 +139,8 @@ def request(sid: bytes | None, sse: bool, traced: bool = False) -> bytes:
         lines.append(b"Mcp-Session-Id: " + sid)
     if traced:
         lines.append(b"traceparent: 00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01")
+    if credential is not None:
+        lines.append(b"Authorization: " + credential)
     lines.append(b"Content-Length: %d" % len(BODY))
     return b"\r\n".join(lines) + b"\r\n\r\n" + BODY
 
@@ -108,12 +158,18 @@ def response(sid: bytes | None, sse: bool) -> bytes:
 
 
 async def main(args: argparse.Namespace) -> None:
+    with tempfile.TemporaryDirectory() as jwks_dir:
+        await measure(args, *access(args, jwks_dir))
+
+
+async def measure(args: argparse.Namespace, settings: dict[str, Any], credential: bytes | None) -> None:
     config = parse_config(
         {
             "listen": "127.0.0.1:0",
             "backends": [{"name": "s1", "url": "http://127.0.0.1:9"}],
             "health": {"interval": 0},
             "log": {"level": "warning", "access": False},
+            **settings,
         },
         source="<micro>",
     )
@@ -142,19 +198,25 @@ async def main(args: argparse.Namespace) -> None:
     proxy.fleet.pools["s1"].release(upstream)
     client, down = plane.protocol_factory(), MemoryTransport()
     client.connection_made(down)  # type: ignore[arg-type]
-    client.data_received(request(None, args.sse))
+    client.data_received(request(None, args.sse, args.tracing, credential))
     upstream.data_received(response(b"sess-1", args.sse))
     await asyncio.sleep(0.01)  # the session's binding is stored in a task
     # --sessionless: a legacy request without a session id (a client of a stateless server).
     sid = None if args.sessionless else b"sess-1"
-    ask, answer = request(sid, args.sse, args.tracing), response(None, args.sse)
+    ask, answer = request(sid, args.sse, args.tracing, credential), response(None, args.sse)
+    # --auth jwt-verify: the verified token is forgotten after each request, so each checks it.
+    forget = proxy.access_filters[0]._cache.clear if args.auth == "jwt-verify" else None  # type: ignore[attr-defined]
 
     def relay(n: int) -> None:
         for _ in range(n):
             client.data_received(ask)
             upstream.data_received(answer)
+            if not down.out or not down.out[0].startswith(b"HTTP/1.1 200"):
+                raise RuntimeError(f"not relayed: {b''.join(down.out)[:200]!r}")
             down.out.clear()
             up.out.clear()
+            if forget is not None:
+                forget()
 
     relay(2000)  # warm up, and check the loop works: a refusal or a close raises
     if args.profile:
@@ -169,7 +231,18 @@ async def main(args: argparse.Namespace) -> None:
         best = min(best, (time.perf_counter() - started) / (args.requests // 5))
     kind = ("SSE" if args.sse else "JSON") + (" traced" if args.tracing else "")
     kind += " session-less" if args.sessionless else ""
-    print(f"{kind}: {best * 1e6:.2f} µs of proxy Python per request (best of 5 runs of {args.requests // 5})")
+    shown = {
+        k: v
+        for k, v in vars(args).items()
+        if v and k not in ("sse", "requests", "alg", "tracing", "sessionless")
+    }
+    if args.auth in ("jwt", "jwt-verify"):
+        shown["alg"] = args.alg
+    options = ", ".join(f"{k}={v}" for k, v in shown.items())
+    print(
+        f"{kind}: {best * 1e6:.2f} µs of proxy Python per request (best of 5 runs of {args.requests // 5})"
+        + (f" [{options}]" if options else "")
+    )
     if tracing is not None:
         tracing.close()
         spans = proxy.metrics.registry.get_sample_value
@@ -186,4 +259,8 @@ if __name__ == "__main__":
     parser.add_argument("--sessionless", action="store_true", help="requests without a session id")
     parser.add_argument("--requests", type=int, default=100_000)
     parser.add_argument("--profile", action="store_true")
+    parser.add_argument("--auth", choices=("jwt", "jwt-verify", "key"), help="auth on, with this credential")
+    parser.add_argument("--alg", choices=("RS256", "ES256"), default="RS256", help="the token's algorithm")
+    parser.add_argument("--tool-policy", action="store_true", help="a tool policy (legacy bodies read)")
+    parser.add_argument("--rate-limit", action="store_true", help="a rate limit per session (memory)")
     uvloop.run(main(parser.parse_args()))

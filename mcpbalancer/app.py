@@ -16,12 +16,20 @@ import sys
 import time
 import urllib.parse
 from collections.abc import Callable, Coroutine
-from typing import Any, Final, TextIO
+from typing import TYPE_CHECKING, Any, Final, TextIO
 
 from prometheus_client import CollectorRegistry
 
 from mcpbalancer import __version__
-from mcpbalancer.config import DEFAULT_SERVICE, BackendConfig, Config, HealthConfig, host_port, load_config
+from mcpbalancer.config import (
+    DEFAULT_SERVICE,
+    AuthConfig,
+    BackendConfig,
+    Config,
+    HealthConfig,
+    host_port,
+    load_config,
+)
 from mcpbalancer.control.admin import AdminApi
 from mcpbalancer.control.audit import Audit
 from mcpbalancer.control.auth import PROBES, AdminAuth, warn_if_open
@@ -33,14 +41,18 @@ from mcpbalancer.dataplane.tls import backend_contexts
 from mcpbalancer.dataplane.upstream import UpstreamPool
 from mcpbalancer.errors import BackendStartError, ConfigError, ListenError, RestartRequired
 from mcpbalancer.filters.affinity import AffinityLearning, RequestStateKey
+from mcpbalancer.filters.clientip import TrustedProxies
+from mcpbalancer.filters.concurrency import ConcurrencyLimits
 from mcpbalancer.filters.failover import ReplayAlias
 from mcpbalancer.filters.front_door import FrontDoor
 from mcpbalancer.filters.headercheck import StrictHeaders
 from mcpbalancer.filters.hosts import HostFilter, HostPolicy, for_listen
 from mcpbalancer.filters.origin import OriginFilter, OriginPolicy
 from mcpbalancer.filters.phases import Phases, compose
+from mcpbalancer.filters.ratelimit import Buckets, RateLimits, rates_of
 from mcpbalancer.filters.route_rules import RouteRules
 from mcpbalancer.filters.session_binding import SessionBinding
+from mcpbalancer.filters.toolpolicy import ToolPolicy
 from mcpbalancer.fleet.backends import Backend
 from mcpbalancer.fleet.discovery import Discovery
 from mcpbalancer.fleet.health import HealthChecker
@@ -61,7 +73,12 @@ from mcpbalancer.routing.rules import compile_rules
 from mcpbalancer.store import SessionStore
 from mcpbalancer.store.cache import CachedStore
 from mcpbalancer.store.factory import create_store
+from mcpbalancer.store.ratelimit import LocalBuckets, SharedBuckets
+from mcpbalancer.store.redis import RedisStore
 from mcpbalancer.store.shared import SharedAffinity
+
+if TYPE_CHECKING:
+    from mcpbalancer.filters.jwks import JwksSource, StaticKeys
 
 log = logging.getLogger(__name__)
 
@@ -109,6 +126,8 @@ LIVE: Final = frozenset(
         "bind_sessions",  # a change ends the sessions bound under the old binding (404)
         "session_binding_key",
         "on_store_error",
+        "access",  # auth, tool_policy, rate_limits: the buckets start afresh when rate_limits change
+        "trusted_proxies",
         "admin_tokens",  # `admin.token`: a rotation is a reload with the old and the new, then the new
     }
 )
@@ -151,10 +170,40 @@ def _shared_affinity_wanted(config: Config) -> bool:
 
 
 def _binder(config: Config) -> SessionBinder | None:
+    """The session binding: to a header (`bind_sessions`), or to the principal with `auth`."""
+    key = config.session_binding_key
+    secret = key.encode() if key is not None else None
+    if config.access.auth.enforced:
+        header = config.bind_sessions
+        return SessionBinder(header or "authorization", secret, by_principal=True, header_bound=bool(header))
     if config.bind_sessions is None:
         return None
-    key = config.session_binding_key
-    return SessionBinder(config.bind_sessions, key.encode() if key is not None else None)
+    return SessionBinder(config.bind_sessions, secret)
+
+
+def _binding(config: Config) -> tuple[object, ...]:
+    """What the binder is made of: a change ends the sessions bound under the old one."""
+    return config.bind_sessions, config.session_binding_key, config.access.auth.enforced
+
+
+def key_file(config: Config) -> StaticKeys | None:
+    """The key set of `auth.jwks_file`, read now (at start, by --check, on every reload); None
+    without one. PyJWT and the key-set code are loaded only when auth is on: a proxy without it
+    carries none of their objects (some 6000, which every full garbage collection walks) nor
+    their import time."""
+    auth = config.access.auth
+    if not auth.enforced or auth.jwks_file is None:
+        return None
+    from mcpbalancer.filters.jwks import configured_keys  # only with auth: see above
+
+    return configured_keys(config)
+
+
+def _jwks_settings(config: Config) -> tuple[object, ...] | None:
+    auth = config.access.auth
+    if not auth.enforced or auth.jwks_url is None:
+        return None
+    return auth.jwks_url, auth.algorithms, auth.jwks_refresh, auth.jwks_cooldown
 
 
 def _process(backend: BackendConfig) -> BackendConfig:
@@ -241,6 +290,13 @@ class Proxy:
             modes=self.modes,
         )
         self.health = HealthChecker(config.health, self.fleet.set_status, self._probe, metrics=self.metrics)
+        self._plane: DataPlane | None = None
+        self._retired: set[asyncio.Task[None]] = set()  # closing parts a reload replaced
+        self._concurrency = ConcurrencyLimits(self.metrics)
+        self._jwks: JwksSource | None = None
+        self._jwks_task: asyncio.Task[None] | None = None
+        self._buckets: Buckets | None = None
+        self.access_filters = self._access_filters(config, None, key_file(config))
         self.discovery = Discovery(
             config.discovery, self.fleet, DnsResolver(), contexts=contexts, metrics=self.metrics
         )
@@ -257,11 +313,9 @@ class Proxy:
             self._status_page().install(self.control.app)
         self.managed = ManagedBackends(config.backends, self.backends, metrics=self.metrics)
         self._server: asyncio.Server | None = None
-        self._plane: DataPlane | None = None
         self._sweeper: asyncio.Task[None] | None = None
         self._checker: asyncio.Task[None] | None = None
         self._watcher: asyncio.Task[None] | None = None
-        self._retired: set[asyncio.Task[None]] = set()  # closing parts a reload replaced
 
     @property
     def shutdown_timeout(self) -> float:
@@ -287,6 +341,7 @@ class Proxy:
         try:
             new = self._adjust(load_config(self.config.source))
             contexts = backend_contexts(new)  # TLS files read again: a renewed certificate is used
+            keys = key_file(new)  # and the key set file
         except ConfigError as exc:
             log.error("reload rejected, running configuration kept: %s", exc)
             raise
@@ -297,7 +352,7 @@ class Proxy:
         self.discovery.reconfigure(new.discovery, contexts)
         self.health.reconfigure(new.health)
         self.health.track(self.backends)
-        self._apply_policy(self.config, new)
+        self._apply_policy(self.config, new, keys)
         self.config = dataclasses.replace(new, backends=backends)
         log.info(
             "reloaded %s: added %s, removed %s, updated %s",
@@ -321,7 +376,7 @@ class Proxy:
         log.error("reload refused, running configuration kept: %s", problem)
         raise RestartRequired(f"{new.source}: {problem}")
 
-    def _apply_policy(self, old: Config, new: Config) -> None:
+    def _apply_policy(self, old: Config, new: Config, keys: StaticKeys | None = None) -> None:
         """Swap the parts built from the LIVE settings; what did not change keeps its state (the
         balancer's turn, the affinity maps, the replay records, a random binding key)."""
         router = self.router
@@ -346,8 +401,9 @@ class Proxy:
             shared_affinity=shared,
         )
         router.failover = self.failover = self._failover(new, self.failover)
-        if (new.bind_sessions, new.session_binding_key) != (old.bind_sessions, old.session_binding_key):
+        if _binding(new) != _binding(old):
             router.binder = _binder(new)
+        self.access_filters = self._access_filters(new, old, keys)
         router.refuse_new_when(self._refuse_new(new))
         self.readiness.store_required = new.on_store_error == "fail"
         if new.log != old.log:
@@ -372,7 +428,10 @@ class Proxy:
         hosts = _host_policy(config)
         origins = OriginFilter(OriginPolicy(config.allowed_origins, hosts))
         filters: list[object] = [FrontDoor(None if hosts.any else HostFilter(hosts), origins)]
-        if router.binder is not None:
+        if self.tracing is not None:
+            filters.append(self.tracing)  # request: the span and traceparent (refusals too); logging: its end
+        filters += self.access_filters  # auth next: the filters after it read the principal
+        if router.binder is not None and not router.binder.by_principal:  # else auth binds
             filters.append(SessionBinding(router.binder))
         rules = compile_rules(config.routes, config.pools)
         if rules:
@@ -386,12 +445,94 @@ class Proxy:
             filters.append(AffinityLearning(router))
         if self.failover is not None:
             filters.append(ReplayAlias(self.failover))
-        if self.tracing is not None:
-            filters.append(self.tracing)  # request: the span and traceparent; logging: its end
         if self.access_log is not None:
             filters.append(self.access_log)
         filters.append(self.health)  # passive health: fail_to_connect, error_while_proxy
         return compose(filters)
+
+    # -- the access filters: auth, tool_policy, rate_limits, max_in_flight ------------------------
+
+    def _access_filters(self, config: Config, old: Config | None, keys: StaticKeys | None) -> list[object]:
+        """The access filters `config` asks for, in their order (compose_phases registers them).
+        What did not change is kept: the key set fetched, the rate-limit buckets, the lines of
+        requests waiting for a slot."""
+        access = config.access
+        trusted = TrustedProxies(config.trusted_proxies)
+        filters: list[object] = []
+        turned_off = access.auth.mode == "off" and access.auth != AuthConfig(mode="off")
+        if turned_off and (old is None or old.access.auth != access.auth):  # once, not at every reload
+            log.warning("auth.mode: off: requests are not authenticated, every client may call any tool")
+        if access.auth.enforced:
+            from mcpbalancer.filters.auth import Authenticator  # only with auth: see key_file
+
+            assert self.router.binder is not None
+            source = self._key_source(config, old) if keys is None else keys
+            filters.append(
+                Authenticator(
+                    access.auth,
+                    keys=source,
+                    binder=self.router.binder,
+                    metrics=self.metrics,
+                    mcp_path=config.mcp_path,
+                    trusted=trusted,
+                )
+            )
+        else:
+            self._key_source(config, old)  # closes a fetcher no longer wanted
+        if access.tool_policy:
+            filters.append(ToolPolicy(access.tool_policy, self.metrics, config.limits.policy_body_bytes))
+        buckets = self._rate_buckets(config, old)
+        if buckets is not None:
+            limit = config.limits.policy_body_bytes
+            filters.append(RateLimits(access.rate_limits, buckets, self.metrics, trusted, body_limit=limit))
+        templates = (entry.template for entry in config.discovery)  # the backends DNS will give
+        if any(b.max_in_flight is not None for b in (*config.backends, *templates)):
+            filters.append(self._concurrency)
+        return filters
+
+    def _key_source(self, config: Config, old: Config | None) -> JwksSource | None:
+        """The fetcher of `auth.jwks_url`: the running one when its settings did not change."""
+        wanted = _jwks_settings(config)
+        if self._jwks is not None and (old is None or _jwks_settings(old) != wanted):
+            self._retire(self._jwks.close())
+            if self._jwks_task is not None:
+                self._jwks_task.cancel()
+            self._jwks = self._jwks_task = None
+        if wanted is None:
+            return None
+        if self._jwks is None:
+            from mcpbalancer.filters.jwks import JwksSource  # only with auth: see key_file
+
+            auth = config.access.auth
+            assert auth.jwks_url is not None
+            self._jwks = JwksSource(
+                auth.jwks_url,
+                auth.algorithms,
+                self.metrics,
+                refresh=auth.jwks_refresh,
+                cooldown=auth.jwks_cooldown,
+            )
+            if self._plane is not None:  # a reload: started now, else at start()
+                self._jwks_task = asyncio.get_running_loop().create_task(self._jwks.run())
+        return self._jwks
+
+    def _rate_buckets(self, config: Config, old: Config | None) -> Buckets | None:
+        """The buckets of `rate_limits`: kept while the rules are the same, else new (and empty)."""
+        rules = config.access.rate_limits
+        if old is not None and old.access.rate_limits == rules and self._buckets is not None:
+            return self._buckets
+        if isinstance(self._buckets, SharedBuckets):
+            self._retire(self._buckets.close())
+        self._buckets = None
+        if not rules:
+            return None
+        rates = rates_of(rules)
+        if config.store == "memory":
+            self._buckets = LocalBuckets(rates)
+        else:
+            client = RedisStore.from_url(config.store, prefix=config.store_prefix).client
+            self._buckets = SharedBuckets(client, rates, prefix=config.store_prefix, metrics=self.metrics)
+        return self._buckets
 
     def _failover(self, config: Config, running: Failover | None) -> Failover | None:
         """The replay failover `config` asks for: the running one (new limits, its records kept),
@@ -577,6 +718,8 @@ class Proxy:
             local=self._local,
             phases=self.compose_phases(self.config),
         )
+        if self._jwks is not None:
+            self._jwks_task = loop.create_task(self._jwks.run())
         if self.tracing is not None:
             self.tracing.start()
         self.fleet.on_evict = self._plane.abort_streams
@@ -667,7 +810,7 @@ class Proxy:
         self.fleet.close()
         # After the in-flight exchanges: a tool call running on a managed backend may finish.
         await self.managed.stop()
-        for task in (self._sweeper, self._checker, self._watcher):
+        for task in (self._sweeper, self._checker, self._watcher, self._jwks_task):
             if task is not None:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
@@ -677,6 +820,10 @@ class Proxy:
         await self.modes.close()
         await self._probe.close()
         await self._ping.close()
+        if self._jwks is not None:
+            await self._jwks.close()
+        if isinstance(self._buckets, SharedBuckets):
+            await self._buckets.close()
         await self.router.close()
         await self.store.close()
         if self.control is not None:

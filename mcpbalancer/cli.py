@@ -20,7 +20,7 @@ from collections.abc import Callable, Coroutine, Mapping, Sequence
 from typing import Any
 
 from mcpbalancer import __version__
-from mcpbalancer.app import Proxy, restart_only_problem
+from mcpbalancer.app import Proxy, key_file, restart_only_problem
 from mcpbalancer.config import LOG_LEVELS, Config, check_workers, host_port, load_config
 from mcpbalancer.config.schema import schema_text
 from mcpbalancer.control import client, healthcheck
@@ -144,6 +144,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.check:
         try:
             backend_contexts(config)  # the CA, certificate and key files are read and used
+            key_file(config)  # and the key set of auth.jwks_file
         except ConfigError as exc:
             print(f"mcpbalancer: invalid configuration: {exc}", file=sys.stderr)
             return 2

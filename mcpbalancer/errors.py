@@ -11,8 +11,13 @@
           │    ├── InvalidSessionId   400: Mcp-Session-Id is not 1..256 visible ASCII characters
           │    ├── MalformedHeader    400: a routing header's =?base64?...?= value does not decode
           │    ├── InvalidBody        400: strict mode, the body is not one JSON-RPC object
+          │    ├── CallBodyError      400: a body read for its tool calls is not JSON (-32700)
+          │    │    └── CallWithoutName  400: a tools/call without a tool name (-32602)
           │    └── HeaderMismatch     400: Mcp-Method/Mcp-Name disagree with the body (-32020)
+          ├── Unauthorized            401: no valid credential (auth), with WWW-Authenticate
           ├── Forbidden               403
+          │    ├── InsufficientScope  403: the credential lacks a required scope (auth)
+          │    ├── ToolDenied         403: a `tool_policy` rule denies the tool
           │    └── OriginNotAllowed   403: an Origin the policy refuses (DNS rebinding, CSRF)
           ├── Denied                  a `deny:` routing rule (403 or the rule's 4xx status)
           ├── SessionNotFound         404: unknown or expired session, or its owner is gone
@@ -20,13 +25,18 @@
           ├── RequestTimeout          408: the request head did not arrive in time
           ├── PayloadTooLarge         413
           ├── MisdirectedRequest      421: a Host not in `allowed_hosts`
+          ├── RateLimited             429: a `rate_limits` bucket is empty (+ Retry-After)
           ├── HeadersTooLarge         431
           ├── BadGateway              502: the backend broke the exchange
           ├── NoBackendAvailable      503: nothing can take a new session (+ Retry-After)
+          │    ├── BackendBusy        503: the backend's max_in_flight stayed full for queue_timeout
+          │    └── AuthUnavailable    503: a token came and no key set was ever fetched to check it
           └── GatewayTimeout          504
 
 Every ProxyError is rendered by `render_error`: a complete HTTP/1.1 response whose body is a
-JSON-RPC error object, because MCP clients parse the body of a failed POST as JSON-RPC. Status lines
+JSON-RPC error object, because MCP clients parse the body of a failed POST as JSON-RPC. The access
+refusals have JSON-RPC codes of their own, in the server-error range (docs/security.md lists them):
+-32030 unauthorized, -32031 insufficient scope, -32032 tool denied, -32033 rate limited. Status lines
 carry the reason phrase as RFC 9110 spells it (`reason_phrase`), and a message that names the status
 ("Bad Request: ...") names it the same way.
 
@@ -95,10 +105,13 @@ class ProxyError(MCPBalancerError):
     reject_reason: ClassVar[str | None] = None
     allow: ClassVar[str | None] = None  # the Allow header of a 405
 
-    def __init__(self, message: str | None = None, *, retry_after: int | None = None) -> None:
+    def __init__(
+        self, message: str | None = None, *, retry_after: int | None = None, challenge: str | None = None
+    ) -> None:
         super().__init__(message or self.default_message)
         self.message = message or self.default_message
         self.retry_after = retry_after
+        self.challenge = challenge  # the WWW-Authenticate value of a 401 or an insufficient-scope 403
 
 
 class BadRequest(ProxyError):
@@ -117,6 +130,16 @@ class InvalidBody(BadRequest):
     reject_reason = "strict"
 
 
+class CallBodyError(BadRequest):
+    """A legacy body read for its calls (tool policy, rate limits) is not JSON-RPC: parse error."""
+
+    rpc_code, reject_reason = -32700, "call_body"
+
+
+class CallWithoutName(CallBodyError):
+    rpc_code = -32602  # invalid params
+
+
 class HeaderMismatch(BadRequest):
     rpc_code, default_message = -32020, "Header mismatch"  # MCP 2026-07-28 HEADER_MISMATCH
     reject_reason = "strict"
@@ -124,6 +147,21 @@ class HeaderMismatch(BadRequest):
 
 class Forbidden(ProxyError):
     status, reason, rpc_code, default_message = 403, "Forbidden", -32600, "Forbidden"
+
+
+class Unauthorized(ProxyError):
+    status, reason, rpc_code, default_message = 401, "Unauthorized", -32030, "Unauthorized"
+    reject_reason = "auth"
+
+
+class InsufficientScope(Forbidden):
+    rpc_code, default_message = -32031, "Forbidden: insufficient scope"
+    reject_reason = "scope"
+
+
+class ToolDenied(Forbidden):
+    rpc_code, default_message = -32032, "Forbidden: tool not allowed"
+    reject_reason = "tool_policy"
 
 
 class OriginNotAllowed(Forbidden):
@@ -167,6 +205,11 @@ class MisdirectedRequest(ProxyError):
     reject_reason = "host_not_allowed"
 
 
+class RateLimited(ProxyError):
+    status, reason, rpc_code, default_message = 429, "Too Many Requests", -32033, "Too Many Requests"
+    reject_reason = "rate_limit"
+
+
 class HeadersTooLarge(ProxyError):
     status, reason = 431, "Request Header Fields Too Large"
     rpc_code, default_message = -32600, "Request Header Fields Too Large"
@@ -182,6 +225,15 @@ class NoBackendAvailable(ProxyError):
 
     def __init__(self, message: str | None = None, *, retry_after: int | None = 1) -> None:
         super().__init__(message, retry_after=retry_after)
+
+
+class BackendBusy(NoBackendAvailable):
+    default_message = "Backend busy"
+    reject_reason = "backend_busy"
+
+
+class AuthUnavailable(NoBackendAvailable):
+    default_message = "Service Unavailable: the authorization server's keys could not be fetched"
 
 
 class GatewayTimeout(ProxyError):
@@ -210,6 +262,8 @@ def render_error(
         lines.append(f"Retry-After: {err.retry_after}")
     if err.allow is not None:
         lines.append(f"Allow: {err.allow}")
+    if err.challenge is not None:
+        lines.append(f"WWW-Authenticate: {err.challenge}")
     if request_id is not None:
         lines.append(f"X-Request-Id: {request_id.decode('latin-1')}")
     head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")

@@ -14,6 +14,7 @@ pytest_plugins = [
     "tests.fixtures.rawhttp",
     "tests.fixtures.mcp",
     "tests.fixtures.tls",
+    "tests.fixtures.idp",
     "tests.fixtures.dns",
     "tests.fixtures.cluster",
 ]

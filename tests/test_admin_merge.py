@@ -95,6 +95,7 @@ class _Backend:
     name = "a"
     draining = False
     sessions = 3
+    calls = streams = queued = 0  # max_in_flight's counts
 
     def __init__(self, up: bool) -> None:
         self.up = up

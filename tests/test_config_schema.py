@@ -91,6 +91,7 @@ def test_every_key_has_a_description_and_every_optional_key_a_default() -> None:
     undescribed = [path for path, node in keys(schema, schema) if not node.get("description")]
     assert undescribed == []
     required = {"backends", "backends[].name", "admin.listen"}  # admin.listen: when admin is a mapping
+    required |= {"auth.api_keys[].name", "auth.api_keys[].sha256", "rate_limits[].key", "rate_limits[].rate"}
     no_default = [
         path for path, node in keys(schema, schema) if "default" not in node and path not in required
     ]

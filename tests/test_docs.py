@@ -30,7 +30,10 @@ EXAMPLE_START = re.compile(r"(?P<indent> *)#(?=[^\s#])")
 TABLE_HEADER = "| key | default | meaning |"
 TABLE_ROW = re.compile(r"\| `(?P<key>[^`]+)` \| (?P<default>[^|]*) \|")
 # Rows whose default is not one attribute of the loaded Config.
-NOT_AN_ATTRIBUTE = {"backends[].replicas": "expanded into <name>-1 ... <name>-N backends"}
+NOT_AN_ATTRIBUTE = {
+    "backends[].replicas": "expanded into <name>-1 ... <name>-N backends",
+    "auth.mode": "the section's default; without an `auth` section authentication is off",
+}
 # Keys under a restart-only key that are a Config field of their own (key -> field).
 LIVE_KEYS = {"admin.token": "admin_tokens"}
 
@@ -143,6 +146,8 @@ def test_the_probe_finds_the_keys_of_a_section_and_of_list_items() -> None:
     assert sections(["a", "a.b", "c", "c[].d", "c[].e", "c[].e.f"]) == {"a", "c", "c[].e"}
 
 
+# The sections the proxy reads in one record of its own (Config.access).
+IN_ACCESS = ("auth", "tool_policy", "rate_limits")
 # A file with a `discover` entry: its keys are read from the entry's DiscoveryConfig.
 DISCOVERED = parse_config({"backends": [{"name": "t", "discover": {"dns": "t.test", "port": 1}}]})
 DISCOVER_KEY = "backends[].discover."
@@ -151,6 +156,8 @@ DISCOVER_KEY = "backends[].discover."
 def loaded_value(config: Config, key: str) -> Any:
     if key == "listen":
         return host_port(config.listen_host, config.listen_port)
+    if key.split(".")[0].removesuffix("[]") in IN_ACCESS:
+        key = f"access.{key}"
     value: Any = config
     if key.startswith(DISCOVER_KEY):
         value, key = DISCOVERED.discovery[0], key.removeprefix(DISCOVER_KEY)

@@ -82,6 +82,13 @@ ALL = [
     (BadGateway, 502, b"Bad Gateway", -32603),
     (NoBackendAvailable, 503, b"Service Unavailable", -32603),
     (GatewayTimeout, 504, b"Gateway Timeout", -32603),
+    # The access refusals (docs/security.md lists their codes).
+    (errors.Unauthorized, 401, b"Unauthorized", -32030),
+    (errors.InsufficientScope, 403, b"Forbidden", -32031),
+    (errors.ToolDenied, 403, b"Forbidden", -32032),
+    (errors.RateLimited, 429, b"Too Many Requests", -32033),
+    (errors.CallBodyError, 400, b"Bad Request", -32700),
+    (errors.CallWithoutName, 400, b"Bad Request", -32602),
 ]
 
 
@@ -187,14 +194,26 @@ def _subclasses(cls: type[ProxyError]) -> list[type[ProxyError]]:
 def test_client_mistakes_are_4xx_and_only_upstream_faults_are_5xx() -> None:
     # Every error alert reads a 5xx as "the proxy is broken": a client's mistake must never be one.
     classes = [*_subclasses(ProxyError)[1:], errors.denied(429)]
-    assert {c for c in classes if c.status >= 500} == {BadGateway, NoBackendAvailable, GatewayTimeout}
+    # A full backend (max_in_flight) and an unreachable authorization server are faults upstream too.
+    upstream = {BadGateway, NoBackendAvailable, GatewayTimeout, errors.BackendBusy, errors.AuthUnavailable}
+    assert {c for c in classes if c.status >= 500} == upstream
     assert all(400 <= c.status < 500 for c in classes if c.status < 500)
 
 
 def test_every_reject_reason_is_a_known_label() -> None:
     reasons = {c.reject_reason for c in _subclasses(ProxyError)} - {None}
-    assert reasons == {"session_id", "header_encoding", "strict", "rule", "host_not_allowed", "origin"}
+    assert reasons == {
+        *("session_id", "header_encoding", "strict", "rule", "host_not_allowed", "origin"),
+        *("auth", "scope", "tool_policy", "rate_limit", "backend_busy", "call_body"),
+    }
     assert reasons <= set(REJECT_REASONS)
+
+
+def test_a_challenge_is_the_www_authenticate_header() -> None:
+    challenge = 'Bearer error="invalid_token", resource_metadata="http://h/.well-known/x"'
+    parsed = parse(render_error(errors.Unauthorized(challenge=challenge), keep_alive=True))
+    assert parsed.header(b"www-authenticate") == challenge.encode()
+    assert parse(render_error(BadRequest(), keep_alive=True)).header(b"www-authenticate") is None
 
 
 def test_tree() -> None:

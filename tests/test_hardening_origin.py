@@ -78,7 +78,10 @@ async def test_origin_policy(
         assert rejected(proxy) == 0
         if origin is not None:
             assert resp.header("access-control-allow-origin") == origin.encode()
-            assert resp.header("access-control-expose-headers") == b"Mcp-Session-Id, MCP-Protocol-Version"
+            assert (
+                resp.header("access-control-expose-headers")
+                == b"Mcp-Session-Id, MCP-Protocol-Version, WWW-Authenticate"
+            )
     else:
         resp = await until_eof(client)
         assert resp.status == 403
@@ -103,7 +106,10 @@ async def test_preflight_for_an_allowed_origin_is_answered_by_the_proxy(
     resp = await client.response()
     assert resp.status == 204
     assert resp.header("access-control-allow-origin") == APP.encode()
-    assert resp.header("access-control-expose-headers") == b"Mcp-Session-Id, MCP-Protocol-Version"
+    assert (
+        resp.header("access-control-expose-headers")
+        == b"Mcp-Session-Id, MCP-Protocol-Version, WWW-Authenticate"
+    )
     allow = (resp.header("access-control-allow-headers") or b"").lower()
     for name in (b"mcp-session-id", b"mcp-protocol-version", b"authorization", b"mcp-param-region"):
         assert name in allow

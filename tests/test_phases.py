@@ -11,12 +11,16 @@ from mcpbalancer.app import Proxy
 from mcpbalancer.config import parse_config
 from mcpbalancer.errors import Forbidden, ProxyError
 from mcpbalancer.filters.affinity import AffinityLearning, RequestStateKey
+from mcpbalancer.filters.auth import Authenticator
+from mcpbalancer.filters.concurrency import ConcurrencyLimits
 from mcpbalancer.filters.failover import ReplayAlias
 from mcpbalancer.filters.front_door import FrontDoor
 from mcpbalancer.filters.headercheck import StrictHeaders
 from mcpbalancer.filters.phases import NO_PHASES, HeadEdits, Phases, compose
+from mcpbalancer.filters.ratelimit import RateLimits
 from mcpbalancer.filters.route_rules import RouteRules
 from mcpbalancer.filters.session_binding import SessionBinding
+from mcpbalancer.filters.toolpolicy import ToolPolicy
 from mcpbalancer.fleet.backends import Backend
 from mcpbalancer.routing.router import RequestFacts, classify
 
@@ -25,6 +29,8 @@ PHASES = (
     "request",
     "wants_body",
     "request_body",
+    "body_limit",
+    "upstream_peer",
     "upstream_request",
     "response",
     "response_body",
@@ -40,7 +46,7 @@ class Recorder:
     def __init__(self, name: str, journal: list[str], *, refuse: bool = False) -> None:
         self.name, self.journal, self.refuse = name, journal, refuse
 
-    def early_request(self, head: Any) -> ProxyError | None:
+    def early_request(self, head: Any, peer_ip: bytes) -> ProxyError | None:
         self.journal.append(f"{self.name}:early")
         return Forbidden(self.name) if self.refuse else None
 
@@ -51,7 +57,7 @@ class Recorder:
         self.journal.append(f"{self.name}:wants")
         return self.refuse
 
-    def request_body(self, facts: RequestFacts, body: bytes, message: object) -> object:
+    def request_body(self, ctx: Any, facts: RequestFacts, body: bytes, message: object) -> object:
         self.journal.append(f"{self.name}:body:{message}")
         return self.name
 
@@ -87,7 +93,7 @@ def test_several_filters_run_in_order_and_the_first_verdict_wins() -> None:
     journal: list[str] = []
     phases = compose([Recorder("a", journal), Recorder("b", journal, refuse=True), Recorder("c", journal)])
     assert phases.early_request is not None
-    verdict = phases.early_request(object())  # type: ignore[arg-type]
+    verdict = phases.early_request(object(), b"127.0.0.1")  # type: ignore[arg-type]
     assert isinstance(verdict, Forbidden)
     assert str(verdict) == "b"
     assert journal == ["a:early", "b:early"]  # c never runs: the request is refused already
@@ -105,7 +111,7 @@ def test_body_filters_hand_the_parsed_message_on_and_any_one_may_want_the_body()
     assert phases.wants_body is not None
     assert phases.wants_body(facts)
     assert phases.request_body is not None
-    phases.request_body(facts, b"{}")
+    phases.request_body(object(), facts, b"{}")  # type: ignore[arg-type]
     assert journal[-2:] == ["a:body:None", "b:body:a"]
 
 
@@ -125,6 +131,7 @@ def test_upstream_edits_and_body_watchers_combine() -> None:
     assert journal == ["a:feed:z", "b:feed:z", "a:finish", "b:finish"]
 
 
+API_KEY = {"name": "ci", "sha256": "a" * 64}
 BASE: dict[str, Any] = {
     "listen": "127.0.0.1:0",
     "backends": [{"name": "a", "url": "http://127.0.0.1:9"}],
@@ -163,6 +170,17 @@ def test_the_default_proxy_registers_only_the_front_door_and_passive_health() ->
         ({"affinity": {"tasks": True}}, AffinityLearning, "response_body"),
         ({"failover": "replay"}, ReplayAlias, "upstream_request"),
         ({"log": {"access": True}}, type(None), "logging"),
+        ({"auth": {"api_keys": [API_KEY]}}, Authenticator, "request"),
+        ({"auth": {"api_keys": [API_KEY]}}, Authenticator, "upstream_request"),
+        ({"tool_policy": [{"allow": ["*"]}]}, ToolPolicy, "request_body"),
+        ({"tool_policy": [{"allow": ["*"]}]}, ToolPolicy, "body_limit"),
+        ({"rate_limits": [{"key": "session", "rate": "1/s"}]}, RateLimits, "request"),
+        ({"backends": [{**BASE["backends"][0], "max_in_flight": 2}]}, ConcurrencyLimits, "upstream_peer"),
+        (
+            {"backends": [{"name": "d", "discover": {"dns": "d.test", "port": 1}, "max_in_flight": 2}]},
+            ConcurrencyLimits,
+            "upstream_peer",
+        ),
     ],
 )
 def test_a_configured_feature_registers_its_filter(extra: dict[str, Any], kind: type, phase: str) -> None:
@@ -177,3 +195,57 @@ def test_filters_that_read_mcp_name_make_the_connection_capture_it() -> None:
     assert composed(validate_headers=True).reads_names
     assert composed(routes=[{"match": {"name": "x"}, "deny": 403}]).reads_names
     assert not composed(affinity={"request_state": True}).reads_names
+
+
+async def test_request_filters_that_wait_hold_the_ones_after_them() -> None:
+    """A filter may return an awaitable (a key set to fetch, a Redis round trip): the filters
+    after it run once it is done, in order, at the request and the request_body phases."""
+    journal: list[str] = []
+
+    class Waiting:
+        def request(self, ctx: Any, facts: RequestFacts) -> Any:
+            async def later() -> None:
+                journal.append("w:request")
+
+            return later()
+
+        def wants_body(self, facts: RequestFacts) -> bool:
+            return True
+
+        def request_body(self, ctx: Any, facts: RequestFacts, body: bytes, message: object) -> object:
+            async def later() -> None:
+                journal.append("w:body")
+
+            return later()
+
+    phases = compose([Recorder("a", journal), Waiting(), Recorder("b", journal)])
+    facts = classify(b"POST", None, None)
+    assert phases.request is not None
+    pending = phases.request(object(), facts)  # type: ignore[arg-type]
+    assert journal == ["a:request"]  # b waits for w
+    assert pending is not None
+    await pending
+    assert journal == ["a:request", "w:request", "b:request"]
+    journal.clear()
+    assert phases.request_body is not None
+    pending = phases.request_body(object(), facts, b"{}")  # type: ignore[arg-type]
+    assert pending is not None
+    await pending
+    assert journal == ["a:body:None", "w:body", "b:body:a"]  # a's message passed over w
+
+
+def test_one_upstream_peer_filter_at_most() -> None:
+    class Peer:
+        def upstream_peer(self, ctx: Any, backend: Backend) -> None:
+            return None
+
+    assert compose([Peer()]).upstream_peer is not None
+    with pytest.raises(ValueError, match="one upstream_peer filter at most"):
+        compose([Peer(), Peer()])
+
+
+def test_with_auth_the_principal_binds_sessions_not_the_header_filter() -> None:
+    assert SessionBinding in kinds(composed(bind_sessions="authorization"))
+    phases = composed(auth={"api_keys": [API_KEY]}, bind_sessions="x-device")
+    assert SessionBinding not in kinds(phases)
+    assert [type(f) for f in phases.filters][:2] == [FrontDoor, Authenticator]  # auth runs first

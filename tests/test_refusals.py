@@ -6,6 +6,7 @@ come without a test here.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from collections.abc import Sequence
 from typing import Any
@@ -65,6 +66,36 @@ CASES = [
     ("strict-not-json", post([*MODERN, ("Mcp-Method", "tools/list")], b"{"), 400, "strict"),
 ]
 OWN_TESTS = {"connections", "credential"}  # need more than one request: tested below
+# Need more than one request too, tested with their features: test_ratelimit.py (rate_limit),
+# test_concurrency.py (backend_busy).
+ACCESS_OWN_TESTS = {"rate_limit", "backend_busy"}
+
+KEY, NARROW_KEY = "refusals-key-0001", "refusals-key-0002"
+ACCESS_CONFIG: dict[str, Any] = {
+    "auth": {
+        "api_keys": [
+            {"name": "ci", "sha256": hashlib.sha256(KEY.encode()).hexdigest(), "scopes": ["mcp"]},
+            {"name": "narrow", "sha256": hashlib.sha256(NARROW_KEY.encode()).hexdigest()},
+        ],
+        "required_scopes": ["mcp"],
+    },
+    "tool_policy": [{"deny": ["drop_*"]}, {"allow": ["*"]}],
+}
+LEGACY = [("Content-Type", "application/json"), ("Authorization", f"Bearer {KEY}")]
+ACCESS_CASES = [
+    ("auth-missing", post([("Content-Type", "application/json")]), 401, "auth"),
+    ("auth-invalid", post([("Authorization", "Bearer nope")]), 401, "auth"),
+    ("scope", post([("Authorization", f"Bearer {NARROW_KEY}")]), 403, "scope"),
+    ("tool-policy-legacy", post(LEGACY, CALL_DROP), 403, "tool_policy"),
+    (
+        "tool-policy-modern",
+        post([*MODERN, *LEGACY[1:], ("Mcp-Method", "tools/call"), ("Mcp-Name", "drop_db")], CALL_DROP),
+        403,
+        "tool_policy",
+    ),
+    ("call-body", post(LEGACY, b'{"method": "tools/call"'), 400, "call_body"),
+    ("policy-body-limit", post(LEGACY, b" " * 2 * 1024 * 1024), 413, "body_limit"),
+]
 
 
 def counts(proxy: Proxy, reasons: Sequence[str] = REJECT_REASONS) -> dict[str, float]:
@@ -78,21 +109,28 @@ def only(reason: str) -> dict[str, float]:
 
 
 def test_the_cases_cover_every_reason() -> None:
-    assert {case[3] for case in CASES} | OWN_TESTS == set(REJECT_REASONS)
+    covered = {case[3] for case in CASES + ACCESS_CASES} | OWN_TESTS | ACCESS_OWN_TESTS
+    assert covered == set(REJECT_REASONS)
 
 
-@pytest.mark.parametrize(("data", "status", "reason"), [c[1:] for c in CASES], ids=[c[0] for c in CASES])
+ALL_CASES = [(*c[1:], CONFIG) for c in CASES] + [(*c[1:], ACCESS_CONFIG) for c in ACCESS_CASES]
+
+
+@pytest.mark.parametrize(
+    ("data", "status", "reason", "config"), ALL_CASES, ids=[c[0] for c in CASES + ACCESS_CASES]
+)
 async def test_each_refusal_is_counted_under_its_reason_and_reaches_no_backend(
     data: bytes,
     status: int,
     reason: str,
+    config: dict[str, Any],
     make_proxy: ProxyFactory,
     make_stub: StubFactory,
     open_client: ClientFactory,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     stub = await make_stub()
-    proxy = await make_proxy([stub], **CONFIG)
+    proxy = await make_proxy([stub], **config)
     client = await open_client(proxy)
     with caplog.at_level(logging.INFO, logger="mcpbalancer"):
         client.send(data)

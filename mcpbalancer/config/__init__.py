@@ -3,6 +3,7 @@
 - checks.py: checks of single values (URLs, host:port, command lines), pure functions;
 - models.py: the scalar types, the sections the proxy reads as they are (timeouts, limits, ...);
 - health.py: the health section, a backend's own health keys, and the merge of the two;
+- access.py: auth, tool_policy and rate_limits, the one record (AccessConfig) the access filters read;
 - file.py: the file's top level, backend entries and routes, with the checks across keys;
 - runtime.py: Config, BackendConfig, RouteConfig, what the rest of the proxy reads;
 - build.py: a validated file → Config; the worker checks after command-line overrides;
@@ -12,6 +13,16 @@
 Every error is a ConfigError reading `FILE: key.path: what is wrong`.
 """
 
+from mcpbalancer.config.access import (
+    AccessConfig,
+    ApiKey,
+    AuthConfig,
+    RateLimit,
+    RateMatch,
+    ToolRule,
+    When,
+    parse_rate,
+)
 from mcpbalancer.config.build import check_workers, parse_listen
 from mcpbalancer.config.checks import PLACEHOLDERS, PROBE_PATHS
 from mcpbalancer.config.file import MANAGED_HOST, ConfigFile
@@ -69,7 +80,10 @@ __all__ = [
     "PROBE_PATHS",
     "SESSION_MODES",
     "STORE_ERROR_MODES",
+    "AccessConfig",
     "AffinityConfig",
+    "ApiKey",
+    "AuthConfig",
     "BackendConfig",
     "BackendHealth",
     "Config",
@@ -80,14 +94,20 @@ __all__ = [
     "LimitsConfig",
     "LogConfig",
     "MetricsConfig",
+    "RateLimit",
+    "RateMatch",
     "RouteConfig",
     "TimeoutsConfig",
     "TlsConfig",
+    "ToolRule",
     "TracingConfig",
+    "When",
+    "admin_of_worker",
     "check_workers",
     "host_port",
     "load_config",
     "merged",
     "parse_config",
     "parse_listen",
+    "parse_rate",
 ]

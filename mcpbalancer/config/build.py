@@ -3,6 +3,7 @@ changed it (`--workers`)."""
 
 from __future__ import annotations
 
+from mcpbalancer.config.access import AccessConfig, AuthConfig
 from mcpbalancer.config.checks import split_backend_url, split_host_port, split_nameserver
 from mcpbalancer.config.file import (
     MANAGED_HOST,
@@ -67,6 +68,12 @@ def build(file: ConfigFile, source: str) -> Config:
         on_store_error=file.on_store_error,
         workers=file.workers,
         mcp_path=file.mcp_path,
+        access=AccessConfig(
+            auth=file.auth or AuthConfig(mode="off"),
+            tool_policy=tuple(file.tool_policy or ()),
+            rate_limits=tuple(file.rate_limits or ()),
+        ),
+        trusted_proxies=tuple(file.trusted_proxies or ()),
         discovery=tuple(
             _discovery(entry, entry.discover, i, health)
             for i, entry in enumerate(file.backends)
@@ -138,6 +145,8 @@ def _backend(
         tls=tls,
         health=health,
         session_mode=entry.session_mode,
+        max_in_flight=entry.max_in_flight,
+        queue_timeout=entry.queue_timeout,
     )
 
 

@@ -15,6 +15,7 @@ from pydantic import AfterValidator, BeforeValidator, Field, model_validator
 from pydantic.dataclasses import dataclass
 
 from mcpbalancer.config import checks
+from mcpbalancer.config.access import AuthConfig, Network, RateLimit, ToolRule
 from mcpbalancer.config.checks import BACKEND_NAME, BACKEND_NAME_RULE, PARAM_NAME, describe
 from mcpbalancer.config.health import BackendHealth, HealthConfig
 from mcpbalancer.config.models import (
@@ -62,6 +63,7 @@ from mcpbalancer.config.models import (
 )
 
 MANAGED_HOST: Final = "127.0.0.1"
+_NEEDS_AUTH: Final = "needs `auth` (mode: enforce)"
 
 
 def _distinct(eras: tuple[str, ...]) -> tuple[str, ...]:
@@ -303,6 +305,18 @@ class BackendEntry(Section):
         "stateless. A legacy request without a session id that is not an initialize goes only to a "
         "backend that serves it without a session; a value given here wins over what is learned.",
     )
+    max_in_flight: Integer | None = Field(
+        default=None,
+        ge=1,
+        le=100_000,
+        description="Requests each proxy process sends the backend at once (GET event streams are not "
+        "counted); more wait up to `queue_timeout`. Off when absent.",
+    )
+    queue_timeout: Number = Field(
+        default=10.0,
+        ge=0,
+        description="Seconds a request waits for one of `max_in_flight` to end; then 503 with Retry-After.",
+    )
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -520,6 +534,23 @@ class ConfigFile(Section):
         "as it came. Not /healthz, /readyz, nor metrics.path when the metrics are served on `listen`.",
     )
 
+    auth: AuthConfig | None = Field(default=None, description=AuthConfig.__doc__)
+    tool_policy: tuple[ToolRule, ...] | None = Field(
+        default=(),
+        description="Which tools may be called, by whom: rules in order, the first whose tool glob and "
+        "`when` match decides; a call no rule matches is denied.",
+    )
+    rate_limits: tuple[RateLimit, ...] | None = Field(
+        default=(),
+        description="Token buckets; every rule whose `match` fits a request counts it. Shared by the "
+        "proxies of a Redis `store`.",
+    )
+    trusted_proxies: tuple[Network, ...] | None = Field(
+        default=(),
+        description="Addresses or networks of proxies in front of this one: only their X-Forwarded-For "
+        "and X-Forwarded-Proto are believed (client_ip rate limits, the resource URL).",
+    )
+
     @model_validator(mode="before")
     @classmethod
     def _health_path_follows_mcp_path(cls, data: Any) -> Any:
@@ -548,6 +579,7 @@ class ConfigFile(Section):
         self._check_stream_idle()
         self._check_binding()
         self._check_metrics_path()
+        self._check_access()
         return self
 
     def _backend_names(self) -> list[str]:
@@ -598,6 +630,28 @@ class ConfigFile(Section):
                 "is required when bind_sessions is set and the store is Redis: every proxy replica must "
                 "hash credentials with the same key (a per-process random key would tie sessions to one "
                 "replica)",
+            )
+
+    def _check_access(self) -> None:
+        auth = self.auth
+        enforced = auth is not None and auth.enforced
+        for i, rule in enumerate(self.tool_policy or ()):
+            when = rule.when
+            if when is not None and not enforced and (when.principal, when.scope, when.claim) != (None,) * 3:
+                raise invalid(("tool_policy", i, "when"), f"{_NEEDS_AUTH}: without it no caller has one")
+        if self.tool_policy and all(rule.allow is None for rule in self.tool_policy):
+            problem = "denies every tool: a call no rule matches is denied; end it with `- allow: ['*']`"
+            raise invalid(("tool_policy",), problem)
+        for i, limit in enumerate(self.rate_limits or ()):
+            if not enforced and (limit.key == "principal" or (limit.match and limit.match.principal)):
+                raise invalid(("rate_limits", i), f"counts principals, which {_NEEDS_AUTH}")
+        if auth is None:
+            return
+        if enforced and self.session_binding_key is None and self.store != "memory":
+            raise invalid(
+                ("session_binding_key",),
+                "is required with auth and a Redis store: sessions are bound to their principal by an "
+                "HMAC every proxy replica must compute with the same key",
             )
 
     def _check_metrics_path(self) -> None:

@@ -206,6 +206,12 @@ class LimitsConfig(Section):
     body_bytes: Integer = Field(
         default=16 * 1024 * 1024, ge=1024, description="Largest request body in bytes; larger: 413."
     )
+    policy_body_bytes: Integer = Field(
+        default=1024 * 1024,
+        ge=1024,
+        description="Largest body of a legacy request read for its tool calls (with a `tool_policy` or a "
+        "rate limit on tools or methods); larger: 413, since it cannot be checked.",
+    )
     connections: Integer = Field(
         default=10_000,
         ge=1,

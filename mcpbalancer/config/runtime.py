@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+from mcpbalancer.config.access import AccessConfig
 from mcpbalancer.config.health import HealthConfig
 from mcpbalancer.config.models import (
     DEFAULT_LOCAL_CACHE_SIZE,
@@ -60,6 +61,8 @@ class BackendConfig:
     # Its health settings: its own `health:` keys over the global block's (config/health.py merged).
     health: HealthConfig = field(default_factory=HealthConfig)
     session_mode: str = "auto"  # auto (learned), stateful or stateless
+    max_in_flight: int | None = None  # requests sent at once (GET streams not counted); None = no limit
+    queue_timeout: float = 10.0  # seconds a request waits for a slot, then 503
 
 
 @dataclass(frozen=True, slots=True)
@@ -150,6 +153,10 @@ class Config:
     workers: int = 1
     # The path clients use for MCP; requests for it go to each backend's endpoint (its URL's path).
     mcp_path: str = DEFAULT_MCP_PATH
+    # Who may call what and how often (auth, tool_policy, rate_limits): one record, per service.
+    access: AccessConfig = field(default_factory=AccessConfig)
+    # Networks of proxies in front whose X-Forwarded-For / X-Forwarded-Proto are believed.
+    trusted_proxies: tuple[str, ...] = ()
     # The `discover` entries: backends found in DNS at run time (fleet/discovery.py).
     discovery: tuple[DiscoveryConfig, ...] = ()
 

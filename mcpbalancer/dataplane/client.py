@@ -260,7 +260,9 @@ class ClientConnection(asyncio.Protocol):
             plane.metrics.rejected(reason)
             head.keep_alive = exchange.keep_alive = False
             exchange.fail_before_start(err)
-        elif (early := plane.phases.early_request) is not None and (verdict := early(head)) is not None:
+        elif (early := plane.phases.early_request) is not None and (
+            verdict := early(head, self.peer_ip)
+        ) is not None:
             if isinstance(verdict, ProxyError):  # counted by its reject_reason when answered
                 head.keep_alive = exchange.keep_alive = False
                 exchange.fail_before_start(verdict)

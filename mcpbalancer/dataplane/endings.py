@@ -127,6 +127,9 @@ class Endings(ExchangeState):
             logging_phase(self)
         if self.backend is not None:
             self.backend.in_flight -= 1
+        if self._ticket is not None:
+            self._ticket.release()
+            self._ticket = None
         if self.upstream is not None:
             self.upstream.release(reusable)
             self.upstream = None

@@ -16,10 +16,11 @@ shared store before the client may see the id.
 from __future__ import annotations
 
 import time
+from collections.abc import Awaitable, Callable
 
 from mcpbalancer import protocol
 from mcpbalancer.dataplane.endings import Endings
-from mcpbalancer.dataplane.framing import CONTINUE, LAST_CHUNK
+from mcpbalancer.dataplane.framing import CONTINUE, LAST_CHUNK, content_length
 from mcpbalancer.dataplane.head import RequestHead
 from mcpbalancer.dataplane.request_relay import RequestRelay
 from mcpbalancer.dataplane.response_relay import ResponseRelay
@@ -89,20 +90,61 @@ class Exchange(RequestRelay, ResponseRelay, Endings):
                 head.mcp_name,
                 head.headers,
             )
-            if phases.request is not None:
-                phases.request(self, facts)
+            if phases.request is not None and (pending := phases.request(self, facts)) is not None:
+                self._then(pending, self._filtered)  # a filter must ask something first
+                return
         except ProxyError as err:
             self._answer_error(err)
             return
         if head.has_body and phases.wants_body is not None and phases.wants_body(facts):
-            self._awaiting_body = True
-            if head.expect_continue and not self.request_complete:
-                self.client.write(CONTINUE)
-                head.expect_continue = False
-            if self.request_complete:
-                self._route_with_body()
+            self._read_body_first()
             return
         self._route()
+
+    def _filtered(self) -> None:
+        """The request filters are done (after one of them waited): the body, then the route."""
+        phases = self.plane.phases
+        assert self.facts is not None
+        if self.head.has_body and phases.wants_body is not None and phases.wants_body(self.facts):
+            self._read_body_first()
+            return
+        self._route()
+
+    def _read_body_first(self) -> None:
+        """A request_body filter wants the whole body: read it (bounded by the least body_limit of
+        the filters, and by limits.body_bytes), then run them, then route."""
+        head, facts = self.head, self.facts
+        assert facts is not None
+        phases = self.plane.phases
+        limit = phases.body_limit(facts) if phases.body_limit is not None else None
+        if limit is not None:
+            declared = 0 if head.chunked else content_length(head.content_length) or 0
+            if max(self._body_bytes, declared) > limit:
+                self._too_large()  # it could not be read whole: refused, mostly unread
+                return
+            self._body_limit = limit
+        self._awaiting_body = True
+        if head.expect_continue and not self.request_complete:
+            self.client.write(CONTINUE)
+            head.expect_continue = False
+        if self.request_complete:
+            self._route_with_body()
+        else:
+            self.client.resume_reading()  # paused if a filter kept it waiting past REPLAY_LIMIT
+
+    def _then(self, pending: Awaitable[None], then: Callable[[], None]) -> None:
+        """Go on with `then` once a filter's `pending` work is done (a ProxyError answers)."""
+
+        async def run() -> None:
+            try:
+                await pending
+            except ProxyError as err:
+                self._answer_error(err)
+                return
+            if not self.done:
+                then()
+
+        self._task = self.plane.loop.create_task(run())
 
     def _route(self) -> None:
         """The upstream_peer phase: the router's decision, at once or after a store lookup."""
@@ -118,16 +160,21 @@ class Exchange(RequestRelay, ResponseRelay, Endings):
             self._await(target, "store_lookup" if self.facts.session_id is not None else "affinity_lookup")
 
     def _route_with_body(self) -> None:
-        """The whole body is here (bounded by limits.body_bytes): the request_body filters, then
-        the routing decision."""
+        """The whole body is here: the request_body filters, then the routing decision."""
         assert self.facts is not None
         self._awaiting_body = False
+        if self._body_limit and self._body_bytes > self._body_limit:
+            self._too_large()  # it came whole before the bound was checked (under REPLAY_LIMIT)
+            return
         check = self.plane.phases.request_body
         if check is not None:
             try:
-                check(self.facts, b"".join(self._body))
+                pending = check(self, self.facts, b"".join(self._body))
             except ProxyError as err:
                 self._answer_error(err)
+                return
+            if pending is not None:
+                self._then(pending, self._route)
                 return
         self._route()
 

@@ -18,6 +18,7 @@ from mcpbalancer.dataplane.state import REPLAY_LIMIT, ExchangeState
 from mcpbalancer.dataplane.tls import tls_problem
 from mcpbalancer.dataplane.upstream import UpstreamConnection
 from mcpbalancer.errors import BadGateway, GatewayTimeout, NoBackendAvailable, ProxyError
+from mcpbalancer.filters.phases import Context, Ticket
 from mcpbalancer.fleet.backends import Backend
 from mcpbalancer.observability.tracing import SCAN_LIMIT
 from mcpbalancer.routing.failover import BODY_LIMIT as INITIALIZE_LIMIT
@@ -45,8 +46,11 @@ class RequestRelay(ExchangeState):
                 self._capture.append(data)
         if self.upstream is None:
             self._body.append(data)
-            if self._body_bytes > REPLAY_LIMIT and not self._awaiting_body:
-                self.client.pause_reading()
+            if self._body_bytes > REPLAY_LIMIT:
+                if not self._awaiting_body:
+                    self.client.pause_reading()
+                elif self._body_limit and self._body_bytes > self._body_limit:
+                    self._too_large()  # a request_body filter reads no more than this
             return
         self._send(chunk(data) if self.head.chunked else data)
 
@@ -81,6 +85,9 @@ class RequestRelay(ExchangeState):
             self.backend.in_flight -= 1
             backend.in_flight += 1
         self.backend = backend
+        peer = self.plane.phases.upstream_peer
+        if peer is not None and self._held_for is not backend and self._hold(peer, backend):
+            return  # in line for room on it: _use(backend) again once there is
         if self.head.expect_continue and not self.request_complete and not self._started:
             self.client.write(CONTINUE)
             self.head.expect_continue = False
@@ -89,6 +96,18 @@ class RequestRelay(ExchangeState):
             self._attach(conn)
         else:
             self._connect(backend)
+
+    def _hold(self, peer: Callable[[Context, Backend], Ticket | None], backend: Backend) -> bool:
+        """The upstream_peer filter's ticket for `backend` (the one for a backend tried before is
+        given back); True while it must wait for room, 503 if none comes in time."""
+        if self._ticket is not None:
+            self._ticket.release()
+        self._held_for = backend
+        ticket = self._ticket = peer(self, backend)
+        if ticket is None or ticket.ready is None:
+            return False
+        self._then(ticket.ready, lambda: self._use(backend))
+        return True
 
     def _connect(self, backend: Backend, then: Callable[[UpstreamConnection], None] | None = None) -> None:
         """Open a new connection to `backend` in a Task, then `then(conn)` (default: attach)."""

@@ -15,7 +15,7 @@ methods one part calls in another.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Protocol
 
 from mcpbalancer.config import DEFAULT_SERVICE, LimitsConfig, TimeoutsConfig
@@ -24,7 +24,7 @@ from mcpbalancer.dataplane.local import LocalHandler
 from mcpbalancer.dataplane.stream_relay import StreamRelay
 from mcpbalancer.dataplane.upstream import Output, UpstreamConnection, UpstreamPool
 from mcpbalancer.errors import ProxyError
-from mcpbalancer.filters.phases import BodyWatcher, HeadEdits, Phases
+from mcpbalancer.filters.phases import BodyWatcher, HeadEdits, Phases, Ticket
 from mcpbalancer.fleet.backends import Backend
 from mcpbalancer.observability.logs import new_request_id, request_fields
 from mcpbalancer.observability.metrics import Metrics
@@ -112,9 +112,17 @@ class ExchangeState:
     _awaiting_body = False  # routing waits for the whole request body (a request_body filter)
     _watcher: BodyWatcher | None = None  # a response_body filter watching this response
     _edits: HeadEdits | None = None  # the upstream_request filters' changes to the head sent
+    _body_limit = 0  # a request_body filter's bound on the awaited body (body_limit); 0: none
+    _ticket: Ticket | None = None  # an upstream_peer filter's hold on the backend (max_in_flight)
+    _held_for: Backend | None = None  # the backend the upstream_peer filter was asked about
     # Replay failover: the body of a legacy request without a session (an initialize, if it
     # binds one).
     _capture: list[bytes] | None = None
+
+    @property
+    def peer_ip(self) -> bytes:
+        """The client's address, for the filters (filters/phases.py Context)."""
+        return self.client.peer_ip
 
     @property
     def request_id(self) -> bytes | None:
@@ -130,6 +138,9 @@ class ExchangeState:
 
     # Called across the parts (each is defined in exactly one of them).
     def _use(self, backend: Backend) -> None:
+        raise NotImplementedError
+
+    def _then(self, pending: Awaitable[None], then: Callable[[], None]) -> None:
         raise NotImplementedError
 
     def _send(self, data: bytes) -> None:

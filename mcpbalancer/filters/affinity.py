@@ -24,7 +24,7 @@ class RequestStateKey:
     def wants_body(self, facts: RequestFacts) -> bool:
         return facts.era is Era.MODERN and facts.method == b"POST" and facts.mcp_method in MRTR_METHODS
 
-    def request_body(self, facts: RequestFacts, body: bytes, message: object) -> object:
+    def request_body(self, ctx: object, facts: RequestFacts, body: bytes, message: object) -> object:
         if facts.mcp_method in MRTR_METHODS and b"requestState" in body:
             if message is None:
                 message = parse_json(body)

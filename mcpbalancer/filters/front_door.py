@@ -23,7 +23,7 @@ class FrontDoor:
         """False when `allowed_hosts` allows every Host: then no Host test is made at all."""
         return self._hosts is not None
 
-    def early_request(self, head: MutableHead) -> Verdict | None:
+    def early_request(self, head: MutableHead, peer_ip: bytes) -> Verdict | None:
         known, host = self._known, head.host
         if known is not None and host is not None and host not in known:
             assert self._hosts is not None

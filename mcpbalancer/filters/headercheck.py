@@ -57,5 +57,5 @@ class StrictHeaders:
     def wants_body(self, facts: RequestFacts) -> bool:
         return facts.era is Era.MODERN and facts.method == b"POST"
 
-    def request_body(self, facts: RequestFacts, body: bytes, message: object) -> object:
+    def request_body(self, ctx: object, facts: RequestFacts, body: bytes, message: object) -> object:
         return check(facts.mcp_method, facts.mcp_name, body)

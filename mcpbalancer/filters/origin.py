@@ -25,7 +25,7 @@ ALLOW_HEADERS = (
     b"Content-Type, Accept, Authorization, Mcp-Session-Id, MCP-Protocol-Version, Mcp-Method, Mcp-Name, "
     b"Last-Event-ID"
 )
-EXPOSE_HEADERS = b"Mcp-Session-Id, MCP-Protocol-Version"
+EXPOSE_HEADERS = b"Mcp-Session-Id, MCP-Protocol-Version, WWW-Authenticate"
 PREFLIGHT_MAX_AGE = b"600"
 _DEFAULT_PORTS = {b"http": b":80", b"https": b":443"}
 _TOKEN_LIST = frozenset(b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_, ")

@@ -6,11 +6,15 @@ one callable per phase, or None when no filter acts there: the exchange pays one
 for a phase nobody uses, and one call for a phase one filter uses.
 
     phase             when                                        today's filters
-    early_request     the head is complete (client connection)    Host allow list, Origin/CORS
-    request           the exchange's turn, facts classified       session binding, route rules
-    request_body      the whole body, for filters that want it    strict headers, MRTR state key
-    upstream_peer     Router.route: the routing decision itself, not a filter
-    upstream_request  the head that goes to the backend           replay failover's id alias
+    early_request     the head is complete (client connection)    Host allow list, Origin/CORS,
+                                                                  the protected-resource metadata
+    request           the exchange's turn, facts classified       auth, tool policy, rate limits,
+                                                                  session binding, route rules
+    request_body      the whole body, for filters that want it    strict headers, MRTR state key,
+                                                                  tool policy and rate limits (legacy)
+    upstream_peer     Router.route decides; then a filter may     max_in_flight (a ticket for a slot)
+                      hold the request for room on the backend
+    upstream_request  the head that goes to the backend           replay failover's id alias, auth
     response          the backend's response head                 (hooks for what comes next)
     response_body     the pieces of a response a filter watches   affinity learning
     logging           the exchange is over                        access log
@@ -22,15 +26,21 @@ A filter refuses a request by raising a ProxyError (errors.py) from `request` or
 `early_request` filter returns its verdict instead, because the connection answers it in turn,
 after the requests queued ahead of it.
 
+`request` and `request_body` may return an awaitable when they must ask something first (a key
+set, a Redis round trip): the filters after it run once it is done, always in order, so each sees
+what the ones before it set in the facts (auth's principal first). A `request_body` filter acts
+only on the requests its own `wants_body` names, and may bound the body it reads (`body_limit`).
+
 This module imports nothing of the data plane: a filter sees a request through the narrow
 protocols below, which the exchange and the request head satisfy.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import inspect
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 from mcpbalancer.errors import ProxyError
 from mcpbalancer.fleet.backends import Backend
@@ -68,6 +78,8 @@ class Context(Protocol):
     @property
     def head(self) -> Head: ...
     @property
+    def peer_ip(self) -> bytes: ...  # the client connection's peer address
+    @property
     def facts(self) -> RequestFacts | None: ...
     @property
     def backend(self) -> Backend | None: ...
@@ -77,6 +89,8 @@ class Context(Protocol):
 
 # An early verdict: an error to answer, or a whole answer of the proxy's own (status, bytes).
 Verdict = ProxyError | tuple[int, bytes]
+# What a request or request_body filter returns: None when it is done, else what to wait for.
+Pending = Awaitable[None] | None
 
 
 @dataclass(slots=True)
@@ -86,6 +100,16 @@ class HeadEdits:
     session_id: bytes | None = None  # the id the backend knows this session by, if not the client's
     drop: frozenset[bytes] = frozenset()  # lower-case names of fields not to forward
     add: list[bytes] = field(default_factory=list)  # whole header lines, CRLF-terminated
+
+
+class Ticket(Protocol):
+    """A request's hold on its backend (an upstream_peer filter's, filters/concurrency.py): `ready`
+    is set while it must wait for room, and `release` is called once, when the exchange ends or
+    moves to another backend."""
+
+    ready: Awaitable[None] | None
+
+    def release(self) -> None: ...
 
 
 class BodyWatcher(Protocol):
@@ -99,20 +123,32 @@ class BodyWatcher(Protocol):
 
 
 class EarlyRequestFilter(Protocol):
-    def early_request(self, head: MutableHead) -> Verdict | None: ...
+    def early_request(self, head: MutableHead, peer_ip: bytes) -> Verdict | None: ...
 
 
 class RequestFilter(Protocol):
-    def request(self, ctx: Context, facts: RequestFacts) -> None: ...
+    def request(self, ctx: Context, facts: RequestFacts) -> Pending: ...
 
 
 class RequestBodyFilter(Protocol):
     def wants_body(self, facts: RequestFacts) -> bool: ...
 
-    def request_body(self, facts: RequestFacts, body: bytes, message: object) -> object:
+    def request_body(self, ctx: Context, facts: RequestFacts, body: bytes, message: object) -> object:
         """Check or read the whole body; returns the parsed message (`message`, if an earlier
-        filter parsed it already, else None or what this one parsed), so it is parsed once."""
+        filter parsed it already, else None or what this one parsed), so it is parsed once; or
+        an awaitable to wait for, after which the next filter gets `message` as it was."""
         ...
+
+
+class BodyLimit(Protocol):
+    def body_limit(self, facts: RequestFacts) -> int | None:
+        """The most body bytes this filter reads of this request (a larger one is refused with
+        413); None when it sets no bound of its own (limits.body_bytes applies)."""
+        ...
+
+
+class UpstreamPeerFilter(Protocol):
+    def upstream_peer(self, ctx: Context, backend: Backend) -> Ticket | None: ...
 
 
 class UpstreamRequestFilter(Protocol):
@@ -144,10 +180,12 @@ class FaultFilter(Protocol):
 class Phases:
     """One callable per phase, None where no filter acts."""
 
-    early_request: Callable[[MutableHead], Verdict | None] | None = None
-    request: Callable[[Context, RequestFacts], None] | None = None
+    early_request: Callable[[MutableHead, bytes], Verdict | None] | None = None
+    request: Callable[[Context, RequestFacts], Pending] | None = None
     wants_body: Callable[[RequestFacts], bool] | None = None
-    request_body: Callable[[RequestFacts, bytes], None] | None = None
+    request_body: Callable[[Context, RequestFacts, bytes], Pending] | None = None
+    body_limit: Callable[[RequestFacts], int | None] | None = None
+    upstream_peer: Callable[[Context, Backend], Ticket | None] | None = None
     upstream_request: Callable[[RequestFacts], HeadEdits] | None = None
     response: Callable[[Context, int, bytes | None], None] | None = None
     response_body: Callable[[RequestFacts, Backend, int, bool, int | None], BodyWatcher | None] | None = None
@@ -171,11 +209,16 @@ def compose(filters: Sequence[object]) -> Phases:
     def bound(method: str) -> list[Callable[..., object]]:
         return [getattr(f, method) for f in filters if callable(getattr(f, method, None))]
 
+    peers = bound("upstream_peer")
+    if len(peers) > 1:
+        raise ValueError("one upstream_peer filter at most: a request holds one ticket")
     return Phases(
         early_request=_first_verdict(bound("early_request")),
-        request=_each(bound("request")),
+        request=_in_order(bound("request")),
         wants_body=_any(bound("wants_body")),
         request_body=_body_chain(bound("request_body")),
+        body_limit=_least(bound("body_limit")),
+        upstream_peer=peers[0] if peers else None,  # type: ignore[arg-type]
         upstream_request=_edits(bound("upstream_request")),
         response=_each(bound("response")),
         response_body=_watchers(bound("response_body")),
@@ -199,15 +242,44 @@ def _each(calls: list[Callable[..., object]]) -> Callable[..., None] | None:
     return run
 
 
-def _first_verdict(calls: list[Callable[..., object]]) -> Callable[[MutableHead], Verdict | None] | None:
+def _in_order(calls: list[Callable[..., object]]) -> Callable[..., Pending] | None:
+    """Filters at a phase that may wait: each runs once the one before it is done."""
     if not calls:
         return None
     if len(calls) == 1:
         return calls[0]  # type: ignore[return-value]
 
-    def run(head: MutableHead) -> Verdict | None:
+    def run(*args: object) -> Pending:
+        for i, call in enumerate(calls):
+            pending = call(*args)
+            if pending is not None:
+                return _rest(pending, calls[i + 1 :], args)  # type: ignore[arg-type]
+        return None
+
+    return run
+
+
+async def _rest(
+    pending: Awaitable[None], calls: list[Callable[..., object]], args: tuple[object, ...]
+) -> None:
+    await pending
+    for call in calls:
+        later = call(*args)
+        if later is not None:
+            await later  # type: ignore[misc]
+
+
+def _first_verdict(
+    calls: list[Callable[..., object]],
+) -> Callable[[MutableHead, bytes], Verdict | None] | None:
+    if not calls:
+        return None
+    if len(calls) == 1:
+        return calls[0]  # type: ignore[return-value]
+
+    def run(head: MutableHead, peer_ip: bytes) -> Verdict | None:
         for call in calls:
-            verdict = call(head)
+            verdict = call(head, peer_ip)
             if verdict is not None:
                 return verdict  # type: ignore[return-value]
         return None
@@ -223,14 +295,45 @@ def _any(calls: list[Callable[..., object]]) -> Callable[[RequestFacts], bool] |
     return lambda facts: any(call(facts) for call in calls)
 
 
-def _body_chain(calls: list[Callable[..., object]]) -> Callable[[RequestFacts, bytes], None] | None:
+def _body_chain(
+    calls: list[Callable[..., object]],
+) -> Callable[[Context, RequestFacts, bytes], Pending] | None:
     if not calls:
         return None
 
-    def run(facts: RequestFacts, body: bytes) -> None:
+    def run(ctx: Context, facts: RequestFacts, body: bytes) -> Pending:
         message: object = None
-        for call in calls:
-            message = call(facts, body, message)
+        for i, call in enumerate(calls):
+            result = call(ctx, facts, body, message)
+            if inspect.isawaitable(result):  # parsed JSON never is: a filter must wait
+                return _body_rest(result, calls[i + 1 :], (ctx, facts, body), message)
+            message = result
+        return None
+
+    return run
+
+
+async def _body_rest(
+    pending: Awaitable[Any], calls: list[Callable[..., object]], args: tuple[object, ...], message: object
+) -> None:
+    await pending
+    for call in calls:
+        result = call(*args, message)
+        if inspect.isawaitable(result):
+            await result
+        else:
+            message = result
+
+
+def _least(calls: list[Callable[..., object]]) -> Callable[[RequestFacts], int | None] | None:
+    if not calls:
+        return None
+    if len(calls) == 1:
+        return calls[0]  # type: ignore[return-value]
+
+    def run(facts: RequestFacts) -> int | None:
+        limits: list[int] = [limit for call in calls if (limit := call(facts)) is not None]  # type: ignore[misc]
+        return min(limits) if limits else None
 
     return run
 

@@ -54,6 +54,13 @@ class Backend:
     evicted: bool = False  # drain_timeout passed: its sessions answer 404
     sessions: int = 0
     in_flight: int = 0
+    # `max_in_flight`: requests sent at once (None: no limit), and how long one more waits for a
+    # slot; filters/concurrency.py keeps the counts below (GET streams apart, never limited).
+    max_in_flight: int | None = None
+    queue_timeout: float = 10.0
+    calls: int = 0
+    streams: int = 0
+    queued: int = 0
     host_header: bytes = field(init=False)
     # What the session store records as a session's owner: the name, or for a managed backend
     # `<name>~<token>` with a token new for every process, so a restarted process never inherits

@@ -61,6 +61,8 @@ def _backend(config: BackendConfig, contexts: Mapping[str, ssl.SSLContext], mcp_
         server_name=config.tls.server_name if config.tls is not None else None,
         health=config.health,
         declared_mode=_declared(config),
+        max_in_flight=config.max_in_flight,
+        queue_timeout=config.queue_timeout,
     )
 
 
@@ -351,9 +353,15 @@ class Fleet(Generic[P]):
         endpoint = config.path.encode("ascii")
         address = (config.host, config.port, tls, endpoint, config.tls)
         eras = frozenset(Era(era) for era in config.eras)
-        changed = backend.weight != config.weight or backend.eras != eras
+        limits = (config.max_in_flight, config.queue_timeout)
+        changed = (
+            backend.weight != config.weight
+            or backend.eras != eras
+            or (backend.max_in_flight, backend.queue_timeout) != limits
+        )
         backend.weight = config.weight
         backend.eras = eras
+        backend.max_in_flight, backend.queue_timeout = limits
         was = (backend.host, backend.port, backend.tls, backend.endpoint, self._tls.get(backend.name))
         # New connections use the context built from the file just read (its files read again); the
         # idle ones were verified under the same settings and are kept unless the settings changed.

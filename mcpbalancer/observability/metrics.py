@@ -74,7 +74,17 @@ REJECT_REASONS: Final = (
     "rule",  # a `deny:` routing rule
     "header_encoding",  # a routing header's =?base64?...?= value does not decode
     "strict",  # validate_headers: Mcp-Method/Mcp-Name disagree with the body, or it is not JSON-RPC
+    "auth",  # auth: no credential, or an invalid one (401)
+    "scope",  # auth: a credential without a required scope (403)
+    "tool_policy",  # a tool_policy rule denied the tool called (403)
+    "rate_limit",  # a rate_limits bucket was empty (429)
+    "backend_busy",  # a backend's max_in_flight stayed full for its queue_timeout (503)
+    "call_body",  # a legacy body read for its tool calls is not JSON, or names a key twice (400)
 )
+# How requests fared with `auth`: cached (a token verified before, until its expiry), verified (its
+# signature checked now), key (an API key), public (a public path), and the refusals.
+AUTH_RESULTS: Final = ("cached", "verified", "key", "public", "missing", "invalid", "scope", "unavailable")
+JWKS_RESULTS: Final = ("ok", "error")
 # What an admin request asked for (a route's name on the admin listener), and how it ended.
 ADMIN_ACTIONS: Final = ("backends", "drain", "undrain", "reload", "status", "other")
 ADMIN_OUTCOMES: Final = (
@@ -405,6 +415,7 @@ class Metrics:
             "mcpbalancer_store_resynced_sessions_total",
             "Sessions re-asserted (SET NX) to the shared store after an outage or a loss of its data.",
         )
+        self._define_access(r)
         self.trace_spans = _Counter(
             r,
             "mcpbalancer_trace_spans_total",
@@ -442,6 +453,51 @@ class Metrics:
             r, "mcpbalancer_build_info", "Always 1; the version is a label.", ("version",)
         )
 
+    def _define_access(self, r: CollectorRegistry) -> None:
+        """The families of auth, tool_policy, rate_limits and the backends' max_in_flight."""
+        self.auth_requests = _Counter(
+            r,
+            "mcpbalancer_auth_requests_total",
+            "Requests checked by auth, by result: cached, verified, key, public; missing, invalid, scope "
+            "(refused); unavailable (no key set to check a token with).",
+            ("result",),
+        )
+        self.jwks_refreshes = _Counter(
+            r,
+            "mcpbalancer_jwks_refreshes_total",
+            "Fetches of the authorization server's key set (jwks_url), by result (ok, error).",
+            ("result",),
+        )
+        self.tool_policy_decisions = _Counter(
+            r,
+            "mcpbalancer_tool_policy_decisions_total",
+            "Tool calls decided by tool_policy: the rule's index ('default': no rule matched), and the "
+            "decision (allow, deny).",
+            ("rule", "decision"),
+        )
+        self.rate_limited = _Counter(
+            r,
+            "mcpbalancer_rate_limited_total",
+            "Requests refused (429) by a rate limit: the index of its rule in `rate_limits`.",
+            ("rule",),
+        )
+        self.rate_limit_local = _Counter(
+            r,
+            "mcpbalancer_rate_limit_local_total",
+            "Requests counted by this proxy's own buckets because the shared (Redis) buckets failed.",
+        )
+        self.rate_limit_degraded_state = _Gauge(
+            r,
+            "mcpbalancer_rate_limit_degraded",
+            "1 while the shared rate-limit buckets fail and every proxy counts on its own.",
+        )
+        self.queue_timeouts = _Counter(
+            r,
+            "mcpbalancer_backend_queue_timeouts_total",
+            "Requests answered 503 because the backend's max_in_flight stayed full for queue_timeout.",
+            ("backend",),
+        )
+
     def _resolve(self) -> None:
         """The children the hot path uses, resolved once."""
         self.lookup_cache_hit, self.lookup_store_hit, self.lookup_miss = (
@@ -455,6 +511,10 @@ class Metrics:
         self.store_degraded = self.store_degraded_state.labels()
         self.store_resynced = self.store_resynced_sessions.labels()
         self._rejected = {reason: self.rejected_requests.labels(reason) for reason in REJECT_REASONS}
+        self.auth = {result: self.auth_requests.labels(result) for result in AUTH_RESULTS}
+        self.jwks = {result: self.jwks_refreshes.labels(result) for result in JWKS_RESULTS}
+        self.rate_local = self.rate_limit_local.labels()
+        self.rate_degraded = self.rate_limit_degraded_state.labels()
         self._responses: dict[_ResponseKey, tuple[Value, Observations | None]] = {}
         self._mcp: dict[tuple[Era, bytes], Value] = {}
         self._mcp_other = {era: self.mcp_requests.labels(era.value, OTHER) for era in Era}
@@ -615,10 +675,17 @@ class LiveBackend(Protocol):
     def draining(self) -> bool: ...
     @property
     def sessions(self) -> int: ...
+    @property
+    def calls(self) -> int: ...
+    @property
+    def streams(self) -> int: ...
+    @property
+    def queued(self) -> int: ...
 
 
 class _BackendState:
-    """backend_up, backend_draining and sessions_active, read from the live Backend objects."""
+    """backend_up, backend_draining, sessions_active and the in-flight counts, read from the live
+    Backend objects."""
 
     def __init__(self, backends: Callable[[], Iterable[LiveBackend]]) -> None:
         self._backends = backends
@@ -627,15 +694,19 @@ class _BackendState:
         return list(self._families())
 
     def collect(self) -> list[Metric]:
-        up, draining, sessions = self._families()
+        families = self._families()
+        up, draining, sessions, calls, streams, queued = families
         for backend in self._backends():
             up.add_metric([backend.name], 1 if backend.up else 0)
             draining.add_metric([backend.name], 1 if backend.draining else 0)
             sessions.add_metric([backend.name], backend.sessions)
-        return [up, draining, sessions]
+            calls.add_metric([backend.name], backend.calls)
+            streams.add_metric([backend.name], backend.streams)
+            queued.add_metric([backend.name], backend.queued)
+        return list(families)
 
     @staticmethod
-    def _families() -> tuple[GaugeMetricFamily, GaugeMetricFamily, GaugeMetricFamily]:
+    def _families() -> tuple[GaugeMetricFamily, ...]:
         def gauge(name: str, doc: str) -> GaugeMetricFamily:
             return GaugeMetricFamily(name, doc, labels=["backend"])
 
@@ -645,5 +716,17 @@ class _BackendState:
             gauge(
                 "mcpbalancer_sessions_active",
                 "Sessions this proxy bound to the backend and has not seen end.",
+            ),
+            gauge(
+                "mcpbalancer_backend_calls_in_flight",
+                "Requests holding one of the backend's max_in_flight slots (backends with a limit).",
+            ),
+            gauge(
+                "mcpbalancer_backend_streams_open",
+                "GET event streams open to the backend, counted apart from max_in_flight.",
+            ),
+            gauge(
+                "mcpbalancer_backend_queued",
+                "Requests waiting for one of the backend's max_in_flight slots.",
             ),
         )

@@ -5,6 +5,11 @@ HMAC-SHA256 of that header's value (absent header: no tag) under `session_bindin
 per-process random key with the memory store). The value format lives here and only here; backend
 names cannot contain `|` (config.py), so an untagged value is a plain backend name as before.
 
+With `auth`, the tag is the HMAC of the authenticated Principal's id instead (`by_principal`): a
+session stays its principal's when a token is refreshed, and another principal's request for it is
+a 404; with `bind_sessions` as well, of the principal and that header's value together. The same
+store value, so it works with Redis as with the memory store.
+
 Pure: no I/O.
 """
 
@@ -13,6 +18,8 @@ from __future__ import annotations
 import hashlib
 import hmac
 import secrets
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 
 SEPARATOR = "|"
 _TAG_HEX = 32  # 128 bits of the HMAC: ample against forgery, short in Redis
@@ -31,12 +38,46 @@ def backend_of(value: str) -> str:
     return value.partition(SEPARATOR)[0]
 
 
-class SessionBinder:
-    """Tags credentials of the header `header` (lower-case bytes) with a keyed hash."""
+@dataclass(frozen=True, slots=True)
+class Principal:
+    """Who a request was authenticated as (filters/auth.py): a token's `sub` or an API key's name."""
 
-    def __init__(self, header: str, key: bytes | None = None) -> None:
+    name: str
+    kind: str  # "jwt" or "key": a key named like a token's subject is another principal
+    scopes: frozenset[str] = frozenset()
+    claims: Mapping[str, object] = field(default_factory=dict, compare=False, repr=False)
+    # What sessions are bound to and rate limits count: "<kind>:<name>".
+    id: str = field(init=False, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "id", f"{self.kind}:{self.name}")
+
+
+class SessionBinder:
+    """Tags credentials of the header `header` (lower-case bytes) with a keyed hash; with
+    `by_principal`, the authenticated principal, and the header's value too when `header_bound`
+    (else the header is only what the replay failover re-sends: Authorization)."""
+
+    def __init__(
+        self,
+        header: str,
+        key: bytes | None = None,
+        *,
+        by_principal: bool = False,
+        header_bound: bool = True,
+    ) -> None:
         self.header = header.lower().encode("ascii")
         self._key = key if key is not None else secrets.token_bytes(32)
+        self.by_principal = by_principal
+        self.header_bound = header_bound
+
+    def principal_tag(self, principal: Principal, credential: bytes | None) -> str:
+        """The tag of a session of `principal` (and of `credential`, the header's value, when the
+        header is bound too). Principal ids never hold a line feed, header values neither."""
+        data = principal.id.encode("utf-8", "surrogateescape")
+        if self.header_bound:
+            data += b"\n" + (credential or b"")
+        return hmac.new(self._key, data, hashlib.sha256).hexdigest()[:_TAG_HEX]
 
     def tag(self, value: bytes | None) -> str | None:
         if value is None:

@@ -34,7 +34,7 @@ from mcpbalancer.routing.affinity import (
     Affinity,
 )
 from mcpbalancer.routing.balancer import Strategy
-from mcpbalancer.routing.binding import SessionBinder, backend_of, decode_owner, encode_owner
+from mcpbalancer.routing.binding import Principal, SessionBinder, backend_of, decode_owner, encode_owner
 from mcpbalancer.routing.rules import decoded
 from mcpbalancer.store import UNKNOWN, SessionStore
 
@@ -67,6 +67,10 @@ class RequestFacts:
     tag: str | None = None  # keyed hash of the bound credential (bind_sessions), else None
     # The bound credential itself: replay failover sends it with the replayed initialize.
     credential: bytes | None = field(default=None, compare=False, repr=False)
+    # Set by the access filters (filters/): who is calling, and the JSON-RPC calls of the request as
+    # (method, tool name or None), from the headers (2026-07-28) or the bounded body (legacy).
+    principal: Principal | None = field(default=None, compare=False)
+    calls: tuple[tuple[str, str | None], ...] | None = field(default=None, compare=False)
 
 
 def classify(

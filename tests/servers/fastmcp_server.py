@@ -269,9 +269,13 @@ def build_server(name: str, *, tasks: bool = False, tls: TlsLog | None = None) -
 
     @mcp.tool
     def request_headers() -> str:
-        """The tracing and request-id headers of the HTTP request that carried this call, as JSON."""
-        headers = get_http_headers(include_all=True)
-        return json.dumps({name: headers.get(name) for name in SEEN_HEADERS})
+        """The HTTP headers of the request that carried this call, as JSON: every one (lower-case
+        names, a repeated header's values joined with ", "), and the tracing and request-id ones
+        always (null when absent)."""
+        headers: dict[str, str | None] = dict.fromkeys(SEEN_HEADERS)
+        for key, value in get_http_headers(include_all=True).items():
+            headers[key] = value
+        return json.dumps(headers)
 
     @mcp.custom_route(WHOAMI_PATH, methods=["GET"])
     async def whoami_route(request: Request) -> Response:
