@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import contextlib
 import dataclasses
 import logging
 import os
+import secrets
 import signal
 import sys
 from collections.abc import Callable, Coroutine, Sequence
@@ -20,6 +22,7 @@ from typing import Any
 from mcpbalancer import __version__
 from mcpbalancer.app import Proxy
 from mcpbalancer.config import LOG_LEVELS, Config, admin_of_worker, check_workers, host_port, load_config
+from mcpbalancer.config.checks import MIN_SESSION_KEY_BYTES
 from mcpbalancer.config.schema import schema_text
 from mcpbalancer.control import healthcheck
 from mcpbalancer.dataplane.tls import backend_contexts
@@ -43,10 +46,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "command",
         nargs="?",
-        choices=["schema"],
-        help="schema: print the JSON Schema of the configuration file and exit",
+        choices=["schema", "keygen"],
+        help="schema: print the JSON Schema of the configuration file and exit; keygen: print a new "
+        "random key for `session_keys` and exit",
     )
-    parser.add_argument("--config", "-c", help="YAML configuration file (required, except for `schema`)")
+    parser.add_argument(
+        "--config", "-c", help="YAML configuration file (required, except for `schema` and `keygen`)"
+    )
     parser.add_argument("--check", action="store_true", help="validate the configuration and exit")
     parser.add_argument(
         "--healthcheck",
@@ -97,6 +103,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     if args.command == "schema":
         sys.stdout.write(schema_text())
+        return 0
+    if args.command == "keygen":
+        # 32 bytes from the OS's CSPRNG, the AES-256 key size; printed, never stored or logged.
+        print(base64.b64encode(secrets.token_bytes(MIN_SESSION_KEY_BYTES)).decode("ascii"))
         return 0
     adjust = _overrides(args)
     try:

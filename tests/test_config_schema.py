@@ -38,10 +38,13 @@ def validator() -> jsonschema.Draft202012Validator:
 
 
 def resolve(schema: dict[str, Any], node: dict[str, Any]) -> dict[str, Any]:
-    """`node` without its $ref and its `| None`."""
+    """`node` without its $ref, its `| None`, and its short form (`failover: replay` for a mapping)."""
     if "$ref" in node:
         return resolve(schema, schema["$defs"][node["$ref"].rpartition("/")[2]])
     alternatives = [n for n in node.get("anyOf", ()) if n.get("type") != "null"]
+    sections = [n for n in alternatives if "$ref" in n or "properties" in n]
+    if len(alternatives) > 1 and len(sections) == 1:
+        return resolve(schema, sections[0])
     return resolve(schema, alternatives[0]) if len(alternatives) == 1 else node
 
 

@@ -30,7 +30,11 @@ EXAMPLE_START = re.compile(r"(?P<indent> *)#(?=[^\s#])")
 TABLE_HEADER = "| key | default | meaning |"
 TABLE_ROW = re.compile(r"\| `(?P<key>[^`]+)` \| (?P<default>[^|]*) \|")
 # Rows whose default is not one attribute of the loaded Config.
-NOT_AN_ATTRIBUTE = {"backends[].replicas": "expanded into <name>-1 ... <name>-N backends"}
+NOT_AN_ATTRIBUTE = {
+    "backends[].replicas": "expanded into <name>-1 ... <name>-N backends",
+    "failover.mode": "Config.failover",
+    "failover.replay_on": "Config.replay_on",
+}
 
 
 def page_id(path: Path) -> str:

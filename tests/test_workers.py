@@ -375,7 +375,7 @@ REDIS = "store: redis://127.0.0.1:6379/0\n"
         pytest.param(
             "workers: 2\n",
             [],
-            "workers: 2 workers need a Redis `store`: the memory store is per process",
+            "workers: 2 workers need a Redis `store` or `session_ids: sealed`: the memory store is per",
             id="memory",
         ),
         pytest.param(

@@ -38,6 +38,10 @@ from mcpbalancer.config.checks import BACKEND_NAME, BACKEND_NAME_RULE, HEADER_NA
 
 BALANCE_STRATEGIES: Final = ("least_sessions", "p2c", "round_robin")
 FAILOVER_MODES: Final = ("reinitialize", "replay")
+# What makes replay failover move a session: its owner gone (refused, removed, restarted), or the
+# owner answering 404 for a session the proxy holds (it forgot it: restarted at the same address).
+REPLAY_TRIGGERS: Final = ("gone", "backend_404")
+SESSION_ID_MODES: Final = ("plain", "sealed")
 STORE_ERROR_MODES: Final = ("degrade", "fail")
 LOG_FORMATS: Final = ("json", "text")
 LOG_LEVELS: Final = ("debug", "info", "warning", "error")
@@ -109,6 +113,8 @@ McpPath = Annotated[Text, _Check(checks.check_mcp_path, pattern='^/[!"$->@-~]{0,
 MetricsPath = Annotated[Text, _Check(checks.check_metrics_path, pattern=f"^{checks.URL_PATH.pattern}$")]
 Balance = Annotated[Text, _one_of(BALANCE_STRATEGIES)]
 Failover = Annotated[Text, _one_of(FAILOVER_MODES)]
+ReplayTrigger = Annotated[Text, _one_of(REPLAY_TRIGGERS)]
+SessionIds = Annotated[Text, _one_of(SESSION_ID_MODES)]
 StoreErrorMode = Annotated[Text, _one_of(STORE_ERROR_MODES)]
 LogFormat = Annotated[Text, _one_of(LOG_FORMATS)]
 LogLevel = Annotated[Text, _one_of(LOG_LEVELS)]
