@@ -26,6 +26,7 @@ from mcpbalancer.dataplane.tls import backend_contexts
 from mcpbalancer.dataplane.upstream import UpstreamPool
 from mcpbalancer.errors import BackendStartError, ConfigError, ListenError, RestartRequired
 from mcpbalancer.filters.hosts import HostPolicy, for_listen
+from mcpbalancer.fleet.generations import Generations
 from mcpbalancer.fleet.health import HealthChecker, HttpProbe
 from mcpbalancer.fleet.lifecycle import Changes, Fleet
 from mcpbalancer.fleet.managed import ManagedBackends
@@ -37,9 +38,11 @@ from mcpbalancer.routing.binding import SessionBinder
 from mcpbalancer.routing.failover import Failover
 from mcpbalancer.routing.router import Router
 from mcpbalancer.routing.rules import compile_rules
+from mcpbalancer.routing.sealed import SealedIds
 from mcpbalancer.store import SessionStore
 from mcpbalancer.store.cache import CachedStore
 from mcpbalancer.store.factory import create_store
+from mcpbalancer.store.records import SharedRecords
 from mcpbalancer.store.shared import SharedAffinity
 
 log = logging.getLogger(__name__)
@@ -56,12 +59,13 @@ RESTART_ONLY: Final = frozenset(
         "workers",  # the supervisor forks them at start
         "store",  # the sessions live in it: a new store would know none of them
         "store_prefix",  # the same: the keys already written are under the old prefix
+        "session_ids",  # plain or sealed: a switch would end every session, which a restart says
         "admin",  # the control listener is bound once; /admin/reload itself is served there
         "metrics",  # its page is a route of the listener(s), registered when they start
     }
 )
 # The fields whose key in the file has another name.
-_FILE_KEYS: Final = {"listen_host": "listen", "listen_port": "listen"}
+_FILE_KEYS: Final = {"listen_host": "listen", "listen_port": "listen", "replay_on": "failover"}
 LIVE: Final = frozenset(
     {
         "source",  # the file itself; reloads read the same one
@@ -81,6 +85,9 @@ LIVE: Final = frozenset(
         "affinity",  # a change starts the maps afresh: entries learned before are dropped
         "validate_headers",
         "failover",
+        "replay_on",  # `failover.replay_on`
+        "session_keys",  # a new first key seals from now on; a removed key's tokens stop opening
+        "session_max_age",
         "allowed_origins",
         "allowed_hosts",  # the Host check and the Origin rule that reads it
         "bind_sessions",  # a change ends the sessions bound under the old binding (404)
@@ -128,6 +135,22 @@ def _unchanged(config: Config) -> Config:
     return config
 
 
+def _sealed(config: Config, metrics: Metrics) -> SealedIds | None:
+    if config.session_ids != "sealed":
+        return None
+    return SealedIds(
+        [key.material for key in config.session_keys],
+        max_age=config.session_max_age,
+        capacity=config.local_cache_size,
+        metrics=metrics,
+    )
+
+
+def _plain_max_age(config: Config) -> float | None:
+    """session_max_age as the router checks it: a sealed token carries its own issue time."""
+    return config.session_max_age if config.session_ids == "plain" else None
+
+
 class Proxy:
     """One running mcpbalancer: `await start()`, serve, `await stop()`."""
 
@@ -167,9 +190,15 @@ class Proxy:
             on_expire=lambda sid, owner: self.router.session_expired(sid, owner),
             session_ttl=config.session_ttl,
             metrics=self.metrics,
+            fail_new=config.on_store_error == "fail",
+        )
+        # When each backend was last seen to go away, shared with the other proxies through the store.
+        self.generations = Generations(
+            self.backends, self.store if isinstance(self.store, CachedStore) else None
         )
         # Kept as the class the proxy runs; the router sees it only through its Replay protocol.
         self.failover = failover = self._failover(config, None)
+        self.sealed = _sealed(config, self.metrics)
         binder = _binder(config)
         self.router = Router(
             self.backends,
@@ -184,8 +213,16 @@ class Proxy:
             failover=failover,
             binder=binder,
             refuse_new=self._refuse_new(config),
+            sealed=self.sealed,
+            max_age=_plain_max_age(config),
         )
-        self.health = HealthChecker(config.health, self.fleet.set_status, self._probe, metrics=self.metrics)
+        self.health = HealthChecker(
+            config.health,
+            self.fleet.set_status,
+            self._probe,
+            metrics=self.metrics,
+            on_gone=self.generations.gone,
+        )
         self._observability(config, access_stream, session_tag_key, worker)
         if self.control is not None:
             AdminApi(self.fleet, self.health.last_check, self.reload, self.health.reasons).install(
@@ -197,6 +234,7 @@ class Proxy:
         self._sweeper: asyncio.Task[None] | None = None
         self._checker: asyncio.Task[None] | None = None
         self._watcher: asyncio.Task[None] | None = None
+        self._listener: asyncio.Task[None] | None = None
         self._retired: set[asyncio.Task[None]] = set()  # closing parts a reload replaced
 
     @property
@@ -270,6 +308,10 @@ class Proxy:
         router.failover = self.failover = self._failover(new, self.failover)
         if (new.bind_sessions, new.session_binding_key) != (old.bind_sessions, old.session_binding_key):
             router.binder = _binder(new)
+        router.max_age = _plain_max_age(new)
+        if self.sealed is not None:
+            keys = [key.material for key in new.session_keys]
+            self.sealed.configure(keys, max_age=new.session_max_age, capacity=new.local_cache_size)
         router.refuse_new_when(self._refuse_new(new))
         self.readiness.store_required = new.on_store_error == "fail"
         if new.log != old.log:
@@ -291,17 +333,22 @@ class Proxy:
         if config.failover != "replay":
             self._retire(running.close() if running is not None else None)
             return None
-        connect, response = config.timeouts.connect, config.timeouts.response_headers
+        limits: dict[str, Any] = {
+            "max_records": config.local_cache_size,
+            "connect_timeout": config.timeouts.connect,
+            "response_timeout": config.timeouts.response_headers,
+            "session_ttl": config.session_ttl,
+            "on_backend_404": "backend_404" in config.replay_on,
+        }
         if running is None:
-            return Failover(
-                max_records=config.local_cache_size,
-                connect_timeout=connect,
-                response_timeout=response,
-                metrics=self.metrics,
+            # With Redis, the records are shared: any proxy replays any session.
+            shared = (
+                None
+                if config.store == "memory"
+                else SharedRecords.from_url(config.store, config.store_prefix)
             )
-        running.configure(
-            max_records=config.local_cache_size, connect_timeout=connect, response_timeout=response
-        )
+            return Failover(metrics=self.metrics, shared=shared, **limits)
+        running.configure(**limits)
         return running
 
     def _refuse_new(self, config: Config) -> Callable[[], bool] | None:
@@ -396,6 +443,7 @@ class Proxy:
                 await self.store.close()
                 raise
         await self._check_store()
+        await self.generations.load()
         loop = asyncio.get_running_loop()
         self._plane = DataPlane(
             self.router,
@@ -443,6 +491,9 @@ class Proxy:
         self._checker = loop.create_task(self.health.run(lambda: self.backends))
         if isinstance(self.store, CachedStore):
             self._watcher = loop.create_task(self.store.watch())
+            self._listener = loop.create_task(
+                self.store.listen(on_ended=self.router.ended_elsewhere, on_gone=self.generations.heard)
+            )
         control = self.control
         admin = "" if control is None else f"; admin on {host_port(control.host, control.port)}"
         log.info("listening on %s with %d backends%s", self.url, len(self.backends), admin)
@@ -494,7 +545,7 @@ class Proxy:
         self.fleet.close()
         # After the in-flight exchanges: a tool call running on a managed backend may finish.
         await self.managed.stop()
-        for task in (self._sweeper, self._checker, self._watcher):
+        for task in (self._sweeper, self._checker, self._watcher, self._listener):
             if task is not None:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
@@ -503,6 +554,7 @@ class Proxy:
             await asyncio.gather(*self._retired, return_exceptions=True)
         await self._probe.close()
         await self.router.close()
+        await self.generations.close()
         await self.store.close()
         if self.control is not None:
             await self.control.stop()

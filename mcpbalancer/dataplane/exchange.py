@@ -129,6 +129,9 @@ class Exchange:
     # binds one), and the backend's own id for this request's session when it was moved.
     _capture: list[bytes] | None = None
     _alias: bytes | None = None
+    # With `replay_on: [backend_404]`: a session request's body, to send again once replayed.
+    _resend: list[bytes] | None = None
+    _resend_bytes = 0
 
     def __init__(self, plane: ExchangePlane, client: ClientSide, head: RequestHead) -> None:
         self.plane = plane
@@ -139,13 +142,13 @@ class Exchange:
         self._body: list[bytes] = []  # request body received before a backend connection exists
         self._replay: list[bytes] | None = []
         self._out: list[bytes] = []  # backend writes held while the client read is handled
-        if (
-            plane.router.failover is not None
-            and head.session_id is None
-            and head.method == b"POST"
-            and protocol.era_of(None, head.protocol_version) is protocol.Era.LEGACY
-        ):
-            self._capture = []
+        failover = plane.router.failover
+        if failover is not None:
+            if head.session_id is None:
+                if head.method == b"POST" and protocol.era_of(None, head.protocol_version) is Era.LEGACY:
+                    self._capture = []
+            elif failover.on_backend_404 and head.method != b"DELETE":
+                self._resend = []
 
     @property
     def streaming(self) -> bool:
@@ -242,6 +245,11 @@ class Exchange:
                 self._capture = None
             else:
                 self._capture.append(data)
+        if self._resend is not None:
+            if self._body_bytes > REPLAY_LIMIT:
+                self._resend = None  # too large to keep: a 404 is passed on
+            else:
+                self._resend.append(data)
         if self.upstream is None:
             self._body.append(data)
             if self._body_bytes > REPLAY_LIMIT and not self._awaiting_body:
@@ -398,15 +406,13 @@ class Exchange:
             conn.pause_reading()  # the client is still backed up from an earlier response
 
     def _request_head(self) -> bytes:
-        backend = self.backend
-        assert backend is not None
-        failover = self.plane.router.failover
-        moved = False
-        if failover is not None and self.facts is not None and self.facts.session_id is not None:
-            self._alias = failover.alias(self.facts.session_id)  # the session was moved here
-            moved = failover.moved(self.facts.session_id)
+        backend, facts = self.backend, self.facts
+        assert backend is not None and facts is not None
+        # The id the backend knows the session by, when it is not the client's: a sealed id's, or
+        # the new backend's of a session replay failover moved (routing sets it).
+        self._alias = alias = facts.upstream_sid
         target = backend.target(self.head.target) if backend.endpoint else self.head.target
-        return request_head(self.head, target, backend.host_header, self.client.peer_ip, self._alias, moved)
+        return request_head(self.head, target, backend.host_header, self.client.peer_ip, alias, facts.moved)
 
     def _flush_pending(self, head: bytes = b"") -> None:
         """Send `head` and the body that arrived while no backend connection existed, in one write."""
@@ -453,6 +459,8 @@ class Exchange:
     def response_head(self, status: int, reason: bytes, headers: list[tuple[bytes, bytes]]) -> None:
         self._replay = None
         assert self.facts is not None and self.backend is not None
+        if status == 404 and self._resend is not None and self._replays_404():
+            return
         self.status = status
         elapsed = time.perf_counter() - self.received_at
         head = self.head
@@ -461,18 +469,29 @@ class Exchange:
         )
         if status >= 500:
             self.plane.on_backend_failure(self.backend.name, "5xx")
-        if self._alias is not None and head.session_id is not None:
-            client_sid = head.session_id
-            headers = [(n, client_sid if n.lower() == protocol.SESSION_ID else v) for n, v in headers]
-        lines, response_sid, content_type, length, coding, length_at, cors_given = scan(headers)
+        # A backend's own id for the session goes back as the client's (sealed, or moved).
+        swap = head.session_id if self._alias is not None else None
+        lines, response_sid, content_type, length, coding, length_at, cors_given = scan(headers, swap)
         # Router.learn's rule: a 2xx with an id, to a legacy request without one, made a session.
         if response_sid is not None and head.session_id is None and 200 <= status < 300:
+            if self.facts.era is Era.LEGACY and self.plane.router.sealed is not None:
+                try:
+                    sealed = self.plane.router.seal(self.facts, self.backend, response_sid)
+                except ProxyError as err:  # a backend id too long to seal: 502
+                    self._answer_error(err)
+                    return
+                if sealed is not None:  # the client sees the token, never the backend's id
+                    if lines is not None:
+                        lines = [sealed if part is response_sid else part for part in lines]
+                    response_sid = swap = sealed
             self.created = response_sid if self.facts.era is Era.LEGACY else None  # for the access log
         self._no_body = self.head.method == b"HEAD" or status in (204, 304)
         unsized = not self._no_body and (coding is not None or length is None)
         if unsized:
             coding = self._unsized_body(coding)  # and its Content-Length, if any, is not relayed
         if lines is None:  # Connection named more fields to drop: the general, slower pass
+            if swap is not None:
+                headers = [(n, swap if n.lower() == protocol.SESSION_ID else v) for n, v in headers]
             drop = protocol.HOP_BY_HOP | tokens(headers)
             lines = filtered(headers, drop | {protocol.CONTENT_LENGTH} if unsized else drop)
         elif unsized and length_at:
@@ -496,8 +515,9 @@ class Exchange:
         wait = self.plane.router.learn(self.facts, self.backend, status, response_sid)
         if self._capture is not None and response_sid is not None and 200 <= status < 300:
             failover = self.plane.router.failover
-            if failover is not None and self.request_complete:
-                failover.remember(response_sid, head.target, b"".join(self._capture))
+            if failover is not None and self.request_complete and protocol.valid_session_id(response_sid):
+                tag = self.facts.tag if self.plane.router.binder is not None else None
+                failover.remember(response_sid.decode("ascii"), head.target, b"".join(self._capture), tag)
             self._capture = None
         if wait is None:
             self._started = True
@@ -510,6 +530,30 @@ class Exchange:
         if self.head.method == b"HEAD" and self.upstream is not None:
             self.upstream.skip_body()
             self.response_done()
+
+    def _replays_404(self) -> bool:
+        """The owner answered 404 for a session the proxy holds (`replay_on: [backend_404]`): it
+        forgot it, having restarted at the same address. Replay the session on a live backend (that
+        one or another) and send this request again, rather than pass the 404 on. Only a request the
+        proxy has whole (its body kept, at most REPLAY_LIMIT): the 404 says the backend ran nothing."""
+        facts, resend = self.facts, self._resend
+        failover = self.plane.router.failover
+        self._resend = None
+        if not self.request_complete or resend is None or facts is None or facts.session_id is None:
+            return False
+        if failover is None or not failover.can_replay(facts.session_id):
+            return False
+        log.info(
+            "backend %s answered 404 for a live session: replaying it",
+            self.backend.name if self.backend else "?",
+        )
+        if self.upstream is not None:
+            self.upstream.abort()  # its 404 body is not read: the connection cannot be reused
+            self.upstream = None
+        self.status = 0
+        self._body, self._terminated = resend, False
+        self._await(failover.replay(self.plane.router, facts, self.backend, avoid=False))
+        return True
 
     def _learn(self, messages: list[object]) -> None:
         if messages and self.backend is not None:
@@ -537,6 +581,10 @@ class Exchange:
         async def run() -> None:
             try:
                 await wait
+            except ProxyError as err:  # the binding could not be stored, and must be (fail)
+                self._held = None
+                self._answer_error(err)
+                return
             finally:
                 held, self._held = self._held, None
                 if not self.done and held is not None:

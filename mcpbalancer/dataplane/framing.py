@@ -91,11 +91,13 @@ _RESPONSE_FIELDS = {name: _HOP for name in protocol.HOP_BY_HOP} | {
 _Scan = tuple[list[bytes] | None, bytes | None, bytes, bytes | None, bytes | None, int, bool]
 
 
-def scan(headers: list[tuple[bytes, bytes]]) -> _Scan:
+def scan(headers: list[tuple[bytes, bytes]], session_id: bytes | None = None) -> _Scan:
     """One pass over a response head: (the lines to relay, with a placeholder for the status
     line, or None when a Connection header names fields to drop; Mcp-Session-Id; Content-Type;
     Content-Length; Transfer-Encoding; where the Content-Length line starts, 0 if none; whether
-    Access-Control-Allow-Origin is there). Hop-by-hop fields are left out."""
+    Access-Control-Allow-Origin is there). Hop-by-hop fields are left out. With `session_id`, an
+    Mcp-Session-Id field is relayed (and reported) with that value instead: the client's id for a
+    session the backend knows by another."""
     lines: list[bytes] | None = [b""]
     sid = length = coding = None
     content_type = b""
@@ -114,6 +116,8 @@ def scan(headers: list[tuple[bytes, bytes]]) -> _Scan:
                 lines = None
             continue
         if kind == _SID:
+            if session_id is not None:
+                value = session_id
             sid = value
         elif kind == _TYPE:
             content_type = value
