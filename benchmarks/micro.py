@@ -27,7 +27,6 @@ from mcpbalancer.app import Proxy
 from mcpbalancer.config import parse_config
 from mcpbalancer.dataplane.plane import DataPlane
 from mcpbalancer.dataplane.upstream import UpstreamConnection
-from mcpbalancer.filters.hosts import for_listen
 
 BODY = b'{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"echo","arguments":{"x":1}}}'
 RESULT = b'{"jsonrpc":"2.0","id":1,"result":{"content":[{"type":"text","text":"ok"}]}}'
@@ -108,7 +107,7 @@ async def main(args: argparse.Namespace) -> None:
         limits=config.limits,
         loop=asyncio.get_running_loop(),
         metrics=proxy.metrics,
-        hosts=for_listen(config.allowed_hosts, config.listen_host),  # the default Host check, as in app.py
+        phases=proxy.compose_phases(config),  # the default filters (Host, Origin, passive health)
     )
     upstream, up = UpstreamConnection(proxy.fleet.pools["s1"]), MemoryTransport()
     upstream.connection_made(up)  # type: ignore[arg-type]

@@ -25,7 +25,16 @@ from mcpbalancer.dataplane.plane import DataPlane
 from mcpbalancer.dataplane.tls import backend_contexts
 from mcpbalancer.dataplane.upstream import UpstreamPool
 from mcpbalancer.errors import BackendStartError, ConfigError, ListenError, RestartRequired
-from mcpbalancer.filters.hosts import HostPolicy, for_listen
+from mcpbalancer.filters.affinity import AffinityLearning, RequestStateKey
+from mcpbalancer.filters.failover import ReplayAlias
+from mcpbalancer.filters.front_door import FrontDoor
+from mcpbalancer.filters.headercheck import StrictHeaders
+from mcpbalancer.filters.hosts import HostFilter, HostPolicy, for_listen
+from mcpbalancer.filters.origin import OriginFilter, OriginPolicy
+from mcpbalancer.filters.phases import Phases, compose
+from mcpbalancer.filters.route_rules import RouteRules
+from mcpbalancer.filters.sealed import SealedSessions
+from mcpbalancer.filters.session_binding import SessionBinding
 from mcpbalancer.fleet.generations import Generations
 from mcpbalancer.fleet.health import HealthChecker, HttpProbe
 from mcpbalancer.fleet.lifecycle import Changes, Fleet
@@ -206,9 +215,7 @@ class Proxy:
             self.store,
             config.session_ttl,
             self.metrics,
-            rules=compile_rules(config.routes, config.pools),
             affinity=Affinity(config.affinity),
-            validate_headers=config.validate_headers,
             shared_affinity=_shared_affinity(config),
             failover=failover,
             binder=binder,
@@ -300,9 +307,7 @@ class Proxy:
         router.reconfigure(
             strategy,
             new.session_ttl,
-            rules=compile_rules(new.routes, new.pools),
             affinity=affinity,
-            validate_headers=new.validate_headers,
             shared_affinity=shared,
         )
         router.failover = self.failover = self._failover(new, self.failover)
@@ -323,9 +328,37 @@ class Proxy:
                 heartbeat=new.heartbeat,
                 timeouts=new.timeouts,
                 limits=new.limits,
-                allowed_origins=new.allowed_origins,
-                hosts=_host_policy(new),
+                phases=self.compose_phases(new),
             )
+
+    def compose_phases(self, config: Config) -> Phases:
+        """The filters `config` turns on, each at its phases (filters/phases.py). This is the one
+        place a filter is registered: a feature that is not configured is not in the list, and
+        costs a request nothing. At each phase, filters run in this order."""
+        router = self.router
+        hosts = _host_policy(config)
+        origins = OriginFilter(OriginPolicy(config.allowed_origins, hosts))
+        filters: list[object] = [FrontDoor(None if hosts.any else HostFilter(hosts), origins)]
+        if router.binder is not None:
+            filters.append(SessionBinding(router.binder))
+        rules = compile_rules(config.routes, config.pools)
+        if rules:
+            filters.append(RouteRules(rules, self.metrics))
+        if config.validate_headers:
+            filters.append(StrictHeaders())  # parses the body first: the next filter reuses it
+        affinity = router.affinity
+        if affinity is not None and affinity.states is not None:
+            filters.append(RequestStateKey())
+        if affinity is not None and (affinity.tasks is not None or affinity.states is not None):
+            filters.append(AffinityLearning(router))
+        if router.sealed is not None:
+            filters.append(SealedSessions(router))  # the backend's own id out, a token back in
+        elif self.failover is not None:
+            filters.append(ReplayAlias())  # a moved session's id at its new backend
+        if self.access_log is not None:
+            filters.append(self.access_log)
+        filters.append(self.health)  # passive health: fail_to_connect, error_while_proxy
+        return compose(filters)
 
     def _failover(self, config: Config, running: Failover | None) -> Failover | None:
         """The replay failover `config` asks for: the running one (new limits, its records kept),
@@ -364,9 +397,7 @@ class Proxy:
 
     def _swap_access_log(self, config: Config) -> None:
         old: AccessLog | None = self.access_log
-        self.access_log = self._make_access_log(config)
-        if self._plane is not None:
-            self._plane.access_log = self.access_log
+        self.access_log = self._make_access_log(config)  # registered by the _compose that follows
         if old is not None:
             old.close()  # writes what it holds; exchanges ending from now on use the new one
 
@@ -453,12 +484,9 @@ class Proxy:
             limits=self.config.limits,
             loop=loop,
             metrics=self.metrics,
-            access_log=self.access_log,
             local=self._local,
-            allowed_origins=self.config.allowed_origins,
-            hosts=_host_policy(self.config),
+            phases=self.compose_phases(self.config),
         )
-        self._plane.on_backend_failure = self.health.passive
         self.fleet.on_evict = self._plane.abort_streams
         self.fleet.start()
         try:

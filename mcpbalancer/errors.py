@@ -12,6 +12,7 @@
           │    ├── InvalidBody        400: strict mode, the body is not one JSON-RPC object
           │    └── HeaderMismatch     400: Mcp-Method/Mcp-Name disagree with the body (-32020)
           ├── Forbidden               403
+          │    └── OriginNotAllowed   403: an Origin the policy refuses (DNS rebinding, CSRF)
           ├── Denied                  a `deny:` routing rule (403 or the rule's 4xx status)
           ├── SessionNotFound         404: unknown or expired session, or its owner is gone
           ├── MethodNotAllowed        405: CONNECT (with Allow)
@@ -29,9 +30,10 @@ carry the reason phrase as RFC 9110 spells it (`reason_phrase`), and a message t
 ("Bad Request: ...") names it the same way.
 
 A client's mistake is always a 4xx; a 5xx is only ever an upstream fault (502, 503, 504). Errors
-raised while routing that refuse a client's request name their `reject_reason` (a label of
-metrics.REJECT_REASONS), counted where the exchange answers them; refusals found in the request
-head are counted where they are found, and carry none.
+raised while routing or by a filter (filters/phases.py) that refuse a client's request name their
+`reject_reason` (a label of metrics.REJECT_REASONS), counted where the exchange answers them;
+refusals of the request's framing, found as its head is parsed, are counted where they are found,
+and carry none.
 """
 
 from __future__ import annotations
@@ -118,6 +120,10 @@ class Forbidden(ProxyError):
     status, reason, rpc_code, default_message = 403, "Forbidden", -32600, "Forbidden"
 
 
+class OriginNotAllowed(Forbidden):
+    default_message, reject_reason = "Forbidden: Origin not allowed", "origin"
+
+
 class Denied(ProxyError):
     """A request refused by a `deny:` routing rule; `denied(status)` makes the class of a status."""
 
@@ -152,6 +158,7 @@ class PayloadTooLarge(ProxyError):
 class MisdirectedRequest(ProxyError):
     status, reason, rpc_code = 421, "Misdirected Request", -32600
     default_message = "Misdirected Request: Host not allowed"
+    reject_reason = "host_not_allowed"
 
 
 class HeadersTooLarge(ProxyError):

@@ -193,7 +193,7 @@ def test_client_mistakes_are_4xx_and_only_upstream_faults_are_5xx() -> None:
 
 def test_every_reject_reason_is_a_known_label() -> None:
     reasons = {c.reject_reason for c in _subclasses(ProxyError)} - {None}
-    assert reasons == {"session_id", "header_encoding", "strict", "rule"}
+    assert reasons == {"session_id", "header_encoding", "strict", "rule", "host_not_allowed", "origin"}
     assert reasons <= set(REJECT_REASONS)
 
 

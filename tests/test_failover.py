@@ -20,7 +20,10 @@ from mcp.shared.exceptions import MCPError
 from mcpbalancer.app import Proxy
 from mcpbalancer.dataplane.framing import request_head
 from mcpbalancer.dataplane.head import RequestHead
+from mcpbalancer.filters.failover import ReplayAlias
+from mcpbalancer.filters.phases import HeadEdits
 from mcpbalancer.routing.binding import decode_owner
+from mcpbalancer.routing.router import classify
 from mcpbalancer.store import UNKNOWN
 from tests.fixtures.backends import BackendFactory, BackendProcess
 from tests.fixtures.proxy import ProxyFactory
@@ -220,7 +223,11 @@ def test_the_head_sent_for_a_moved_session_has_its_backend_id_and_no_last_event_
         (b"last-event-id", b"Last-Event-ID", b"issued-by-the-dead-one"),
         (b"accept", b"Accept", b"text/event-stream"),
     ]
-    moved = request_head(head, b"", b"127.0.0.1:9", b"10.0.0.1", b"backend-id", moved=True)
+    edits = HeadEdits()
+    facts = classify(b"GET", b"client-id", None)
+    facts.upstream_sid, facts.moved = b"backend-id", True  # what routing sets for a moved session
+    ReplayAlias().upstream_request(facts, edits)
+    moved = request_head(head, b"", b"127.0.0.1:9", b"10.0.0.1", edits)
     assert b"Mcp-Session-Id: backend-id\r\n" in moved
     assert b"last-event-id" not in moved.lower()
     assert b"Accept: text/event-stream\r\n" in moved

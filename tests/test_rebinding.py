@@ -18,6 +18,7 @@ import pytest
 from mcpbalancer.app import Proxy
 from mcpbalancer.config import load_config, parse_config
 from mcpbalancer.errors import ConfigError
+from mcpbalancer.filters.front_door import FrontDoor
 from mcpbalancer.filters.hosts import SEEN_LIMIT, HostPolicy, for_listen, hostname, is_loopback
 from tests.fixtures.backends import BackendProcess
 from tests.fixtures.proxy import ProxyFactory
@@ -278,7 +279,8 @@ async def test_star_allows_every_host_and_warns(
     client.send(request("GET", "/mcp", host=EVIL))
     assert (await client.response()).status == 200
     assert proxy._plane is not None
-    assert proxy._plane.hosts is None  # no check on the request path at all
+    (front,) = [f for f in proxy._plane.phases.filters if isinstance(f, FrontDoor)]
+    assert not front.checks_host  # no Host check on the request path at all
 
 
 @pytest.mark.parametrize(

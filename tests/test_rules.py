@@ -15,17 +15,32 @@ from prometheus_client import CollectorRegistry
 from mcpbalancer.config import AffinityConfig, LimitsConfig, RouteConfig, TimeoutsConfig, parse_config
 from mcpbalancer.dataplane.plane import DataPlane
 from mcpbalancer.errors import BadRequest, ConfigError, Denied, HeaderMismatch, render_error
+from mcpbalancer.filters.affinity import RequestStateKey
+from mcpbalancer.filters.headercheck import StrictHeaders, check
+from mcpbalancer.filters.phases import compose
+from mcpbalancer.filters.route_rules import RouteRules
 from mcpbalancer.fleet.backends import Backend, BackendSet
 from mcpbalancer.observability.metrics import Metrics
 from mcpbalancer.routing.affinity import Affinity, AffinityMap, ResultSniffer, state_digest
 from mcpbalancer.routing.balancer import LeastSessions
-from mcpbalancer.routing.headercheck import check
-from mcpbalancer.routing.router import Router, classify
+from mcpbalancer.routing.router import RequestFacts, Router, classify
 from mcpbalancer.routing.rules import compile_rules, header_lookup
 from mcpbalancer.store.memory import MemoryStore
 from mcpbalancer.store.shared import SharedAffinity
 
 MODERN = b"2026-07-28"
+
+
+class _NoContext:
+    """The request filters under test read nothing of the exchange but the facts."""
+
+    head: Any = None
+    facts: RequestFacts | None = None
+    backend: Backend | None = None
+    status = 0
+
+
+_NO_CONTEXT = _NoContext()
 
 
 class FakeClock:
@@ -294,16 +309,14 @@ def test_router_counts_rule_hits_and_affinity_lookups() -> None:
     a, b = Backend("a", "127.0.0.1", 1), Backend("b", "127.0.0.1", 2)
     affinity = Affinity(AffinityConfig(tasks=True))
     router = Router(
-        BackendSet([a, b]),
-        LeastSessions(random.Random(1)),
-        MemoryStore(),
-        60.0,
-        metrics,
-        rules=compile_rules([RouteConfig(method="tools/call", name="w*", pool="p")], {"p": ["b"]}),
-        affinity=affinity,
+        BackendSet([a, b]), LeastSessions(random.Random(1)), MemoryStore(), 60.0, metrics, affinity=affinity
+    )
+    rules = RouteRules(
+        compile_rules([RouteConfig(method="tools/call", name="w*", pool="p")], {"p": ["b"]}), metrics
     )
     for _ in range(3):
         facts = classify(b"POST", None, MODERN, b"tools/call", b"whoami", headers())
+        rules.request(_NO_CONTEXT, facts)
         assert router.route(facts) is b
         assert facts.watch
     router.learn_result(a, {"result": {"resultType": "task", "taskId": "t9"}})
@@ -332,17 +345,25 @@ async def test_no_2026_feature_applies_to_a_request_with_a_session_id(version: b
         LeastSessions(random.Random(1)),
         MemoryStore(),
         60.0,
-        rules=compile_rules([RouteConfig(deny=403)], {}),
         affinity=Affinity(AffinityConfig(tasks=True, request_state=True)),
-        validate_headers=True,
     )
+    phases = compose(
+        [
+            RouteRules(compile_rules([RouteConfig(deny=403)], {}), Metrics(CollectorRegistry())),
+            StrictHeaders(),
+            RequestStateKey(),
+        ]
+    )
+    assert phases.request is not None
+    assert phases.wants_body is not None
     bind = router.learn(classify(b"POST", None, None), b, 200, b"s1")
     assert bind is not None
     await bind
     cases = [(b"tools/call", b"drop_db"), (b"tasks/get", b"t1"), (b"tools/call", b"=?base64?%?=")]
     for method, name in cases:
         facts = classify(b"POST", b"s1", version, method, name, headers(Mcp_Method=method))
-        assert not router.needs_body(facts)
+        phases.request(_NO_CONTEXT, facts)  # no deny rule applies
+        assert not phases.wants_body(facts)
         assert router.route(facts) is b
         assert (facts.pool, facts.watch) == (None, False)
     await router.close()
@@ -352,16 +373,22 @@ async def test_no_2026_feature_applies_to_a_request_with_a_session_id(version: b
 
 
 @pytest.mark.parametrize(
-    ("kwargs", "captured"),
+    ("kwargs", "filters", "captured"),
     [
-        ({}, False),
-        ({"rules": compile_rules([RouteConfig(name="x", deny=403)], {})}, True),
-        ({"affinity": Affinity(AffinityConfig(tasks=True))}, True),
-        ({"affinity": Affinity(AffinityConfig(request_state=True))}, False),
-        ({"validate_headers": True}, True),
+        ({}, [], False),
+        (
+            {},
+            [RouteRules(compile_rules([RouteConfig(name="x", deny=403)], {}), Metrics(CollectorRegistry()))],
+            True,
+        ),
+        ({"affinity": Affinity(AffinityConfig(tasks=True))}, [], True),
+        ({"affinity": Affinity(AffinityConfig(request_state=True))}, [RequestStateKey()], False),
+        ({}, [StrictHeaders()], True),
     ],
 )
-async def test_mcp_name_is_captured_only_when_read(kwargs: dict[str, Any], captured: bool) -> None:
+async def test_mcp_name_is_captured_only_when_read(
+    kwargs: dict[str, Any], filters: list[object], captured: bool
+) -> None:
     router = Router(
         BackendSet([Backend("a", "127.0.0.1", 1)]),
         LeastSessions(random.Random(1)),
@@ -376,6 +403,7 @@ async def test_mcp_name_is_captured_only_when_read(kwargs: dict[str, Any], captu
         timeouts=TimeoutsConfig(),
         limits=LimitsConfig(),
         loop=asyncio.get_running_loop(),
+        phases=compose(filters),
     )
     assert (b"mcp-name" in plane.capture) is captured
     assert not any(name.startswith(b"mcp-param-") for name in plane.capture)

@@ -20,19 +20,17 @@ from mcpbalancer.dataplane.deadline import Deadline
 from mcpbalancer.dataplane.exchange import Exchange, ExchangePlane
 from mcpbalancer.dataplane.framing import chunk, chunk_size
 from mcpbalancer.dataplane.head import Capture, RequestHead
+from mcpbalancer.dataplane.state import ExchangeState
 from mcpbalancer.errors import (
     BadRequest,
-    Forbidden,
     HeadersTooLarge,
     MethodNotAllowed,
-    MisdirectedRequest,
     PayloadTooLarge,
     ProxyError,
     RequestTimeout,
     render_error,
 )
-from mcpbalancer.filters.hosts import HostPolicy
-from mcpbalancer.filters.origin import OriginPolicy, same_host
+from mcpbalancer.filters.origin import same_host
 from mcpbalancer.protocol import Era
 
 log = logging.getLogger(__name__)
@@ -49,8 +47,6 @@ class ConnectionPlane(ExchangePlane, Protocol):
     connections), besides what it hands on to its exchanges."""
 
     capture: dict[bytes, Capture]  # the request header fields to pick out as they arrive
-    hosts: HostPolicy | None  # None when every Host is allowed
-    origins: OriginPolicy
     connections: set[ClientConnection]
     accepting: bool
 
@@ -73,7 +69,7 @@ class ClientConnection(asyncio.Protocol):
         self._paused = False
         self._corked: list[bytes] | None = None  # writes held while one upstream read is relayed
         self.reading = False  # inside data_received: exchanges hold their backend writes
-        self.held_upstream: list[Exchange] = []  # exchanges holding backend writes until the read ends
+        self.held_upstream: list[ExchangeState] = []  # exchanges holding backend writes until the read ends
         self._closing = False  # no new requests; close once the queue is empty
         self._lost = False
         self.write_paused = False  # the transport's buffer is full: a new response starts paused
@@ -85,8 +81,6 @@ class ClientConnection(asyncio.Protocol):
         self._in_head = False  # a request head has begun and is not complete
         self._head = RequestHead()
         self._head_bytes = 0
-        # Host values known to be allowed (None: every Host is), tested before asking the policy.
-        self._known_hosts = plane.hosts.known if plane.hosts is not None else None
         self._upgrade: tuple[RequestHead, str] | None = None  # a head to parse again without Upgrade
 
     # -- asyncio.Protocol -------------------------------------------------------------------------
@@ -256,16 +250,20 @@ class ClientConnection(asyncio.Protocol):
             head.chunked = head.has_body = True
         elif head.content_length is not None and head.content_length.strip() != b"0":
             head.has_body = True
-        exchange = Exchange(self.plane, self, head)
+        plane = self.plane
+        exchange = Exchange(plane, self, head)
         problem = self._head_problem(head)
         if problem is not None:
             err, reason = problem
-            self.plane.metrics.rejected(reason)
-            head.keep_alive = False
-            exchange.keep_alive = False
+            plane.metrics.rejected(reason)
+            head.keep_alive = exchange.keep_alive = False
             exchange.fail_before_start(err)
-        elif head.origin is not None:
-            self._cross_origin(head, exchange)
+        elif (early := plane.phases.early_request) is not None and (verdict := early(head)) is not None:
+            if isinstance(verdict, ProxyError):  # counted by its reject_reason when answered
+                head.keep_alive = exchange.keep_alive = False
+                exchange.fail_before_start(verdict)
+            else:
+                exchange.preset_answer(*verdict)
         self._parsing = exchange
         self._head_bytes = 0
         self._queue.append(exchange)
@@ -275,7 +273,8 @@ class ClientConnection(asyncio.Protocol):
             self.pause_reading()
 
     def _head_problem(self, head: RequestHead) -> tuple[ProxyError, str] | None:
-        """Why this head is refused, with its REJECT_REASONS label; None when it may go on."""
+        """Why this head's framing is refused, with its REJECT_REASONS label; None when it may go
+        on to the early_request filters (Host allow list, Origin: filters/phases.py)."""
         if head.method == b"CONNECT":
             return MethodNotAllowed("Method Not Allowed: CONNECT is not supported"), "method"
         if self.parser.get_http_version() not in _VERSIONS:
@@ -285,20 +284,10 @@ class ClientConnection(asyncio.Protocol):
             return BadRequest("Bad Request: Transfer-Encoding in an HTTP/1.0 request"), "version"
         if head.hosts > 1 or (head.hosts == 0 and head.http11):
             return BadRequest("Bad Request: an HTTP/1.1 request needs exactly one Host header"), "host"
-        known = self._known_hosts
-        if known is not None and head.host not in known and head.host is not None:
-            hosts = self.plane.hosts
-            if hosts is not None and not hosts.allows(head.host):
-                # DNS rebinding (or a name missing from allowed_hosts): never forwarded.
-                name = head.host[:100].decode("latin-1")
-                err = MisdirectedRequest(f"Misdirected Request: Host {name!r} is not in allowed_hosts")
-                return err, "host_not_allowed"
         if head.sid_conflict:
             return BadRequest("Bad Request: conflicting Mcp-Session-Id headers"), "session_id"
         if head.name_conflict and protocol.era_of(head.session_id, head.protocol_version) is Era.MODERN:
             return BadRequest("Bad Request: conflicting Mcp-Name headers"), "mcp_name"
-        if head.origin is not None and not self.plane.origins.allows(head.origin, head.host):
-            return Forbidden("Forbidden: Origin not allowed"), "origin"
         if not head.chunked and _declared(head.content_length) > self.plane.limits.body_bytes:
             # Refused on its head: nothing is forwarded, and an Expect client gets no 100 Continue.
             return PayloadTooLarge(), "body_limit"
@@ -330,18 +319,6 @@ class ClientConnection(asyncio.Protocol):
             return BadRequest("Bad Request: absolute-form target for another host than Host"), "host"
         head.target = (url.path or b"/") + (b"?" + url.query if url.query else b"")
         return None
-
-    def _cross_origin(self, head: RequestHead, exchange: Exchange) -> None:
-        """An allowed Origin: answer a CORS preflight here; mark other answers for CORS headers."""
-        origin = head.origin
-        assert origin is not None
-        policy = self.plane.origins
-        if head.method == b"OPTIONS" and any(
-            n == b"access-control-request-method" for n, _, _ in head.headers
-        ):
-            exchange.preset_answer(204, policy.preflight(origin, head.cors_request_headers, head.keep_alive))
-        else:
-            head.cors = policy.cors_headers(origin)
 
     def on_body(self, body: bytes) -> None:
         if self._parsing is not None:
@@ -408,7 +385,7 @@ class ClientConnection(asyncio.Protocol):
     def exchanges(self) -> tuple[Exchange, ...]:
         return tuple(self._queue)
 
-    def exchange_finished(self, exchange: Exchange) -> None:
+    def exchange_finished(self, exchange: ExchangeState) -> None:
         if self._lost:
             return
         if self._queue and self._queue[0] is exchange:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from mcpbalancer import protocol
 from mcpbalancer.dataplane.head import RequestHead
+from mcpbalancer.filters.phases import HeadEdits
 
 CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 LAST_CHUNK = b"0\r\n\r\n"
@@ -29,20 +30,20 @@ def request_head(
     target: bytes,
     host: bytes,
     peer_ip: bytes,
-    alias: bytes | None,
-    moved: bool = False,
+    edits: HeadEdits | None = None,
 ) -> bytes:
     """The head to send to a backend at `host` for `target` (the client's, or the backend's own MCP
     endpoint): hop-by-hop fields dropped, X-Forwarded-* added, the body's framing restated; with
-    `alias`, the session id the backend knows a moved session by; when `moved`, without
-    Last-Event-ID (the backend never issued the client's event ids)."""
+    `edits` (the upstream_request filters', filters/phases.py), fields dropped or added, and the
+    session id replaced by the one the backend knows the session by."""
     drop = _DROP_REQUEST | head.connection_tokens if head.connection_tokens else _DROP_REQUEST
-    if moved:
-        drop = drop | {protocol.LAST_EVENT_ID}
     lines = [head.method, b" ", target, b" HTTP/1.1\r\nHost: ", host, b"\r\n"]
-    if alias is not None:
-        drop = drop | {protocol.SESSION_ID}
-        lines += (b"Mcp-Session-Id: ", alias, b"\r\n")
+    if edits is not None:
+        drop = drop | edits.drop
+        if edits.session_id is not None:
+            drop = drop | {protocol.SESSION_ID}
+            lines += (b"Mcp-Session-Id: ", edits.session_id, b"\r\n")
+        lines += edits.add
     for lname, name, value in head.headers:
         if lname not in drop:
             lines += (name, b": ", value, b"\r\n")

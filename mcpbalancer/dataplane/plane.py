@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Mapping
 
 from prometheus_client import CollectorRegistry
 
@@ -17,10 +17,8 @@ from mcpbalancer.dataplane.head import capture
 from mcpbalancer.dataplane.local import LocalHandler
 from mcpbalancer.dataplane.upstream import UpstreamPool
 from mcpbalancer.errors import NoBackendAvailable, render_error
-from mcpbalancer.filters.hosts import HostPolicy
-from mcpbalancer.filters.origin import OriginPolicy
+from mcpbalancer.filters.phases import NO_PHASES, Phases
 from mcpbalancer.fleet.backends import Backend
-from mcpbalancer.observability.logs import AccessLog
 from mcpbalancer.observability.metrics import Metrics
 from mcpbalancer.routing.router import Router
 
@@ -30,7 +28,8 @@ CONNECTION_WARNING_INTERVAL = 10.0  # seconds between log lines about refused co
 
 
 class DataPlane:
-    """What every connection shares: the router, the pools, the settings, the live connections."""
+    """What every connection shares: the router, the pools, the settings, the filters (`phases`,
+    composed by app.py), the live connections."""
 
     def __init__(
         self,
@@ -42,32 +41,25 @@ class DataPlane:
         limits: LimitsConfig,
         loop: asyncio.AbstractEventLoop,
         metrics: Metrics | None = None,
-        access_log: AccessLog | None = None,
         local: Mapping[bytes, LocalHandler] | None = None,
-        allowed_origins: Iterable[str] = (),
-        hosts: HostPolicy | None = None,
+        phases: Phases = NO_PHASES,
     ) -> None:
         self.router = router
         self.metrics = metrics or Metrics(CollectorRegistry())
-        self.access_log = access_log
+        self.phases = phases
         self.local = local or {}  # paths the proxy answers itself (/healthz, /readyz, /metrics)
         self.pools = pools
         self.heartbeat = heartbeat
         self.timeouts = timeouts
         self.limits = limits
         self.loop = loop
-        self.capture = capture(router.reads_names)
-        # The Host allow list; None when every Host is allowed (no check at all).
-        self.hosts = None if hosts is None or hosts.any else hosts
-        self.origins = OriginPolicy(allowed_origins, hosts)
+        self.capture = capture(router.reads_names or phases.reads_names)
         self.connections: set[ClientConnection] = set()
         self.refused_connections = 0  # since the last log line about them
         self._refusal_logged_at = float("-inf")
         self.accepting = True
         self._none_open = asyncio.Event()
         self._none_open.set()
-        # Passive health: (backend name, refused|reset|timeout|5xx), set by the composition root.
-        self.on_backend_failure: Callable[[str, str], None] = _ignore_failure
 
     def configure(
         self,
@@ -75,15 +67,13 @@ class DataPlane:
         heartbeat: float,
         timeouts: TimeoutsConfig,
         limits: LimitsConfig,
-        allowed_origins: Iterable[str],
-        hosts: HostPolicy | None = None,
+        phases: Phases,
     ) -> None:
-        """A reload: every request from now on reads the new settings (a connection's header
-        limits are taken when it opens); routing may now need Mcp-Name captured, or not."""
+        """A reload: every request from now on reads the new settings and filters (a connection's
+        header limits are taken when it opens); routing may now need Mcp-Name captured, or not."""
         self.heartbeat, self.timeouts, self.limits = heartbeat, timeouts, limits
-        self.hosts = None if hosts is None or hosts.any else hosts
-        self.origins = OriginPolicy(allowed_origins, hosts)
-        self.capture = capture(self.router.reads_names)
+        self.phases = phases
+        self.capture = capture(self.router.reads_names or phases.reads_names)
 
     def opened(self, conn: ClientConnection) -> None:
         self.connections.add(conn)
@@ -134,10 +124,6 @@ class DataPlane:
         for conn in list(self.connections):
             if any(ex.backend is backend and ex.streaming for ex in conn.exchanges):
                 _cut(conn, "aborted")
-
-
-def _ignore_failure(backend: str, kind: str) -> None:
-    pass
 
 
 def _cut(conn: ClientConnection, outcome: str) -> None:

@@ -19,6 +19,9 @@ import re
 from collections.abc import Iterable
 from typing import Final
 
+from mcpbalancer.errors import MisdirectedRequest
+from mcpbalancer.filters.phases import MutableHead
+
 # What the MCP SDKs accept for a local server: the loopback names, with any port.
 LOOPBACK_NAMES: Final = ("localhost", "127.0.0.1", "[::1]")
 # Decisions are cached by the Host value as received; a client sends the same one every time.
@@ -63,6 +66,22 @@ class HostPolicy:
         if self._glob is not None and self._glob.match(name) is not None:
             return True
         return self.ip_literals and is_ip_literal(name)
+
+
+class HostFilter:
+    """The early_request filter of `allowed_hosts`: a Host not on the list gets 421, and nothing
+    is forwarded. Registered only when the list does not allow every Host."""
+
+    def __init__(self, policy: HostPolicy) -> None:
+        self.policy = policy
+        self._known = policy.known
+
+    def early_request(self, head: MutableHead) -> MisdirectedRequest | None:
+        host = head.host
+        if host is None or host in self._known or self.policy.allows(host):
+            return None
+        name = host[:100].decode("latin-1")
+        return MisdirectedRequest(f"Misdirected Request: Host {name!r} is not in allowed_hosts")
 
 
 def for_listen(allowed: Iterable[str] | None, listen_host: str) -> HostPolicy:

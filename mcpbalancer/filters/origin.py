@@ -14,7 +14,9 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
+from mcpbalancer.errors import OriginNotAllowed
 from mcpbalancer.filters.hosts import HostPolicy, hostname
+from mcpbalancer.filters.phases import MutableHead, Verdict
 
 ALLOW_METHODS = b"GET, POST, DELETE, OPTIONS"
 # The headers MCP clients send; a preflight's own Access-Control-Request-Headers are echoed as well,
@@ -74,6 +76,28 @@ class OriginPolicy:
                 b"keep-alive" if keep_alive else b"close",
             )
         )
+
+
+class OriginFilter:
+    """The early_request filter of the Origin policy: a refused Origin gets 403; an allowed one
+    gets its CORS preflight answered here, and its other answers carry the CORS header lines."""
+
+    def __init__(self, policy: OriginPolicy) -> None:
+        self.policy = policy
+
+    def early_request(self, head: MutableHead) -> Verdict | None:
+        origin = head.origin
+        if origin is None:
+            return None
+        policy = self.policy
+        if not policy.allows(origin, head.host):
+            return OriginNotAllowed()
+        if head.method == b"OPTIONS" and any(
+            n == b"access-control-request-method" for n, _, _ in head.headers
+        ):
+            return 204, policy.preflight(origin, head.cors_request_headers, head.keep_alive)
+        head.cors = policy.cors_headers(origin)
+        return None
 
 
 def same_host(origin: bytes, host: bytes) -> bool:

@@ -185,6 +185,11 @@ class HealthChecker:
         if changed:
             self._report(name, state.up, f"passive: {kind}")
 
+    # Passive health is the fault filter of filters/phases.py: a refused connection and a failure
+    # after the connection count alike.
+    fail_to_connect = passive
+    error_while_proxy = passive
+
     def _note(self, name: str, up: bool, failure: str | None) -> None:
         """Keep the reason of the last failure until a success finds the backend up."""
         if failure is not None:

@@ -144,6 +144,8 @@ class AccessLog:
         elif len(pending) >= FLUSH_LINES:
             self.flush()
 
+    logging = write  # the logging phase's filter (filters/phases.py)
+
     def flush(self) -> None:
         """Write the lines gathered since the last flush, in one write."""
         if self._flush_handle is not None:

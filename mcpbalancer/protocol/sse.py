@@ -18,11 +18,14 @@ PING = b": ping\n\n"
 _BOUNDARY_TAILS = (b"\n\n", b"\n\r\n", b"\r\r", b"\r\r\n")
 
 
+START_TAIL = b"\n\n"  # nothing relayed yet: a boundary
+
+
 class EventBoundary:
     __slots__ = ("_tail", "last")
 
     def __init__(self) -> None:
-        self._tail = b"\n\n"  # nothing relayed yet: a boundary
+        self._tail = START_TAIL
         self.last = b""  # the last chunk relayed, read only when the client leaves mid-stream
 
     def feed(self, chunk: bytes) -> None:

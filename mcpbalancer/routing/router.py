@@ -1,10 +1,10 @@
 """The routing decision: request facts + what the store knows -> a backend, or an error answer.
 
-Pure policy over injected parts (backends, strategy, store, rules, affinity maps); no sockets. The
-data plane calls `route` when a request head is complete (after `inspect` of the body, for the
-2026-07-28 requests `needs_body` names), `learn` when the backend's response head arrives,
-`learn_result` for the messages of a watched response, and `owner_gone` when a session's backend
-cannot be reached.
+Pure policy over injected parts (backends, strategy, store, affinity maps); no sockets. `route` is
+the `upstream_peer` phase of filters/phases.py: the data plane calls it once the request filters
+have run (route rules have set `facts.pool`, the body filters `facts.state_key`), `learn` when the
+backend's response head arrives, `learn_result` for the messages of a watched response, and
+`owner_gone` when a session's backend cannot be reached.
 """
 
 from __future__ import annotations
@@ -24,7 +24,6 @@ from mcpbalancer.errors import InvalidSessionId, NoBackendAvailable, SessionNotF
 from mcpbalancer.fleet.backends import Backend, BackendSet
 from mcpbalancer.observability.metrics import Metrics
 from mcpbalancer.protocol import Era
-from mcpbalancer.routing import headercheck
 from mcpbalancer.routing.affinity import (
     MRTR_METHODS,
     REQUEST_STATE,
@@ -32,9 +31,6 @@ from mcpbalancer.routing.affinity import (
     TASK_METHODS,
     TASKS,
     Affinity,
-    parse_json,
-    request_state_of,
-    state_digest,
 )
 from mcpbalancer.routing.balancer import Strategy
 from mcpbalancer.routing.binding import (
@@ -46,7 +42,7 @@ from mcpbalancer.routing.binding import (
     decode_rest,
     encode_owner,
 )
-from mcpbalancer.routing.rules import RuleSet, decoded, header_lookup
+from mcpbalancer.routing.rules import decoded
 from mcpbalancer.store import UNKNOWN, SessionStore
 
 if TYPE_CHECKING:
@@ -140,9 +136,7 @@ class Router:
         session_ttl: float,
         metrics: Metrics | None = None,
         *,
-        rules: RuleSet | None = None,
         affinity: Affinity | None = None,
-        validate_headers: bool = False,
         shared_affinity: SharedAffinity | None = None,
         failover: Replay | None = None,
         binder: SessionBinder | None = None,
@@ -169,9 +163,7 @@ class Router:
         self.reconfigure(
             strategy,
             session_ttl,
-            rules=rules,
             affinity=affinity,
-            validate_headers=validate_headers,
             shared_affinity=shared_affinity,
         )
 
@@ -180,19 +172,14 @@ class Router:
         strategy: Strategy,
         session_ttl: float,
         *,
-        rules: RuleSet | None,
         affinity: Affinity | None,
-        validate_headers: bool,
         shared_affinity: SharedAffinity | None,
     ) -> None:
         """Swap the policy parts (a reload): the next decision uses them; requests already routed
         keep their backend. The shared-affinity client replaced here is the caller's to close."""
-        self._rules = rules if rules else None
-        self._rule_hits = [self._metrics.rule_hits(rule.label) for rule in rules.rules] if rules else []
         self.affinity = affinity
         self._tasks = affinity.tasks if affinity is not None else None
         self._states = affinity.states if affinity is not None else None
-        self._validate = validate_headers
         self._shared = shared_affinity if self._tasks is not None or self._states is not None else None
         self._strategy = strategy
         self._ttl = session_ttl
@@ -280,32 +267,10 @@ class Router:
 
     @property
     def reads_names(self) -> bool:
-        """Routing looks at Mcp-Name: the data plane must capture it."""
-        return self._rules is not None or self._tasks is not None or self._validate
-
-    def needs_body(self, facts: RequestFacts) -> bool:
-        """The request body must be read before routing: strict mode, or a possible MRTR retry."""
-        if facts.era is not Era.MODERN or facts.method != b"POST":
-            return False
-        return self._validate or (self._states is not None and facts.mcp_method in MRTR_METHODS)
-
-    def inspect(self, facts: RequestFacts, body: bytes) -> None:
-        """Check and read the whole body of a request `needs_body` named (HeaderMismatch, BadRequest)."""
-        message: object = None
-        if self._validate:
-            message = headercheck.check(facts.mcp_method, facts.mcp_name, body)
-        if self._states is not None and b"requestState" in body:
-            state = request_state_of(message if message is not None else parse_json(body))
-            facts.state_key = None if state is None else state_digest(state)
+        """Routing looks at Mcp-Name (the task affinity map): the data plane must capture it."""
+        return self._tasks is not None
 
     def _route_modern(self, facts: RequestFacts) -> Backend | Awaitable[Backend]:
-        if self._rules is not None:
-            rule = self._rules.match(facts.mcp_method, facts.mcp_name, header_lookup(facts.headers))
-            if rule is not None:
-                self._rule_hits[rule.index].value += 1
-                if rule.deny is not None:
-                    raise rule.deny()
-                facts.pool = rule.pool
         method = facts.mcp_method
         tasks, states = self._tasks, self._states
         facts.watch = (states is not None and method in MRTR_METHODS) or (

@@ -239,10 +239,10 @@ class CachedStore:
         if kind == "d":
             self._entries.pop(subject, None)
             on_ended(subject)
-        elif kind == "b" and value and subject not in self._entries and self._ttl_hint is not None:
-            self._remember(subject, value, self._ttl_hint)
-        elif kind == "m" and value and self._ttl_hint is not None:
-            self._remember(subject, value, self._ttl_hint)
+        elif kind in ("b", "m") and value and self._ttl_hint is not None:
+            # A binding adds what this cache does not have; a move replaces what it has.
+            if kind == "m" or subject not in self._entries:
+                self._remember(subject, value, self._ttl_hint)
         elif kind == "g" and value.isdigit():
             on_gone(subject, int(value) / 1000)
 

@@ -12,7 +12,9 @@ from __future__ import annotations
 from typing import Final
 
 from mcpbalancer.errors import HeaderMismatch, InvalidBody
+from mcpbalancer.protocol import Era
 from mcpbalancer.routing.affinity import parse_json
+from mcpbalancer.routing.router import RequestFacts
 from mcpbalancer.routing.rules import decoded
 
 # The body field each name-bearing method mirrors into Mcp-Name.
@@ -44,3 +46,16 @@ def check(mcp_method: bytes | None, mcp_name: bytes | None, body: bytes) -> dict
         if decoded(mcp_name, "Mcp-Name") != value:
             raise HeaderMismatch(f"Mcp-Name header does not match the request body's {field!r} parameter")
     return message
+
+
+class StrictHeaders:
+    """The request_body filter of `validate_headers: true`: a 2026-07-28 POST is routed only once
+    its whole body has been read and found to agree with its routing headers."""
+
+    reads_names = True  # Mcp-Name must be captured to be compared
+
+    def wants_body(self, facts: RequestFacts) -> bool:
+        return facts.era is Era.MODERN and facts.method == b"POST"
+
+    def request_body(self, facts: RequestFacts, body: bytes, message: object) -> object:
+        return check(facts.mcp_method, facts.mcp_name, body)

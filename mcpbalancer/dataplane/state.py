@@ -1,0 +1,170 @@
+"""The state of one exchange, which its three relays share, and what it needs of the rest.
+
+An exchange is one class (exchange.py) assembled from the parts of a request's life:
+`RequestRelay` (request_relay.py: the request to the backend), `ResponseRelay`
+(response_relay.py: the answer back) and `Endings` (endings.py: the proxy's own answers and the
+end of the exchange). An event stream adds a `StreamRelay` object (stream_relay.py), made only
+for a response that is one. Each part is a class over `ExchangeState`, so the parts call each
+other as methods of one object: splitting the file added no call to a request.
+
+`ExchangeState` holds the class-level defaults (a new exchange writes only what its request
+changes: forty assignments in __init__ were a measurable part of a request's cost) and names the
+methods one part calls in another.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Mapping
+from typing import Protocol
+
+from mcpbalancer.config import LimitsConfig, TimeoutsConfig
+from mcpbalancer.dataplane.head import RequestHead
+from mcpbalancer.dataplane.local import LocalHandler
+from mcpbalancer.dataplane.stream_relay import StreamRelay
+from mcpbalancer.dataplane.upstream import Output, UpstreamConnection, UpstreamPool
+from mcpbalancer.errors import ProxyError
+from mcpbalancer.filters.phases import BodyWatcher, HeadEdits, Phases
+from mcpbalancer.fleet.backends import Backend
+from mcpbalancer.observability.metrics import Metrics
+from mcpbalancer.routing.router import RequestFacts, Router
+
+# Request bytes kept until the first response byte, so a request sent on a keep-alive connection the
+# backend had just closed can be sent again on a fresh one. Larger requests are not retried.
+REPLAY_LIMIT = 64 * 1024
+
+
+class ClientSide(Output, Protocol):
+    """What an exchange needs of its client connection (client.py's ClientConnection), which makes
+    the exchange: a protocol, so that the exchange does not import the connection back."""
+
+    peer_ip: bytes
+    reading: bool  # inside data_received: backend writes wait in held_upstream until it ends
+    held_upstream: list[ExchangeState]
+    write_paused: bool  # the client's transport buffer is full
+
+    def write(self, data: bytes) -> None: ...
+    def write_chunk(self, data: bytes) -> None: ...
+    def abort(self) -> None: ...
+    def pause_reading(self) -> None: ...
+    def resume_reading(self) -> None: ...
+    def exchange_finished(self, exchange: ExchangeState) -> None: ...
+
+
+class ExchangePlane(Protocol):
+    """What an exchange reads of what every connection shares (plane.py's DataPlane)."""
+
+    router: Router
+    pools: dict[str, UpstreamPool]
+    metrics: Metrics
+    phases: Phases  # the configured filters (filters/phases.py)
+    local: Mapping[bytes, LocalHandler]  # paths the proxy answers itself
+    heartbeat: float
+    timeouts: TimeoutsConfig
+    limits: LimitsConfig
+    loop: asyncio.AbstractEventLoop
+
+
+class ExchangeState:
+    plane: ExchangePlane
+    client: ClientSide
+    head: RequestHead
+    keep_alive: bool
+    received_at: float
+    _body: list[bytes]  # request body received before a backend connection exists
+    _replay: list[bytes] | None
+    _out: list[bytes]  # backend writes held while the client read is handled
+
+    facts: RequestFacts | None = None
+    backend: Backend | None = None
+    upstream: UpstreamConnection | None = None
+    done = False
+    request_complete = False
+    _body_bytes = 0
+    _replay_bytes = 0
+    _retried = False
+    _terminated = False  # the last chunk of a chunked request body was sent
+    _tried: tuple[str, ...] = ()  # backends that refused a connection for this request
+    _started = False  # response head written to the client
+    _held: list[bytes] | None = None  # response bytes held while a binding is stored
+    _chunked_out = False
+    _no_body = False
+    _until_close = False
+    _reused = False
+    _held_complete = False
+    _stream: StreamRelay | None = None  # an event stream being relayed
+    _task: asyncio.Task[None] | None = None
+    _preset: ProxyError | None = None
+    _preset_raw: tuple[int, bytes] | None = None  # (status, whole answer): a CORS preflight
+    _turn = False  # at the head of the client's queue: may write to the client
+    _beat = 0.0  # heartbeat interval of this response; 0 when none may be injected
+    # For metrics and the access log.
+    status = 0  # the status the client was sent; 0 while none
+    sent = 0  # response body bytes relayed
+    outcome = "ok"  # or error, aborted, client_disconnect, shutdown, local
+    cut_by: str | None = None  # the outcome when the proxy closes the client connection (shutdown)
+    created: bytes | None = None  # the session id a 2xx answer to a request without one minted
+    _awaiting_body = False  # routing waits for the whole request body (a request_body filter)
+    _watcher: BodyWatcher | None = None  # a response_body filter watching this response
+    _edits: HeadEdits | None = None  # the upstream_request filters' changes to the head sent
+    # Replay failover: the body of a legacy request without a session (an initialize, if it
+    # binds one), and with `replay_on: [backend_404]` a session request's body, to send again
+    # once the session is replayed.
+    _capture: list[bytes] | None = None
+    _resend: list[bytes] | None = None
+
+    # Called across the parts (each is defined in exactly one of them).
+    def _use(self, backend: Backend) -> None:
+        raise NotImplementedError
+
+    def _send(self, data: bytes) -> None:
+        raise NotImplementedError
+
+    def _retry_fresh(self) -> None:
+        raise NotImplementedError
+
+    def _tls_failed(self, backend: Backend, problem: str, *, connecting: bool) -> None:
+        raise NotImplementedError
+
+    def flush_upstream(self) -> None:
+        raise NotImplementedError
+
+    # The upstream connection's ResponseSink (upstream.py), which the response relay implements.
+    def response_begun(self) -> None:
+        raise NotImplementedError
+
+    def response_head(self, status: int, reason: bytes, headers: list[tuple[bytes, bytes]]) -> None:
+        raise NotImplementedError
+
+    def response_body(self, data: bytes) -> None:
+        raise NotImplementedError
+
+    def response_done(self) -> None:
+        raise NotImplementedError
+
+    def response_timeout(self) -> None:
+        raise NotImplementedError
+
+    def upstream_lost(self, exc: Exception | None) -> None:
+        raise NotImplementedError
+
+    def upstream_writable(self, writable: bool) -> None:
+        raise NotImplementedError
+
+    def _upstream_failed(self, kind: str) -> None:
+        raise NotImplementedError
+
+    def _answer_error(self, err: ProxyError) -> None:
+        raise NotImplementedError
+
+    def _await(self, awaitable: Awaitable[Backend]) -> None:
+        raise NotImplementedError
+
+    def _abort_client(self) -> None:
+        raise NotImplementedError
+
+    def _finish(self, reusable: bool) -> None:
+        raise NotImplementedError
+
+    def _too_large(self) -> None:
+        raise NotImplementedError

@@ -1,0 +1,310 @@
+"""The life of a request as named phases, after Cloudflare Pingora's `ProxyHttp`.
+
+Every feature that acts on a request is a small filter registered at the phases it needs, and
+only when it is configured. `compose` turns the configured filters into one `Phases` record, with
+one callable per phase, or None when no filter acts there: the exchange pays one `is None` test
+for a phase nobody uses, and one call for a phase one filter uses.
+
+    phase             when                                        today's filters
+    early_request     the head is complete (client connection)    Host allow list, Origin/CORS
+    request           the exchange's turn, facts classified       session binding, route rules
+    request_body      the whole body, for filters that want it    strict headers, MRTR state key
+    upstream_peer     Router.route: the routing decision itself, not a filter
+    upstream_request  the head that goes to the backend           the backend's own session id
+    response          the backend's response head                 (hooks for what comes next)
+    session_id        a new session's id, as its client gets it   sealed session ids
+    response_body     the pieces of a response a filter watches   affinity learning
+    logging           the exchange is over                        access log
+    fail_to_connect   no connection to the backend                passive health
+    error_while_proxy the backend failed after the connection     passive health
+
+A filter refuses a request by raising a ProxyError (errors.py) from `request` or
+`request_body`; the exchange answers it, counts it (its `reject_reason`) and logs it. An
+`early_request` filter returns its verdict instead, because the connection answers it in turn,
+after the requests queued ahead of it.
+
+This module imports nothing of the data plane: a filter sees a request through the narrow
+protocols below, which the exchange and the request head satisfy.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from mcpbalancer.errors import ProxyError
+from mcpbalancer.fleet.backends import Backend
+from mcpbalancer.routing.router import RequestFacts
+
+
+class Head(Protocol):
+    """What a filter reads of a request head (dataplane/head.py's RequestHead)."""
+
+    @property
+    def method(self) -> bytes: ...
+    @property
+    def target(self) -> bytes: ...
+    @property
+    def host(self) -> bytes | None: ...
+    @property
+    def origin(self) -> bytes | None: ...
+    @property
+    def keep_alive(self) -> bool: ...
+    @property
+    def cors_request_headers(self) -> bytes | None: ...
+    @property
+    def headers(self) -> list[tuple[bytes, bytes, bytes]]: ...  # (lower-case name, name, value)
+
+
+class MutableHead(Head, Protocol):
+    """An early filter may set the CORS lines every answer to this request carries."""
+
+    cors: bytes | None
+
+
+class Context(Protocol):
+    """What a filter reads of one exchange (dataplane/exchange.py), the per-request context."""
+
+    @property
+    def head(self) -> Head: ...
+    @property
+    def facts(self) -> RequestFacts | None: ...
+    @property
+    def backend(self) -> Backend | None: ...
+    @property
+    def status(self) -> int: ...  # the status the client was sent; 0 while none
+
+
+# An early verdict: an error to answer, or a whole answer of the proxy's own (status, bytes).
+Verdict = ProxyError | tuple[int, bytes]
+
+
+@dataclass(slots=True)
+class HeadEdits:
+    """What the upstream_request filters change in the head sent to the backend."""
+
+    session_id: bytes | None = None  # the id the backend knows this session by, if not the client's
+    drop: frozenset[bytes] = frozenset()  # lower-case names of fields not to forward
+    add: list[bytes] = field(default_factory=list)  # whole header lines, CRLF-terminated
+
+
+class BodyWatcher(Protocol):
+    """One response's body filter: sees every piece before the client does."""
+
+    def feed(self, data: bytes) -> None: ...
+    def finish(self) -> None: ...
+
+
+# The filter protocols: a filter implements the methods of the phases it acts at.
+
+
+class EarlyRequestFilter(Protocol):
+    def early_request(self, head: MutableHead) -> Verdict | None: ...
+
+
+class RequestFilter(Protocol):
+    def request(self, ctx: Context, facts: RequestFacts) -> None: ...
+
+
+class RequestBodyFilter(Protocol):
+    def wants_body(self, facts: RequestFacts) -> bool: ...
+
+    def request_body(self, facts: RequestFacts, body: bytes, message: object) -> object:
+        """Check or read the whole body; returns the parsed message (`message`, if an earlier
+        filter parsed it already, else None or what this one parsed), so it is parsed once."""
+        ...
+
+
+class UpstreamRequestFilter(Protocol):
+    def upstream_request(self, facts: RequestFacts, edits: HeadEdits) -> None: ...
+
+
+class SessionIdFilter(Protocol):
+    def session_id(self, facts: RequestFacts, backend: Backend, session_id: bytes) -> bytes | None:
+        """The id the client gets for the session `backend` just created as `session_id`, or
+        None to relay it as it is. A ProxyError refuses the answer (the exchange answers it)."""
+        ...
+
+
+class ResponseFilter(Protocol):
+    def response(self, ctx: Context, status: int, session_id: bytes | None) -> None: ...
+
+
+class ResponseBodyFilter(Protocol):
+    def response_body(
+        self, facts: RequestFacts, backend: Backend, status: int, stream: bool, length: int | None
+    ) -> BodyWatcher | None:
+        """A watcher for this response's body, or None to let it pass unseen."""
+        ...
+
+
+class LoggingFilter(Protocol):
+    def logging(self, ctx: Context) -> None: ...
+
+
+class FaultFilter(Protocol):
+    def fail_to_connect(self, backend: str, kind: str) -> None: ...  # refused | timeout | tls
+    def error_while_proxy(self, backend: str, kind: str) -> None: ...  # reset | timeout | 5xx | tls
+
+
+@dataclass(frozen=True, slots=True)
+class Phases:
+    """One callable per phase, None where no filter acts."""
+
+    early_request: Callable[[MutableHead], Verdict | None] | None = None
+    request: Callable[[Context, RequestFacts], None] | None = None
+    wants_body: Callable[[RequestFacts], bool] | None = None
+    request_body: Callable[[RequestFacts, bytes], None] | None = None
+    upstream_request: Callable[[RequestFacts], HeadEdits] | None = None
+    response: Callable[[Context, int, bytes | None], None] | None = None
+    session_id: Callable[[RequestFacts, Backend, bytes], bytes | None] | None = None
+    response_body: Callable[[RequestFacts, Backend, int, bool, int | None], BodyWatcher | None] | None = None
+    logging: Callable[[Context], None] | None = None
+    fail_to_connect: Callable[[str, str], None] | None = None
+    error_while_proxy: Callable[[str, str], None] | None = None
+    filters: tuple[object, ...] = ()  # what was composed, in order: for the admin API and tests
+
+    @property
+    def reads_names(self) -> bool:
+        """Some filter reads Mcp-Name: the client connection must capture it."""
+        return any(getattr(f, "reads_names", False) for f in self.filters)
+
+
+NO_PHASES = Phases()
+
+
+def compose(filters: Sequence[object]) -> Phases:
+    """The phases of `filters`, in their order at every phase (the first filter runs first)."""
+
+    def bound(method: str) -> list[Callable[..., object]]:
+        return [getattr(f, method) for f in filters if callable(getattr(f, method, None))]
+
+    return Phases(
+        early_request=_first_verdict(bound("early_request")),
+        request=_each(bound("request")),
+        wants_body=_any(bound("wants_body")),
+        request_body=_body_chain(bound("request_body")),
+        upstream_request=_edits(bound("upstream_request")),
+        response=_each(bound("response")),
+        session_id=_first_answer(bound("session_id")),
+        response_body=_watchers(bound("response_body")),
+        logging=_each(bound("logging")),
+        fail_to_connect=_each(bound("fail_to_connect")),
+        error_while_proxy=_each(bound("error_while_proxy")),
+        filters=tuple(filters),
+    )
+
+
+def _each(calls: list[Callable[..., object]]) -> Callable[..., None] | None:
+    if not calls:
+        return None
+    if len(calls) == 1:
+        return calls[0]  # type: ignore[return-value]  # one filter: called directly, no wrapper
+
+    def run(*args: object) -> None:
+        for call in calls:
+            call(*args)
+
+    return run
+
+
+def _first_verdict(calls: list[Callable[..., object]]) -> Callable[[MutableHead], Verdict | None] | None:
+    if not calls:
+        return None
+    if len(calls) == 1:
+        return calls[0]  # type: ignore[return-value]
+
+    def run(head: MutableHead) -> Verdict | None:
+        for call in calls:
+            verdict = call(head)
+            if verdict is not None:
+                return verdict  # type: ignore[return-value]
+        return None
+
+    return run
+
+
+def _first_answer(
+    calls: list[Callable[..., object]],
+) -> Callable[[RequestFacts, Backend, bytes], bytes | None] | None:
+    if not calls:
+        return None
+    if len(calls) == 1:
+        return calls[0]  # type: ignore[return-value]
+
+    def run(facts: RequestFacts, backend: Backend, session_id: bytes) -> bytes | None:
+        for call in calls:
+            answer = call(facts, backend, session_id)
+            if answer is not None:
+                return answer  # type: ignore[return-value]
+        return None
+
+    return run
+
+
+def _any(calls: list[Callable[..., object]]) -> Callable[[RequestFacts], bool] | None:
+    if not calls:
+        return None
+    if len(calls) == 1:
+        return calls[0]  # type: ignore[return-value]
+    return lambda facts: any(call(facts) for call in calls)
+
+
+def _body_chain(calls: list[Callable[..., object]]) -> Callable[[RequestFacts, bytes], None] | None:
+    if not calls:
+        return None
+
+    def run(facts: RequestFacts, body: bytes) -> None:
+        message: object = None
+        for call in calls:
+            message = call(facts, body, message)
+
+    return run
+
+
+def _edits(calls: list[Callable[..., object]]) -> Callable[[RequestFacts], HeadEdits] | None:
+    if not calls:
+        return None
+
+    def run(facts: RequestFacts) -> HeadEdits:
+        edits = HeadEdits()
+        for call in calls:
+            call(facts, edits)
+        return edits
+
+    return run
+
+
+def _watchers(
+    calls: list[Callable[..., object]],
+) -> Callable[[RequestFacts, Backend, int, bool, int | None], BodyWatcher | None] | None:
+    if not calls:
+        return None
+    if len(calls) == 1:
+        return calls[0]  # type: ignore[return-value]
+
+    def run(
+        facts: RequestFacts, backend: Backend, status: int, stream: bool, length: int | None
+    ) -> BodyWatcher | None:
+        watchers = [w for call in calls if (w := call(facts, backend, status, stream, length)) is not None]
+        if not watchers:
+            return None
+        return watchers[0] if len(watchers) == 1 else _Watchers(watchers)  # type: ignore[return-value,arg-type]
+
+    return run
+
+
+class _Watchers:
+    __slots__ = ("_watchers",)
+
+    def __init__(self, watchers: list[BodyWatcher]) -> None:
+        self._watchers = watchers
+
+    def feed(self, data: bytes) -> None:
+        for watcher in self._watchers:
+            watcher.feed(data)
+
+    def finish(self) -> None:
+        for watcher in self._watchers:
+            watcher.finish()
