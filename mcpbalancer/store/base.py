@@ -64,6 +64,10 @@ class SessionStore(Protocol):
 class SharedStore(SessionStore, Protocol):
     """A store shared by proxy replicas (Redis), which can lose its data while we run."""
 
+    async def bind(self, sid: str, backend: str, ttl: float, announce: str | None = None) -> str:
+        """SessionStore.bind; with `announce`, published to the proxies if the binding took effect."""
+        ...
+
     async def mark(self, ttl: float) -> bool:
         """Set this process's marker for `ttl` seconds; True if it was absent (the first call, or
         the store lost its data since the last one)."""

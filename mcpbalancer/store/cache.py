@@ -156,8 +156,9 @@ class CachedStore:
         return backend
 
     async def bind(self, sid: str, backend: str, ttl: float) -> str:
+        announce = self._message("b", sid, backend) if self._events else None
         try:
-            owner = await self._inner.bind(sid, backend, ttl * LIFETIME)
+            owner = await self._inner.bind(sid, backend, ttl * LIFETIME, announce)
         except StoreError as exc:
             self._failed(exc, sid=sid)
             if self._raise_on_bind_error:
@@ -167,8 +168,6 @@ class CachedStore:
             owner = backend
         else:
             self._answered()
-            if owner == backend:
-                self._announce("b", sid, backend)
         self._ttl_hint = ttl
         self._remember(sid, owner, ttl)
         return owner
@@ -246,10 +245,13 @@ class CachedStore:
         elif kind == "g" and value.isdigit():
             on_gone(subject, int(value) / 1000)
 
+    def _message(self, kind: str, subject: str, value: str = "") -> str:
+        return f"{kind} {self._origin} {subject} {value}".rstrip()
+
     def _announce(self, kind: str, subject: str, value: str = "") -> None:
         if not self._events:
             return
-        message = f"{kind} {self._origin} {subject} {value}".rstrip()
+        message = self._message(kind, subject, value)
 
         async def send() -> None:
             try:

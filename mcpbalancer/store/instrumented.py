@@ -27,8 +27,8 @@ class InstrumentedStore:
     async def get(self, sid: str) -> str | None:
         return await self._timed("get", self._inner.get(sid))
 
-    async def bind(self, sid: str, backend: str, ttl: float) -> str:
-        return await self._timed("bind", self._inner.bind(sid, backend, ttl))
+    async def bind(self, sid: str, backend: str, ttl: float, announce: str | None = None) -> str:
+        return await self._timed("bind", self._inner.bind(sid, backend, ttl, announce))
 
     async def refresh(self, sid: str) -> str | None:
         return await self._timed("get", self._inner.refresh(sid))

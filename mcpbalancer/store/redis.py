@@ -33,6 +33,11 @@ from mcpbalancer.store.base import UNKNOWN, Unknown
 T = TypeVar("T")
 Client = redis.asyncio.Redis | RedisCluster
 EVENT_POLL = 1.0  # seconds a subscriber waits for a message before it looks again
+_BIND_ANNOUNCING = """
+local previous = redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2], 'GET')
+if not previous then redis.call('PUBLISH', ARGV[3], ARGV[4]) end
+return previous
+"""
 
 # A PING on a connection idle this long catches a half-dead socket before a real command does.
 _HEALTH_CHECK_INTERVAL = 30
@@ -81,10 +86,17 @@ class RedisStore:
         value = await self.call(self._client.get(self.key(sid)))
         return _text(value)
 
-    async def bind(self, sid: str, backend: str, ttl: float) -> str:
+    async def bind(self, sid: str, backend: str, ttl: float, announce: str | None = None) -> str:
         # SET NX GET (Redis >= 7.0) binds and reports an existing owner in one round trip: the
         # reply is the previous value, None when our SET took effect.
-        command = self._client.set(self.key(sid), backend, px=_millis(ttl), nx=True, get=True)
+        if announce is None:
+            command = self._client.set(self.key(sid), backend, px=_millis(ttl), nx=True, get=True)
+        else:
+            # The binding and its announcement in one script: the other proxies hear of it only if
+            # it took effect, and before this proxy has its reply (and its client the session id).
+            command = self._client.eval(
+                _BIND_ANNOUNCING, 1, self.key(sid), backend, _millis(ttl), self._channel, announce
+            )
         previous = _text(await self.call(command))
         return backend if previous is None else previous
 
