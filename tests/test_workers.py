@@ -9,11 +9,13 @@ Worker processes are found in /proc (children of the supervisor whose command li
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import json
 import logging
 import os
 import re
+import secrets
 import signal
 import socket
 import sys
@@ -131,9 +133,14 @@ StartCluster = Callable[..., Awaitable[Cluster]]
 
 
 def config_text(
-    port: int, admin: int, redis_url: str, backends: list[BackendProcess], weight: int = 1
+    port: int, admin: int, redis_url: str, backends: list[BackendProcess], weight: int = 1, extra: str = ""
 ) -> str:
-    lines = [f"listen: 127.0.0.1:{port}", f"admin: 127.0.0.1:{admin}", f"store: {redis_url}"]
+    lines = [
+        f"listen: 127.0.0.1:{port}",
+        f"admin: 127.0.0.1:{admin}",
+        f"store: {redis_url}",
+        *extra.splitlines(),
+    ]
     lines += ["health: {interval: 0}", "backends:"]  # logs: JSON, the access log on
     for b in backends:
         lines += [f"  - name: {b.name}", f"    url: {b.url}", f"    weight: {weight}"]
@@ -148,10 +155,12 @@ async def start_cluster(
     backends a and b; every process it started is killed after the test."""
     started: list[Cluster] = []
 
-    async def start(*, wait: bool = True, admin: int | None = None) -> Cluster:
+    async def start(
+        *, wait: bool = True, admin: int | None = None, store: str | None = None, extra: str = ""
+    ) -> Cluster:
         port, admin = free_ports(1), admin or free_ports(2)
         config = tmp_path / f"workers{len(started)}.yaml"
-        config.write_text(config_text(port, admin, redis_server.url, backends[:2]))
+        config.write_text(config_text(port, admin, store or redis_server.url, backends[:2], extra=extra))
         argv = [sys.executable, "-m", "mcpbalancer", "--config", str(config), "--workers", "2"]
         process = await asyncio.create_subprocess_exec(
             *argv, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
@@ -298,6 +307,26 @@ async def test_a_killed_worker_is_restarted_and_sessions_survive(start_cluster: 
         for sid in sessions:
             assert (await call_tool(http, url, sid, "count")).text == "2"
     await until_both_workers_served(cluster)
+
+
+async def test_sealed_ids_let_workers_share_sessions_with_the_memory_store(
+    start_cluster: StartCluster,
+) -> None:
+    # No Redis at all: the token a worker gives the client names the backend, any worker routes it.
+    key = base64.b64encode(secrets.token_bytes(32)).decode()
+    cluster = await start_cluster(store="memory", extra=f"session_ids: sealed\nsession_keys: ['{key}']")
+    url = cluster.mcp_url
+    answers = await asyncio.gather(*[raw_client(url, 3) for _ in range(10)], sdk_client(url, 3))
+    assert {owner for owner, _ in answers} == {"a", "b"}
+    await until_both_workers_served(cluster)
+    async with fresh_connections() as http:
+        sessions = [await open_session(http, url) for _ in range(6)]
+        before = cluster.workers()
+        os.kill(before[0], signal.SIGKILL)  # the worker that may have minted them, and its memory
+        await cluster.wait_logged("worker 0 serving", count=2)
+        for sid in sessions:
+            assert (await call_tool(http, url, sid, "count")).text == "1"
+    assert "need a Redis" not in cluster.text()
 
 
 async def test_sighup_to_the_supervisor_reloads_every_worker(

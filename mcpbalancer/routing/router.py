@@ -402,11 +402,12 @@ class Router:
         raise SessionNotFound()
 
     def lost(self, facts: RequestFacts, gone: Backend | None, reason: str) -> Awaitable[Backend]:
-        """The session's owner is gone: a replay where configured, else the session ends (404)."""
+        """The session's owner is gone: a replay where configured, else the session ends (404). A
+        backend that restarted since the session was bound may take the replay (if it is up)."""
         sid = facts.session_id
         assert sid is not None
         if self.failover is not None and self.failover.can_replay(sid):
-            return self.failover.replay(self, facts, gone)
+            return self.failover.replay(self, facts, gone, avoid=reason != "backend_restarted")
         self._forget(sid, gone, reason)
         raise SessionNotFound()
 
