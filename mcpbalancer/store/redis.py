@@ -15,11 +15,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import secrets
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
 import redis.asyncio
+from redis.asyncio.client import PubSub
 from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import Sentinel
@@ -58,6 +60,8 @@ class RedisStore:
         self._channel = f"{prefix}events"
         self._generations = f"{prefix}g"
         self.cluster = isinstance(client, RedisCluster)  # errors are per slot, not the whole store
+        self._turn = 0  # the Cluster node tried next for a keyless command
+        self._command_table_due = self.cluster
 
     @classmethod
     def from_url(
@@ -114,6 +118,9 @@ class RedisStore:
         await self.call(self._client.delete(self.key(sid)))
 
     async def ping(self) -> None:
+        if isinstance(self._client, RedisCluster):  # reachable while any node answers
+            await self._on_any_node(lambda c, node: c.ping(target_nodes=node))
+            return
         await self.call(self._client.ping())
 
     async def mark(self, ttl: float) -> bool:
@@ -125,12 +132,41 @@ class RedisStore:
     # -- the proxies' channel and the backends' generations ------------------------------------------
 
     async def publish(self, message: str) -> None:
-        await self.call(self._client.publish(self._channel, message))
+        channel = self._channel
+        if isinstance(self._client, RedisCluster):  # a Cluster relays it from any node to all
+            await self._on_any_node(lambda c, node: c.publish(channel, message, target_nodes=node))
+            return
+        await self.call(self._client.publish(channel, message))
+
+    async def _on_any_node(self, command: Callable[[RedisCluster, ClusterNode], Awaitable[Any]]) -> None:
+        """A keyless command on a Cluster: on the next primary that answers (one down must not
+        fail what any node can do)."""
+        client = self._client
+        assert isinstance(client, RedisCluster)
+        nodes = client.get_primaries() or [client.get_default_node()]
+        failure: StoreError | None = None
+        for _ in range(len(nodes)):
+            self._turn = (self._turn + 1) % len(nodes)
+            try:
+                await self.call(command(client, nodes[self._turn]))
+                return
+            except StoreError as exc:
+                failure = exc
+        assert failure is not None
+        raise failure
 
     async def events(self) -> AsyncIterator[str]:
         """The messages of the proxies' channel, for as long as the subscription holds; StoreError
         when it breaks (the caller subscribes again)."""
-        pubsub = self._client.pubsub(ignore_subscribe_messages=True)
+        client = self._client
+        if isinstance(client, RedisCluster):
+            # Any node hears every message: subscribe to the next one each time, so that a lost node
+            # is left for another.
+            nodes = client.get_primaries() or [client.get_default_node()]
+            self._turn = (self._turn + 1) % len(nodes)
+            pubsub: PubSub = client.pubsub(node=nodes[self._turn], ignore_subscribe_messages=True)
+        else:
+            pubsub = client.pubsub(ignore_subscribe_messages=True)
         try:
             await self.call(pubsub.subscribe(self._channel))
             while True:
@@ -161,9 +197,30 @@ class RedisStore:
     async def call(self, command: Awaitable[T]) -> T:
         try:
             async with asyncio.timeout(self._op_timeout):
+                if self._command_table_due:
+                    await self._fetch_command_table(command)
                 return await command
         except (RedisError, OSError, TimeoutError) as exc:
             raise StoreError(f"redis: {type(exc).__name__}: {exc}") from exc
+
+    async def _fetch_command_table(self, command: Awaitable[object]) -> None:
+        """redis-py's Cluster client reads its command table from the master of the first slots,
+        and cannot start while that one is down (8.2): every command would fail, the slots that
+        answer too. Read it from any startup node that answers; the topology comes next, as usual."""
+        client = self._client
+        assert isinstance(client, RedisCluster)
+        failure: BaseException | None = None
+        for node in list(client.nodes_manager.startup_nodes.values()):
+            try:
+                await client.commands_parser.initialize(node)
+            except (RedisError, OSError) as exc:
+                failure = exc
+                continue
+            self._command_table_due = False
+            return
+        if inspect.iscoroutine(command):
+            command.close()  # never sent: no "never awaited" warning
+        raise failure or RedisError("no Cluster node answered")
 
 
 def client_for(spec: StoreSpec, op_timeout: float) -> Client:
