@@ -1,6 +1,6 @@
 """The data plane's own cost per request, without sockets: a deterministic micro benchmark.
 
-    python benchmarks/micro.py [--sse] [--requests N] [--profile]
+    python benchmarks/micro.py [--sse] [--tracing] [--requests N] [--profile]
 
 One client connection and one pooled backend connection with in-memory transports; a session is
 initialized, then a known-session POST and its answer (JSON, or with --sse a one-event SSE stream)
@@ -9,7 +9,9 @@ routing, head building, metrics, bookkeeping): no syscalls, no event loop wake-u
 process, so two versions of the code can be compared in seconds, even on a busy machine, to a few
 percent. It is what the end-to-end numbers of run.py are made of, minus the kernel's part and
 uvloop's. `--profile` prints cProfile's view of the same loop (slower, distorted, but it names the
-functions).
+functions). `--tracing` turns tracing on (every request sampled, a traceparent sent), with an
+exporter that discards the spans: what is timed then includes the export thread's work (building
+SDK spans and encoding them), which runs while the loop relays.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from typing import Any
 import uvloop
 
 from mcpbalancer.app import Proxy
-from mcpbalancer.config import parse_config
+from mcpbalancer.config import TracingConfig, parse_config
 from mcpbalancer.dataplane.plane import DataPlane
 from mcpbalancer.dataplane.upstream import UpstreamConnection
 
@@ -62,7 +64,21 @@ class MemoryTransport:
     abort = close
 
 
-def request(sid: bytes | None, sse: bool) -> bytes:
+class Discard:
+    """A SpanExporter that encodes every batch as OTLP would, then drops it."""
+
+    def export(self, spans: Any) -> Any:
+        from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
+        from opentelemetry.sdk.trace.export import SpanExportResult
+
+        encode_spans(spans).SerializePartialToString()
+        return SpanExportResult.SUCCESS
+
+    def shutdown(self) -> None:
+        pass
+
+
+def request(sid: bytes | None, sse: bool, traced: bool = False) -> bytes:
     lines = [
         b"POST /mcp%s HTTP/1.1" % (b"?sse=1" if sse else b""),
         b"Host: 127.0.0.1:8080",
@@ -72,6 +88,8 @@ def request(sid: bytes | None, sse: bool) -> bytes:
     ]
     if sid is not None:
         lines.append(b"Mcp-Session-Id: " + sid)
+    if traced:
+        lines.append(b"traceparent: 00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01")
     lines.append(b"Content-Length: %d" % len(BODY))
     return b"\r\n".join(lines) + b"\r\n\r\n" + BODY
 
@@ -99,6 +117,15 @@ async def main(args: argparse.Namespace) -> None:
         source="<micro>",
     )
     proxy = Proxy(config)
+    tracing = None
+    if args.tracing:
+        from mcpbalancer.observability.tracing import Tracing
+
+        tracing = Tracing(
+            TracingConfig(enabled=True), proxy.metrics, session_key=b"k" * 16, exporter=Discard()
+        )
+        tracing.start()
+        proxy.tracing = tracing  # registered by compose_phases, as a configured one is
     plane = DataPlane(
         proxy.router,
         proxy.fleet.pools,
@@ -117,7 +144,7 @@ async def main(args: argparse.Namespace) -> None:
     client.data_received(request(None, args.sse))
     upstream.data_received(response(b"sess-1", args.sse))
     await asyncio.sleep(0.01)  # the session's binding is stored in a task
-    ask, answer = request(b"sess-1", args.sse), response(None, args.sse)
+    ask, answer = request(b"sess-1", args.sse, args.tracing), response(None, args.sse)
 
     def relay(n: int) -> None:
         for _ in range(n):
@@ -137,14 +164,21 @@ async def main(args: argparse.Namespace) -> None:
         started = time.perf_counter()
         relay(args.requests // 5)
         best = min(best, (time.perf_counter() - started) / (args.requests // 5))
-    kind = "SSE" if args.sse else "JSON"
+    kind = ("SSE" if args.sse else "JSON") + (" traced" if args.tracing else "")
     print(f"{kind}: {best * 1e6:.2f} µs of proxy Python per request (best of 5 runs of {args.requests // 5})")
+    if tracing is not None:
+        tracing.close()
+        spans = proxy.metrics.registry.get_sample_value
+        exported = spans("mcpbalancer_trace_spans_total", {"result": "exported"})
+        dropped = spans("mcpbalancer_trace_spans_total", {"result": "dropped"})
+        print(f"  spans exported {exported:.0f}, dropped (queue full) {dropped:.0f}")
 
 
 if __name__ == "__main__":
     raw = argparse.RawDescriptionHelpFormatter
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=raw)
     parser.add_argument("--sse", action="store_true", help="answers as a one-event SSE stream")
+    parser.add_argument("--tracing", action="store_true", help="tracing on, every request sampled")
     parser.add_argument("--requests", type=int, default=100_000)
     parser.add_argument("--profile", action="store_true")
     uvloop.run(main(parser.parse_args()))

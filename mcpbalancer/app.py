@@ -10,17 +10,22 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
+import os
 import socket
 import sys
+import time
+import urllib.parse
 from collections.abc import Callable, Coroutine
 from typing import Any, Final, TextIO
 
 from prometheus_client import CollectorRegistry
 
-from mcpbalancer.config import BackendConfig, Config, host_port, load_config
+from mcpbalancer import __version__
+from mcpbalancer.config import DEFAULT_SERVICE, BackendConfig, Config, host_port, load_config
 from mcpbalancer.control.admin import AdminApi
 from mcpbalancer.control.probes import Readiness, local_endpoints
 from mcpbalancer.control.server import ControlServer
+from mcpbalancer.control.status import ProcessInfo, Reload, StatusPage
 from mcpbalancer.dataplane.plane import DataPlane
 from mcpbalancer.dataplane.tls import backend_contexts
 from mcpbalancer.dataplane.upstream import UpstreamPool
@@ -35,12 +40,16 @@ from mcpbalancer.filters.phases import Phases, compose
 from mcpbalancer.filters.route_rules import RouteRules
 from mcpbalancer.filters.sealed import SealedSessions
 from mcpbalancer.filters.session_binding import SessionBinding
+from mcpbalancer.fleet.backends import Backend
+from mcpbalancer.fleet.discovery import Discovery
 from mcpbalancer.fleet.generations import Generations
 from mcpbalancer.fleet.health import HealthChecker, HttpProbe
 from mcpbalancer.fleet.lifecycle import Changes, Fleet
 from mcpbalancer.fleet.managed import ManagedBackends
+from mcpbalancer.fleet.resolver import DnsResolver
 from mcpbalancer.observability.logs import AccessLog, SessionHasher, access_enabled, reconfigure_logging
 from mcpbalancer.observability.metrics import Metrics
+from mcpbalancer.observability.tracing import Tracing
 from mcpbalancer.routing.affinity import Affinity
 from mcpbalancer.routing.balancer import Strategy, make_strategy
 from mcpbalancer.routing.binding import SessionBinder
@@ -79,6 +88,7 @@ LIVE: Final = frozenset(
     {
         "source",  # the file itself; reloads read the same one
         "backends",
+        "discovery",  # the `discover` entries: looked up again at once when their lookup changed
         "health",
         "shutdown_timeout",
         "mcp_path",
@@ -89,6 +99,7 @@ LIVE: Final = frozenset(
         "session_ttl",
         "local_cache_size",  # the cache (and the replay records) shrink or grow in place
         "log",
+        "tracing",  # a change starts a new exporter; spans begun before end with the old one
         "pools",
         "routes",
         "affinity",  # a change starts the maps afresh: entries learned before are dropped
@@ -140,6 +151,18 @@ def _binder(config: Config) -> SessionBinder | None:
     return SessionBinder(config.bind_sessions, key.encode() if key is not None else None)
 
 
+def _without_credentials(store: str) -> str:
+    """A store URL as the status page shows it: no user or password."""
+    parts = urllib.parse.urlsplit(store)
+    if parts.password is None and parts.username is None:
+        return store
+    host = parts.hostname or ""
+    netloc = f"[{host}]" if ":" in host else host
+    if parts.port is not None:
+        netloc = f"{netloc}:{parts.port}"
+    return urllib.parse.urlunsplit(parts._replace(netloc=netloc))
+
+
 def _unchanged(config: Config) -> Config:
     return config
 
@@ -177,16 +200,19 @@ class Proxy:
         worker: int | None = None,
     ) -> None:
         self.config = config
+        self.started_at = time.time()
+        self.last_reload: Reload | None = None
         # What the command line changed in `config` (--log-level, --workers, a worker's admin port),
         # applied to every reloaded file too, so a reload neither drops it nor warns about it.
         self._adjust = adjust or _unchanged
         # An explicit argument wins over the config's `shutdown_timeout` (and over its reloads).
         self._shutdown_override = shutdown_timeout
+        contexts = backend_contexts(config)
         self.fleet = Fleet(
             config.backends,
             # A pool made after a reload (a backend added or moved) takes the timeout then in force.
             pool=lambda backend: UpstreamPool(backend, connect_timeout=self.config.timeouts.connect),
-            contexts=backend_contexts(config),
+            contexts=contexts,
             mcp_path=config.mcp_path,
         )
         self.backends = self.fleet.backends
@@ -230,11 +256,16 @@ class Proxy:
             metrics=self.metrics,
             on_gone=self.generations.gone,
         )
+        self.discovery = Discovery(
+            config.discovery, self.fleet, DnsResolver(), contexts=contexts, metrics=self.metrics
+        )
+        self.fleet.on_remove = self._removed
         self._observability(config, access_stream, session_tag_key, worker)
         if self.control is not None:
             AdminApi(self.fleet, self.health.last_check, self.reload, self.health.reasons).install(
                 self.control.app
             )
+            self._status_page().install(self.control.app)
         self.managed = ManagedBackends(config.backends, self.backends, metrics=self.metrics)
         self._server: asyncio.Server | None = None
         self._plane: DataPlane | None = None
@@ -253,7 +284,18 @@ class Proxy:
 
         Raises ConfigError (and changes nothing) when the file is invalid or a TLS file of it
         cannot be used; RestartRequired (and changes nothing) when it changes a RESTART_ONLY one.
+        The outcome is kept for the status page.
         """
+        try:
+            changes = self._reload()
+        except ConfigError as exc:
+            self.last_reload = Reload(time.time(), f"refused: {exc}")
+            raise
+        added, removed = ", ".join(changes.added) or "none", ", ".join(changes.removed) or "none"
+        self.last_reload = Reload(time.time(), f"ok (added {added}; removed {removed})")
+        return changes
+
+    def _reload(self) -> Changes:
         try:
             new = self._adjust(load_config(self.config.source))
             contexts = backend_contexts(new)  # TLS files read again: a renewed certificate is used
@@ -262,7 +304,9 @@ class Proxy:
             raise
         self._refuse_restart_only(new)
         backends = self._keep_managed(new.backends)
-        changes = self.fleet.apply(backends, contexts, mcp_path=new.mcp_path)
+        entries = {entry.name for entry in new.discovery}
+        changes = self.fleet.apply(backends, contexts, mcp_path=new.mcp_path, discovered=entries)
+        self.discovery.reconfigure(new.discovery, contexts)
         self.health.reconfigure(new.health)
         self.health.forget(b.name for b in self.backends)
         self._apply_policy(self.config, new)
@@ -275,6 +319,11 @@ class Proxy:
             changes.updated or "none",
         )
         return changes
+
+    def _removed(self, backend: Backend) -> None:
+        """A discovered backend left for good: its health state and metric series go with it."""
+        self.health.forget(b.name for b in self.backends)
+        self.metrics.forget("backend", backend.name)
 
     def _refuse_restart_only(self, new: Config) -> None:
         """RestartRequired (and nothing applied) when `new` changes a RESTART_ONLY setting."""
@@ -322,6 +371,8 @@ class Proxy:
         if new.log != old.log:
             reconfigure_logging(new.log, worker=self._worker)
             self._swap_access_log(new)
+        if new.tracing != old.tracing:
+            self._swap_tracing(new)
         plane = self._plane
         if plane is not None:
             plane.configure(
@@ -355,6 +406,8 @@ class Proxy:
             filters.append(SealedSessions(router))  # the backend's own id out, a token back in
         elif self.failover is not None:
             filters.append(ReplayAlias())  # a moved session's id at its new backend
+        if self.tracing is not None:
+            filters.append(self.tracing)  # request: the span and traceparent; logging: its end
         if self.access_log is not None:
             filters.append(self.access_log)
         filters.append(self.health)  # passive health: fail_to_connect, error_while_proxy
@@ -426,11 +479,17 @@ class Proxy:
         worker: int | None,
     ) -> None:
         self.readiness = Readiness(
-            lambda: self.router.backends, self.store.ping, store_required=config.on_store_error == "fail"
+            lambda: self.router.backends,
+            self.store.ping,
+            store_required=config.on_store_error == "fail",
+            discovery=self.discovery.status,
         )
         self._access_stream = access_stream
-        self._session_tag_key = session_tag_key
+        # One key for the session tags of the access log and the spans (workers share the
+        # supervisor's), so a session reads the same in both and across a log swap.
+        self._session_tag_key = session_tag_key or os.urandom(16)
         self._worker = worker
+        self.tracing = self._make_tracing(config)
         self.access_log = self._make_access_log(config)
         metrics = self.metrics if config.metrics.enabled else None
         # /metrics is served on the admin listener when there is one, else on the public one.
@@ -442,15 +501,47 @@ class Proxy:
         public_metrics = config.metrics.path if metrics is not None and self.control is None else None
         self._local = local_endpoints(self.readiness, self.metrics, public_metrics)
 
+    def _make_tracing(self, config: Config) -> Tracing | None:
+        if not config.tracing.enabled:
+            return None
+        return Tracing(config.tracing, self.metrics, session_key=self._session_tag_key)
+
+    def _swap_tracing(self, config: Config) -> None:
+        old, self.tracing = self.tracing, self._make_tracing(config)
+        if self.tracing is not None and self._plane is not None:
+            self.tracing.start()
+        if old is not None:  # exports what it holds, in a thread; stop() waits for it
+            self._retire(asyncio.to_thread(old.close))
+
+    def _status_page(self) -> StatusPage:
+        return StatusPage(
+            # One service today: the top-level backends.
+            lambda: {DEFAULT_SERVICE: list(self.backends)},
+            self.metrics,
+            self.readiness,
+            self._process_info,
+            last_check=self.health.last_check,
+            reasons=self.health.reasons,
+            health_interval=lambda: self.health.config.interval,
+        )
+
+    def _process_info(self) -> ProcessInfo:
+        return ProcessInfo(
+            started=self.started_at,
+            version=__version__,
+            source=self.config.source,
+            store=_without_credentials(self.config.store),
+            worker=self._worker,
+            last_reload=self.last_reload,
+        )
+
     def _make_access_log(self, config: Config) -> AccessLog | None:
         if not access_enabled(config.log):
             return None
-        key = self._session_tag_key
         return AccessLog(
             self._access_stream or sys.stdout,
             fmt=config.log.format,
-            # Workers share one key, so a session reads the same in every worker's lines.
-            hasher=SessionHasher(key) if key is not None else None,
+            hasher=SessionHasher(self._session_tag_key),
             shared=config.workers > 1,
             worker=self._worker,  # a worker process: its index in every line, as in the event lines
         )
@@ -475,6 +566,7 @@ class Proxy:
                 raise
         await self._check_store()
         await self.generations.load()
+        await self.discovery.start()  # the first answers, so that it serves with its backends
         loop = asyncio.get_running_loop()
         self._plane = DataPlane(
             self.router,
@@ -487,6 +579,8 @@ class Proxy:
             local=self._local,
             phases=self.compose_phases(self.config),
         )
+        if self.tracing is not None:
+            self.tracing.start()
         self.fleet.on_evict = self._plane.abort_streams
         self.fleet.start()
         try:
@@ -570,6 +664,7 @@ class Proxy:
                 async with asyncio.timeout(self.shutdown_timeout):
                     await self._wait_quiet(plane)
             plane.abort_all()
+        await self.discovery.close()
         self.fleet.close()
         # After the in-flight exchanges: a tool call running on a managed backend may finish.
         await self.managed.stop()
@@ -588,5 +683,7 @@ class Proxy:
             await self.control.stop()
         if self.access_log is not None:
             self.access_log.close()
+        if self.tracing is not None:
+            await asyncio.to_thread(self.tracing.close)  # the last spans, bounded in time
         if self._server is not None:
             await self._server.wait_closed()

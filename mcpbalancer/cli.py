@@ -125,6 +125,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 2
         workers = f"{config.workers} worker{'s' if config.workers > 1 else ''}"
         backends = f"{len(config.backends)} backend{'s' if len(config.backends) != 1 else ''}"
+        n = len(config.discovery)
+        if n:  # their backends are known once the proxy looks them up
+            backends += f", {n} discovery entr{'ies' if n != 1 else 'y'}"
         print(f"{config.source}: OK ({backends}, {workers})")
         return 0
     if config.workers > 1 and args.worker_index is None:

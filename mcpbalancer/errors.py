@@ -5,6 +5,7 @@
      ├── StoreError                   the session store could not answer (Redis down, timeout)
      ├── BackendStartError            a managed backend's process did not start or answer
      ├── ListenError                  a listener (public or admin) could not be bound
+ ├── LookupFailed                 a discovery lookup got no answer (DNS down, timeout, SERVFAIL)
      └── ProxyError                   an answer the proxy itself gives a client
           ├── BadRequest              400: malformed framing, a bad request target, ...
           │    ├── InvalidSessionId   400: Mcp-Session-Id is not 1..256 visible ASCII characters
@@ -79,6 +80,11 @@ class BackendStartError(MCPBalancerError):
 
 class ListenError(MCPBalancerError):
     """A listener could not be bound; the message names which one and its address."""
+
+
+class LookupFailed(MCPBalancerError):
+    """A DNS lookup of a `discover` entry failed; the message says why. The last known backends
+    stay (fleet/discovery.py)."""
 
 
 class ProxyError(MCPBalancerError):
@@ -187,8 +193,11 @@ def error_body(err: ProxyError) -> bytes:
     return json.dumps(payload, separators=(",", ":")).encode()
 
 
-def render_error(err: ProxyError, *, keep_alive: bool, head_only: bool = False) -> bytes:
-    """The whole HTTP/1.1 response for `err`, ready to write to the client socket."""
+def render_error(
+    err: ProxyError, *, keep_alive: bool, head_only: bool = False, request_id: bytes | None = None
+) -> bytes:
+    """The whole HTTP/1.1 response for `err`, ready to write to the client socket; with
+    `request_id`, an X-Request-Id header (the id its log line carries)."""
     body = error_body(err)
     lines = [
         f"HTTP/1.1 {err.status} {err.reason}",
@@ -201,5 +210,7 @@ def render_error(err: ProxyError, *, keep_alive: bool, head_only: bool = False) 
         lines.append(f"Retry-After: {err.retry_after}")
     if err.allow is not None:
         lines.append(f"Allow: {err.allow}")
+    if request_id is not None:
+        lines.append(f"X-Request-Id: {request_id.decode('latin-1')}")
     head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
     return head if head_only else head + body

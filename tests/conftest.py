@@ -15,6 +15,7 @@ pytest_plugins = [
     "tests.fixtures.rawhttp",
     "tests.fixtures.mcp",
     "tests.fixtures.tls",
+    "tests.fixtures.dns",
 ]
 
 

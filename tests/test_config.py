@@ -403,7 +403,7 @@ def test_invalid(data: object, message: str) -> None:
 def test_unknown_key_lists_every_allowed_key() -> None:
     text = config_error(minimal(Listen="x"))
     assert text.endswith(
-        "heartbeat, backends, timeouts, limits, admin, metrics, log, health, shutdown_timeout, "
+        "heartbeat, backends, timeouts, limits, admin, metrics, log, tracing, health, shutdown_timeout, "
         "pools, routes, affinity, validate_headers, failover, allowed_origins, allowed_hosts, "
         "bind_sessions, session_binding_key, session_ids, session_keys, session_max_age, on_store_error, "
         "workers, mcp_path; did you mean `listen`?"

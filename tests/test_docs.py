@@ -145,10 +145,17 @@ def test_the_probe_finds_the_keys_of_a_section_and_of_list_items() -> None:
     assert sections(["a", "a.b", "c", "c[].d", "c[].e", "c[].e.f"]) == {"a", "c", "c[].e"}
 
 
+# A file with a `discover` entry: its keys are read from the entry's DiscoveryConfig.
+DISCOVERED = parse_config({"backends": [{"name": "t", "discover": {"dns": "t.test", "port": 1}}]})
+DISCOVER_KEY = "backends[].discover."
+
+
 def loaded_value(config: Config, key: str) -> Any:
     if key == "listen":
         return host_port(config.listen_host, config.listen_port)
     value: Any = config
+    if key.startswith(DISCOVER_KEY):
+        value, key = DISCOVERED.discovery[0], key.removeprefix(DISCOVER_KEY)
     for part in key.split("."):
         value = getattr(value, part[:-2])[0] if part.endswith("[]") else getattr(value, part)
     return list(value) if isinstance(value, tuple) else value
@@ -166,6 +173,7 @@ def test_config_table_defaults_match_the_loader() -> None:
         if loaded_value(config, key) != documented:
             wrong.append((key, documented, loaded_value(config, key)))
     assert "shutdown_timeout" in compared
+    assert "backends[].discover.interval" in compared
     assert len(compared) > 30
     assert wrong == []
 

@@ -6,9 +6,10 @@ leads somewhere. What a fenced block is decides how it is read:
   checks it. Each `${NAME}` it names is set, for the load, to a placeholder.
 - ```yaml with `<!-- fragment -->` on the line before the fence: some keys of a configuration, laid
   over MINIMAL (one backend) key by key, then loaded.
-- ```yaml with `<!-- prometheus: scrape -->` or `<!-- prometheus: rules -->`: a Prometheus scrape
-  configuration or rules file, with the shape Prometheus reads; every `mcpbalancer_*` series an
-  expression names is one the proxy exports, with labels it has.
+- ```yaml with `<!-- prometheus: scrape -->`: a Prometheus scrape configuration, with the shape
+  Prometheus reads. (Alert rules are not written in the pages: they ship as
+  deploy/prometheus/alerts.yaml, whose every `mcpbalancer_*` series, like the dashboard's, is one the
+  proxy exports, with labels it has.)
 - ```sh: `bash -n` parses it, and every command that runs mcpbalancer (`mcpbalancer`,
   `.venv/bin/mcpbalancer`, `python -m mcpbalancer`, `docker run ... mcpbalancer`) is accepted by the
   CLI's own argument parser. A `--check` of a file of this repository passes, printing what the
@@ -50,7 +51,7 @@ PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 MINIMAL: dict[str, Any] = {"backends": [{"name": "a", "url": "http://127.0.0.1:8001"}]}
 SCHEMA: dict[str, Any] = json.loads((ROOT / "config" / "schema.json").read_text(encoding="utf-8"))
 KINDS = {"yaml", "sh", "json", "text"}
-MARKS = {"fragment", "prometheus: scrape", "prometheus: rules"}
+MARKS = {"fragment", "prometheus: scrape"}
 FENCE = re.compile(r"^```(?P<kind>\S*)\s*$")
 MARK = re.compile(r"^<!-- (?P<mark>.*?) -->$")
 
@@ -179,17 +180,23 @@ def selectors(expr: str) -> Iterator[tuple[str, set[str]]]:
         yield found[1], set(re.findall(r"(\w+)\s*(?:=~|!~|!=|=)", matchers))
 
 
+# Labels Prometheus gives every series of a scrape target.
+TARGET_LABELS = {"instance", "job"}
+
+
 def check_expr(expr: str, where: str) -> None:
     series = exported()
     named = list(selectors(expr))
     assert named, f"{where}: no mcpbalancer_* series in {expr!r}"
     for name, labels in named:
         assert name in series, f"{where}: {name} is not exported"
+        labels -= TARGET_LABELS
         assert labels <= series[name], f"{where}: {name} has no label {labels - series[name]}"
     # Labels it groups by exist on the series it groups.
     for by in re.findall(r"\bby \(([^)]*)\)", expr):
         for label in (label.strip() for label in by.split(",")):
-            assert label == "instance" or any(label in series[name] for name, _ in named), (where, label)
+            known = label in TARGET_LABELS or label == "le"  # `le`: the buckets of a histogram
+            assert known or any(label in series[name] for name, _ in named), (where, label)
     assert expr.count("(") == expr.count(")"), f"{where}: unbalanced parentheses"
 
 
@@ -204,16 +211,29 @@ def test_a_prometheus_scrape_configuration_has_the_shape_prometheus_reads(block:
             assert all(re.fullmatch(r"[\w.-]+:\d+", target) for target in static["targets"])
 
 
-@pytest.mark.parametrize("block", of("yaml", "prometheus: rules"))
-def test_a_prometheus_rule_names_series_the_proxy_exports(block: Block) -> None:
-    groups = load_yaml(block)["groups"]
+def test_the_shipped_alert_rules_name_series_the_proxy_exports() -> None:
+    """deploy/prometheus/alerts.yaml (a real Prometheus evaluates it: tests/test_prometheus.py)."""
+    path = ROOT / "deploy" / "prometheus" / "alerts.yaml"
+    check_rules(yaml.load(path.read_text(encoding="utf-8"), Loader=UniqueKeyLoader), str(path))
+
+
+def test_the_dashboard_queries_name_series_the_proxy_exports() -> None:
+    board = json.loads((ROOT / "config" / "grafana-dashboard.json").read_text(encoding="utf-8"))
+    targets = [(p["title"], t["expr"]) for p in board["panels"] for t in p.get("targets", ())]
+    assert targets
+    for title, expr in targets:
+        check_expr(expr, f"dashboard {title!r}")
+
+
+def check_rules(data: dict[str, Any], where: str) -> None:
+    groups = data["groups"]
     rules = [rule for group in groups for rule in group["rules"]]
     assert rules
     assert all(isinstance(group["name"], str) for group in groups)
     for rule in rules:
         assert set(rule) <= {"alert", "record", "expr", "for", "labels", "annotations", "keep_firing_for"}
         assert ("alert" in rule) != ("record" in rule)
-        check_expr(str(rule["expr"]), f"{block.where} {rule.get('alert') or rule.get('record')}")
+        check_expr(str(rule["expr"]), f"{where} {rule.get('alert') or rule.get('record')}")
 
 
 def test_the_expression_check_refuses_what_is_not_exported() -> None:

@@ -8,6 +8,7 @@ import io
 import json
 import logging
 import random
+import re
 import sys
 import time
 from types import SimpleNamespace
@@ -295,6 +296,8 @@ def fake_exchange(**changes: Any) -> Any:
         received_at=time.perf_counter() - 0.0015,
         outcome="ok",
         created=None,
+        service="default",
+        request_id=None,
     )
     for key, value in changes.items():
         setattr(head if hasattr(head, key) else exchange, key, value)
@@ -345,13 +348,37 @@ async def test_access_lines_name_the_worker_and_the_session_an_answer_created(fm
     if fmt == "json":
         assert (json.loads(created)["session"], json.loads(created)["worker"]) == (tag, 1)
         assert (json.loads(plain)["session"], json.loads(plain)["worker"]) == (None, 1)
-        assert "worker" not in json.loads(alone.getvalue())
+        assert json.loads(alone.getvalue())["worker"] is None
     else:
-        assert created.endswith(" outcome=ok worker=1")
+        assert created.endswith(" outcome=ok request_id=- worker=1")
         assert f" session={tag} " in created
         assert " session=- " in plain
-        assert "worker" not in alone.getvalue()
+        assert alone.getvalue().endswith(" worker=-\n")
     assert "minted" not in stream.getvalue()
+
+
+ACCESS_FIELDS = (
+    "ts", "type", "client", "method", "path", "era", "service", "session", "backend", "status", "bytes",
+    "duration_us", "mcp_method", "outcome", "request_id", "worker",
+)  # fmt: skip
+
+
+async def test_both_formats_carry_the_same_fields_in_the_same_order() -> None:
+    lines = {}
+    for fmt in ("json", "text"):
+        stream = io.StringIO()
+        log = AccessLog(stream, fmt=fmt, worker=2)
+        log.write(fake_exchange(service="tools", request_id=b"req-42", status=502, outcome="error"))
+        log.close()
+        lines[fmt] = stream.getvalue()
+    entry = json.loads(lines["json"])
+    assert tuple(entry) == ACCESS_FIELDS
+    assert (entry["service"], entry["request_id"], entry["worker"]) == ("tools", "req-42", 2)
+    # The text line names the same fields (those after the duration as key=value), in that order.
+    keys = re.findall(r" (\w+)=", lines["text"])
+    assert keys == ["era", "service", "session", "backend", "mcp", "outcome", "request_id", "worker"]
+    assert " service=tools " in lines["text"]
+    assert lines["text"].endswith(" outcome=error request_id=req-42 worker=2\n")
 
 
 async def test_access_log_flushes_on_a_timer_and_in_batches() -> None:
@@ -391,7 +418,10 @@ async def test_text_format() -> None:
     line = stream.getvalue()
     prefix = '2023-11-14T22:13:20.500Z 10.0.0.7 "POST /mcp" 0 321 '
     assert line.startswith(prefix)
-    assert line.endswith(f"us era=legacy session={tag} backend=mcp-1 mcp=- outcome=client_disconnect\n")
+    assert line.endswith(
+        f"us era=legacy service=default session={tag} backend=mcp-1 mcp=- outcome=client_disconnect "
+        "request_id=- worker=-\n"
+    )
 
 
 class _Writes(io.StringIO):
@@ -441,7 +471,7 @@ def test_a_worker_says_so_in_its_lifecycle_lines(fmt: str) -> None:
     if fmt == "json":
         assert json.loads(line)["worker"] == 3
     else:
-        assert " INFO worker-3 mcpbalancer.app: listening" in line
+        assert line.endswith(" INFO mcpbalancer.app: listening worker=3\n")
 
 
 def test_lifecycle_lines_in_json() -> None:

@@ -85,6 +85,9 @@ ACCESS_FIELDS = {
     "duration_us",
     "mcp_method",
     "outcome",
+    "service",
+    "request_id",
+    "worker",
 }
 
 
@@ -592,6 +595,9 @@ async def test_access_log_lines(
         "duration_us": 0,
         "mcp_method": None,
         "outcome": "ok",
+        "service": "default",
+        "request_id": None,
+        "worker": None,
     }
     assert init["bytes"] > 0
     assert init["duration_us"] > 0
@@ -602,6 +608,7 @@ async def test_access_log_lines(
     assert (unknown["backend"], unknown["status"], unknown["outcome"]) == (None, 404, "error")
     assert unknown["bytes"] == len(error_body(SessionNotFound()))
     assert unknown["session"] != call["session"]
+    assert re.fullmatch(r"[0-9a-f]{16}", unknown["request_id"])  # the X-Request-Id of the 404
     assert (modern["era"], modern["mcp_method"], modern["status"]) == ("modern", 'tools/"odd"', modern_status)
     assert obs.value("mcpbalancer_mcp_requests_total", era="modern", mcp_method="other") == 1
     # Session ids never reach the log, whole or in part.
@@ -621,8 +628,8 @@ async def test_access_log_text_format(
     lines = obs.log.getvalue().splitlines()
     assert len(lines) == 2
     pattern = (
-        r"\S+Z 127\.0\.0\.1 \"POST /mcp\" (200|202) \d+ \d+us era=legacy session=(-|[0-9a-f]{8}) "
-        r"backend=[abc] mcp=- outcome=ok"
+        r"\S+Z 127\.0\.0\.1 \"POST /mcp\" (200|202) \d+ \d+us era=legacy service=default "
+        r"session=(-|[0-9a-f]{8}) backend=[abc] mcp=- outcome=ok request_id=- worker=-"
     )
     assert all(re.fullmatch(pattern, line) for line in lines), lines
     assert session_id not in obs.log.getvalue()

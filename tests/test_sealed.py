@@ -164,8 +164,11 @@ async def test_tampered_truncated_and_other_services_tokens_get_404_from_the_pro
         assert after.stray_total == before.stray_total  # no backend saw any of them
         assert after.seen == before.seen
         assert (await call_tool(web, url, token, "count")).text == "1"  # the real one still works
-    assert sample(proxy, "mcpbalancer_sealed_ids_total", result="invalid") == 3
-    assert sample(proxy, "mcpbalancer_sealed_ids_total", result="malformed") == 2
+    # Tampered and foreign tokens fail authentication; a truncated one is that or, most often, no
+    # longer canonical base64 (its last character carries bits that are not zero).
+    invalid = sample(proxy, "mcpbalancer_sealed_ids_total", result="invalid")
+    malformed = sample(proxy, "mcpbalancer_sealed_ids_total", result="malformed")
+    assert (invalid + malformed, invalid >= 2, malformed >= 2) == (5, True, True)
 
 
 async def test_key_rotation_old_tokens_open_new_ones_use_the_new_key_removed_keys_404(

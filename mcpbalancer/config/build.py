@@ -5,8 +5,22 @@ from __future__ import annotations
 
 import os
 
-from mcpbalancer.config.checks import KEY_FILE_PREFIX, decode_session_key, split_backend_url, split_host_port
-from mcpbalancer.config.file import MANAGED_HOST, BackendEntry, ConfigFile, RouteEntry, RouteMatch, TlsSection
+from mcpbalancer.config.checks import (
+    KEY_FILE_PREFIX,
+    decode_session_key,
+    split_backend_url,
+    split_host_port,
+    split_nameserver,
+)
+from mcpbalancer.config.file import (
+    MANAGED_HOST,
+    BackendEntry,
+    ConfigFile,
+    DiscoverSection,
+    RouteEntry,
+    RouteMatch,
+    TlsSection,
+)
 from mcpbalancer.config.models import (
     MAX_WORKERS,
     AffinityConfig,
@@ -15,8 +29,16 @@ from mcpbalancer.config.models import (
     LogConfig,
     MetricsConfig,
     TimeoutsConfig,
+    TracingConfig,
 )
-from mcpbalancer.config.runtime import BackendConfig, Config, RouteConfig, SessionKey, TlsConfig
+from mcpbalancer.config.runtime import (
+    BackendConfig,
+    Config,
+    DiscoveryConfig,
+    RouteConfig,
+    SessionKey,
+    TlsConfig,
+)
 from mcpbalancer.errors import ConfigError
 from mcpbalancer.fileaccess import unreadable
 
@@ -30,7 +52,12 @@ def build(file: ConfigFile, source: str) -> Config:
         session_ttl=file.session_ttl,
         balance=file.balance,
         heartbeat=file.heartbeat,
-        backends=tuple(backend for i, entry in enumerate(file.backends) for backend in _backends(entry, i)),
+        backends=tuple(
+            backend
+            for i, entry in enumerate(file.backends)
+            if entry.discover is None
+            for backend in _backends(entry, i)
+        ),
         timeouts=file.timeouts or TimeoutsConfig(),
         limits=file.limits or LimitsConfig(),
         store_prefix=file.store_prefix,
@@ -39,6 +66,7 @@ def build(file: ConfigFile, source: str) -> Config:
         admin=None if file.admin is None else split_host_port(file.admin),
         metrics=file.metrics or MetricsConfig(),
         log=file.log or LogConfig(),
+        tracing=file.tracing or TracingConfig(),
         health=file.health or HealthConfig(),
         shutdown_timeout=file.shutdown_timeout,
         pools={name: tuple(dict.fromkeys(members)) for name, members in (file.pools or {}).items()},
@@ -57,6 +85,11 @@ def build(file: ConfigFile, source: str) -> Config:
         on_store_error=file.on_store_error,
         workers=file.workers,
         mcp_path=file.mcp_path,
+        discovery=tuple(
+            _discovery(entry, entry.discover, i)
+            for i, entry in enumerate(file.backends)
+            if entry.discover is not None
+        ),
     )
 
 
@@ -98,6 +131,28 @@ def _backends(entry: BackendEntry, index: int) -> list[BackendConfig]:
     # A managed entry (BackendEntry has exactly one of url and command): host and port are known
     # once the process is up.
     return [_backend(entry, name, "", "http", MANAGED_HOST, 0, "", None) for name in entry.names]
+
+
+def _discovery(entry: BackendEntry, discover: DiscoverSection, index: int) -> DiscoveryConfig:
+    tls = None
+    if discover.scheme == "https":
+        tls = _tls(entry.tls or TlsSection(), f"backends[{index}].tls")
+    # The settings of every backend it finds; name, address and (SRV) weight are filled in then.
+    path = "" if discover.path in (None, "/") else discover.path
+    template = _backend(entry, entry.name, "", discover.scheme, "", 0, path, tls)
+    return DiscoveryConfig(
+        name=entry.name,
+        dns=discover.dns,
+        srv=discover.srv,
+        port=discover.port,
+        interval=discover.interval,
+        timeout=discover.timeout,
+        family=discover.family,
+        scheme=discover.scheme,
+        path=path,
+        nameservers=tuple(split_nameserver(server) for server in discover.nameservers or ()),
+        template=template,
+    )
 
 
 def _backend(

@@ -30,6 +30,14 @@ PARAM_NAME: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}", re.ASCII)
 # A DNS name or an IP address (v6 without brackets): what TLS verifies a certificate for.
 SERVER_NAME: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9.-]{0,252}|[0-9A-Fa-f:.]{2,45}", re.ASCII)
 SERVER_NAME_RULE: Final = "a host name or an IP address, such as 'mcp.internal'"
+# A DNS name to look up: labels of letters, digits, '-' and '_' (SRV names start `_mcp._tcp.`),
+# dot-separated, an optional final dot; at most 253 characters.
+DNS_NAME: Final = re.compile(
+    r"(?=[^.].{0,252}$)(?:[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?\.)*"
+    r"[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?\.?",
+    re.ASCII,
+)
+DNS_NAME_RULE: Final = "a DNS name such as 'tools.mcp.svc.cluster.local' (letters, digits, '-', '_', dots)"
 HEADER_NAME: Final = re.compile(r"[A-Za-z0-9!#$%&'*+.^_`|~-]{1,64}", re.ASCII)
 HEADER_RULE: Final = "an HTTP header name such as 'authorization'"
 ORIGIN: Final = re.compile(r"(?:https?)://(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]+)(?::[0-9]{1,5})?", re.ASCII)
@@ -145,6 +153,37 @@ class _CommandCheck(dict[str, str]):
         if key in PLACEHOLDERS:
             return ""
         raise KeyError(key)
+
+
+def split_nameserver(value: str) -> tuple[str, int]:
+    """(IP address, port) of a `nameservers` entry: an IP address, `IP:port` or `[v6]:port`; port 53
+    when none is given. A name would need a resolver to find the resolver."""
+    host, port = value, 53
+    if value.startswith("[") or value.count(":") == 1:
+        host, port = split_host_port(value)
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        raise ValueError(
+            f"must be an IP address, optionally with a port ('10.96.0.10', '127.0.0.1:5353', "
+            f"'[fd00::10]:53'), got {value!r}"
+        ) from None
+    if port == 0:
+        raise ValueError(f"port must be 1-65535, got {value!r}")
+    return host, port
+
+
+def check_nameserver(value: str) -> str:
+    split_nameserver(value)
+    return value
+
+
+def check_endpoint_path(value: str) -> str:
+    """A discovered endpoint's path: like the path of a backend URL."""
+    if not URL_PATH.fullmatch(value) or "?" in value or "#" in value:
+        rule = "a path starting with '/', visible ASCII without '?' or '#', at most 256 bytes"
+        raise ValueError(f"must be {rule}; got {value!r}")
+    return value
 
 
 def check_metrics_path(value: str) -> str:

@@ -30,8 +30,11 @@ from mcpbalancer.config.models import (
     MODEL,
     AffinityConfig,
     Balance,
+    DnsName,
+    EndpointPath,
     Era,
     Failover,
+    Family,
     Flag,
     HeaderName,
     HealthConfig,
@@ -43,15 +46,19 @@ from mcpbalancer.config.models import (
     McpPath,
     MetricsConfig,
     Name,
+    NameServer,
     Number,
     Origin,
+    Port,
     ReplayTrigger,
+    Scheme,
     Section,
     ServerName,
     SessionIds,
     StoreErrorMode,
     Text,
     TimeoutsConfig,
+    TracingConfig,
     invalid,
 )
 
@@ -97,6 +104,7 @@ ParamName = Annotated[str, Field(pattern=f"^{PARAM_NAME.pattern}$")]
 Params = Annotated[dict[ParamName, str], BeforeValidator(checks.check_params)]
 Origins = Annotated[tuple[Origin, ...], _list_of("origins")]
 Hosts = Annotated[tuple[HostName, ...], _list_of("host names")]
+NameServers = Annotated[tuple[NameServer, ...], Field(min_length=1), _list_of("IP addresses")]
 BindingKey = Annotated[str, Field(strict=True, min_length=16)]
 SessionKeyRef = Annotated[Text, AfterValidator(checks.check_session_key)]
 SessionKeys = Annotated[tuple[SessionKeyRef, ...], _list_of("keys")]
@@ -177,13 +185,63 @@ class FailoverSection(Section):
 Failovers = Annotated[FailoverSection, BeforeValidator(_failover_short_form), _OrShortForm(*FAILOVER_MODES)]
 
 
+class DiscoverSection(Section):
+    """Backends found in DNS: every address of `dns` (on `port`), or every target of the SRV name
+    `srv`, is a backend, looked up again every `interval` seconds. A new address takes sessions at
+    once; one that disappears is drained. A failed or empty answer keeps the last known set."""
+
+    dns: DnsName | None = Field(
+        default=None,
+        description="A name whose A (or AAAA) records are the instances: a Kubernetes headless Service, a "
+        "Compose service, a Consul or Nomad service name. Needs `port`.",
+    )
+    srv: DnsName | None = Field(
+        default=None,
+        description="Instead of `dns`: an SRV name such as _mcp._tcp.tools.example; each target's address "
+        "and port is an instance, its record's weight the backend's weight.",
+    )
+    port: Port | None = Field(default=None, description="With `dns`: the port the instances serve on.")
+    interval: Number = Field(default=5.0, ge=0.1, description="Seconds between two lookups.")
+    timeout: Number = Field(
+        default=2.0, gt=0, description="Seconds a lookup may take before it counts as failed."
+    )
+    family: Family = Field(
+        default="ipv4",
+        description="Which addresses are instances: ipv4 (A records) or ipv6 (AAAA records); one family, "
+        "so that an instance with both is not counted twice.",
+    )
+    scheme: Scheme = Field(default="http", description="http or https (then `tls` applies).")
+    path: EndpointPath | None = Field(
+        default=None,
+        description="The instances' MCP endpoint, as the path of a `url` (e.g. /mcp); absent: every "
+        "request path is sent as it came.",
+    )
+    nameservers: NameServers | None = Field(
+        default=None,
+        description="DNS servers to ask instead of the system's (/etc/resolv.conf): IP addresses, "
+        "optionally with a port ('127.0.0.1:5353', '[fd00::10]:53').",
+    )
+
+    @model_validator(mode="after")
+    def _one_name(self) -> Self:
+        if (self.dns is None) == (self.srv is None):
+            raise invalid((), "needs exactly one of `dns` (with `port`) or `srv`")
+        if self.dns is not None and self.port is None:
+            raise invalid(("port",), "is required with `dns`: A records carry no port")
+        if self.srv is not None and self.port is not None:
+            raise invalid(("port",), "is not used with `srv`: each SRV record carries its port")
+        return self
+
+
 @dataclass(frozen=True, slots=True, config=MODEL)
 class BackendEntry(Section):
-    """One MCP server: a `url` the proxy forwards to, or a `command` the proxy runs itself."""
+    """One MCP server: a `url` the proxy forwards to, or a `command` the proxy runs itself; or the
+    servers `discover` finds in DNS."""
 
     name: Name = Field(
         description="Stable id, unique, stored in the session store as the session's owner: keep it when "
-        "a URL changes. A managed entry's instances are named <name>-1 ... <name>-N."
+        "a URL changes. A managed entry's instances are named <name>-1 ... <name>-N, a discovered "
+        "entry's <name>@<address>:<port>."
     )
     url: Url | None = Field(
         default=None,
@@ -196,7 +254,8 @@ class BackendEntry(Section):
         default=1,
         ge=1,
         le=1000,
-        description="Share of new sessions; a larger weight gets proportionally more.",
+        description="Share of new sessions; a larger weight gets proportionally more. With `discover.srv`"
+        " each record's own weight is used instead.",
     )
     drain: Flag = Field(
         default=False,
@@ -206,8 +265,9 @@ class BackendEntry(Section):
     drain_timeout: Number = Field(
         default=0.0,
         ge=0,
-        description="Seconds after a drain starts until the remaining sessions answer 404 and open "
-        "streams are closed; 0 = wait for the sessions to end by themselves.",
+        description="Seconds after a drain starts until the remaining sessions answer 404 (or move, with "
+        "failover: replay) and their GET streams are closed; requests in flight finish. 0 = wait for the "
+        "sessions to end by themselves.",
     )
     eras: Eras = Field(
         default=ERAS,
@@ -229,26 +289,50 @@ class BackendEntry(Section):
     )
     tls: TlsSection | None = Field(
         default=None,
-        description="TLS to an https:// `url`; without it the certificate is verified against the "
-        "system's CAs. Not for http:// or `command` backends.",
+        description="TLS to an https:// `url` (or `discover.scheme: https`); without it the certificate "
+        "is verified against the system's CAs. Not for http:// or `command` backends.",
+    )
+    discover: DiscoverSection | None = Field(
+        default=None,
+        description="Instead of `url`: the backends are the instances a DNS name lists, found again every "
+        "`interval` seconds; `weight`, `eras`, `tls`, `drain` and `drain_timeout` apply to each.",
     )
 
     @property
     def names(self) -> tuple[str, ...]:
-        """The backends this entry stands for."""
+        """The backends this entry stands for (a discovery entry's are known at run time)."""
+        if self.discover is not None:
+            return ()
         if self.command is None:
             return (self.name,)
         return tuple(f"{self.name}-{i}" for i in range(1, (self.replicas or 1) + 1))
 
+    @model_validator(mode="before")
+    @classmethod
+    def _no_weight_with_srv(cls, data: Any) -> Any:
+        """An SRV record carries its weight; a `weight` beside `srv` would be silently unused."""
+        if isinstance(data, Mapping) and "weight" in data:
+            discover = data.get("discover")
+            if isinstance(discover, Mapping) and discover.get("srv") is not None:
+                problem = "is not used with `discover.srv`: each backend takes its SRV record's weight"
+                raise invalid(("weight",), problem)
+        return data
+
     @model_validator(mode="after")
     def _url_or_command(self) -> Self:
+        if self.discover is not None:
+            return self._discovered()
         if self.command is None:
             if self.replicas is not None:
                 raise invalid(
                     ("replicas",), "is only allowed with `command` (a managed backend), not with `url`"
                 )
             if self.url is None:
-                raise invalid(("url",), "is required (or `command` for a backend the proxy runs itself)")
+                problem = (
+                    "is required (or `command` for a backend the proxy runs itself, or `discover` for "
+                    "backends found in DNS)"
+                )
+                raise invalid(("url",), problem)
             if self.tls is not None and checks.split_backend_url(self.url)[0] != "https":
                 raise invalid(("tls",), "is only for an https:// `url`; this backend is plain HTTP")
             return self
@@ -260,6 +344,15 @@ class BackendEntry(Section):
         if not BACKEND_NAME.fullmatch(self.names[-1]):
             problem = f"with the replica suffix must be {BACKEND_NAME_RULE}, got {self.names[-1]!r}"
             raise invalid(("name",), problem)
+        return self
+
+    def _discovered(self) -> Self:
+        assert self.discover is not None
+        for key in ("url", "command", "replicas"):
+            if getattr(self, key) is not None:
+                raise invalid((key,), "is not used with `discover`: the backends are the instances DNS lists")
+        if self.tls is not None and self.discover.scheme != "https":
+            raise invalid(("tls",), "is only for `discover.scheme: https`; these backends are plain HTTP")
         return self
 
 
@@ -356,6 +449,7 @@ class ConfigFile(Section):
     )
     metrics: MetricsConfig | None = Field(default=MetricsConfig(), description=MetricsConfig.__doc__)
     log: LogConfig | None = Field(default=LogConfig(), description=LogConfig.__doc__)
+    tracing: TracingConfig | None = Field(default=TracingConfig(), description=TracingConfig.__doc__)
     health: HealthConfig | None = Field(default=HealthConfig(), description=HealthConfig.__doc__)
     shutdown_timeout: Number = Field(
         default=DEFAULT_SHUTDOWN_TIMEOUT,
@@ -473,18 +567,26 @@ class ConfigFile(Section):
 
     def _backend_names(self) -> list[str]:
         # Names are session owners in the store; two backends with one name would share sessions.
+        # A discovery entry's name is the prefix of its backends' names: unique too.
         first_seen: dict[str, int] = {}
         for i, entry in enumerate(self.backends):
-            for name in entry.names:
+            for name in entry.names or (entry.name,):
                 if name in first_seen:
                     also = f"backends[{first_seen[name]}].name"
                     raise invalid(("backends", i, "name"), f"duplicate name {name!r} (also {also})")
                 first_seen[name] = i
-        return list(first_seen)
+        return [name for entry in self.backends for name in entry.names]
 
     def _check_pools(self, backends: list[str]) -> None:
+        discovered = {entry.name for entry in self.backends if entry.discover is not None}
         for pool, members in (self.pools or {}).items():
             for i, member in enumerate(members):
+                if member in discovered:
+                    problem = (
+                        f"{member!r} is a `discover` entry; a pool names fixed backends (discovered "
+                        "ones come and go with DNS)"
+                    )
+                    raise invalid(("pools", pool, i), problem)
                 if member not in backends:
                     problem = f"unknown backend {member!r}; backends: {', '.join(backends)}"
                     raise invalid(("pools", pool, i), problem)

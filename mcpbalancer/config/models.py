@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import urllib.parse
 from collections.abc import Callable, Mapping
 from http import HTTPStatus
 from typing import Annotated, Any, Final
@@ -46,10 +47,16 @@ STORE_ERROR_MODES: Final = ("degrade", "fail")
 LOG_FORMATS: Final = ("json", "text")
 LOG_LEVELS: Final = ("debug", "info", "warning", "error")
 ERAS: Final = ("legacy", "modern")
+SCHEMES: Final = ("http", "https")
+# One address family per discovery entry: an instance with both an A and an AAAA record would
+# otherwise be two backends, with twice its share of new sessions.
+FAMILIES: Final = ("ipv4", "ipv6")
 DEFAULT_STORE_PREFIX: Final = "mcpb:"
 DEFAULT_LOCAL_CACHE_SIZE: Final = 100_000
 DEFAULT_SHUTDOWN_TIMEOUT: Final = 10.0
 DEFAULT_MCP_PATH: Final = "/mcp"
+# The name of the one service today's files describe (top-level `backends`): logs, the status page.
+DEFAULT_SERVICE: Final = "default"
 MAX_REPLICAS: Final = 64
 MAX_WORKERS: Final = 1024  # a typo guard, not a tuning limit
 DENY_STATUSES: Final = tuple(int(s) for s in HTTPStatus if 400 <= s <= 499)
@@ -108,6 +115,12 @@ Origin = Annotated[Text, _Check(checks.check_origin, pattern=f"^(?:\\*|{ORIGIN.p
 HostName = Annotated[Text, _Check(checks.check_host_name, pattern=f"^(?:{checks.HOST_NAME.pattern})$")]
 HeaderName = Annotated[Text, _matching(HEADER_NAME, checks.HEADER_RULE)]
 ServerName = Annotated[Text, _matching(checks.SERVER_NAME, checks.SERVER_NAME_RULE)]
+DnsName = Annotated[Text, _matching(checks.DNS_NAME, checks.DNS_NAME_RULE)]
+NameServer = Annotated[Text, AfterValidator(checks.check_nameserver)]
+EndpointPath = Annotated[Text, _Check(checks.check_endpoint_path, pattern=f"^{checks.URL_PATH.pattern}$")]
+Scheme = Annotated[Text, _one_of(SCHEMES)]
+Family = Annotated[Text, _one_of(FAMILIES)]
+Port = Annotated[Integer, Field(ge=1, le=65535)]
 ProbePath = Annotated[Text, _Check(checks.check_probe_path, pattern=f"^{checks.URL_PATH.pattern}$")]
 McpPath = Annotated[Text, _Check(checks.check_mcp_path, pattern='^/[!"$->@-~]{0,255}$')]
 MetricsPath = Annotated[Text, _Check(checks.check_metrics_path, pattern=f"^{checks.URL_PATH.pattern}$")]
@@ -248,6 +261,44 @@ class LogConfig(Section):
     access: Flag = Field(
         default=True,
         description="One line per request on stdout (written at info level: off at warning and error).",
+    )
+
+
+def _check_otlp_endpoint(value: str) -> str:
+    parts = urllib.parse.urlsplit(value)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"must be an http:// or https:// URL (the collector's /v1/traces), got {value!r}")
+    return value
+
+
+OtlpEndpoint = Annotated[Text, _Check(_check_otlp_endpoint, pattern="^https?://[^/?#]+(/.*)?$")]
+TraceHeaders = Annotated[dict[HeaderName, Text], Field(strict=True)]
+
+
+@dataclass(frozen=True, slots=True, config=MODEL)
+class TracingConfig(Section):
+    """OpenTelemetry traces: one span per request, a child of the client's `traceparent`, whose
+    context the backend receives; exported in batches over OTLP/HTTP, off the request path."""
+
+    enabled: Flag = Field(default=False, description="Make and export a span per request.")
+    endpoint: OtlpEndpoint = Field(
+        default="http://127.0.0.1:4318/v1/traces",
+        description="The collector's OTLP/HTTP traces URL, path included (usually /v1/traces).",
+    )
+    sample_ratio: Number = Field(
+        default=1.0,
+        ge=0,
+        le=1,
+        description="Share of requests without a sampled parent that get a span (by trace id); a request "
+        "whose traceparent is sampled always gets one, one whose parent is not never does.",
+    )
+    service_name: Text = Field(
+        default="mcpbalancer", description="The `service.name` of the spans' resource."
+    )
+    headers: TraceHeaders = Field(
+        default={},
+        description="HTTP headers sent with every export, e.g. an authorization for the collector "
+        "(${NAME} keeps a secret out of the file).",
     )
 
 

@@ -2,7 +2,7 @@
 
 The sections shaped like the file's (timeouts, limits, health, ...) are the models themselves
 (models.py). The rest differ from the file: `listen` is split into host and port, a backend's URL
-into its parts, a managed entry into its replicas.
+into its parts, a managed entry into its replicas, a `discover` entry into a DiscoveryConfig.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from mcpbalancer.config.models import (
     LogConfig,
     MetricsConfig,
     TimeoutsConfig,
+    TracingConfig,
 )
 
 
@@ -77,6 +78,42 @@ class BackendConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class DiscoveryConfig:
+    """A `discover` entry: where to look its instances up, and the settings each of them takes.
+
+    `template` is the BackendConfig every discovered backend is made from (fleet/discovery.py
+    fills in its name, address and, from an SRV record, weight): whatever an entry's settings are,
+    a discovered backend has the same, as a `url` entry would."""
+
+    name: str
+    dns: str | None  # A/AAAA records of this name are the instances, on `port`
+    srv: str | None  # or the targets of this SRV name
+    port: int | None
+    interval: float = 5.0
+    timeout: float = 2.0
+    family: str = "ipv4"  # "ipv4" (A records) or "ipv6" (AAAA)
+    scheme: str = "http"
+    path: str = ""  # the instances' MCP endpoint; "" = none
+    nameservers: tuple[tuple[str, int], ...] = ()  # (IP, port) to ask; () = the system's resolv.conf
+    template: BackendConfig = field(default_factory=lambda: BackendConfig("", "", "http", "", 0, ""))
+
+    @property
+    def query(self) -> tuple[object, ...]:
+        """What is asked of DNS: a change of it means another answer."""
+        return (self.dns, self.srv, self.port, self.family, self.nameservers, self.timeout)
+
+    @property
+    def tls_name(self) -> str:
+        """The name an https instance's certificate is verified for by default: the name looked
+        up, without an SRV name's `_service._proto.` labels."""
+        name = self.dns or self.srv or ""
+        labels = name.rstrip(".").split(".")
+        while len(labels) > 1 and labels[0].startswith("_"):
+            labels.pop(0)
+        return ".".join(labels)
+
+
+@dataclass(frozen=True, slots=True)
 class RouteConfig:
     """One `routes` entry: match on a 2026-07-28 request's headers, then a pool or a deny status."""
 
@@ -95,7 +132,7 @@ class Config:
     session_ttl: float
     balance: str
     heartbeat: float
-    backends: tuple[BackendConfig, ...]
+    backends: tuple[BackendConfig, ...]  # the fixed ones: `url` and `command` entries
     timeouts: TimeoutsConfig
     limits: LimitsConfig
     store_prefix: str = DEFAULT_STORE_PREFIX
@@ -104,6 +141,7 @@ class Config:
     admin: tuple[str, int] | None = None  # (host, port) of the control listener; None = off
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    tracing: TracingConfig = field(default_factory=TracingConfig)
     health: HealthConfig = field(default_factory=HealthConfig)
     shutdown_timeout: float = DEFAULT_SHUTDOWN_TIMEOUT
     pools: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
@@ -131,6 +169,8 @@ class Config:
     workers: int = 1
     # The path clients use for MCP; requests for it go to each backend's endpoint (its URL's path).
     mcp_path: str = DEFAULT_MCP_PATH
+    # The `discover` entries: backends found in DNS at run time (fleet/discovery.py).
+    discovery: tuple[DiscoveryConfig, ...] = ()
 
 
 def host_port(host: str, port: int) -> str:

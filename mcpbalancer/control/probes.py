@@ -7,6 +7,10 @@ store's state. It cannot serve when no backend is up, or when the session store 
 the body (`"status":"degraded"`) but the answer stays 200: known sessions route from the local cache
 and new ones are bound locally. The store is pinged at most once per READY_CACHE seconds, and
 concurrent probes share the ping in flight, so a scrape storm does not become a Redis storm.
+
+With `discover` entries the body lists them (`"discovery": [{entry, state, backends, reason}]`). An
+entry whose last lookup failed or was empty is `stale`: its last known backends are kept and serve,
+so the answer stays 200, with `"status":"degraded"` and the reason.
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ import asyncio
 import json
 import time
 from collections.abc import Awaitable, Callable, Iterable
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 from mcpbalancer.dataplane.local import LocalAnswer, LocalHandler
 from mcpbalancer.errors import StoreError
@@ -36,6 +40,7 @@ class Verdict(NamedTuple):
     status: str  # "ready", "degraded" (ready, the store is down) or "unavailable"
     reason: str
     store: str  # "ok", "unreachable", or "unknown" (not asked yet)
+    discovery: tuple[dict[str, Any], ...] = ()  # one line per `discover` entry
 
 
 class Readiness:
@@ -48,12 +53,14 @@ class Readiness:
         ping: Callable[[], Awaitable[None]],
         *,
         store_required: bool = False,
+        discovery: Callable[[], list[dict[str, Any]]] | None = None,
         cache: float = READY_CACHE,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._backends = backends
         self._ping = ping
         self.store_required = store_required
+        self._discovery = discovery
         self._cache = cache
         self._clock = clock
         self._checked_at = float("-inf")
@@ -61,6 +68,18 @@ class Readiness:
         self._pinging: asyncio.Future[None] | None = None
 
     async def check(self) -> Verdict:
+        verdict = await self._check()
+        if self._discovery is None:
+            return verdict
+        entries = tuple(self._discovery())
+        stale = [e for e in entries if e["state"] == "stale"]
+        if stale and verdict.status == "ready":
+            first = stale[0]
+            reason = f"discovery {first['entry']}: {first['reason']}; its last known backends are kept"
+            return Verdict(True, "degraded", reason, verdict.store, entries)
+        return verdict._replace(discovery=entries)
+
+    async def _check(self) -> Verdict:
         if not any(backend.up for backend in self._backends()):
             # The store is not asked when no backend could serve anyway: its last known state.
             return Verdict(False, "unavailable", "no backend up", self._store_state())
@@ -98,7 +117,9 @@ class Readiness:
 
 async def readiness_answer(readiness: Readiness) -> LocalAnswer:
     verdict = await readiness.check()
-    fields = {"status": verdict.status, "reason": verdict.reason, "store": verdict.store}
+    fields: dict[str, Any] = {"status": verdict.status, "reason": verdict.reason, "store": verdict.store}
+    if verdict.discovery:
+        fields["discovery"] = list(verdict.discovery)
     body = json.dumps(fields, separators=(",", ":")).encode()
     if verdict.ready:
         return LocalAnswer(200, "OK", JSON, body)

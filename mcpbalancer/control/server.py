@@ -1,7 +1,7 @@
 """The control listener (`admin: "host:port"`), on aiohttp: the metrics page and the health probes.
 
-It runs only when configured. Other control endpoints (an admin API) add their routes to `app`
-before `start()`.
+It runs only when configured. Other control endpoints (the admin API, the status page at `/`) add
+their routes to `app` before `start()`.
 """
 
 from __future__ import annotations

@@ -16,6 +16,7 @@ from typing import Protocol, cast
 import httptools
 
 from mcpbalancer import protocol
+from mcpbalancer.config import DEFAULT_SERVICE
 from mcpbalancer.dataplane.deadline import Deadline
 from mcpbalancer.dataplane.exchange import Exchange, ExchangePlane
 from mcpbalancer.dataplane.framing import chunk, chunk_size
@@ -31,6 +32,7 @@ from mcpbalancer.errors import (
     render_error,
 )
 from mcpbalancer.filters.origin import same_host
+from mcpbalancer.observability.logs import new_request_id, request_fields
 from mcpbalancer.protocol import Era
 
 log = logging.getLogger(__name__)
@@ -427,28 +429,36 @@ class ClientConnection(asyncio.Protocol):
             self._close()  # an idle keep-alive connection: nothing to say
             return
         self.plane.metrics.rejected("head_timeout")
+        request_id = self._head.request_id or new_request_id()
         log.info(
             "closing connection from %s: no request head within %ss",
             self.peer_ip.decode(),
             self.plane.limits.head_timeout,
+            extra=request_fields(DEFAULT_SERVICE, request_id),
         )
         if self._in_head:
-            self.write(render_error(RequestTimeout(), keep_alive=False))
+            self.write(render_error(RequestTimeout(), keep_alive=False, request_id=request_id))
         self._close()
 
     def _refuse(self, err: ProxyError, reason: str) -> None:
         """The byte stream is broken: answer once the queue ahead drains, then close."""
         self.plane.metrics.rejected(reason)
-        log.info("refused request from %s: %s", self.peer_ip.decode(), err)
         self._stop_reading()
         broken, self._parsing = self._parsing, None
-        if broken is not None and broken.request_broken(err):
-            return  # the exchange whose request broke answers in its turn
+        if broken is not None and not broken.done:
+            # The exchange whose request broke answers in its turn, with its own request id.
+            log.info("refused request from %s: %s", self.peer_ip.decode(), err, extra=broken.log_fields())
+            broken.request_broken(err)
+            return
+        request_id = self._head.request_id or new_request_id()
+        fields = request_fields(DEFAULT_SERVICE, request_id)
+        log.info("refused request from %s: %s", self.peer_ip.decode(), err, extra=fields)
+        answer = render_error(err, keep_alive=False, request_id=request_id)
         if not self._queue:
-            self.write(render_error(err, keep_alive=False))
+            self.write(answer)
             self._close()
             return
-        self._refusal = render_error(err, keep_alive=False)
+        self._refusal = answer
 
     def _stop_reading(self) -> None:
         self._closing = True

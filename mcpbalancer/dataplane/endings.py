@@ -45,10 +45,13 @@ class Endings(ExchangeState):
         if not self.request_complete and (self.head.expect_continue or isinstance(err, PayloadTooLarge)):
             self.keep_alive = False
         target = self.head.target[:200].decode("latin-1")
-        log.info("%s %s -> %d %s", self.head.method.decode("latin-1"), target, err.status, err)
+        fields = self.log_fields()
+        log.info("%s %s -> %d %s", self.head.method.decode("latin-1"), target, err.status, err, extra=fields)
         self._record_own_answer(err.status, "error")
         head_only = self.head.method == b"HEAD"
-        answer = render_error(err, keep_alive=self.keep_alive, head_only=head_only)
+        answer = render_error(
+            err, keep_alive=self.keep_alive, head_only=head_only, request_id=self.request_id
+        )
         if self.head.cors is not None:  # a browser may read the error only with CORS headers
             end = answer.index(b"\r\n") + 2
             answer = answer[:end] + self.head.cors + answer[end:]
@@ -113,6 +116,7 @@ class Endings(ExchangeState):
         plane = self.plane
         stream = self._stream
         if stream is not None:
+            self._stream = None  # the stream holds its exchange: no cycle left for the collector
             if stream.timer is not None:
                 stream.timer.cancel()
                 stream.timer = None

@@ -118,7 +118,7 @@ class Exchange(RequestRelay, ResponseRelay, Endings):
         if isinstance(target, Backend):
             self._use(target)
         else:
-            self._await(target)
+            self._await(target, "store_lookup" if self.facts.session_id is not None else "affinity_lookup")
 
     def _route_with_body(self) -> None:
         """The whole body is here (bounded by limits.body_bytes): the request_body filters, then

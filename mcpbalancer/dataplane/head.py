@@ -33,6 +33,7 @@ class RequestHead:
     mcp_method: bytes | None = None
     transfer_encoding: bytes | None = None  # all fields joined
     mcp_name: bytes | None = None  # captured only when routing reads it
+    request_id: bytes | None = None  # X-Request-Id, when it is one the proxy keeps
     # Only for the checks of the complete head.
     hosts: int = 0
     sid_conflict: bool = False
@@ -69,6 +70,11 @@ def _mcp_name(head: RequestHead, value: bytes) -> None:
     if head.mcp_name is not None and head.mcp_name != value:
         head.name_conflict = True
     head.mcp_name = value
+
+
+def _request_id(head: RequestHead, value: bytes) -> None:
+    if protocol.valid_request_id(value):
+        head.request_id = value
 
 
 def _host(head: RequestHead, value: bytes) -> None:
@@ -113,6 +119,7 @@ CAPTURE: dict[bytes, Capture] = {
     protocol.PROTOCOL_VERSION: _version,
     protocol.MCP_METHOD: _mcp_method,
     protocol.HOST: _host,
+    protocol.REQUEST_ID: _request_id,
     protocol.CONTENT_LENGTH: _length,
     protocol.TRANSFER_ENCODING: _transfer_encoding,
     protocol.EXPECT: _expect,

@@ -120,9 +120,11 @@ class DataPlane:
         return any(not _standalone_stream(ex) for conn in self.connections for ex in conn.exchanges)
 
     def abort_streams(self, backend: Backend) -> None:
-        """Cut the event streams relayed from `backend` (its sessions were ended)."""
+        """Cut the standalone GET streams relayed from `backend` (its sessions were ended or move):
+        they never end by themselves. Requests in flight (a tool call's streamed answer too) run to
+        their end: the backend still serves them, and cutting one would lose its result."""
         for conn in list(self.connections):
-            if any(ex.backend is backend and ex.streaming for ex in conn.exchanges):
+            if any(ex.backend is backend and _standalone_stream(ex) for ex in conn.exchanges):
                 _cut(conn, "aborted")
 
 

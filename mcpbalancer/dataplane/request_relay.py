@@ -10,6 +10,7 @@ once, on a fresh one.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Awaitable, Callable
 
 from mcpbalancer.dataplane.framing import CONTINUE, LAST_CHUNK, chunk, request_head
@@ -18,6 +19,7 @@ from mcpbalancer.dataplane.tls import tls_problem
 from mcpbalancer.dataplane.upstream import UpstreamConnection
 from mcpbalancer.errors import BadGateway, GatewayTimeout, NoBackendAvailable, ProxyError
 from mcpbalancer.fleet.backends import Backend
+from mcpbalancer.observability.tracing import SCAN_LIMIT
 from mcpbalancer.routing.failover import BODY_LIMIT as INITIALIZE_LIMIT
 
 log = logging.getLogger(__name__)
@@ -33,6 +35,9 @@ class RequestRelay(ExchangeState):
         if self._body_bytes > self.plane.limits.body_bytes:
             self._too_large()
             return
+        trace = self.trace
+        if trace is not None and trace.wants_body:  # its first chunk, for the span's method and tool
+            trace.body, trace.wants_body = data[:SCAN_LIMIT], False
         if self._capture is not None:
             if self._body_bytes > INITIALIZE_LIMIT:
                 self._capture = None
@@ -52,13 +57,21 @@ class RequestRelay(ExchangeState):
 
     # -- connecting -------------------------------------------------------------------------------
 
-    def _await(self, awaitable: Awaitable[Backend]) -> None:
+    def _await(self, awaitable: Awaitable[Backend], decision: str) -> None:
+        """Route once `awaitable` (a store lookup, a replay) has the backend. `decision` names it
+        for the span."""
+
         async def run() -> None:
+            trace = self.trace
+            started = time.perf_counter() if trace is not None else 0.0
             try:
                 backend = await awaitable
             except ProxyError as err:
                 self._answer_error(err)
                 return
+            finally:
+                if trace is not None:
+                    trace.decision, trace.store_seconds = decision, time.perf_counter() - started
             if not self.done:
                 self._use(backend)
 
@@ -106,7 +119,9 @@ class RequestRelay(ExchangeState):
             self._tls_failed(backend, problem, connecting=True)
             return
         timed_out = isinstance(exc, TimeoutError)
-        log.warning("backend %s: connect failed: %s", backend.name, exc or type(exc).__name__)
+        log.warning(
+            "backend %s: connect failed: %s", backend.name, exc or type(exc).__name__, extra=self.log_fields()
+        )
         self.plane.metrics.upstream_error(backend.name, "timeout" if timed_out else "connect")
         fault = self.plane.phases.fail_to_connect
         if fault is not None:
@@ -118,7 +133,7 @@ class RequestRelay(ExchangeState):
                 # A backend slow to accept is not gone: keep its sessions.
                 self._answer_error(GatewayTimeout("Backend connect timeout"))
             elif failover is not None and failover.can_replay(self.facts.session_id):
-                self._await(failover.replay(self.plane.router, self.facts, backend))
+                self._await(failover.replay(self.plane.router, self.facts, backend), "replay")
             else:
                 self._answer_error(self.plane.router.owner_gone(self.facts, backend))
             return
@@ -133,7 +148,7 @@ class RequestRelay(ExchangeState):
     def _tls_failed(self, backend: Backend, problem: str, *, connecting: bool) -> None:
         """TLS with the backend failed (its certificate refused, or it refused ours): a 502, for a
         session too. The backend is not gone, and nothing is ever sent to it without TLS."""
-        log.warning("backend %s: TLS failed: %s", backend.name, problem)
+        log.warning("backend %s: TLS failed: %s", backend.name, problem, extra=self.log_fields())
         self.plane.metrics.upstream_error(backend.name, "tls")
         phases = self.plane.phases
         fault = phases.fail_to_connect if connecting else phases.error_while_proxy

@@ -144,11 +144,13 @@ class ResponseRelay(ExchangeState):
             self.upstream.abort()  # its 404 body is not read: the connection cannot be reused
             self.upstream = None
         self._body, self._terminated = resend, False
-        self._await(failover.replay(self.plane.router, facts, backend, avoid=False))
+        self._await(failover.replay(self.plane.router, facts, backend, avoid=False), "replay")
         return True
 
     def _hold_until(self, wait: Awaitable[None]) -> None:
         async def run() -> None:
+            trace = self.trace
+            started = time.perf_counter() if trace is not None else 0.0
             try:
                 await wait
             except ProxyError as err:  # the binding could not be stored, and must be (fail)
@@ -156,6 +158,8 @@ class ResponseRelay(ExchangeState):
                 self._answer_error(err)
                 return
             finally:
+                if trace is not None:  # the new session's binding, written to the shared store
+                    trace.store_seconds = time.perf_counter() - started
                 held, self._held = self._held, None
                 if not self.done and held is not None:
                     self._started = True
@@ -239,7 +243,12 @@ class ResponseRelay(ExchangeState):
         if problem is not None:  # a TLS alert after the handshake: a client certificate refused
             self._tls_failed(self.backend, problem, connecting=False)
             return
-        log.warning("backend %s closed the connection before answering: %s", self.backend.name, exc)
+        log.warning(
+            "backend %s closed the connection before answering: %s",
+            self.backend.name,
+            exc,
+            extra=self.log_fields(),
+        )
         self._upstream_failed("reset")
         fault = self.plane.phases.error_while_proxy
         if fault is not None:
@@ -253,7 +262,12 @@ class ResponseRelay(ExchangeState):
         if self.done or self._started:
             return
         name = self.backend.name if self.backend else "?"
-        log.warning("backend %s: no response head within %ss", name, self.plane.timeouts.response_headers)
+        log.warning(
+            "backend %s: no response head within %ss",
+            name,
+            self.plane.timeouts.response_headers,
+            extra=self.log_fields(),
+        )
         self._upstream_failed("timeout")
         fault = self.plane.phases.error_while_proxy
         if self.backend is not None and fault is not None:

@@ -18,7 +18,7 @@ import asyncio
 from collections.abc import Awaitable, Mapping
 from typing import Protocol
 
-from mcpbalancer.config import LimitsConfig, TimeoutsConfig
+from mcpbalancer.config import DEFAULT_SERVICE, LimitsConfig, TimeoutsConfig
 from mcpbalancer.dataplane.head import RequestHead
 from mcpbalancer.dataplane.local import LocalHandler
 from mcpbalancer.dataplane.stream_relay import StreamRelay
@@ -26,7 +26,9 @@ from mcpbalancer.dataplane.upstream import Output, UpstreamConnection, UpstreamP
 from mcpbalancer.errors import ProxyError
 from mcpbalancer.filters.phases import BodyWatcher, HeadEdits, Phases
 from mcpbalancer.fleet.backends import Backend
+from mcpbalancer.observability.logs import new_request_id, request_fields
 from mcpbalancer.observability.metrics import Metrics
+from mcpbalancer.observability.tracing import Span
 from mcpbalancer.routing.router import RequestFacts, Router
 
 # Request bytes kept until the first response byte, so a request sent on a keep-alive connection the
@@ -104,6 +106,9 @@ class ExchangeState:
     outcome = "ok"  # or error, aborted, client_disconnect, shutdown, local
     cut_by: str | None = None  # the outcome when the proxy closes the client connection (shutdown)
     created: bytes | None = None  # the session id a 2xx answer to a request without one minted
+    service = DEFAULT_SERVICE
+    _request_id: bytes | None = None  # made for an error answer when the client sent none
+    trace: Span | None = None  # this request's span, set by the tracing filter when sampled
     _awaiting_body = False  # routing waits for the whole request body (a request_body filter)
     _watcher: BodyWatcher | None = None  # a response_body filter watching this response
     _edits: HeadEdits | None = None  # the upstream_request filters' changes to the head sent
@@ -112,6 +117,18 @@ class ExchangeState:
     # once the session is replayed.
     _capture: list[bytes] | None = None
     _resend: list[bytes] | None = None
+
+    @property
+    def request_id(self) -> bytes | None:
+        """The client's X-Request-Id (kept), or the one made for this exchange's error answer."""
+        return self._request_id if self._request_id is not None else self.head.request_id
+
+    def log_fields(self) -> dict[str, str]:
+        """`extra=` of a log line about this request: its service and request id (made now if the
+        client sent none, so that the error answer that follows carries the same one)."""
+        if self.request_id is None:
+            self._request_id = new_request_id()
+        return request_fields(self.service, self.request_id)
 
     # Called across the parts (each is defined in exactly one of them).
     def _use(self, backend: Backend) -> None:
@@ -157,7 +174,7 @@ class ExchangeState:
     def _answer_error(self, err: ProxyError) -> None:
         raise NotImplementedError
 
-    def _await(self, awaitable: Awaitable[Backend]) -> None:
+    def _await(self, awaitable: Awaitable[Backend], decision: str) -> None:
         raise NotImplementedError
 
     def _abort_client(self) -> None:

@@ -40,10 +40,11 @@ _HINTS: Final = {
 
 
 def backend_contexts(config: Config) -> dict[str, ssl.SSLContext]:
-    """The client context of every https backend of `config`, by backend name. ConfigError (naming
-    the file and the key) when a CA, certificate or key file cannot be read or used."""
+    """The client context of every https backend of `config`, by backend name, and of every https
+    `discover` entry, by entry name (all its backends share it). ConfigError (naming the file and
+    the key) when a CA, certificate or key file cannot be read or used."""
     contexts: dict[str, ssl.SSLContext] = {}
-    for backend in config.backends:
+    for backend in (*config.backends, *(entry.template for entry in config.discovery)):
         if backend.tls is None:
             continue
         contexts[backend.name] = client_context(backend.tls, source=config.source)

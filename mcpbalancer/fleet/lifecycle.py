@@ -1,8 +1,14 @@
-"""The backends at run time: built from the config, re-shaped by a reload, drained, reported.
+"""The backends at run time: built from the config, re-shaped by a reload or by discovery, drained,
+reported.
 
 The BackendSet and the pools dict are updated in place, because the router and the data plane hold
 references to them. A removed backend leaves the set at once (its sessions answer 404), but its
 exchanges in flight keep their Backend object and connections and run to their end.
+
+Discovered backends (fleet/discovery.py) are members too, each tagged with its `discover` entry;
+`sync` sets one entry's members. One that DNS no longer lists has *vanished*: it is drained, keeps
+serving its sessions, and stays a member until `retire` finds it done with (nothing in flight, and
+down or past its drain_timeout), because a session's owner must be a member to be routed to.
 """
 
 from __future__ import annotations
@@ -10,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import ssl
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Generic, Protocol, TypeVar
 
@@ -26,6 +32,10 @@ class Changes:
     added: list[str] = field(default_factory=list)
     removed: list[str] = field(default_factory=list)
     updated: list[str] = field(default_factory=list)
+    drained: list[str] = field(default_factory=list)  # discovered backends that vanished from DNS
+
+    def __bool__(self) -> bool:
+        return bool(self.added or self.removed or self.updated or self.drained)
 
     def as_json(self) -> dict[str, list[str]]:
         return {"added": self.added, "removed": self.removed, "updated": self.updated}
@@ -84,6 +94,12 @@ class Fleet(Generic[P]):
         self.backends = BackendSet(())
         self.pools: dict[str, P] = {}
         self.on_evict: Callable[[Backend], None] = lambda backend: None
+        # A discovered backend left the set for good (retired): the composition root drops what
+        # other parts keep by its name (health state, metric series).
+        self.on_remove: Callable[[Backend], None] = lambda backend: None
+        self._entries: dict[str, str] = {}  # discovered backend name -> its `discover` entry
+        self._vanished: set[str] = set()  # discovered backends DNS no longer lists, draining
+        self._drain_after: dict[str, float] = {}  # each discovered backend's drain_timeout
         self._timers: dict[str, asyncio.TimerHandle] = {}
         self._drain_timeouts: dict[str, float] = {}  # the drain_timeout each drain was started with
         self._pending_drains: dict[str, float] = {}  # drains from the config, armed at start()
@@ -166,9 +182,11 @@ class Fleet(Generic[P]):
         contexts: Mapping[str, ssl.SSLContext] | None = None,
         *,
         mcp_path: str | None = None,
+        discovered: Collection[str] = (),
     ) -> Changes:
         """Make the running backends match `configs` (and, if given, `mcp_path`); the file is the
-        source of truth."""
+        source of truth. The backends found by the `discover` entries named in `discovered` stay
+        (`sync` keeps them); those of other entries leave with their entry."""
         contexts = contexts or {}
         changes = Changes()
         members = []
@@ -179,33 +197,122 @@ class Fleet(Generic[P]):
         for config in configs:
             backend = self.backends.get(config.name)
             if backend is None:
-                backend = _backend(config, contexts, self._mcp_path)
-                old = self.pools.get(backend.name)  # a pool left by an earlier removal
-                if old is not None:
-                    old.close()
-                self.pools[backend.name] = self._pool(backend)
-                self._tls[backend.name] = config.tls
+                backend = self._add(config, contexts)
                 changes.added.append(backend.name)
             elif config.command is None and self._update(backend, config, contexts.get(config.name)):
                 # (A managed backend's address is its process's; managed.py moves it.)
                 changes.updated.append(backend.name)
-            if config.drain and backend.draining:
-                if self._drain_timeouts.get(backend.name) != config.drain_timeout and not backend.evicted:
-                    self._arm(backend, config.drain_timeout)  # a new timeout counts from the reload
-            elif config.drain:
-                self.drain(backend.name, config.drain_timeout)
-            else:
-                self.undrain(backend.name)
+            self._drain_as_configured(backend, config, from_file=True)
             members.append(backend)
+        members += [b for b in self.backends if self._entries.get(b.name) in discovered]
         names = {b.name for b in members}
         for backend in self.backends:
             if backend.name not in names:
                 # Its pool stays in the dict (closed) for its exchanges still in flight.
                 self._disarm(backend.name)
                 self.pools[backend.name].close()
+                self._forget_discovered(backend.name)
                 changes.removed.append(backend.name)
         self.backends.replace(members)
         return changes
+
+    def _drain_as_configured(self, backend: Backend, config: BackendConfig, *, from_file: bool) -> None:
+        """`drain` as the file says. A DNS answer (not `from_file`) undrains only a backend that had
+        vanished: a drain from the admin API lasts until the next reload, as for any backend."""
+        if config.drain and backend.draining:
+            if self._drain_timeouts.get(backend.name) != config.drain_timeout and not backend.evicted:
+                self._arm(backend, config.drain_timeout)  # a new timeout counts from the reload
+        elif config.drain:
+            self.drain(backend.name, config.drain_timeout)
+        elif from_file or backend.name in self._vanished:
+            self.undrain(backend.name)
+        self._vanished.discard(backend.name)
+
+    # -- discovery --------------------------------------------------------------------------------
+
+    def sync(
+        self,
+        entry: str,
+        configs: Sequence[BackendConfig],
+        contexts: Mapping[str, ssl.SSLContext] | None = None,
+        *,
+        from_file: bool = False,
+    ) -> Changes:
+        """The backends the `discover` entry `entry` finds now. A new one joins and takes sessions at
+        once; a known one takes the entry's settings (and is undrained if it had vanished); the
+        entry's others have vanished: drained (their drain_timeout counting from now) and kept until
+        `retire`. `from_file`: the entry's settings were just reloaded (see `apply`)."""
+        contexts = contexts or {}
+        changes = Changes()
+        members = [b for b in self.backends if self._entries.get(b.name) != entry]
+        for config in configs:
+            backend = self.backends.get(config.name)
+            if backend is None:
+                backend = self._add(config, contexts)
+                self._entries[backend.name] = entry
+                changes.added.append(backend.name)
+            elif self._update(backend, config, contexts.get(config.name)):
+                changes.updated.append(backend.name)
+            self._drain_after[backend.name] = config.drain_timeout
+            self._drain_as_configured(backend, config, from_file=from_file)
+            members.append(backend)
+        found = {config.name for config in configs}
+        for backend in self.backends:
+            if self._entries.get(backend.name) == entry and backend.name not in found:
+                if backend.name not in self._vanished:
+                    self._vanished.add(backend.name)
+                    self._disarm(backend.name)  # an admin drain's timer gives way to the entry's
+                    backend.draining = False
+                    self.drain(backend.name, self._drain_after.get(backend.name, 0.0))
+                    changes.drained.append(backend.name)
+                members.append(backend)
+        self.backends.replace(members)
+        return changes
+
+    def retire(self) -> list[str]:
+        """Remove the vanished backends that are done with: nothing in flight, and down (it stopped
+        answering) or evicted (its drain_timeout passed). Their sessions then answer 404 (or are
+        replayed). A vanished backend that still answers stays: a session another proxy replica
+        placed on it may still come here."""
+        done = [
+            b
+            for b in self.backends
+            if b.name in self._vanished and b.in_flight == 0 and (b.evicted or not b.up)
+        ]
+        if not done:
+            return []
+        self.backends.replace(b for b in self.backends if b not in done)
+        for backend in done:
+            self._disarm(backend.name)
+            pool = self.pools.pop(backend.name, None)  # nothing in flight may still ask for it
+            if pool is not None:
+                pool.close()
+            self._forget_discovered(backend.name)
+            log.info("backend %s removed: gone from DNS and %s", backend.name, backend.state)
+            self.on_remove(backend)
+        return [b.name for b in done]
+
+    def discovered(self, entry: str) -> list[Backend]:
+        """The members found by `entry`, vanished ones included."""
+        return [b for b in self.backends if self._entries.get(b.name) == entry]
+
+    def vanished(self, name: str) -> bool:
+        return name in self._vanished
+
+    def _forget_discovered(self, name: str) -> None:
+        self._entries.pop(name, None)
+        self._vanished.discard(name)
+        self._drain_after.pop(name, None)
+        self._tls.pop(name, None)
+
+    def _add(self, config: BackendConfig, contexts: Mapping[str, ssl.SSLContext]) -> Backend:
+        backend = _backend(config, contexts, self._mcp_path)
+        old = self.pools.get(backend.name)  # a pool left by an earlier removal
+        if old is not None:
+            old.close()
+        self.pools[backend.name] = self._pool(backend)
+        self._tls[backend.name] = config.tls
+        return backend
 
     def _update(self, backend: Backend, config: BackendConfig, context: ssl.SSLContext | None) -> bool:
         context = _context(config, context)

@@ -7,11 +7,15 @@ go through the C JSON string encoder; lines are gathered and written in one writ
 FLUSH_INTERVAL seconds (or FLUSH_LINES lines). Session ids are never written: a session is shown as
 the first 8 hex digits of a blake2s of its id keyed with a per-process random key, enough to follow
 one session through one proxy's log and useless for taking it over. The line of the request that
-created a session (an `initialize`) shows the session its answer minted. A worker process's lines
-end with its index.
+created a session (an `initialize`) shows the session its answer minted. Both formats carry the
+same fields in the same order, each line all of them: the service, the request id (X-Request-Id:
+the client's, or the one the proxy made for an error answer), and the worker index (null or `-`
+outside a worker process).
 
-Lifecycle events (start, backend up/down, drain, reload) are ordinary `logging` records on stderr;
-in JSON mode `JsonFormatter` writes them as JSON lines too.
+Lifecycle events (start, backend up/down, drain, reload) are ordinary `logging` records on stderr,
+JSON lines in JSON mode (`JsonFormatter`). A record about a request (`extra=request_fields(...)`)
+carries its service and request id; a worker process's records carry its index; the text format
+ends with the same fields as `key=value`.
 """
 
 from __future__ import annotations
@@ -38,6 +42,20 @@ _HASH_CACHE_SIZE: Final = 4096
 # Worker processes share stdout: a write of at most PIPE_BUF bytes to a pipe is not interleaved with
 # another process's. Characters here are at most 2 bytes in UTF-8 (ASCII, or paths decoded as latin-1).
 ATOMIC_CHARS: Final = select.PIPE_BUF // 2
+REQUEST_ID_BYTES: Final = 8  # a request id the proxy makes: 16 hex digits
+
+
+def new_request_id() -> bytes:
+    """A request id for an answer whose request came without a usable X-Request-Id."""
+    return os.urandom(REQUEST_ID_BYTES).hex().encode("ascii")
+
+
+def request_fields(service: str, request_id: bytes | None) -> dict[str, str]:
+    """`extra=` for a log record about one request: both formats then carry these fields."""
+    fields = {"service": service}
+    if request_id is not None:
+        fields["request_id"] = request_id.decode("latin-1")
+    return fields
 
 
 class AccessRecord(Protocol):
@@ -49,7 +67,10 @@ class AccessRecord(Protocol):
     outcome: str
     received_at: float  # perf_counter
     created: bytes | None  # the session id the answer created, if any
+    service: str
 
+    @property
+    def request_id(self) -> bytes | None: ...
     @property
     def client(self) -> _Peer: ...
     @property
@@ -120,9 +141,9 @@ class AccessLog:
         self._stream = stream
         # `shared`: other processes write to the same stream, so write whole lines in atomic pieces.
         self._shared = shared
-        # A worker process's index ends each of its lines; made once, an empty string otherwise.
-        self._json_worker = "" if worker is None else f',"worker":{worker:d}'
-        self._text_worker = "" if worker is None else f" worker={worker:d}"
+        # Every line ends with the worker index (none outside a worker process); made once.
+        self._json_worker = f',"worker":{"null" if worker is None else f"{worker:d}"}'
+        self._text_worker = f" worker={'-' if worker is None else f'{worker:d}'}"
         self._line = self._json_line if fmt == "json" else self._text_line
         self._hash = hasher or SessionHasher()
         self._clock = clock
@@ -169,26 +190,30 @@ class AccessLog:
 
     def _json_line(self, ex: AccessRecord) -> str:
         head, sid, mcp, backend, micros = _fields(ex)
+        rid = ex.request_id  # visible ASCII only (protocol.valid_request_id): no escaping needed
         return (
             f'{{"ts":"{self._timestamp()}","type":"access","client":"{ex.client.peer_ip.decode()}",'
             f'"method":"{head.method.decode()}","path":{_json_string(_path(head.target))},'
-            f'"era":"{_era(ex)}",'
+            f'"era":"{_era(ex)}","service":{_quoted(ex.service)},'
             f'"session":{"null" if sid is None else _quoted(self._hash(sid))},'
             f'"backend":{"null" if backend is None else _quoted(backend.name)},'
             f'"status":{ex.status},"bytes":{ex.sent},"duration_us":{micros},'
             f'"mcp_method":{"null" if mcp is None else _json_string(mcp[:64].decode("latin-1"))},'
-            f'"outcome":"{ex.outcome}"{self._json_worker}}}\n'
+            f'"outcome":"{ex.outcome}",'
+            f'"request_id":{"null" if rid is None else _quoted(rid.decode("latin-1"))}{self._json_worker}}}\n'
         )
 
     def _text_line(self, ex: AccessRecord) -> str:
         head, sid, mcp, backend, micros = _fields(ex)
+        rid = ex.request_id
         return (
             f"{self._timestamp()} {ex.client.peer_ip.decode()} "
             f'"{head.method.decode()} {_path(head.target)}" {ex.status} {ex.sent} '
-            f"{micros}us era={_era(ex)} "
+            f"{micros}us era={_era(ex)} service={ex.service} "
             f"session={'-' if sid is None else self._hash(sid)} "
             f"backend={'-' if backend is None else backend.name} "
-            f"mcp={'-' if mcp is None else _path(mcp[:64])} outcome={ex.outcome}{self._text_worker}\n"
+            f"mcp={'-' if mcp is None else _path(mcp[:64])} outcome={ex.outcome} "
+            f"request_id={'-' if rid is None else rid.decode('latin-1')}{self._text_worker}\n"
         )
 
     def _timestamp(self) -> str:
@@ -244,9 +269,24 @@ def _quoted(text: str) -> str:
 # --- every other log line ----------------------------------------------------------------------------
 
 
+# The fields a record may carry beyond its message, in the order both formats write them.
+_RECORD_FIELDS: Final = ("service", "request_id")
+
+
+def _extras(record: logging.LogRecord, worker: int | None) -> list[tuple[str, object]]:
+    """(field, value) of a record's request fields (request_fields) and the worker index."""
+    found: list[tuple[str, object]] = [
+        (name, value) for name in _RECORD_FIELDS if (value := getattr(record, name, None)) is not None
+    ]
+    if worker is not None:
+        found.append(("worker", worker))
+    return found
+
+
 class JsonFormatter(logging.Formatter):
-    """A LogRecord as one JSON line: ts, type "event", level, logger, msg (and exc when present);
-    `worker` too in a worker process."""
+    """A LogRecord as one JSON line: ts, type "event", level, logger, msg; then the request's
+    `service` and `request_id` when it is about one, `worker` in a worker process, `exc` when
+    present."""
 
     def __init__(self, worker: int | None = None) -> None:
         super().__init__()
@@ -261,11 +301,26 @@ class JsonFormatter(logging.Formatter):
             "logger": record.name,
             "msg": record.getMessage(),
         }
-        if self._worker is not None:
-            entry["worker"] = self._worker
+        entry.update(_extras(record, self._worker))
         if record.exc_info:
             entry["exc"] = self.formatException(record.exc_info)
         return json.dumps(entry, ensure_ascii=False, separators=(",", ":"))
+
+
+class TextFormatter(logging.Formatter):
+    """TEXT_FORMAT, then the fields JsonFormatter adds, as ` key=value`."""
+
+    def __init__(self, worker: int | None = None) -> None:
+        super().__init__(TEXT_FORMAT)
+        self._worker = worker
+
+    def format(self, record: logging.LogRecord) -> str:
+        line = super().format(record)
+        extras = "".join(f" {name}={value}" for name, value in _extras(record, self._worker))
+        if not extras:
+            return line
+        message, newline, rest = line.partition("\n")  # a traceback follows the first line
+        return message + extras + newline + rest
 
 
 TEXT_FORMAT: Final = "%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -295,10 +350,7 @@ def reconfigure_logging(config: LogConfig, *, worker: int | None = None) -> None
 
 
 def _formatter(fmt: str, worker: int | None) -> logging.Formatter:
-    if fmt == "json":
-        return JsonFormatter(worker)
-    text = TEXT_FORMAT if worker is None else TEXT_FORMAT.replace("%(name)s", f"worker-{worker} %(name)s")
-    return logging.Formatter(text)
+    return JsonFormatter(worker) if fmt == "json" else TextFormatter(worker)
 
 
 def access_enabled(config: LogConfig) -> bool:

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from bisect import bisect_left
 from collections.abc import Callable, Iterable, Sequence
-from typing import Final, Generic, Protocol, TypeVar
+from typing import Any, Final, Generic, NamedTuple, Protocol, TypeVar
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from prometheus_client.core import (
@@ -57,6 +57,7 @@ LOOKUP_RESULTS: Final = ("cache_hit", "store_hit", "miss")
 UPSTREAM_ERROR_KINDS: Final = ("connect", "reset", "timeout", "tls")
 AFFINITY_KINDS: Final = ("tasks", "request_state")
 AFFINITY_RESULTS: Final = ("hit", "miss")
+DISCOVERY_RESULTS: Final = ("ok", "empty", "error")
 # Why the proxy refused a request (or a connection) instead of forwarding it.
 REJECT_REASONS: Final = (
     "framing",  # unparseable or ambiguous HTTP: CL+TE, bad lengths or chunks, obs-fold, control bytes
@@ -172,6 +173,11 @@ class _Family(Generic[_C]):
             child = self._children[values] = self._new()
         return child
 
+    def drop(self, index: int, value: str) -> None:
+        """Remove the children whose label number `index` is `value`."""
+        for values in [v for v in self._children if v[index] == value]:
+            del self._children[values]
+
     def describe(self) -> list[Metric]:
         return [self._family()]
 
@@ -244,6 +250,16 @@ class _Histogram(_Family[Observations]):
 # --- the metrics -----------------------------------------------------------------------------------
 
 _ResponseKey = tuple[str, Era, bytes, int]
+
+
+class Traffic(NamedTuple):
+    """Metrics.traffic(): totals since start, and the streams open now."""
+
+    requests: float
+    errors: float  # 5xx answers, the backends' and the proxy's own
+    durations: tuple[int, ...]  # time-to-head observations per REQUEST_BUCKETS bucket (+Inf last)
+    duration_sum: float
+    streams: float
 
 
 class Metrics:
@@ -389,6 +405,33 @@ class Metrics:
             "mcpbalancer_store_resynced_sessions_total",
             "Sessions re-asserted (SET NX) to the shared store after an outage or a loss of its data.",
         )
+        self.trace_spans = _Counter(
+            r,
+            "mcpbalancer_trace_spans_total",
+            "Spans of sampled requests (tracing): exported, failed (the collector refused or did not "
+            "answer), dropped (the export queue was full).",
+            ("result",),
+        )
+        self.discovery_lookups = _Counter(
+            r,
+            "mcpbalancer_discovery_lookups_total",
+            "DNS lookups of `discover` entries, by result: ok (addresses), empty (none: the last known "
+            "backends are kept), error (no answer: kept too).",
+            ("entry", "result"),
+        )
+        self.discovery_backends = _Gauge(
+            r,
+            "mcpbalancer_discovery_backends",
+            "Addresses in the last answer with addresses of a `discover` entry.",
+            ("entry",),
+        )
+        self.discovery_stale = _Gauge(
+            r,
+            "mcpbalancer_discovery_stale",
+            "1 while the last lookup of a `discover` entry failed or was empty; its last known backends "
+            "are kept.",
+            ("entry",),
+        )
         self.build_info = _Gauge(
             r, "mcpbalancer_build_info", "Always 1; the version is a label.", ("version",)
         )
@@ -415,6 +458,12 @@ class Metrics:
             for kind in AFFINITY_KINDS
             for result in AFFINITY_RESULTS
         }
+
+    def trace_spans_children(self) -> tuple[Value, Value, Value]:
+        """The exported, dropped and failed counters of the tracing (exported from zero once asked
+        for: a proxy without tracing has no such series)."""
+        exported, dropped, failed = (self.trace_spans.labels(r) for r in ("exported", "dropped", "failed"))
+        return exported, dropped, failed
 
     def rule_hits(self, label: str) -> Value:
         """The counter child of one routing rule, for the router to resolve once per rule."""
@@ -500,6 +549,44 @@ class Metrics:
     def health_check(self, backend: str, result: str) -> None:
         """For the active health checker; `result` from a small fixed set (e.g. ok, fail, timeout)."""
         self.health_checks.labels(backend, result).value += 1
+
+    # -- reading back (the status page) ------------------------------------------------------------
+
+    def traffic(self) -> Traffic:
+        """Totals since start over every label: requests, 5xx answers, the time-to-head histogram,
+        and the event streams open now. Off the hot path: it walks the children."""
+        requests = errors = 0.0
+        for (_, _, _, code), child in self.requests._children.items():
+            requests += child.value
+            if code == "5xx":
+                errors += child.value
+        counts = [0] * (len(REQUEST_BUCKETS) + 1)
+        total = 0.0
+        for histogram in self.request_duration._children.values():
+            counts = [a + b for a, b in zip(counts, histogram.counts, strict=True)]
+            total += histogram.sum
+        streams = sum(child.value for child in self.sse_streams_active._children.values())
+        return Traffic(requests, errors, tuple(counts), total, streams)
+
+    def discovery_lookup(self, entry: str, result: str, backends: int, *, stale: bool) -> None:
+        """One lookup of a `discover` entry; `result` is one of DISCOVERY_RESULTS."""
+        self.discovery_lookups.labels(entry, result).value += 1
+        self.discovery_backends.labels(entry).value = backends
+        self.discovery_stale.labels(entry).value = 1 if stale else 0
+
+    def forget(self, label: str, value: str) -> None:
+        """Drop every series whose `label` is `value`: a discovered backend that left for good, a
+        `discover` entry removed by a reload. Backends come and go with DNS; their series must not
+        pile up."""
+        for family in self._families():
+            if label in family.labelnames:
+                family.drop(family.labelnames.index(label), value)
+        if label == "backend":
+            for key in [key for key in self._responses if key[0] == value]:
+                del self._responses[key]
+
+    def _families(self) -> list[_Family[Any]]:
+        return [v for v in vars(self).values() if isinstance(v, _Family)]
 
     # -- exposition ---------------------------------------------------------------------------------
 

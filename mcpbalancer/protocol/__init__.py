@@ -22,6 +22,7 @@ TRANSFER_ENCODING = b"transfer-encoding"
 CONNECTION = b"connection"
 EXPECT = b"expect"
 HOST = b"host"
+REQUEST_ID = b"x-request-id"
 
 EVENT_STREAM = b"text/event-stream"
 
@@ -31,6 +32,8 @@ MODERN_VERSION = b"2026-07-28"
 
 MAX_SESSION_ID_BYTES = 256
 _SESSION_ID_RE = re.compile(rb"[\x21-\x7e]{1,%d}\Z" % MAX_SESSION_ID_BYTES)
+MAX_REQUEST_ID_BYTES = 128
+_REQUEST_ID_RE = re.compile(rb"[\x21-\x7e]{1,%d}\Z" % MAX_REQUEST_ID_BYTES)
 
 # RFC 9110 §7.6.1 connection-specific fields, plus the legacy ones proxies still see.
 HOP_BY_HOP = frozenset(
@@ -66,6 +69,12 @@ def era_of(session_id: bytes | None, protocol_version: bytes | None) -> Era:
 def valid_session_id(value: bytes) -> bool:
     """Session ids are 1..256 visible ASCII characters (0x21-0x7E)."""
     return _SESSION_ID_RE.match(value) is not None
+
+
+def valid_request_id(value: bytes) -> bool:
+    """An X-Request-Id the proxy keeps (logs, and repeats on its own error answers): 1..128 visible
+    ASCII characters. Another value is forwarded as it came but not used."""
+    return _REQUEST_ID_RE.match(value) is not None
 
 
 def connection_tokens(value: bytes) -> frozenset[bytes]:

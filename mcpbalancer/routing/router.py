@@ -338,8 +338,8 @@ class Router:
         # Nothing configured reads the rest of the value: the owner decides.
         if backend is None:
             return self.lost(facts, None, "backend_lost")
-        if backend.evicted:
-            return self._evicted(facts, backend)
+        if backend.evicted:  # its drain_timeout passed: moved (replay) or ended
+            return self.lost(facts, backend, "backend_lost")
         return backend
 
     def _checked(
@@ -392,14 +392,9 @@ class Router:
             # the one now at that address would answer (some answer 400, which no client recovers from).
             return self.lost(facts, backend, "backend_restarted")
         if backend.evicted:
-            return self._evicted(facts, backend)
+            # Its drain_timeout passed: the sessions left on it are moved (replay) or ended.
+            return self.lost(facts, backend, "backend_lost")
         return backend
-
-    def _evicted(self, facts: RequestFacts, backend: Backend) -> Backend:
-        # Its drain_timeout passed: the sessions left on it are ended.
-        assert facts.session_id is not None
-        self._forget(facts.session_id, backend, "backend_lost")
-        raise SessionNotFound()
 
     def lost(self, facts: RequestFacts, gone: Backend | None, reason: str) -> Awaitable[Backend]:
         """The session's owner is gone: a replay where configured, else the session ends (404). A

@@ -52,6 +52,9 @@ Tools and their behaviour per era:
     also stored for replay). Returns ``"sent"``. Modern: there is no standalone stream, the SDK drops the
     notification; the tool still answers ``"sent"``.
 
+``request_headers()``
+    ``{"traceparent": ..., "tracestate": ..., "x-request-id": ...}``: those headers of the HTTP request
+    that carried the call, as the backend received them (null when absent). Both eras.
 ``GET /whoami`` (a custom route, not MCP)
     ``{"name": <instance>, "path": <request path>, "query": <query string>}``.
 
@@ -103,6 +106,7 @@ import mcp_types
 import uvicorn
 from fastmcp import Context, FastMCP
 from fastmcp.exceptions import ToolError
+from fastmcp.server.dependencies import get_http_headers
 from mcp_types.version import MODERN_PROTOCOL_VERSIONS
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -110,6 +114,7 @@ from starlette.responses import JSONResponse, Response
 MCP_PATH = "/mcp"
 WHOAMI_PATH = "/whoami"
 DEFAULT_WAIT_SECONDS = 10.0
+SEEN_HEADERS = ("traceparent", "tracestate", "x-request-id")
 
 HostOriginProtection = bool | Literal["auto"]
 
@@ -260,6 +265,12 @@ def build_server(name: str, *, tasks: bool = False, tls: TlsLog | None = None) -
         # No related_request_id: the notification goes to the connection's standalone channel.
         await ctx.session.send_tool_list_changed()
         return "sent"
+
+    @mcp.tool
+    def request_headers() -> str:
+        """The tracing and request-id headers of the HTTP request that carried this call, as JSON."""
+        headers = get_http_headers(include_all=True)
+        return json.dumps({name: headers.get(name) for name in SEEN_HEADERS})
 
     @mcp.custom_route(WHOAMI_PATH, methods=["GET"])
     async def whoami_route(request: Request) -> Response:
