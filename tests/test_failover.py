@@ -21,7 +21,6 @@ from mcpbalancer.app import Proxy
 from mcpbalancer.dataplane.framing import request_head
 from mcpbalancer.dataplane.head import RequestHead
 from mcpbalancer.filters.failover import ReplayAlias
-from mcpbalancer.filters.phases import HeadEdits
 from mcpbalancer.routing.binding import decode_owner
 from mcpbalancer.routing.router import classify
 from mcpbalancer.store import UNKNOWN
@@ -223,10 +222,11 @@ def test_the_head_sent_for_a_moved_session_has_its_backend_id_and_no_last_event_
         (b"last-event-id", b"Last-Event-ID", b"issued-by-the-dead-one"),
         (b"accept", b"Accept", b"text/event-stream"),
     ]
-    edits = HeadEdits()
     facts = classify(b"GET", b"client-id", None)
     facts.upstream_sid, facts.moved = b"backend-id", True  # what routing sets for a moved session
-    ReplayAlias().upstream_request(facts, edits)
+    alias = ReplayAlias()
+    edits = alias.upstream_edits(facts)
+    assert edits is alias.upstream_edits(facts)  # one object per session, not one per request
     moved = request_head(head, b"", b"127.0.0.1:9", b"10.0.0.1", edits)
     assert b"Mcp-Session-Id: backend-id\r\n" in moved
     assert b"last-event-id" not in moved.lower()

@@ -39,11 +39,13 @@ def request_head(
     drop = _DROP_REQUEST | head.connection_tokens if head.connection_tokens else _DROP_REQUEST
     lines = [head.method, b" ", target, b" HTTP/1.1\r\nHost: ", host, b"\r\n"]
     if edits is not None:
-        drop = drop | edits.drop
+        if edits.drop:
+            drop = drop | edits.drop
         if edits.session_id is not None:
-            drop = drop | {protocol.SESSION_ID}
+            drop = _DROP_REQUEST_SID if drop is _DROP_REQUEST else drop | _SESSION_ID
             lines += (b"Mcp-Session-Id: ", edits.session_id, b"\r\n")
-        lines += edits.add
+        if edits.add:
+            lines += edits.add
     for lname, name, value in head.headers:
         if lname not in drop:
             lines += (name, b": ", value, b"\r\n")
@@ -77,6 +79,8 @@ _DROP_REQUEST = protocol.HOP_BY_HOP | {
     b"x-forwarded-proto",
     b"x-forwarded-host",
 }
+_SESSION_ID = frozenset({protocol.SESSION_ID})
+_DROP_REQUEST_SID = _DROP_REQUEST | _SESSION_ID  # a session the backend knows by another id: the usual case
 
 
 # What the response head scan does with a field, by lower-case name; others are relayed as they are.

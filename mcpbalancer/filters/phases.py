@@ -120,6 +120,13 @@ class UpstreamRequestFilter(Protocol):
     def upstream_request(self, facts: RequestFacts, edits: HeadEdits) -> None: ...
 
 
+class UpstreamEditsFilter(Protocol):
+    """An upstream_request filter that makes its edits whole, so that it may hand out one object
+    per session rather than fill a new one per request. What it returns is never changed."""
+
+    def upstream_edits(self, facts: RequestFacts) -> HeadEdits | None: ...
+
+
 class SessionIdFilter(Protocol):
     def session_id(self, facts: RequestFacts, backend: Backend, session_id: bytes) -> bytes | None:
         """The id the client gets for the session `backend` just created as `session_id`, or
@@ -156,7 +163,7 @@ class Phases:
     request: Callable[[Context, RequestFacts], None] | None = None
     wants_body: Callable[[RequestFacts], bool] | None = None
     request_body: Callable[[RequestFacts, bytes], None] | None = None
-    upstream_request: Callable[[RequestFacts], HeadEdits] | None = None
+    upstream_request: Callable[[RequestFacts], HeadEdits | None] | None = None
     response: Callable[[Context, int, bytes | None], None] | None = None
     session_id: Callable[[RequestFacts, Backend, bytes], bytes | None] | None = None
     response_body: Callable[[RequestFacts, Backend, int, bool, int | None], BodyWatcher | None] | None = None
@@ -185,7 +192,7 @@ def compose(filters: Sequence[object]) -> Phases:
         request=_each(bound("request")),
         wants_body=_any(bound("wants_body")),
         request_body=_body_chain(bound("request_body")),
-        upstream_request=_edits(bound("upstream_request")),
+        upstream_request=_edits(bound("upstream_request"), bound("upstream_edits")),
         response=_each(bound("response")),
         session_id=_first_answer(bound("session_id")),
         response_body=_watchers(bound("response_body")),
@@ -263,12 +270,22 @@ def _body_chain(calls: list[Callable[..., object]]) -> Callable[[RequestFacts, b
     return run
 
 
-def _edits(calls: list[Callable[..., object]]) -> Callable[[RequestFacts], HeadEdits] | None:
-    if not calls:
+def _edits(
+    calls: list[Callable[..., object]], whole: list[Callable[..., object]]
+) -> Callable[[RequestFacts], HeadEdits | None] | None:
+    if not calls and not whole:
         return None
+    if not calls and len(whole) == 1:
+        return whole[0]  # type: ignore[return-value]  # its own edits, as they are: no copy
 
     def run(facts: RequestFacts) -> HeadEdits:
         edits = HeadEdits()
+        for make in whole:
+            given: HeadEdits | None = make(facts)  # type: ignore[assignment]
+            if given is not None:
+                edits.session_id = given.session_id or edits.session_id
+                edits.drop = edits.drop | given.drop
+                edits.add += given.add
         for call in calls:
             call(facts, edits)
         return edits

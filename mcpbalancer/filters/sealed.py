@@ -21,6 +21,7 @@ from mcpbalancer.routing.router import RequestFacts, Router
 
 class SealedSessions(ReplayAlias):
     def __init__(self, router: Router) -> None:
+        super().__init__()
         self._router = router
 
     def session_id(self, facts: RequestFacts, backend: Backend, session_id: bytes) -> bytes | None:

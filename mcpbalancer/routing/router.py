@@ -122,6 +122,8 @@ class Seal(Protocol):
 
     max_age: float | None
 
+    opened: dict[str, Opened]  # tokens opened before: a hit is one lookup
+
     def open(self, token: str) -> Opened: ...
     def seal(self, owner: str, backend_sid: bytes, tag: str | None) -> str: ...
     def end(self, token: str) -> bool: ...
@@ -361,7 +363,9 @@ class Router:
         the one the store knows (its token -> a fresh token)."""
         sid = facts.session_id
         assert sid is not None
-        opened = sealed.open(sid)  # SessionNotFound when it does not open
+        opened = sealed.opened.get(sid) if sealed.max_age is None else None  # the hot path: a hit
+        if opened is None or not opened.owner:  # not opened yet, too old, or ended here
+            opened = sealed.open(sid)  # SessionNotFound when it does not open
         if self._failover is not None:
             self._failover.used(sid)
             moved = self._store.peek(sid)
@@ -370,7 +374,15 @@ class Router:
                 facts.moved = True
         self._metrics.lookup_cache_hit.value += 1
         facts.upstream_sid = opened.backend_sid
-        return self._resolve(facts, self.backends.owner(opened.owner), opened.tag, opened.issued)
+        backend = self.backends.owner(opened.owner)
+        if (
+            self._binder is None
+            and backend is not None
+            and backend.gone_at <= opened.issued
+            and not backend.evicted
+        ):
+            return backend  # nothing more to check: the usual case, decided here
+        return self._resolve(facts, backend, opened.tag, opened.issued)
 
     def _resolve(
         self, facts: RequestFacts, backend: Backend | None, tag: str | None, bound: float

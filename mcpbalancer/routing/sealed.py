@@ -115,7 +115,7 @@ class SealedIds:
         self._service = service.encode("utf-8")
         self._metrics = metrics or Metrics(CollectorRegistry())
         self._clock = clock
-        self._opened: dict[str, Opened] = {}
+        self.opened: dict[str, Opened] = {}  # by token; a session that ended here is _ENDED
         self._ciphers: dict[bytes, AESGCM] = {}
         self.configure(keys, max_age=max_age, capacity=capacity)
 
@@ -127,21 +127,21 @@ class SealedIds:
         ciphers = {key_id(k): _cipher(k) for k in keys}
         first = key_id(keys[0])
         if ciphers.keys() != self._ciphers.keys():
-            self._opened.clear()
+            self.opened.clear()
         self._ciphers, self._sealing = ciphers, (first, ciphers[first])
         self.max_age = max_age
         self._capacity = capacity
-        while len(self._opened) > capacity:
-            del self._opened[next(iter(self._opened))]
+        while len(self.opened) > capacity:
+            del self.opened[next(iter(self.opened))]
 
     def __len__(self) -> int:
-        return len(self._opened)
+        return len(self.opened)
 
     # -- the request: a token in, the session's route out -------------------------------------------
 
     def open(self, token: str) -> Opened:
         """The session `token` names; SessionNotFound (404) when it does not open or is too old."""
-        opened = self._opened.get(token)
+        opened = self.opened.get(token)
         if opened is None:
             opened = self._open(token)
             self._remember(token, opened)
@@ -214,13 +214,13 @@ class SealedIds:
     def end(self, token: str) -> bool:
         """The session ended here (DELETE, the backend's 404): this proxy answers its token 404 from
         now on, without a backend, for as long as it remembers that. False if it had ended before."""
-        if self._opened.get(token) is _ENDED:
+        if self.opened.get(token) is _ENDED:
             return False
         self._remember(token, _ENDED)
         return True
 
     def _remember(self, token: str, opened: Opened) -> None:
-        entries = self._opened
+        entries = self.opened
         entries[token] = opened
         if len(entries) > self._capacity:
             del entries[next(iter(entries))]
