@@ -185,6 +185,7 @@ class FailoverSection(Section):
 Failovers = Annotated[FailoverSection, BeforeValidator(_failover_short_form), _OrShortForm(*FAILOVER_MODES)]
 
 
+@dataclass(frozen=True, slots=True, config=MODEL)
 class DiscoverSection(Section):
     """Backends found in DNS: every address of `dns` (on `port`), or every target of the SRV name
     `srv`, is a backend, looked up again every `interval` seconds. A new address takes sessions at

@@ -1,4 +1,4 @@
-"""When each backend's process was last seen to go away: the generation of its sessions (issue 14).
+"""When each backend's process was last seen to go away: the generation of its sessions.
 
 A backend that restarted at the same address does not know the sessions of the process before it.
 A request of such a session used to reach the new process, which answers 404, or 400 (the TypeScript

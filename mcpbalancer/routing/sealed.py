@@ -58,7 +58,7 @@ from mcpbalancer.observability.metrics import Metrics
 log = logging.getLogger(__name__)
 
 VERSION: Final = 1
-DEFAULT_SERVICE: Final = "default"  # one service per listener today; issue 13 names them
+DEFAULT_SERVICE: Final = "default"  # one service per listener today: the default one
 _KEY_ID_BYTES: Final = 4
 _NONCE_BYTES: Final = 12
 _TAG_BYTES: Final = 16

@@ -27,7 +27,7 @@ and values have none):
                                proxy or worker needs no lookup
     m <origin> <sid> <value>   moved by replay failover: what was cached is replaced
     d <origin> <sid>           ended (DELETE, a backend's 404, its owner gone): no longer routed
-                               from any cache (issue 14: within a second; in practice milliseconds)
+                               from any cache (within milliseconds)
     g <origin> <name> <ms>     backend <name> was seen to go away (fleet/generations.py)
 
 A message is lost when the subscription breaks (it is made again); a cache that missed a `d` routes

@@ -1,4 +1,4 @@
-"""Replay records in the shared Redis, so that any proxy can replay any session (issue 14).
+"""Replay records in the shared Redis, so that any proxy can replay any session.
 
 Key `{<prefix>s:<sid>}:i`, in its session key's Cluster slot (see redis.py), value the record as
 replay failover writes it (routing/failover.py), expiry the session's. A failure raises StoreError:
