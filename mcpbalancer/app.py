@@ -23,6 +23,8 @@ from prometheus_client import CollectorRegistry
 from mcpbalancer import __version__
 from mcpbalancer.config import DEFAULT_SERVICE, BackendConfig, Config, host_port, load_config
 from mcpbalancer.control.admin import AdminApi
+from mcpbalancer.control.audit import Audit
+from mcpbalancer.control.auth import PROBES, AdminAuth, warn_if_open
 from mcpbalancer.control.probes import Readiness, local_endpoints
 from mcpbalancer.control.server import ControlServer
 from mcpbalancer.control.status import ProcessInfo, Reload, StatusPage
@@ -113,8 +115,18 @@ LIVE: Final = frozenset(
         "bind_sessions",  # a change ends the sessions bound under the old binding (404)
         "session_binding_key",
         "on_store_error",
+        "admin_tokens",  # `admin.token`: a rotation is a reload with the old and the new, then the new
     }
 )
+
+
+def restart_only_problem(running: Config, new: Config) -> str | None:
+    """What a reload to `new` cannot apply (a RESTART_ONLY setting changed), or None."""
+    changed = {k for k in RESTART_ONLY if getattr(new, k) != getattr(running, k)}
+    if not changed:
+        return None
+    keys = ", ".join(f"`{k}`" for k in sorted({_FILE_KEYS.get(k, k) for k in changed}))
+    return f"{keys} changed; a restart is needed to apply it, nothing of the file was applied"
 
 
 def _shared_affinity(config: Config) -> SharedAffinity | None:
@@ -198,6 +210,7 @@ class Proxy:
         adjust: Callable[[Config], Config] | None = None,
         session_tag_key: bytes | None = None,
         worker: int | None = None,
+        control_socket: str | None = None,
     ) -> None:
         self.config = config
         self.started_at = time.time()
@@ -260,11 +273,16 @@ class Proxy:
             config.discovery, self.fleet, DnsResolver(), contexts=contexts, metrics=self.metrics
         )
         self.fleet.on_remove = self._removed
-        self._observability(config, access_stream, session_tag_key, worker)
+        self._observability(config, access_stream, session_tag_key, worker, control_socket)
         if self.control is not None:
-            AdminApi(self.fleet, self.health.last_check, self.reload, self.health.reasons).install(
-                self.control.app
-            )
+            AdminApi(
+                self.fleet,
+                self.health.last_check,
+                self.reload,
+                self.health.reasons,
+                audit=None if control_socket is not None else Audit(self.metrics),
+                source=lambda: self.config.source,
+            ).install(self.control.app)
             self._status_page().install(self.control.app)
         self.managed = ManagedBackends(config.backends, self.backends, metrics=self.metrics)
         self._server: asyncio.Server | None = None
@@ -327,11 +345,9 @@ class Proxy:
 
     def _refuse_restart_only(self, new: Config) -> None:
         """RestartRequired (and nothing applied) when `new` changes a RESTART_ONLY setting."""
-        changed = {k for k in RESTART_ONLY if getattr(new, k) != getattr(self.config, k)}
-        if not changed:
+        problem = restart_only_problem(self.config, new)
+        if problem is None:
             return
-        keys = ", ".join(f"`{k}`" for k in sorted({_FILE_KEYS.get(k, k) for k in changed}))
-        problem = f"{keys} changed; a restart is needed to apply it, nothing of the file was applied"
         log.error("reload refused, running configuration kept: %s", problem)
         raise RestartRequired(f"{new.source}: {problem}")
 
@@ -477,6 +493,7 @@ class Proxy:
         access_stream: TextIO | None,
         session_tag_key: bytes | None,
         worker: int | None,
+        control_socket: str | None,
     ) -> None:
         self.readiness = Readiness(
             lambda: self.router.backends,
@@ -493,11 +510,25 @@ class Proxy:
         self.access_log = self._make_access_log(config)
         metrics = self.metrics if config.metrics.enabled else None
         # /metrics is served on the admin listener when there is one, else on the public one.
-        self.control: ControlServer | None = (
-            None
-            if config.admin is None
-            else ControlServer(*config.admin, self.readiness, metrics, config.metrics.path)
-        )
+        self.admin_auth: AdminAuth | None = None
+        self.control: ControlServer | None = None
+        if control_socket is not None:
+            # A worker of a supervisor: its private channel, which only the supervisor uses; the
+            # supervisor serves `admin`, checks the token and audits.
+            self.control = ControlServer(
+                "", 0, self.readiness, metrics, config.metrics.path, path=control_socket
+            )
+        elif config.admin is not None:
+            open_paths = (*PROBES, config.metrics.path) if metrics is not None else PROBES
+            self.admin_auth = AdminAuth(lambda: self.config.admin_tokens, open_paths)
+            self.control = ControlServer(
+                *config.admin,
+                self.readiness,
+                metrics,
+                config.metrics.path,
+                auth=self.admin_auth,
+                audit=Audit(self.metrics),
+            )
         public_metrics = config.metrics.path if metrics is not None and self.control is None else None
         self._local = local_endpoints(self.readiness, self.metrics, public_metrics)
 
@@ -606,8 +637,10 @@ class Proxy:
             except OSError as exc:
                 self._server.close()
                 await self.managed.stop()
-                address = host_port(self.control.host, self.control.requested_port)
-                raise ListenError(f"cannot listen on {address} (admin): {exc}") from exc
+                where = self.control.path or host_port(self.control.host, self.control.requested_port)
+                raise ListenError(f"cannot listen on {where} (admin): {exc}") from exc
+            if self.admin_auth is not None:
+                warn_if_open(self.control.host, self.control.port, self.admin_auth)
         if hasattr(self.store, "sweep"):
             self._sweeper = loop.create_task(self._sweep_forever())
         self._checker = loop.create_task(self.health.run(lambda: self.backends))
@@ -617,7 +650,9 @@ class Proxy:
                 self.store.listen(on_ended=self.router.ended_elsewhere, on_gone=self.generations.heard)
             )
         control = self.control
-        admin = "" if control is None else f"; admin on {host_port(control.host, control.port)}"
+        admin = ""
+        if control is not None:
+            admin = f"; {'control channel' if control.path else 'admin'} on {control.address}"
         log.info("listening on %s with %d backends%s", self.url, len(self.backends), admin)
 
     async def _check_store(self) -> None:

@@ -16,6 +16,7 @@ pytest_plugins = [
     "tests.fixtures.mcp",
     "tests.fixtures.tls",
     "tests.fixtures.dns",
+    "tests.fixtures.cluster",
 ]
 
 

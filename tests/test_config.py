@@ -11,7 +11,6 @@ from mcpbalancer.config import (
     Config,
     LimitsConfig,
     TimeoutsConfig,
-    admin_of_worker,
     check_workers,
     load_config,
     parse_config,
@@ -593,13 +592,13 @@ def test_workers_default_to_one() -> None:
 def test_workers_with_redis_and_a_fixed_port() -> None:
     config = parse_config(minimal(workers=4, store=REDIS, listen="0.0.0.0:8080", admin="127.0.0.1:9100"))
     assert config.workers == 4
-    assert [admin_of_worker(config, k) for k in range(4)] == [("127.0.0.1", 9100 + k) for k in range(4)]
+    assert config.admin == ("127.0.0.1", 9100)  # one address for the proxy: the supervisor serves it
 
 
-def test_admin_port_zero_stays_zero_in_every_worker() -> None:
-    config = parse_config(minimal(workers=2, store=REDIS, admin="127.0.0.1:0"))
-    assert admin_of_worker(config, 1) == ("127.0.0.1", 0)
-    assert admin_of_worker(parse_config(minimal()), 1) is None
+def test_the_admin_port_needs_no_room_for_the_workers() -> None:
+    # The workers' control channels are unix sockets: nothing is bound at the admin port + k.
+    config = parse_config(minimal(workers=3, store=REDIS, listen="0.0.0.0:8080", admin="127.0.0.1:65535"))
+    assert config.admin == ("127.0.0.1", 65535)
 
 
 WORKER_ERRORS = [
@@ -625,17 +624,6 @@ WORKER_ERRORS = [
         "its own copies",
         id="managed",
     ),
-    pytest.param(
-        minimal(workers=3, store=REDIS, admin="127.0.0.1:65534"),
-        "workers: 3 workers serve `admin` on ports 65534-65536 (port + worker index): past 65535",
-        id="admin-past-65535",
-    ),
-    pytest.param(
-        minimal(workers=2, store=REDIS, listen="0.0.0.0:8080", admin="127.0.0.1:8079"),
-        "workers: 2 workers serve `admin` on ports 8079-8080 (port + worker index), which includes the "
-        "`listen` port 8080",
-        id="admin-covers-listen",
-    ),
 ]
 
 
@@ -643,11 +631,6 @@ WORKER_ERRORS = [
 def test_invalid_workers(data: dict[str, Any], message: str) -> None:
     text = config_error(data)
     assert text.startswith(f"cfg.yaml: {message}"), text
-
-
-def test_admin_ports_on_another_host_may_cover_the_listen_port() -> None:
-    data = minimal(workers=2, store=REDIS, listen="10.0.0.1:8080", admin="127.0.0.1:8079")
-    assert parse_config(data).workers == 2
 
 
 def test_check_workers_names_the_flag() -> None:

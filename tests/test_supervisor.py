@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from mcpbalancer.config import Config, parse_config
+from mcpbalancer.config import Config, load_config, parse_config
 from mcpbalancer.process.supervisor import Supervisor, check_listen, describe_status
 from tests.mcp_helpers import wait_until
 
@@ -40,6 +40,8 @@ if mode == "fail":
 signal.signal(signal.SIGHUP, lambda *_: note("hup"))
 signal.signal(signal.SIGTERM, term)
 note("start")
+note("drains=" + os.environ.get("MCPBALANCER_ADMIN_DRAINS", "none").replace(" ", ""))
+note("socket=" + os.environ.get("MCPBALANCER_CONTROL_SOCKET", "none"))
 while mode == "gate" and not os.path.exists(gate):
     time.sleep(0.01)
 os.write(fd, b"R")
@@ -220,6 +222,46 @@ async def test_a_worker_ignoring_sigterm_is_killed_after_the_grace(fakes: Fakes)
         supervisor.stop()
         assert await exit_status(task) == 1  # a worker had to be killed: not a clean stop
     assert fakes.noted(0, "term")
+
+
+async def test_admin_drains_reach_a_worker_that_was_starting_and_every_later_start(
+    fakes: Fakes,
+) -> None:
+    fakes.plans[1] = collections.deque(["gate", "ok"])
+    # A file, so that the reload below reads one.
+    path = fakes.dir / "admin.yaml"
+    path.write_text(
+        "listen: 127.0.0.1:18080\nstore: redis://127.0.0.1:1/0\nworkers: 2\nadmin: 127.0.0.1:0\n"
+        "backends: [{name: a, url: 'http://127.0.0.1:1'}]\n"
+    )
+    supervisor = Supervisor(load_config(path), fakes.command, **FAST)
+    behind: list[int] = []
+    supervisor.on_behind = behind.append
+    async with running(supervisor):
+
+        async def serving(index: int) -> bool:
+            return index in supervisor.serving
+
+        await wait_until(lambda: serving(0), "worker 0 to be ready")
+        await fakes.wait(1, "start")  # starting: held at the gate
+        reached = supervisor.begin_drain("a", True)
+        assert [c.index for c in reached] == [0]  # the admin listener sends it to worker 0
+        assert behind == []
+        fakes.gate.touch()
+        await wait_until(lambda: serving(1), "worker 1 to be ready")
+        assert behind == [1]  # ready with older drains: the admin listener sends them
+        # Each worker has a control socket of its own, in one directory.
+        sockets = {what for i, _, what in fakes.notes() if what.startswith("socket=")}
+        assert len(sockets) == 2
+        assert {s.rsplit("/", 1)[1] for s in sockets} == {"worker-0.sock", "worker-1.sock"}
+        # A later start is given them in its environment; a reload ends them.
+        [first] = fakes.noted(1, "start")
+        os.kill(first, signal.SIGKILL)
+        await fakes.wait(1, "start", 2)
+        assert fakes.noted(1, 'drains={"a":true}')
+        assert 0 in [c.index for c in supervisor.begin_reload()]
+        assert supervisor.admin_drains == {}  # the file is the source of truth again
+    assert fakes.noted(0, "drains=none")
 
 
 def test_check_listen_refuses_a_port_in_use() -> None:

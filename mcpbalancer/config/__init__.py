@@ -43,7 +43,6 @@ from mcpbalancer.config.runtime import (
     DiscoveryConfig,
     RouteConfig,
     TlsConfig,
-    admin_of_worker,
     host_port,
 )
 from mcpbalancer.errors import ConfigError
@@ -79,7 +78,6 @@ __all__ = [
     "TimeoutsConfig",
     "TlsConfig",
     "TracingConfig",
-    "admin_of_worker",
     "check_workers",
     "host_port",
     "load_config",

@@ -63,7 +63,8 @@ def build(file: ConfigFile, source: str) -> Config:
         store_prefix=file.store_prefix,
         local_cache_size=file.local_cache_size,
         source=source,
-        admin=None if file.admin is None else split_host_port(file.admin),
+        admin=None if file.admin is None else split_host_port(file.admin.listen),
+        admin_tokens=() if file.admin is None or file.admin.token is None else file.admin.token,
         metrics=file.metrics or MetricsConfig(),
         log=file.log or LogConfig(),
         tracing=file.tracing or TracingConfig(),
@@ -251,19 +252,4 @@ def _workers_problem(config: Config) -> str | None:
             "would start its own copies, and a session on one worker's copy is unknown to the other "
             "workers; run the servers yourself and list their `url`s, or use 1 worker"
         )
-    return _admin_ports_problem(config)
-
-
-def _admin_ports_problem(config: Config) -> str | None:
-    if config.admin is None or config.admin[1] == 0:
-        return None
-    host, first = config.admin
-    last = first + config.workers - 1
-    ports = f"{config.workers} workers serve `admin` on ports {first}-{last} (port + worker index)"
-    if last > 65535:
-        return f"{ports}: past 65535"
-    wildcard = ("0.0.0.0", "::")
-    same_host = host == config.listen_host or host in wildcard or config.listen_host in wildcard
-    if same_host and first <= config.listen_port <= last:
-        return f"{ports}, which includes the `listen` port {config.listen_port}"
     return None

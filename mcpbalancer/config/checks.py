@@ -89,6 +89,24 @@ def check_host_port(value: str) -> str:
     return value
 
 
+# RFC 6750's b64token, the syntax of a bearer credential: what `openssl rand -hex 32`,
+# `openssl rand -base64 32` and Python's secrets.token_urlsafe() give.
+ADMIN_TOKEN: Final = re.compile(r"[A-Za-z0-9._~+/-]+=*", re.ASCII)
+ADMIN_TOKEN_MIN: Final = 16
+
+
+def check_admin_token(value: str) -> str:
+    """A bearer token of the admin API. The messages never quote the value: it is a secret."""
+    if len(value) < ADMIN_TOKEN_MIN:
+        raise ValueError(
+            f"must be at least {ADMIN_TOKEN_MIN} characters of random secret (e.g. `openssl rand -hex 32`), "
+            f"got {len(value)} characters"
+        )
+    if not ADMIN_TOKEN.fullmatch(value):
+        raise ValueError("must be letters, digits and - . _ ~ + / (then = padding), as a bearer token is")
+    return value
+
+
 def _split_url(value: str) -> SplitResult:
     # urlsplit silently strips or drops whitespace and control characters; refuse them instead.
     if any(ch.isspace() or not ch.isprintable() for ch in value):

@@ -28,6 +28,7 @@ from mcpbalancer.config.models import (
     MAX_REPLICAS,
     MAX_WORKERS,
     MODEL,
+    AdminToken,
     AffinityConfig,
     Balance,
     DnsName,
@@ -60,6 +61,7 @@ from mcpbalancer.config.models import (
     TimeoutsConfig,
     TracingConfig,
     invalid,
+    kind_of,
 )
 
 MANAGED_HOST: Final = "127.0.0.1"
@@ -131,6 +133,32 @@ class _OrShortForm:
 
     def __get_pydantic_json_schema__(self, schema: CoreSchema, handler: GetJsonSchemaHandler) -> Any:
         return {"anyOf": [{"type": "string", "enum": self.choices}, handler(schema)]}
+
+
+def _one_or_more(raw: object) -> object:
+    """`token: "x"` is `token: ["x"]`; a list is what a rotation needs (the old and the new)."""
+    if isinstance(raw, str):
+        return (raw,)
+    if raw is not None and not isinstance(raw, list | tuple):
+        raise ValueError(f"must be a string or a list of strings, got {kind_of(raw)}")
+    return raw
+
+
+def _admin_shorthand(raw: object) -> object:
+    """`admin: "host:port"` is `admin: {listen: "host:port"}`; an error in it names `admin`."""
+    if isinstance(raw, str):
+        checks.check_host_port(raw)
+        return {"listen": raw}
+    if raw is not None and not isinstance(raw, Mapping):
+        raise ValueError(f"must be 'host:port' or a mapping with `listen` and `token`, got {describe(raw)}")
+    return raw
+
+
+AdminTokens = Annotated[
+    tuple[AdminToken, ...],
+    Field(min_length=1),
+    BeforeValidator(_one_or_more, json_schema_input_type=AdminToken | list[AdminToken]),
+]
 
 
 @dataclass(frozen=True, slots=True, config=MODEL)
@@ -232,6 +260,26 @@ class DiscoverSection(Section):
         if self.srv is not None and self.port is not None:
             raise invalid(("port",), "is not used with `srv`: each SRV record carries its port")
         return self
+
+
+@dataclass(frozen=True, slots=True, config=MODEL)
+class AdminSection(Section):
+    """The control listener: /metrics, /healthz, /readyz, the admin API and the status page, apart
+    from MCP traffic. With `workers` it answers for every worker."""
+
+    listen: HostPort = Field(description="host:port of the control listener (IPv6 as [::1]:9100).")
+    token: AdminTokens | None = Field(
+        default=None,
+        description="Bearer token (at least 16 characters; ${NAME} keeps it out of the file), or a list "
+        "of them, any of which is accepted (to rotate one without a gap). With it, /admin/... and the "
+        "status page need `Authorization: Bearer <token>`; /metrics, /healthz and /readyz stay open. "
+        "Without it the admin API is open: a warning when `listen` is not a loopback address.",
+    )
+
+
+Admin = Annotated[
+    AdminSection, BeforeValidator(_admin_shorthand, json_schema_input_type=HostPort | AdminSection)
+]
 
 
 @dataclass(frozen=True, slots=True, config=MODEL)
@@ -443,10 +491,10 @@ class ConfigFile(Section):
     )
     timeouts: TimeoutsConfig | None = Field(default=TimeoutsConfig(), description=TimeoutsConfig.__doc__)
     limits: LimitsConfig | None = Field(default=LimitsConfig(), description=LimitsConfig.__doc__)
-    admin: HostPort | None = Field(
+    admin: Admin | None = Field(
         default=None,
-        description="host:port of the control listener: /metrics, /healthz, /readyz and the admin API, "
-        "apart from MCP traffic. Off when absent. Keep it private: the admin API has no authentication.",
+        description="The control listener (/metrics, /healthz, /readyz, the admin API), apart from MCP "
+        'traffic: "host:port", or a mapping with `listen` and `token`. Off when absent.',
     )
     metrics: MetricsConfig | None = Field(default=MetricsConfig(), description=MetricsConfig.__doc__)
     log: LogConfig | None = Field(default=LogConfig(), description=LogConfig.__doc__)

@@ -186,6 +186,8 @@ def _path(data: object, at: Loc) -> str:
     for part in at:
         if part == "[key]":  # pydantic's marker for an error in a mapping's key
             continue
+        if isinstance(part, int) and isinstance(node, str):
+            break  # a string standing for a list of one (`token: "..."`): its own key names it
         is_position = isinstance(part, int) and (node is None or isinstance(node, list))
         text += f"[{part}]" if is_position else f".{part}" if text else str(part)
         node = _child(node, part)

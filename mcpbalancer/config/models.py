@@ -23,6 +23,7 @@ from typing import Annotated, Any, Final
 
 from pydantic import (
     AfterValidator,
+    BeforeValidator,
     ConfigDict,
     Field,
     GetCoreSchemaHandler,
@@ -103,6 +104,22 @@ def _one_of(choices: tuple[str, ...]) -> _Check:
     return _Check(check, enum=list(choices))
 
 
+def _secret_text(raw: object) -> object:
+    """A string, or an error that does not quote the value: a token is a secret, even mistyped."""
+    if not isinstance(raw, str):
+        raise ValueError(f"must be a string, got {kind_of(raw)}")
+    return raw
+
+
+def kind_of(raw: object) -> str:
+    """What a value is, without the value: for the messages about secrets."""
+    if isinstance(raw, bool):
+        return "true or false"
+    if isinstance(raw, int | float):
+        return "a number"
+    return "a mapping" if isinstance(raw, Mapping) else "a list" if isinstance(raw, list) else "null"
+
+
 # Scalars as YAML gives them: no "3600" for a number, no 1 for true. An int is a valid number (and
 # is stored as a float); a bool is not a number.
 Number = Annotated[float, Strict()]
@@ -132,6 +149,8 @@ StoreErrorMode = Annotated[Text, _one_of(STORE_ERROR_MODES)]
 LogFormat = Annotated[Text, _one_of(LOG_FORMATS)]
 LogLevel = Annotated[Text, _one_of(LOG_LEVELS)]
 Era = Annotated[Text, _one_of(ERAS)]
+# No length or pattern in the JSON Schema: editors would flag the `${NAME}` a token is written as.
+AdminToken = Annotated[str, BeforeValidator(_secret_text), AfterValidator(checks.check_admin_token)]
 
 MODEL = ConfigDict(extra="forbid", allow_inf_nan=False)
 

@@ -139,6 +139,8 @@ class Config:
     local_cache_size: int = DEFAULT_LOCAL_CACHE_SIZE
     source: str = "<config>"
     admin: tuple[str, int] | None = None  # (host, port) of the control listener; None = off
+    # Bearer tokens the admin API accepts (any of them); empty = no authentication. Never printed.
+    admin_tokens: tuple[str, ...] = field(default=(), repr=False)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     log: LogConfig = field(default_factory=LogConfig)
     tracing: TracingConfig = field(default_factory=TracingConfig)
@@ -176,12 +178,3 @@ class Config:
 def host_port(host: str, port: int) -> str:
     """The inverse of parse_listen: `host:port`, an IPv6 host in brackets."""
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-
-def admin_of_worker(config: Config, index: int) -> tuple[str, int] | None:
-    """Worker `index` (0-based) serves `admin` on its port + index, so every worker is a scrape target
-    of its own; port 0 stays 0 (each worker picks a free one)."""
-    if config.admin is None:
-        return None
-    host, port = config.admin
-    return host, port + index if port else 0

@@ -18,7 +18,8 @@ _LOOPBACK: Final = {"0.0.0.0": "127.0.0.1", "::": "::1"}
 
 
 def healthz_address(config: Config) -> tuple[str, int]:
-    """Where /healthz is served: the admin listener (worker 0's with workers), else the public one."""
+    """Where /healthz is served: the admin listener (the supervisor's with workers), else the public
+    one."""
     host, port = config.admin if config.admin is not None else (config.listen_host, config.listen_port)
     return _LOOPBACK.get(host, host), port
 

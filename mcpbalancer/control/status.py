@@ -142,7 +142,7 @@ class StatusPage:
 
     def install(self, app: web.Application, guard: Guard | None = None) -> None:
         handler = self.page if guard is None else guard(self.page)
-        app.router.add_get("/", handler)  # HEAD too; any other method: 405 with Allow
+        app.router.add_get("/", handler, name="status")  # HEAD too; others: 405 with Allow
         app.cleanup_ctx.append(self._sampling)
 
     async def _sampling(self, app: web.Application) -> AsyncIterator[None]:

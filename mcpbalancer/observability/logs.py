@@ -302,6 +302,9 @@ class JsonFormatter(logging.Formatter):
             "msg": record.getMessage(),
         }
         entry.update(_extras(record, self._worker))
+        audit = getattr(record, "audit", None)  # the admin API's audit lines: their facts as fields
+        if audit is not None:
+            entry["audit"] = audit
         if record.exc_info:
             entry["exc"] = self.formatException(record.exc_info)
         return json.dumps(entry, ensure_ascii=False, separators=(",", ":"))

@@ -77,6 +77,16 @@ REJECT_REASONS: Final = (
     "header_encoding",  # a routing header's =?base64?...?= value does not decode
     "strict",  # validate_headers: Mcp-Method/Mcp-Name disagree with the body, or it is not JSON-RPC
 )
+# What an admin request asked for (a route's name on the admin listener), and how it ended.
+ADMIN_ACTIONS: Final = ("backends", "drain", "undrain", "reload", "status", "other")
+ADMIN_OUTCOMES: Final = (
+    "ok",  # done (with workers: by every worker serving)
+    "unauthorized",  # no token, or a wrong one (401)
+    "not_found",  # an unknown backend (404)
+    "invalid",  # a reload of an invalid file (400)
+    "restart_required",  # a reload of a file that changes a restart-only setting (409)
+    "failed",  # with workers: a worker did not answer or did not apply it (502), or none serves (503)
+)
 _HTTP_METHODS: Final = frozenset({"GET", "POST", "DELETE", "HEAD", "OPTIONS", "PUT", "PATCH"})
 
 # JSON-RPC methods of the MCP revisions 2025-03-26 … 2026-07-28; anything else is counted as "other".
@@ -432,6 +442,12 @@ class Metrics:
             "are kept.",
             ("entry",),
         )
+        self.admin_requests = _Counter(
+            r,
+            "mcpbalancer_admin_requests_total",
+            "Requests to the admin API (and the status page), by action and outcome.",
+            ("action", "outcome"),
+        )
         self.build_info = _Gauge(
             r, "mcpbalancer_build_info", "Always 1; the version is a label.", ("version",)
         )
@@ -545,6 +561,10 @@ class Metrics:
     def store_operation(self, op: str, ok: bool, seconds: float) -> None:
         self.store_operations.labels(op, "ok" if ok else "error").value += 1
         self.store_latency.labels(op).observe(seconds)
+
+    def admin_request(self, action: str, outcome: str) -> None:
+        """`action` one of ADMIN_ACTIONS, `outcome` one of ADMIN_OUTCOMES."""
+        self.admin_requests.labels(action, outcome).value += 1
 
     def health_check(self, backend: str, result: str) -> None:
         """For the active health checker; `result` from a small fixed set (e.g. ok, fail, timeout)."""

@@ -16,6 +16,12 @@ and signals them; it never touches a request.
   to every serving worker, and to a starting one once it is ready (it may have read the file first).
 - **Orphans.** Workers get PR_SET_PDEATHSIG(SIGTERM): a supervisor killed with SIGKILL takes its
   workers with it, through their graceful shutdown.
+- **Control channels.** With `admin`, each worker serves its admin application on a unix socket of
+  its own (CONTROL_SOCKET_ENV), in a directory only this user can enter, made at start and removed
+  at exit. The supervisor's admin listener (control/cluster.py) asks every worker through them.
+  Drains and undrains made through it are remembered until the next reload and handed to a worker
+  that starts (ADMIN_DRAINS_ENV), or that was starting while they were made (`on_behind`), so that a
+  restarted worker does not forget a drain the operator posted.
 """
 
 from __future__ import annotations
@@ -23,16 +29,19 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import json
 import logging
 import os
 import secrets
+import shutil
 import signal
 import socket
+import tempfile
 import time
 from collections.abc import Callable
 from typing import Final
 
-from mcpbalancer.config import Config, admin_of_worker, host_port, load_config
+from mcpbalancer.config import Config, host_port, load_config
 from mcpbalancer.errors import ConfigError
 from mcpbalancer.process.orphans import die_with_parent
 
@@ -42,6 +51,11 @@ READY: Final = b"R"
 # The key of the access log's session tags, one for all workers (hex), so that a session's lines
 # carry the same tag whichever worker wrote them.
 SESSION_TAG_KEY_ENV: Final = "MCPBALANCER_SESSION_TAG_KEY"
+# The unix socket a worker serves its admin application on, for the supervisor only.
+CONTROL_SOCKET_ENV: Final = "MCPBALANCER_CONTROL_SOCKET"
+# The drains (true) and undrains (false) posted to the admin API since the last reload, as a JSON
+# object by backend name: a worker applies them once it has read the file, before it serves.
+ADMIN_DRAINS_ENV: Final = "MCPBALANCER_ADMIN_DRAINS"
 RESTART_DELAY: Final = (0.5, 30.0)  # first and longest delay before starting an exited worker again
 STABLE_AFTER: Final = 30.0  # a worker that ran this long restarts after the first delay again
 GIVE_UP_AFTER: Final = 3  # failed starts in a row of every worker, with none serving
@@ -51,6 +65,19 @@ _STOPPED_BY: Final = (0, -signal.SIGTERM, -signal.SIGINT)  # exit statuses of a 
 
 # (worker index, fd of the ready pipe) -> the worker's argv.
 WorkerCommand = Callable[[int, int], list[str]]
+# (running, reloaded) -> why the reloaded file cannot be applied without a restart, or None.
+RestartOnly = Callable[[Config, Config], str | None]
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Channel:
+    """A worker as the admin listener sees it."""
+
+    index: int
+    run: int  # its start count: a new number is a new process (whose counters start from 0)
+    alive: bool  # a process is running (serving, or starting)
+    serving: bool
+    socket: str | None  # its control channel; None without `admin`
 
 
 def check_listen(host: str, port: int) -> None:
@@ -91,6 +118,7 @@ class _Worker:
     runs: int = 0
     failed_starts: int = 0  # in a row
     reloads: int = 0  # the supervisor's reload count this worker has been sent (or read itself)
+    drains: int = 0  # the version of the admin drains this worker has been given
     stop_status: int | None = None  # how its process ended after the stop
 
 
@@ -108,10 +136,12 @@ class Supervisor:
         start_timeout: float = START_TIMEOUT,
         give_up_after: int = GIVE_UP_AFTER,
         kill_grace: float = KILL_GRACE,
+        restart_only: RestartOnly | None = None,
     ) -> None:
         self.config = config
         self._command = command
         self._adjust = adjust
+        self._restart_only = restart_only
         self._restart_delay = restart_delay
         self._stable_after = stable_after
         self._start_timeout = start_timeout
@@ -124,13 +154,58 @@ class Supervisor:
         self._all_served = False
         self._kill_timer: asyncio.TimerHandle | None = None
         self._env = {**os.environ, SESSION_TAG_KEY_ENV: secrets.token_hex(16)}
+        self._control_dir: str | None = None  # made by run() when there is an admin listener
+        self.admin_drains: dict[str, bool] = {}  # posted since the last reload: name -> drained
+        self._drains = 0  # their version
+        # Called with a worker's index when it became ready with older admin drains than the
+        # current ones (it was starting while they were posted): the admin listener sends them.
+        self.on_behind: Callable[[int], None] | None = None
 
     @property
     def serving(self) -> tuple[int, ...]:
         """Indexes of the workers ready and running."""
         return tuple(w.index for w in self._workers if w.serving)
 
+    def control_socket(self, index: int) -> str | None:
+        if self._control_dir is None:
+            return None
+        return os.path.join(self._control_dir, f"worker-{index}.sock")
+
+    def channels(self) -> list[Channel]:
+        return [
+            Channel(w.index, w.runs, w.process is not None, w.serving, self.control_socket(w.index))
+            for w in self._workers
+        ]
+
+    def begin_drain(self, name: str, drained: bool) -> list[Channel]:
+        """An admin drain (or undrain) of `name`: remembered until the next reload; the serving
+        workers, to send it to, are marked as having it."""
+        self.admin_drains[name] = drained
+        self._drains += 1
+        return self._reached("drains", self._drains)
+
+    def forget_drain(self, name: str) -> None:
+        """No worker knew `name`: nothing to hand to the workers that start."""
+        if self.admin_drains.pop(name, None) is not None:
+            self._drains += 1
+
+    def begin_reload(self) -> list[Channel]:
+        """An admin reload: like SIGHUP, but the serving workers (returned) are sent it by the
+        admin listener; a starting one gets SIGHUP once ready."""
+        self._reloaded()
+        return self._reached("reloads", self._reloads)
+
+    def _reached(self, attribute: str, version: int) -> list[Channel]:
+        serving = [w for w in self._workers if w.serving]
+        for worker in serving:
+            setattr(worker, attribute, version)
+        reached = {w.index for w in serving}
+        return [c for c in self.channels() if c.index in reached]
+
     async def run(self) -> int:
+        if self.config.admin is not None:
+            # mkdtemp makes it 0700: only this user (and root) reach the sockets in it.
+            self._control_dir = tempfile.mkdtemp(prefix="mcpbalancer-")
         self._announce()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -143,6 +218,8 @@ class Supervisor:
                 loop.remove_signal_handler(sig)
             if self._kill_timer is not None:
                 self._kill_timer.cancel()
+            if self._control_dir is not None:
+                shutil.rmtree(self._control_dir, ignore_errors=True)
         return 1 if self._failed else self._stop_status()
 
     def stop(self, sig: int = signal.SIGTERM) -> None:
@@ -156,28 +233,37 @@ class Supervisor:
 
     def reload(self) -> None:
         """SIGHUP: every worker re-reads the configuration file (see the module docstring)."""
-        self._reloads += 1
         log.info("SIGHUP: reloading %s in every worker", self.config.source)
+        self._reloaded()
         self._signal_all(signal.SIGHUP, serving_only=True)
-        # The supervisor's copy is only used for the stop grace; the workers log a bad file.
-        with contextlib.suppress(ConfigError):
+
+    def _reloaded(self) -> None:
+        self._reloads += 1
+        # The supervisor's copy gives the stop grace and the admin tokens. The workers log a bad
+        # file, or one that needs a restart; then nothing of it applies here either, and the admin
+        # drains stay, as they stay in the workers.
+        try:
             new = load_config(self.config.source)
-            self.config = self._adjust(new) if self._adjust is not None else new
+            new = self._adjust(new) if self._adjust is not None else new
+        except ConfigError:
+            return
+        if self._restart_only is not None and self._restart_only(self.config, new) is not None:
+            return
+        self.config = new
+        self.admin_drains.clear()  # the file is the source of truth again
+        self._drains += 1
 
     def _announce(self) -> None:
         config, n = self.config, len(self._workers)
         admin = ""
         if config.admin is not None:
-            ports = (admin_of_worker(config, i) for i in range(n))
-            admin = "; admin: " + ", ".join(
-                f"worker {i} on {_address(a)}" for i, a in enumerate(ports) if a is not None
-            )
+            admin = f"; admin on {_address(config.admin)} for every worker"
         listen = host_port(config.listen_host, config.listen_port)
         log.info("starting %d workers on %s (SO_REUSEPORT)%s", n, listen, admin)
         if config.admin is None and config.metrics.enabled:
             log.warning(
                 "no `admin` listener: %s on %s answers for whichever worker took the connection, with "
-                "that worker's counts only; set `admin` to scrape every worker (port + worker index)",
+                "that worker's counts only; set `admin` for one page that sums every worker",
                 config.metrics.path,
                 listen,
             )
@@ -222,11 +308,12 @@ class Supervisor:
         read_fd, write_fd = os.pipe()
         worker.runs += 1
         worker.reloads = self._reloads  # it reads the file as it starts
+        worker.drains = self._drains  # and is given the admin drains
         try:
             process = await asyncio.create_subprocess_exec(
                 *self._command(worker.index, write_fd),
                 stdin=asyncio.subprocess.DEVNULL,
-                env=self._env,
+                env=self._worker_env(worker.index),
                 pass_fds=(write_fd,),
                 preexec_fn=die_with_parent(signal.SIGTERM),
             )
@@ -273,15 +360,26 @@ class Supervisor:
             loop.remove_reader(fd)
             os.close(fd)
 
+    def _worker_env(self, index: int) -> dict[str, str]:
+        env = dict(self._env)
+        socket_path = self.control_socket(index)
+        if socket_path is not None:
+            env[CONTROL_SOCKET_ENV] = socket_path
+        if self.admin_drains:
+            env[ADMIN_DRAINS_ENV] = json.dumps(self.admin_drains)
+        return env
+
     def _serving(self, worker: _Worker, pid: int) -> None:
         worker.serving = True
-        admin = admin_of_worker(self.config, worker.index)
-        where = "" if admin is None else f", admin on {_address(admin)}"
-        log.info("worker %d serving (pid %d%s)", worker.index, pid, where)
+        log.info("worker %d serving (pid %d)", worker.index, pid)
         if worker.reloads < self._reloads:  # a SIGHUP came while it started
             worker.reloads = self._reloads
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGHUP)
+        if worker.drains < self._drains:  # admin drains were posted while it started
+            worker.drains = self._drains
+            if self.on_behind is not None:
+                self.on_behind(worker.index)
         if not self._all_served and all(w.serving for w in self._workers):
             self._all_served = True
             log.info(
