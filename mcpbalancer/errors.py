@@ -22,6 +22,7 @@
           ├── MisdirectedRequest      421: a Host not in `allowed_hosts`
           ├── HeadersTooLarge         431
           ├── BadGateway              502: the backend broke the exchange
+          │    └── SessionIdTooLong   502: a backend's session id too long to seal (session_ids: sealed)
           ├── NoBackendAvailable      503: nothing can take a new session (+ Retry-After)
           └── GatewayTimeout          504
 
@@ -174,6 +175,12 @@ class HeadersTooLarge(ProxyError):
 
 class BadGateway(ProxyError):
     status, reason, rpc_code, default_message = 502, "Bad Gateway", -32603, "Bad Gateway"
+
+
+class SessionIdTooLong(BadGateway):
+    """An upstream fault: the backend issued a session id the sealed id cannot carry."""
+
+    default_message = "Bad Gateway: the backend's session id is too long to seal"
 
 
 class NoBackendAvailable(ProxyError):

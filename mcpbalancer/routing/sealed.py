@@ -52,7 +52,7 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from prometheus_client import CollectorRegistry
 
 from mcpbalancer import protocol
-from mcpbalancer.errors import BadGateway, SessionNotFound
+from mcpbalancer.errors import SessionIdTooLong, SessionNotFound
 from mcpbalancer.observability.metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -68,10 +68,6 @@ _MAX_BINARY: Final = protocol.MAX_SESSION_ID_BYTES * 3 // 4  # 192 bytes make 25
 _ISSUED: Final = struct.Struct(">Q")  # written as 6 bytes: the low 48 bits, good until the year 10889
 _HKDF_INFO: Final = b"mcpbalancer sealed session id v1"
 _KEY_ID_LABEL: Final = b"mcpbalancer session key id\x00"
-
-
-class SessionIdTooLong(BadGateway):
-    default_message = "Bad Gateway: the backend's session id is too long to seal"
 
 
 class Opened:

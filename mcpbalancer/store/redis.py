@@ -161,8 +161,13 @@ class RedisStore:
         client = self._client
         if isinstance(client, RedisCluster):
             # Any node hears every message: subscribe to the next one each time, so that a lost node
-            # is left for another.
-            nodes = client.get_primaries() or [client.get_default_node()]
+            # is left for another. Before the client knows any node, a ping finds them.
+            nodes = client.get_primaries()
+            if not nodes:
+                await self.ping()
+                nodes = client.get_primaries()
+            if not nodes:
+                raise StoreError("redis: no Cluster node known to subscribe to")
             self._turn = (self._turn + 1) % len(nodes)
             pubsub: PubSub = client.pubsub(node=nodes[self._turn], ignore_subscribe_messages=True)
         else:
@@ -171,8 +176,10 @@ class RedisStore:
             await self.call(pubsub.subscribe(self._channel))
             while True:
                 try:
-                    message = await pubsub.get_message(timeout=EVENT_POLL)
-                except (RedisError, OSError) as exc:
+                    # Bounded here too: a subscription must never wait without a timer.
+                    async with asyncio.timeout(EVENT_POLL + self._op_timeout):
+                        message = await pubsub.get_message(timeout=EVENT_POLL)
+                except (RedisError, OSError, TimeoutError) as exc:
                     raise StoreError(f"redis: {type(exc).__name__}: {exc}") from exc
                 if message is not None and message.get("type") == "message":
                     data = message["data"]
