@@ -156,9 +156,12 @@ class CachedStore:
         return backend
 
     async def bind(self, sid: str, backend: str, ttl: float) -> str:
-        announce = self._message("b", sid, backend) if self._events else None
         try:
-            owner = await self._inner.bind(sid, backend, ttl * LIFETIME, announce)
+            if self._events:
+                announce = self._message("b", sid, backend)
+                owner = await self._inner.bind(sid, backend, ttl * LIFETIME, announce)
+            else:
+                owner = await self._inner.bind(sid, backend, ttl * LIFETIME)
         except StoreError as exc:
             self._failed(exc, sid=sid)
             if self._raise_on_bind_error:
