@@ -51,10 +51,12 @@ from mcpbalancer.filters.origin import OriginFilter, OriginPolicy
 from mcpbalancer.filters.phases import Phases, compose
 from mcpbalancer.filters.ratelimit import Buckets, RateLimits, rates_of
 from mcpbalancer.filters.route_rules import RouteRules
+from mcpbalancer.filters.sealed import SealedSessions
 from mcpbalancer.filters.session_binding import SessionBinding
 from mcpbalancer.filters.toolpolicy import ToolPolicy
 from mcpbalancer.fleet.backends import Backend
 from mcpbalancer.fleet.discovery import Discovery
+from mcpbalancer.fleet.generations import Generations
 from mcpbalancer.fleet.health import HealthChecker
 from mcpbalancer.fleet.http_probe import HttpProbe
 from mcpbalancer.fleet.lifecycle import Changes, Fleet
@@ -70,10 +72,12 @@ from mcpbalancer.routing.binding import SessionBinder
 from mcpbalancer.routing.failover import Failover
 from mcpbalancer.routing.router import Router
 from mcpbalancer.routing.rules import compile_rules
+from mcpbalancer.routing.sealed import SealedIds
 from mcpbalancer.store import SessionStore
 from mcpbalancer.store.cache import CachedStore
 from mcpbalancer.store.factory import create_store
 from mcpbalancer.store.ratelimit import LocalBuckets, SharedBuckets
+from mcpbalancer.store.records import SharedRecords
 from mcpbalancer.store.redis import RedisStore
 from mcpbalancer.store.shared import SharedAffinity
 
@@ -94,12 +98,13 @@ RESTART_ONLY: Final = frozenset(
         "workers",  # the supervisor forks them at start
         "store",  # the sessions live in it: a new store would know none of them
         "store_prefix",  # the same: the keys already written are under the old prefix
+        "session_ids",  # plain or sealed: a switch would end every session, which a restart says
         "admin",  # the control listener is bound once; /admin/reload itself is served there
         "metrics",  # its page is a route of the listener(s), registered when they start
     }
 )
 # The fields whose key in the file has another name.
-_FILE_KEYS: Final = {"listen_host": "listen", "listen_port": "listen"}
+_FILE_KEYS: Final = {"listen_host": "listen", "listen_port": "listen", "replay_on": "failover"}
 LIVE: Final = frozenset(
     {
         "source",  # the file itself; reloads read the same one
@@ -121,6 +126,9 @@ LIVE: Final = frozenset(
         "affinity",  # a change starts the maps afresh: entries learned before are dropped
         "validate_headers",
         "failover",
+        "replay_on",  # `failover.replay_on`
+        "session_keys",  # a new first key seals from now on; a removed key's tokens stop opening
+        "session_max_age",
         "allowed_origins",
         "allowed_hosts",  # the Host check and the Origin rule that reads it
         "bind_sessions",  # a change ends the sessions bound under the old binding (404)
@@ -227,6 +235,22 @@ def _unchanged(config: Config) -> Config:
     return config
 
 
+def _sealed(config: Config, metrics: Metrics) -> SealedIds | None:
+    if config.session_ids != "sealed":
+        return None
+    return SealedIds(
+        [key.material for key in config.session_keys],
+        max_age=config.session_max_age,
+        capacity=config.local_cache_size,
+        metrics=metrics,
+    )
+
+
+def _plain_max_age(config: Config) -> float | None:
+    """session_max_age as the router checks it: a sealed token carries its own issue time."""
+    return config.session_max_age if config.session_ids == "plain" else None
+
+
 class Proxy:
     """One running mcpbalancer: `await start()`, serve, `await stop()`."""
 
@@ -272,9 +296,15 @@ class Proxy:
             on_expire=lambda sid, owner: self.router.session_expired(sid, owner),
             session_ttl=config.session_ttl,
             metrics=self.metrics,
+            fail_new=config.on_store_error == "fail",
+        )
+        # When each backend was last seen to go away, shared with the other proxies through the store.
+        self.generations = Generations(
+            self.backends, self.store if isinstance(self.store, CachedStore) else None
         )
         # Kept as the class the proxy runs; the router sees it only through its Replay protocol.
         self.failover = failover = self._failover(config, None)
+        self.sealed = _sealed(config, self.metrics)
         binder = _binder(config)
         self.router = Router(
             self.backends,
@@ -288,8 +318,16 @@ class Proxy:
             binder=binder,
             refuse_new=self._refuse_new(config),
             modes=self.modes,
+            sealed=self.sealed,
+            max_age=_plain_max_age(config),
         )
-        self.health = HealthChecker(config.health, self.fleet.set_status, self._probe, metrics=self.metrics)
+        self.health = HealthChecker(
+            config.health,
+            self.fleet.set_status,
+            self._probe,
+            metrics=self.metrics,
+            on_gone=self.generations.gone,
+        )
         self._plane: DataPlane | None = None
         self._retired: set[asyncio.Task[None]] = set()  # closing parts a reload replaced
         self._concurrency = ConcurrencyLimits(self.metrics)
@@ -316,6 +354,7 @@ class Proxy:
         self._sweeper: asyncio.Task[None] | None = None
         self._checker: asyncio.Task[None] | None = None
         self._watcher: asyncio.Task[None] | None = None
+        self._listener: asyncio.Task[None] | None = None
 
     @property
     def shutdown_timeout(self) -> float:
@@ -404,6 +443,10 @@ class Proxy:
         if _binding(new) != _binding(old):
             router.binder = _binder(new)
         self.access_filters = self._access_filters(new, old, keys)
+        router.max_age = _plain_max_age(new)
+        if self.sealed is not None:
+            session_keys = [key.material for key in new.session_keys]
+            self.sealed.configure(session_keys, max_age=new.session_max_age, capacity=new.local_cache_size)
         router.refuse_new_when(self._refuse_new(new))
         self.readiness.store_required = new.on_store_error == "fail"
         if new.log != old.log:
@@ -443,8 +486,10 @@ class Proxy:
             filters.append(RequestStateKey())
         if affinity is not None and (affinity.tasks is not None or affinity.states is not None):
             filters.append(AffinityLearning(router))
-        if self.failover is not None:
-            filters.append(ReplayAlias(self.failover))
+        if router.sealed is not None:
+            filters.append(SealedSessions(router))  # the backend's own id out, a token back in
+        elif self.failover is not None:
+            filters.append(ReplayAlias())  # a moved session's id at its new backend
         if self.access_log is not None:
             filters.append(self.access_log)
         filters.append(self.health)  # passive health: fail_to_connect, error_while_proxy
@@ -540,17 +585,22 @@ class Proxy:
         if config.failover != "replay":
             self._retire(running.close() if running is not None else None)
             return None
-        connect, response = config.timeouts.connect, config.timeouts.response_headers
+        limits: dict[str, Any] = {
+            "max_records": config.local_cache_size,
+            "connect_timeout": config.timeouts.connect,
+            "response_timeout": config.timeouts.response_headers,
+            "session_ttl": config.session_ttl,
+            "on_backend_404": "backend_404" in config.replay_on,
+        }
         if running is None:
-            return Failover(
-                max_records=config.local_cache_size,
-                connect_timeout=connect,
-                response_timeout=response,
-                metrics=self.metrics,
+            # With Redis, the records are shared: any proxy replays any session.
+            shared = (
+                None
+                if config.store == "memory"
+                else SharedRecords.from_url(config.store, config.store_prefix)
             )
-        running.configure(
-            max_records=config.local_cache_size, connect_timeout=connect, response_timeout=response
-        )
+            return Failover(metrics=self.metrics, shared=shared, **limits)
+        running.configure(**limits)
         return running
 
     def _refuse_new(self, config: Config) -> Callable[[], bool] | None:
@@ -705,6 +755,7 @@ class Proxy:
                 await self.store.close()
                 raise
         await self._check_store()
+        await self.generations.load()
         await self.discovery.start()  # the first answers, so that it serves with its backends
         loop = asyncio.get_running_loop()
         self._plane = DataPlane(
@@ -756,6 +807,9 @@ class Proxy:
         self._checker = loop.create_task(self.health.run(lambda: self.backends))
         if isinstance(self.store, CachedStore):
             self._watcher = loop.create_task(self.store.watch())
+            self._listener = loop.create_task(
+                self.store.listen(on_ended=self.router.ended_elsewhere, on_gone=self.generations.heard)
+            )
         control = self.control
         admin = ""
         if control is not None:
@@ -810,7 +864,7 @@ class Proxy:
         self.fleet.close()
         # After the in-flight exchanges: a tool call running on a managed backend may finish.
         await self.managed.stop()
-        for task in (self._sweeper, self._checker, self._watcher, self._jwks_task):
+        for task in (self._sweeper, self._checker, self._watcher, self._jwks_task, self._listener):
             if task is not None:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
@@ -825,6 +879,7 @@ class Proxy:
         if isinstance(self._buckets, SharedBuckets):
             await self._buckets.close()
         await self.router.close()
+        await self.generations.close()
         await self.store.close()
         if self.control is not None:
             await self.control.stop()

@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import contextlib
 import dataclasses
 import json
 import logging
 import os
+import secrets
 import signal
 import sys
 from collections.abc import Callable, Coroutine, Mapping, Sequence
@@ -22,6 +24,7 @@ from typing import Any
 from mcpbalancer import __version__
 from mcpbalancer.app import Proxy, key_file, restart_only_problem
 from mcpbalancer.config import LOG_LEVELS, Config, check_workers, host_port, load_config
+from mcpbalancer.config.checks import MIN_SESSION_KEY_BYTES
 from mcpbalancer.config.schema import schema_text
 from mcpbalancer.control import client, healthcheck
 from mcpbalancer.control.cluster import ClusterControl
@@ -51,11 +54,14 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "command",
         nargs="?",
-        choices=["schema", "admin"],
-        help="schema: print the JSON Schema of the configuration file and exit; "
-        "admin: call the admin API of a running proxy (`mcpbalancer admin --help`)",
+        choices=["schema", "keygen", "admin"],
+        help="schema: print the JSON Schema of the configuration file and exit; keygen: print a new "
+        "random key for `session_keys` and exit; admin: call the admin API of a running proxy "
+        "(`mcpbalancer admin --help`)",
     )
-    parser.add_argument("--config", "-c", help="YAML configuration file (required, except for `schema`)")
+    parser.add_argument(
+        "--config", "-c", help="YAML configuration file (required, except for `schema` and `keygen`)"
+    )
     parser.add_argument("--check", action="store_true", help="validate the configuration and exit")
     parser.add_argument(
         "--healthcheck",
@@ -129,6 +135,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     if args.command == "schema":
         sys.stdout.write(schema_text())
+        return 0
+    if args.command == "keygen":
+        # 32 bytes from the OS's CSPRNG, the AES-256 key size; printed, never stored or logged.
+        print(base64.b64encode(secrets.token_bytes(MIN_SESSION_KEY_BYTES)).decode("ascii"))
         return 0
     if args.command == "admin":
         return _admin(args)

@@ -28,6 +28,7 @@
           ├── RateLimited             429: a `rate_limits` bucket is empty (+ Retry-After)
           ├── HeadersTooLarge         431
           ├── BadGateway              502: the backend broke the exchange
+          │    └── SessionIdTooLong   502: a backend's session id too long to seal (session_ids: sealed)
           ├── NoBackendAvailable      503: nothing can take a new session (+ Retry-After)
           │    ├── BackendBusy        503: the backend's max_in_flight stayed full for queue_timeout
           │    └── AuthUnavailable    503: a token came and no key set was ever fetched to check it
@@ -217,6 +218,12 @@ class HeadersTooLarge(ProxyError):
 
 class BadGateway(ProxyError):
     status, reason, rpc_code, default_message = 502, "Bad Gateway", -32603, "Bad Gateway"
+
+
+class SessionIdTooLong(BadGateway):
+    """An upstream fault: the backend issued a session id the sealed id cannot carry."""
+
+    default_message = "Bad Gateway: the backend's session id is too long to seal"
 
 
 class NoBackendAvailable(ProxyError):

@@ -9,6 +9,7 @@ import uvloop
 pytest_plugins = [
     "tests.fixtures.backends",
     "tests.fixtures.redis",
+    "tests.fixtures.redis_ha",
     "tests.fixtures.proxy",
     "tests.fixtures.stub",
     "tests.fixtures.rawhttp",

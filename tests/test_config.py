@@ -221,7 +221,8 @@ ERRORS = [
     # store
     pytest.param(
         minimal(store="mysql://x"),
-        "store: must be 'memory' or a redis://, rediss:// or unix:// URL",
+        "store: must be 'memory' or a redis://, rediss://, unix://, redis+sentinel:// or redis+cluster:// "
+        "URL",
         id="store-scheme",
     ),
     pytest.param(minimal(store="Memory"), "store: must be 'memory' or a redis://", id="store-word"),
@@ -572,7 +573,8 @@ def test_failover_modes() -> None:
     assert parse_config(minimal(failover="replay")).failover == "replay"
     assert parse_config(minimal(failover="reinitialize")).failover == "reinitialize"
     assert config_error(minimal(failover="retry")).startswith(
-        "cfg.yaml: failover: must be one of reinitialize, replay; got 'retry'"
+        "cfg.yaml: failover: must be one of reinitialize, replay, or a mapping with `mode` and "
+        "`replay_on`; got 'retry'"
     )
 
 
@@ -607,8 +609,8 @@ WORKER_ERRORS = [
     pytest.param(minimal(workers=5000), "workers: must be <= 1024, got 5000", id="too-many"),
     pytest.param(
         minimal(workers=2),
-        "workers: 2 workers need a Redis `store`: the memory store is per process, so a session "
-        "initialized on one worker would be unknown (404) to the others",
+        "workers: 2 workers need a Redis `store` or `session_ids: sealed`: the memory store is per "
+        "process, so a session initialized on one worker would be unknown (404) to the others",
         id="memory-store",
     ),
     pytest.param(

@@ -38,7 +38,7 @@ def validator() -> jsonschema.Draft202012Validator:
 
 
 def resolve(schema: dict[str, Any], node: dict[str, Any]) -> dict[str, Any]:
-    """`node` without its $ref and its `| None`."""
+    """`node` without its $ref, its `| None`, and its short form (`failover: replay` for a mapping)."""
     if "$ref" in node:
         return resolve(schema, schema["$defs"][node["$ref"].rpartition("/")[2]])
     alternatives = [n for n in node.get("anyOf", ()) if n.get("type") != "null"]

@@ -33,6 +33,8 @@ TABLE_ROW = re.compile(r"\| `(?P<key>[^`]+)` \| (?P<default>[^|]*) \|")
 NOT_AN_ATTRIBUTE = {
     "backends[].replicas": "expanded into <name>-1 ... <name>-N backends",
     "auth.mode": "the section's default; without an `auth` section authentication is off",
+    "failover.mode": "Config.failover",
+    "failover.replay_on": "Config.replay_on",
 }
 # Keys under a restart-only key that are a Config field of their own (key -> field).
 LIVE_KEYS = {"admin.token": "admin_tokens"}

@@ -22,6 +22,7 @@ of docs/monitoring.md is checked against the metrics a proxy exports, as the Pro
 
 from __future__ import annotations
 
+import base64
 import io
 import json
 import re
@@ -108,9 +109,15 @@ def load_yaml(block: Block) -> Any:
     return yaml.load(block.text, Loader=UniqueKeyLoader)  # a SafeLoader subclass
 
 
+def placeholder(name: str) -> str:
+    """A value for ${NAME}: long enough for a binding key, and the base64 of 32 bytes or more, as a
+    session key is."""
+    return base64.b64encode(f"placeholder-for-{name}".ljust(32, ".").encode()).decode()
+
+
 def environ(block: Block) -> dict[str, str]:
-    """Every ${NAME} of the block, set to a placeholder long enough for a binding key."""
-    return {name: f"placeholder-for-{name}" for name in re.findall(r"\$\{(\w+)\}", block.text)}
+    """Every ${NAME} of the block, set to a placeholder."""
+    return {name: placeholder(name) for name in re.findall(r"\$\{(\w+)\}", block.text)}
 
 
 def load_configuration(data: dict[str, Any], block: Block) -> Config:
@@ -143,7 +150,7 @@ def test_a_fragment_that_is_wrong_is_refused() -> None:
         jsonschema.Draft202012Validator(SCHEMA).validate({**MINIMAL, "helth": {"fall": 2}})
     block = Block(ROOT / "README.md", 1, "yaml", "fragment", 'session_binding_key: "${MCPB_TEST_KEY}"\n')
     assert load_configuration({**MINIMAL, **load_yaml(block)}, block).session_binding_key == (
-        "placeholder-for-MCPB_TEST_KEY"
+        placeholder("MCPB_TEST_KEY")
     )
 
 

@@ -20,6 +20,7 @@ from mcpbalancer.errors import (
     NoBackendAvailable,
     PayloadTooLarge,
     ProxyError,
+    SessionIdTooLong,
     SessionNotFound,
     render_error,
 )
@@ -194,8 +195,16 @@ def _subclasses(cls: type[ProxyError]) -> list[type[ProxyError]]:
 def test_client_mistakes_are_4xx_and_only_upstream_faults_are_5xx() -> None:
     # Every error alert reads a 5xx as "the proxy is broken": a client's mistake must never be one.
     classes = [*_subclasses(ProxyError)[1:], errors.denied(429)]
-    # A full backend (max_in_flight) and an unreachable authorization server are faults upstream too.
-    upstream = {BadGateway, NoBackendAvailable, GatewayTimeout, errors.BackendBusy, errors.AuthUnavailable}
+    # A full backend (max_in_flight), an unreachable authorization server and a backend session id
+    # too long to seal are faults upstream too.
+    upstream = {
+        BadGateway,
+        SessionIdTooLong,
+        NoBackendAvailable,
+        GatewayTimeout,
+        errors.BackendBusy,
+        errors.AuthUnavailable,
+    }
     assert {c for c in classes if c.status >= 500} == upstream
     assert all(400 <= c.status < 500 for c in classes if c.status < 500)
 

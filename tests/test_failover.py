@@ -21,7 +21,7 @@ from mcpbalancer.app import Proxy
 from mcpbalancer.dataplane.framing import request_head
 from mcpbalancer.dataplane.head import RequestHead
 from mcpbalancer.filters.failover import ReplayAlias
-from mcpbalancer.filters.phases import HeadEdits
+from mcpbalancer.routing.binding import decode_owner
 from mcpbalancer.routing.router import classify
 from mcpbalancer.store import UNKNOWN
 from tests.fixtures.backends import BackendFactory, BackendProcess
@@ -83,21 +83,28 @@ async def test_replay_keeps_the_mcp_client_session_when_its_owner_is_killed(
         assert ids == {wire.session_id}
         assert {h["mcp-session-id"] for h in wire.requests if "mcp-session-id" in h} == {wire.session_id}
         sid = wire.session_id
-        assert failover.alias(sid) not in (None, sid.encode())
-        assert proxy.store.peek(sid) == other.name
-        if store != "memory":  # the shared store names the new owner too
-            # (The proxy's own liveness marker, mcpb:m:<random>, appears a second after start.)
-            keys = [key for key in await redis_keys(store) if not key.startswith("mcpb:m:")]
-            assert keys == [f"mcpb:s:{sid}"]
+        binding = decode_owner(str(proxy.store.peek(sid)))
+        assert binding.owner == other.name
+        assert binding.alias not in (None, sid.encode())  # the new backend's own id
+        if store != "memory":  # the shared store names the new owner too, and keeps the record
+            # (The proxy's own liveness marker, mcpb:m:<random>, appears a second after start; mcpb:g
+            # holds when r1 or r2 was seen to go away.)
+            keys = [key for key in await redis_keys(store, "*") if not key.startswith(("mcpb:m:", "mcpb:g"))]
+            assert sorted(keys) == [f"mcpb:s:{sid}", "{mcpb:s:" + sid + "}:i"]
             client = redis.asyncio.Redis.from_url(store, decode_responses=True)
             try:
-                assert await client.get(f"mcpb:s:{sid}") == other.name
+                assert decode_owner(await client.get(f"mcpb:s:{sid}")) == binding
             finally:
                 await client.aclose()
     # Its DELETE reached the new owner under the new id (2xx), which ended the mapping.
     await wait_until(lambda: _forgotten(proxy, sid), "the moved session's DELETE to end it")
-    assert failover.alias(sid) is None
-    assert not failover.can_replay(sid)
+    assert not failover.can_replay(sid) or store != "memory"
+    if store != "memory":  # the shared record went with it
+        await wait_until(lambda: _no_keys(store), "the moved session's keys to go")
+
+
+async def _no_keys(url: str) -> bool:
+    return not [key for key in await redis_keys(url, "*") if not key.startswith(("mcpb:m:", "mcpb:g"))]
 
 
 async def _forgotten(proxy: Proxy, sid: str) -> bool:
@@ -204,8 +211,7 @@ async def test_a_moved_session_hears_notifications_on_its_resumed_get_stream(
         await hear_one(client)  # a notification the new backend sent after the move
         resumed = [h["last-event-id"] for h in wire.requests if "last-event-id" in h]
         assert resumed, "the client never resumed with a Last-Event-ID: the test proves nothing"
-        assert proxy.router.failover is not None
-        assert proxy.router.failover.moved(wire.session_id)
+        assert decode_owner(str(proxy.store.peek(wire.session_id))).alias is not None  # moved
 
 
 def test_the_head_sent_for_a_moved_session_has_its_backend_id_and_no_last_event_id() -> None:
@@ -216,8 +222,11 @@ def test_the_head_sent_for_a_moved_session_has_its_backend_id_and_no_last_event_
         (b"last-event-id", b"Last-Event-ID", b"issued-by-the-dead-one"),
         (b"accept", b"Accept", b"text/event-stream"),
     ]
-    edits = HeadEdits()
-    ReplayAlias(_MovedTo(b"backend-id")).upstream_request(classify(b"GET", b"client-id", None), edits)
+    facts = classify(b"GET", b"client-id", None)
+    facts.upstream_sid, facts.moved = b"backend-id", True  # what routing sets for a moved session
+    alias = ReplayAlias()
+    edits = alias.upstream_edits(facts)
+    assert edits is alias.upstream_edits(facts)  # one object per session, not one per request
     moved = request_head(head, b"", b"127.0.0.1:9", b"10.0.0.1", edits)
     assert b"Mcp-Session-Id: backend-id\r\n" in moved
     assert b"last-event-id" not in moved.lower()
@@ -225,16 +234,3 @@ def test_the_head_sent_for_a_moved_session_has_its_backend_id_and_no_last_event_
     # A session that was not moved resumes as the client asks.
     kept = request_head(head, b"", b"127.0.0.1:9", b"10.0.0.1", None)
     assert b"Last-Event-ID: issued-by-the-dead-one\r\n" in kept
-
-
-class _MovedTo:
-    """The two questions the upstream_request filter asks of replay failover, for one moved session."""
-
-    def __init__(self, alias: bytes) -> None:
-        self._alias = alias
-
-    def alias(self, sid: str) -> bytes | None:
-        return self._alias
-
-    def moved(self, sid: str) -> bool:
-        return True

@@ -106,9 +106,11 @@ async def test_binding_is_shared_by_replicas_on_redis_and_stores_no_credential(
         finally:
             await store.aclose()
         assert value is not None
-        backend, _, tag = value.partition("|")
+        backend, tag, bound, *moved = value.split("|")  # routing/binding.py: owner|tag|bound[|alias]
         assert backend == backends[0].name
         assert len(tag) == 32
+        assert bound.isdigit()
+        assert moved == []
         assert "alice" not in value
 
 

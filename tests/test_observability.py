@@ -26,6 +26,7 @@ from yarl import URL
 from mcpbalancer.app import Proxy
 from mcpbalancer.config import parse_config
 from mcpbalancer.errors import SessionNotFound, error_body
+from mcpbalancer.routing.binding import backend_of
 from tests.fixtures.backends import BackendFactory, BackendProcess
 from tests.fixtures.proxy import HasUrl, proxy_config
 from tests.fixtures.rawhttp import ClientFactory
@@ -153,9 +154,9 @@ async def web() -> AsyncIterator[aiohttp.ClientSession]:
 
 
 def owner(obs: Observed, session_id: str) -> str:
-    name = obs.proxy.store.peek(session_id)
-    assert isinstance(name, str), name
-    return name
+    value = obs.proxy.store.peek(session_id)
+    assert isinstance(value, str), value
+    return backend_of(value)  # the value also holds when the session was bound
 
 
 async def session_on(obs: Observed, web: aiohttp.ClientSession, name: str) -> str:
@@ -276,18 +277,24 @@ async def test_lookups_through_a_shared_redis(
     assert first.value("mcpbalancer_store_latency_seconds_count", op="bind") == 1
     assert first.lookups() == {"cache_hit": 1, "store_hit": 0, "miss": 0}
 
-    # The first use on the second proxy asks Redis; the next one is answered by its local cache.
+    # The second proxy heard of the binding (the store's events): its first use is a cache hit.
     assert (await call_tool(web, second.url, session_id, "whoami")).text == name
-    assert second.lookups() == {"cache_hit": 0, "store_hit": 1, "miss": 0}
-    assert (await call_tool(web, second.url, session_id, "count")).text == "1"
-    assert second.lookups() == {"cache_hit": 1, "store_hit": 1, "miss": 0}
-    assert second.value("mcpbalancer_store_operations_total", op="get", result="ok") == 1
+    assert second.lookups() == {"cache_hit": 1, "store_hit": 0, "miss": 0}
+    assert second.value("mcpbalancer_store_operations_total", op="get", result="ok") == 0
     assert second.value("mcpbalancer_sessions_created_total", backend=name) == 0
+    # A proxy started after the binding did not hear of it: its first use asks Redis, the next one
+    # is answered by its local cache.
+    third = await observe(backends, store=redis_url)
+    assert (await call_tool(web, third.url, session_id, "whoami")).text == name
+    assert third.lookups() == {"cache_hit": 0, "store_hit": 1, "miss": 0}
+    assert (await call_tool(web, third.url, session_id, "count")).text == "1"
+    assert third.lookups() == {"cache_hit": 1, "store_hit": 1, "miss": 0}
+    assert third.value("mcpbalancer_store_operations_total", op="get", result="ok") == 1
 
-    unknown = await call_tool(web, second.url, "never-issued", "whoami")
+    unknown = await call_tool(web, third.url, "never-issued", "whoami")
     assert unknown.status == 404
-    assert second.lookups() == {"cache_hit": 1, "store_hit": 1, "miss": 1}
-    assert second.value("mcpbalancer_store_operations_total", op="get", result="ok") == 2
+    assert third.lookups() == {"cache_hit": 1, "store_hit": 1, "miss": 1}
+    assert third.value("mcpbalancer_store_operations_total", op="get", result="ok") == 2
 
 
 # --- streams ----------------------------------------------------------------------------------------

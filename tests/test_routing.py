@@ -14,6 +14,7 @@ from mcpbalancer.errors import BadRequest, InvalidSessionId, NoBackendAvailable,
 from mcpbalancer.fleet.backends import Backend, BackendSet
 from mcpbalancer.protocol import Era
 from mcpbalancer.routing.balancer import LeastSessions
+from mcpbalancer.routing.binding import backend_of
 from mcpbalancer.routing.router import RequestFacts, Router, classify
 from mcpbalancer.store.memory import MemoryStore
 
@@ -32,6 +33,12 @@ class FakeClock:
 
     def advance(self, seconds: float) -> None:
         self.now += seconds
+
+
+def owner(h: Harness, sid: str) -> str | None:
+    """The backend the store names for `sid` (its value also holds the bind time)."""
+    value = h.store.peek(sid)
+    return None if value is None else backend_of(value)
 
 
 @dataclass
@@ -169,7 +176,7 @@ async def test_expired_session_is_not_found(h: Harness) -> None:
     h.clock.advance(TTL + 1)
     with pytest.raises(SessionNotFound):
         await resolved(h.router.route(in_session("s1")))
-    assert h.expired == [("s1", "a")]
+    assert [(sid, backend_of(value)) for sid, value in h.expired] == [("s1", "a")]
 
 
 async def test_session_activity_slides_expiry(h: Harness) -> None:
@@ -196,7 +203,7 @@ async def test_learn_binds_on_2xx_with_session_header(h: Harness, status: int) -
     pending = h.router.learn(new_session(), h.a, status, b"s1")
     assert pending is not None
     await pending
-    assert h.store.peek("s1") == "a"
+    assert owner(h, "s1") == "a"
     assert h.a.sessions == 1
     assert h.router.route(in_session("s1")) is h.a
 
@@ -248,7 +255,7 @@ async def test_a_session_request_ends_its_session_whatever_the_version(h: Harnes
 async def test_id_collision_keeps_first_owner_and_counts(h: Harness) -> None:
     await h.bind("s1", h.a)
     await h.bind("s1", h.b)
-    assert h.store.peek("s1") == "a"
+    assert owner(h, "s1") == "a"
     assert (h.a.sessions, h.b.sessions) == (1, 0)
 
 
@@ -279,7 +286,7 @@ async def test_non_2xx_delete_keeps_it(h: Harness, status: int) -> None:
     await h.bind("s1", h.a)
     await resolved(h.router.learn(in_session("s1", b"DELETE"), h.a, status, None))
     await h.settle()
-    assert h.store.peek("s1") == "a"
+    assert owner(h, "s1") == "a"
     assert h.a.sessions == 1
 
 
@@ -290,7 +297,7 @@ async def test_other_session_responses_keep_it(h: Harness, method: bytes, status
     await h.bind("s1", h.a)
     await resolved(h.router.learn(in_session("s1", method), h.a, status, None))
     await h.settle()
-    assert h.store.peek("s1") == "a"
+    assert owner(h, "s1") == "a"
     assert h.a.sessions == 1
 
 
@@ -313,7 +320,7 @@ async def test_concurrent_404s_count_down_once(h: Harness) -> None:
     await h.settle()
     assert h.a.sessions == 1
     assert h.store.peek("s1") is None
-    assert h.store.peek("s2") == "a"
+    assert owner(h, "s2") == "a"
 
 
 async def test_404_after_expiry_counts_down_once(h: Harness) -> None:
@@ -326,7 +333,7 @@ async def test_404_after_expiry_counts_down_once(h: Harness) -> None:
     await resolved(h.router.learn(in_session("s1"), h.a, 404, None))
     await h.settle()
     assert h.a.sessions == 1
-    assert h.store.peek("s2") == "a"
+    assert owner(h, "s2") == "a"
 
 
 # --- owner_gone and expiry --------------------------------------------------------------------------

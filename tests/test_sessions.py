@@ -20,6 +20,7 @@ from mcp.client.session import ClientRequestContext
 from mcp.shared.exceptions import MCPError
 
 from mcpbalancer.app import Proxy
+from mcpbalancer.routing.binding import backend_of
 from tests.fixtures.backends import BackendFactory, BackendProcess
 from tests.fixtures.proxy import ProxyFactory
 from tests.mcp_helpers import (
@@ -47,7 +48,9 @@ from tests.mcp_helpers import (
 
 
 async def owner_of(proxy: Proxy, session_id: str) -> str | None:
-    return await proxy.store.get(session_id)
+    """The backend the store names for `session_id` (its value also holds the bind time)."""
+    value = await proxy.store.get(session_id)
+    return None if value is None else backend_of(value)
 
 
 def session_counts(proxy: Proxy) -> dict[str, int]:

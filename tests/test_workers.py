@@ -10,10 +10,12 @@ supervisor's and answers for both workers (tests/test_workers_control.py).
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import logging
 import os
 import re
+import secrets
 import signal
 import socket
 import sys
@@ -139,6 +141,26 @@ async def test_a_killed_worker_is_restarted_and_sessions_survive(start_cluster: 
     await until_both_workers_served(cluster)
 
 
+async def test_sealed_ids_let_workers_share_sessions_with_the_memory_store(
+    start_cluster: StartCluster,
+) -> None:
+    # No Redis at all: the token a worker gives the client names the backend, any worker routes it.
+    key = base64.b64encode(secrets.token_bytes(32)).decode()
+    cluster = await start_cluster(store="memory", extra=f"session_ids: sealed\nsession_keys: ['{key}']\n")
+    url = cluster.mcp_url
+    answers = await asyncio.gather(*[raw_client(url, 3) for _ in range(10)], sdk_client(url, 3))
+    assert {owner for owner, _ in answers} == {"a", "b"}
+    await until_both_workers_served(cluster)
+    async with fresh_connections() as http:
+        sessions = [await open_session(http, url) for _ in range(6)]
+        before = cluster.workers()
+        os.kill(before[0], signal.SIGKILL)  # the worker that may have minted them, and its memory
+        await cluster.wait_logged("worker 0 serving", count=2)
+        for sid in sessions:
+            assert (await call_tool(http, url, sid, "count")).text == "1"
+    assert "need a Redis" not in cluster.text()
+
+
 async def test_sighup_to_the_supervisor_reloads_every_worker(
     start_cluster: StartCluster, redis_server: RedisServer, backends: list[BackendProcess]
 ) -> None:
@@ -229,7 +251,7 @@ REDIS = "store: redis://127.0.0.1:6379/0\n"
         pytest.param(
             "workers: 2\n",
             [],
-            "workers: 2 workers need a Redis `store`: the memory store is per process",
+            "workers: 2 workers need a Redis `store` or `session_ids: sealed`: the memory store is per",
             id="memory",
         ),
         pytest.param(

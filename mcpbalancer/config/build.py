@@ -3,8 +3,16 @@ changed it (`--workers`)."""
 
 from __future__ import annotations
 
+import os
+
 from mcpbalancer.config.access import AccessConfig, AuthConfig
-from mcpbalancer.config.checks import split_backend_url, split_host_port, split_nameserver
+from mcpbalancer.config.checks import (
+    KEY_FILE_PREFIX,
+    decode_session_key,
+    split_backend_url,
+    split_host_port,
+    split_nameserver,
+)
 from mcpbalancer.config.file import (
     MANAGED_HOST,
     BackendEntry,
@@ -24,8 +32,16 @@ from mcpbalancer.config.models import (
     TimeoutsConfig,
     TracingConfig,
 )
-from mcpbalancer.config.runtime import BackendConfig, Config, DiscoveryConfig, RouteConfig, TlsConfig
+from mcpbalancer.config.runtime import (
+    BackendConfig,
+    Config,
+    DiscoveryConfig,
+    RouteConfig,
+    SessionKey,
+    TlsConfig,
+)
 from mcpbalancer.errors import ConfigError
+from mcpbalancer.fileaccess import unreadable
 
 
 def build(file: ConfigFile, source: str) -> Config:
@@ -60,7 +76,11 @@ def build(file: ConfigFile, source: str) -> Config:
         routes=tuple(_route(entry) for entry in file.routes or ()),
         affinity=file.affinity or AffinityConfig(),
         validate_headers=file.validate_headers,
-        failover=file.failover,
+        failover=file.failover.mode,
+        replay_on=file.failover.replay_on,
+        session_ids=file.session_ids,
+        session_keys=_session_keys(file.session_keys or (), source),
+        session_max_age=file.session_max_age,
         allowed_origins=tuple(file.allowed_origins or ()),
         allowed_hosts=tuple(file.allowed_hosts) if file.allowed_hosts else None,  # empty: the default
         bind_sessions=None if file.bind_sessions is None else file.bind_sessions.lower(),
@@ -80,6 +100,36 @@ def build(file: ConfigFile, source: str) -> Config:
             if entry.discover is not None
         ),
     )
+
+
+def _session_keys(refs: tuple[str, ...], source: str) -> tuple[SessionKey, ...]:
+    """The keys, files read (a relative path from the config file's directory); ConfigError naming
+    the entry, never quoting a key."""
+    keys: list[SessionKey] = []
+    for i, ref in enumerate(refs):
+        at = f"{source}: session_keys[{i}]"
+        text = ref
+        if ref.startswith(KEY_FILE_PREFIX):
+            path = os.path.join(os.path.dirname(source), ref[len(KEY_FILE_PREFIX) :].strip())
+            text = _read_key_file(path, at)
+        try:
+            key = SessionKey(decode_session_key(text))
+        except ValueError as exc:
+            raise ConfigError(f"{at}: {exc}") from None
+        if key in keys:
+            raise ConfigError(f"{at}: the same key as session_keys[{keys.index(key)}]")
+        keys.append(key)
+    return tuple(keys)
+
+
+def _read_key_file(path: str, at: str) -> str:
+    try:
+        with open(path, encoding="ascii") as fh:
+            return fh.read().strip()
+    except PermissionError:
+        raise ConfigError(f"{at}: {unreadable(path)}") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{at}: cannot read {path}: {type(exc).__name__}") from None
 
 
 def _backends(entry: BackendEntry, index: int, health: HealthConfig) -> list[BackendConfig]:
@@ -199,11 +249,16 @@ def _workers_problem(config: Config) -> str | None:
         return f"must be 1-{MAX_WORKERS}, got {n}"
     if n == 1:
         return None
-    if config.store == "memory":
+    if config.store == "memory" and config.session_ids != "sealed":
         return (
-            f"{n} workers need a Redis `store`: the memory store is per process, so a session "
-            "initialized on one worker would be unknown (404) to the others; set `store: redis://...` "
-            "or use 1 worker"
+            f"{n} workers need a Redis `store` or `session_ids: sealed`: the memory store is per "
+            "process, so a session initialized on one worker would be unknown (404) to the others; set "
+            "`store: redis://...`, seal the session ids, or use 1 worker"
+        )
+    if config.store == "memory" and (config.affinity.tasks or config.affinity.request_state):
+        return (
+            f"{n} workers need a Redis `store` for `affinity`: the task and request-state maps are per "
+            "process with the memory store, and a poll or a retry may reach another worker"
         )
     if config.listen_port == 0:
         return f"{n} workers need a fixed `listen` port: with port 0 each worker would get a different one"

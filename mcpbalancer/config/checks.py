@@ -6,12 +6,16 @@ the file and the key path. Nothing here knows where a value came from.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import ipaddress
 import re
 import shlex
 from collections.abc import Mapping
 from typing import Final
 from urllib.parse import SplitResult, urlsplit
+
+from mcpbalancer.config.storeurl import CLUSTER_SCHEMES, SENTINEL_SCHEMES, parse_store, scheme_of
 
 # Paths the proxy answers itself on the public listener; the metrics path must not shadow them.
 PROBE_PATHS: Final = ("/healthz", "/readyz")
@@ -225,9 +229,18 @@ def check_probe_path(value: str) -> str:
 def check_store(value: str) -> str:
     if value == "memory":
         return value
+    if scheme_of(value) in (*SENTINEL_SCHEMES, *CLUSTER_SCHEMES):
+        if any(ch.isspace() or not ch.isprintable() for ch in value):
+            raise ValueError("must not contain whitespace or control characters")
+        try:
+            parse_store(value)
+        except ValueError as exc:
+            raise ValueError(f"{exc}; got {redact(value)!r}") from None
+        return value
     parts = _split_url(value)
     if parts.scheme not in (*_REDIS_SCHEMES, "unix"):
-        raise ValueError(f"must be 'memory' or a redis://, rediss:// or unix:// URL, got {redact(value)!r}")
+        kinds = "a redis://, rediss://, unix://, redis+sentinel:// or redis+cluster:// URL"
+        raise ValueError(f"must be 'memory' or {kinds}, got {redact(value)!r}")
     if parts.scheme in _REDIS_SCHEMES and not parts.hostname:
         raise ValueError(f"a {parts.scheme}:// URL needs a host, got {redact(value)!r}")
     if parts.scheme == "unix" and not parts.path:
@@ -260,6 +273,39 @@ def check_params(raw: object) -> object:
         if not isinstance(value, str):
             raise ValueError(f"{name}: the value must be a string, got {describe(value)} (quote it)")
     return raw
+
+
+KEY_FILE_PREFIX: Final = "file:"
+MIN_SESSION_KEY_BYTES: Final = 32
+SESSION_KEY_RULE: Final = (
+    f"the base64 of at least {MIN_SESSION_KEY_BYTES} random bytes (`mcpbalancer keygen` prints one), "
+    f"or {KEY_FILE_PREFIX}PATH naming a file that holds it"
+)
+
+
+def check_session_key(value: str) -> str:
+    """A `session_keys` entry: a key, or a file reference read when the config is built. The
+    messages never quote the value: it is a secret."""
+    if value.startswith(KEY_FILE_PREFIX):
+        if not value[len(KEY_FILE_PREFIX) :].strip():
+            raise ValueError(f"{KEY_FILE_PREFIX} needs a path after it")
+        return value
+    decode_session_key(value)
+    return value
+
+
+def decode_session_key(text: str) -> bytes:
+    """The bytes of a base64 key (standard or URL-safe alphabet, padding optional); ValueError for
+    one that is not base64 or too short, without the key in the message."""
+    compact = "".join(text.split()).replace("-", "+").replace("_", "/")
+    compact += "=" * (-len(compact) % 4)
+    try:
+        key = base64.b64decode(compact, validate=True)
+    except (binascii.Error, ValueError):
+        raise ValueError(f"is not base64: must be {SESSION_KEY_RULE}") from None
+    if len(key) < MIN_SESSION_KEY_BYTES:
+        raise ValueError(f"is {len(key)} bytes, too short: must be {SESSION_KEY_RULE}")
+    return key
 
 
 def redact(url: str) -> str:

@@ -11,8 +11,9 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Annotated, Any, Final, Self
 
-from pydantic import AfterValidator, BeforeValidator, Field, model_validator
+from pydantic import AfterValidator, BeforeValidator, Field, GetJsonSchemaHandler, model_validator
 from pydantic.dataclasses import dataclass
+from pydantic_core import CoreSchema
 
 from mcpbalancer.config import checks
 from mcpbalancer.config.access import AuthConfig, Network, RateLimit, ToolRule
@@ -25,6 +26,7 @@ from mcpbalancer.config.models import (
     DEFAULT_STORE_PREFIX,
     DENY_STATUSES,
     ERAS,
+    FAILOVER_MODES,
     MAX_REPLICAS,
     MAX_WORKERS,
     MODEL,
@@ -50,9 +52,11 @@ from mcpbalancer.config.models import (
     Number,
     Origin,
     Port,
+    ReplayTrigger,
     Scheme,
     Section,
     ServerName,
+    SessionIds,
     SessionMode,
     StoreErrorMode,
     Text,
@@ -70,6 +74,12 @@ def _distinct(eras: tuple[str, ...]) -> tuple[str, ...]:
     if len(set(eras)) != len(eras):
         raise ValueError(f"lists an era twice: {', '.join(eras)}")
     return eras
+
+
+def _distinct_triggers(triggers: tuple[str, ...]) -> tuple[str, ...]:
+    if len(set(triggers)) != len(triggers):
+        raise ValueError(f"lists a trigger twice: {', '.join(triggers)}")
+    return triggers
 
 
 def _deny_status(status: int) -> int:
@@ -101,6 +111,31 @@ Origins = Annotated[tuple[Origin, ...], _list_of("origins")]
 Hosts = Annotated[tuple[HostName, ...], _list_of("host names")]
 NameServers = Annotated[tuple[NameServer, ...], Field(min_length=1), _list_of("IP addresses")]
 BindingKey = Annotated[str, Field(strict=True, min_length=16)]
+SessionKeyRef = Annotated[Text, AfterValidator(checks.check_session_key)]
+SessionKeys = Annotated[tuple[SessionKeyRef, ...], _list_of("keys")]
+ReplayOn = Annotated[tuple[ReplayTrigger, ...], Field(min_length=1), AfterValidator(_distinct_triggers)]
+
+
+def _failover_short_form(raw: object) -> object:
+    """`failover: replay` is `{mode: replay}` (replay_on: [gone]); `reinitialize` likewise."""
+    if isinstance(raw, str):
+        if raw not in FAILOVER_MODES:
+            choices = ", ".join(FAILOVER_MODES)
+            raise ValueError(
+                f"must be one of {choices}, or a mapping with `mode` and `replay_on`; got {raw!r}"
+            )
+        return {"mode": raw}
+    return raw
+
+
+class _OrShortForm:
+    """The JSON Schema of a section that may also be written as one of `choices`."""
+
+    def __init__(self, *choices: str) -> None:
+        self.choices = list(choices)
+
+    def __get_pydantic_json_schema__(self, schema: CoreSchema, handler: GetJsonSchemaHandler) -> Any:
+        return {"anyOf": [{"type": "string", "enum": self.choices}, handler(schema)]}
 
 
 def _one_or_more(raw: object) -> object:
@@ -159,6 +194,26 @@ class TlsSection(Section):
         if self.insecure_skip_verify and self.ca is not None:
             raise invalid(("ca",), "has no effect with insecure_skip_verify: nothing is verified")
         return self
+
+
+@dataclass(frozen=True, slots=True, config=MODEL)
+class FailoverSection(Section):
+    """What happens to a session whose owner is lost. `failover: replay` is short for
+    `{mode: replay, replay_on: [gone]}`."""
+
+    mode: Failover = Field(
+        default="reinitialize",
+        description="reinitialize (404; the client initializes again) or replay (re-run the session's "
+        "initialize on a live backend, keeping the client's session id).",
+    )
+    replay_on: ReplayOn = Field(
+        default=("gone",),
+        description="With replay: what moves a session. gone: its owner refuses connections, was removed "
+        "or restarted; backend_404 (opt-in): its owner answers 404 for it, having forgotten it.",
+    )
+
+
+Failovers = Annotated[FailoverSection, BeforeValidator(_failover_short_form), _OrShortForm(*FAILOVER_MODES)]
 
 
 @dataclass(frozen=True, slots=True, config=MODEL)
@@ -489,10 +544,12 @@ class ConfigFile(Section):
         description="Strict mode: read the JSON body of every 2026-07-28 request and answer 400 (-32020) "
         "when Mcp-Method or Mcp-Name disagree with it.",
     )
-    failover: Failover = Field(
+    failover: Failovers = Field(
         default="reinitialize",
-        description="When a session's owner is gone: reinitialize (404; the client initializes again) or "
-        "replay (re-run the session's initialize on a live backend, keeping the session id).",
+        validate_default=True,
+        description="When a session's owner is gone: reinitialize (404; the client initializes again), "
+        "replay (re-run the session's initialize on a live backend, keeping the session id), or a "
+        "mapping {mode, replay_on}.",
     )
     allowed_origins: Origins | None = Field(
         default=(),
@@ -514,6 +571,24 @@ class ConfigFile(Section):
         default=None,
         description="HMAC key of the binding, at least 16 characters of random secret (${NAME} keeps it "
         "out of the file). Default: random per process; required with a Redis store.",
+    )
+    session_ids: SessionIds = Field(
+        default="plain",
+        description="plain: clients see the backend's own session id, routed by the store. sealed: they "
+        "see a token sealed with `session_keys` (AES-256-GCM) that names the backend, so any proxy with "
+        "the keys routes it without a store, and a restart keeps every session.",
+    )
+    session_keys: SessionKeys | None = Field(
+        default=(),
+        description="With session_ids: sealed (required then): keys of at least 32 random bytes, base64 "
+        "(`mcpbalancer keygen` prints one), ${NAME}, or file:PATH. The first seals, every one opens: "
+        "put a new key first to rotate, remove an old one to void its tokens. No default.",
+    )
+    session_max_age: Number | None = Field(
+        default=None,
+        gt=0,
+        description="Seconds a session lives at most from its initialize, used or not; older ones get "
+        "404. Off when absent.",
     )
     on_store_error: StoreErrorMode = Field(
         default="degrade",
@@ -578,6 +653,7 @@ class ConfigFile(Section):
         self._check_routes()
         self._check_stream_idle()
         self._check_binding()
+        self._check_sealed()
         self._check_metrics_path()
         self._check_access()
         return self
@@ -653,6 +729,28 @@ class ConfigFile(Section):
                 "is required with auth and a Redis store: sessions are bound to their principal by an "
                 "HMAC every proxy replica must compute with the same key",
             )
+
+    def _check_sealed(self) -> None:
+        if self.session_ids == "sealed" and not self.session_keys:
+            raise invalid(
+                ("session_keys",),
+                "is required with session_ids: sealed: the keys session ids are sealed with "
+                "(`mcpbalancer keygen` prints one); there is no built-in key",
+            )
+        if self.session_ids == "plain" and self.session_keys:
+            raise invalid(("session_keys",), "is only used with session_ids: sealed")
+        if (
+            self.session_ids == "sealed"
+            and self.bind_sessions is not None
+            and self.session_binding_key is None
+        ):
+            raise invalid(
+                ("session_binding_key",),
+                "is required when bind_sessions is set with session_ids: sealed: every proxy, and the "
+                "same one after a restart, must hash credentials with the same key",
+            )
+        if self.failover.mode != "replay" and self.failover.replay_on != ("gone",):
+            raise invalid(("failover", "replay_on"), "needs mode: replay")
 
     def _check_metrics_path(self) -> None:
         metrics = self.metrics or MetricsConfig()

@@ -40,6 +40,10 @@ from mcpbalancer.config.checks import BACKEND_NAME, BACKEND_NAME_RULE, HEADER_NA
 
 BALANCE_STRATEGIES: Final = ("least_sessions", "p2c", "round_robin")
 FAILOVER_MODES: Final = ("reinitialize", "replay")
+# What makes replay failover move a session: its owner gone (refused, removed, restarted), or the
+# owner answering 404 for a session the proxy holds (it forgot it: restarted at the same address).
+REPLAY_TRIGGERS: Final = ("gone", "backend_404")
+SESSION_ID_MODES: Final = ("plain", "sealed")
 STORE_ERROR_MODES: Final = ("degrade", "fail")
 LOG_FORMATS: Final = ("json", "text")
 LOG_LEVELS: Final = ("debug", "info", "warning", "error")
@@ -145,6 +149,8 @@ LogFormat = Annotated[Text, one_of(LOG_FORMATS)]
 LogLevel = Annotated[Text, one_of(LOG_LEVELS)]
 Era = Annotated[Text, one_of(ERAS)]
 SessionMode = Annotated[Text, one_of(SESSION_MODES)]
+ReplayTrigger = Annotated[Text, one_of(REPLAY_TRIGGERS)]
+SessionIds = Annotated[Text, one_of(SESSION_ID_MODES)]
 # No length or pattern in the JSON Schema: editors would flag the `${NAME}` a token is written as.
 AdminToken = Annotated[str, BeforeValidator(_secret_text), AfterValidator(checks.check_admin_token)]
 

@@ -27,6 +27,24 @@ from mcpbalancer.config.models import (
 )
 
 
+class SessionKey:
+    """One of `session_keys`, decoded. Its bytes never appear in a repr, a log line or an error."""
+
+    __slots__ = ("material",)
+
+    def __init__(self, material: bytes) -> None:
+        self.material = material
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, SessionKey) and other.material == self.material
+
+    def __hash__(self) -> int:
+        return hash(self.material)
+
+    def __repr__(self) -> str:
+        return "SessionKey(<secret>)"
+
+
 @dataclass(frozen=True, slots=True)
 class TlsConfig:
     """How the proxy speaks TLS to an https:// backend. Paths are as written in the file (relative
@@ -139,6 +157,12 @@ class Config:
     affinity: AffinityConfig = field(default_factory=AffinityConfig)
     validate_headers: bool = False
     failover: str = "reinitialize"  # or "replay": re-run a lost session's initialize elsewhere
+    # With replay: what moves a session, "gone" (owner refused, removed, restarted) and/or
+    # "backend_404" (the owner answered 404: it forgot the session).
+    replay_on: tuple[str, ...] = ("gone",)
+    session_ids: str = "plain"  # or "sealed": clients see a token naming the backend (routing/sealed.py)
+    session_keys: tuple[SessionKey, ...] = ()  # the first seals, every one opens
+    session_max_age: float | None = None  # seconds from the initialize after which a session is gone
     # Exact origins ("https://app.example") allowed to call cross-origin, or "*"; empty = only
     # requests without Origin or whose Origin names the request's Host.
     allowed_origins: tuple[str, ...] = ()

@@ -42,13 +42,16 @@ class Exchange(RequestRelay, ResponseRelay, Endings):
         self._body = []
         self._replay = []
         self._out = []
-        if (
-            plane.router.failover is not None
-            and head.session_id is None
-            and head.method == b"POST"
-            and protocol.era_of(None, head.protocol_version) is protocol.Era.LEGACY
-        ):
-            self._capture = []
+        failover = plane.router.failover
+        if failover is not None:
+            if head.session_id is None:
+                if (
+                    head.method == b"POST"
+                    and protocol.era_of(None, head.protocol_version) is protocol.Era.LEGACY
+                ):
+                    self._capture = []
+            elif failover.on_backend_404 and head.method != b"DELETE":
+                self._resend = []
 
     @property
     def streaming(self) -> bool:

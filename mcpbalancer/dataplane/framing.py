@@ -39,11 +39,13 @@ def request_head(
     drop = _DROP_REQUEST | head.connection_tokens if head.connection_tokens else _DROP_REQUEST
     lines = [head.method, b" ", target, b" HTTP/1.1\r\nHost: ", host, b"\r\n"]
     if edits is not None:
-        drop = drop | edits.drop
+        if edits.drop:
+            drop = drop | edits.drop
         if edits.session_id is not None:
-            drop = drop | {protocol.SESSION_ID}
+            drop = _DROP_REQUEST_SID if drop is _DROP_REQUEST else drop | _SESSION_ID
             lines += (b"Mcp-Session-Id: ", edits.session_id, b"\r\n")
-        lines += edits.add
+        if edits.add:
+            lines += edits.add
     for lname, name, value in head.headers:
         if lname not in drop:
             lines += (name, b": ", value, b"\r\n")
@@ -77,6 +79,8 @@ _DROP_REQUEST = protocol.HOP_BY_HOP | {
     b"x-forwarded-proto",
     b"x-forwarded-host",
 }
+_SESSION_ID = frozenset({protocol.SESSION_ID})
+_DROP_REQUEST_SID = _DROP_REQUEST | _SESSION_ID  # a session the backend knows by another id: the usual case
 
 
 # What the response head scan does with a field, by lower-case name; others are relayed as they are.
@@ -92,11 +96,13 @@ _RESPONSE_FIELDS = {name: _HOP for name in protocol.HOP_BY_HOP} | {
 _Scan = tuple[list[bytes] | None, bytes | None, bytes, bytes | None, bytes | None, int, bool]
 
 
-def scan(headers: list[tuple[bytes, bytes]]) -> _Scan:
+def scan(headers: list[tuple[bytes, bytes]], session_id: bytes | None = None) -> _Scan:
     """One pass over a response head: (the lines to relay, with a placeholder for the status
     line, or None when a Connection header names fields to drop; Mcp-Session-Id; Content-Type;
     Content-Length; Transfer-Encoding; where the Content-Length line starts, 0 if none; whether
-    Access-Control-Allow-Origin is there). Hop-by-hop fields are left out."""
+    Access-Control-Allow-Origin is there). Hop-by-hop fields are left out. With `session_id`, an
+    Mcp-Session-Id field is relayed (and reported) with that value instead: the client's id for a
+    session the backend knows by another."""
     lines: list[bytes] | None = [b""]
     sid = length = coding = None
     content_type = b""
@@ -115,6 +121,8 @@ def scan(headers: list[tuple[bytes, bytes]]) -> _Scan:
                 lines = None
             continue
         if kind == _SID:
+            if session_id is not None:
+                value = session_id
             sid = value
         elif kind == _TYPE:
             content_type = value

@@ -44,6 +44,11 @@ class RequestRelay(ExchangeState):
                 self._capture = None
             else:
                 self._capture.append(data)
+        if self._resend is not None:
+            if self._body_bytes > REPLAY_LIMIT:
+                self._resend = None  # too large to keep: a 404 is passed on
+            else:
+                self._resend.append(data)
         if self.upstream is None:
             self._body.append(data)
             if self._body_bytes > REPLAY_LIMIT:

@@ -17,7 +17,7 @@ from mcpbalancer.dataplane.framing import LAST_CHUNK, chunk, content_length, fil
 from mcpbalancer.dataplane.state import ExchangeState
 from mcpbalancer.dataplane.stream_relay import StreamRelay
 from mcpbalancer.dataplane.tls import tls_problem
-from mcpbalancer.errors import BadGateway, GatewayTimeout
+from mcpbalancer.errors import BadGateway, GatewayTimeout, ProxyError
 from mcpbalancer.protocol import Era
 
 log = logging.getLogger(__name__)
@@ -33,6 +33,8 @@ class ResponseRelay(ExchangeState):
         self._replay = None
         facts, backend = self.facts, self.backend
         assert facts is not None and backend is not None
+        if status == 404 and self._resend is not None and self._replays_404():
+            return
         self.status = status
         plane = self.plane
         elapsed = time.perf_counter() - self.received_at
@@ -42,20 +44,30 @@ class ResponseRelay(ExchangeState):
         if status >= 500 and phases.error_while_proxy is not None:
             phases.error_while_proxy(backend.name, "5xx")
         edits = self._edits
-        if edits is not None and edits.session_id is not None and head.session_id is not None:
-            # The backend knows the session by another id (filters/phases.py upstream_request):
-            # the client keeps the one it has.
-            client_sid = head.session_id
-            headers = [(n, client_sid if n.lower() == protocol.SESSION_ID else v) for n, v in headers]
-        lines, response_sid, content_type, length, coding, length_at, cors_given = scan(headers)
+        # The backend knows the session by another id (filters/phases.py upstream_request): the
+        # client keeps the one it has, put back in the scan's one pass.
+        swap = head.session_id if edits is not None and edits.session_id is not None else None
+        lines, response_sid, content_type, length, coding, length_at, cors_given = scan(headers, swap)
         # Router.learn's rule: a 2xx with an id, to a legacy request without one, made a session.
         if response_sid is not None and head.session_id is None and 200 <= status < 300:
+            if phases.session_id is not None:  # the id the client gets instead (sealed)
+                try:
+                    given = phases.session_id(facts, backend, response_sid)
+                except ProxyError as err:
+                    self._answer_error(err)
+                    return
+                if given is not None:
+                    if lines is not None:
+                        lines = [given if part is response_sid else part for part in lines]
+                    response_sid = swap = given
             self.created = response_sid if facts.era is Era.LEGACY else None  # for the access log
         self._no_body = head.method == b"HEAD" or status in (204, 304)
         unsized = not self._no_body and (coding is not None or length is None)
         if unsized:
             coding = self._unsized_body(coding)  # and its Content-Length, if any, is not relayed
         if lines is None:  # Connection named more fields to drop: the general, slower pass
+            if swap is not None:
+                headers = [(n, swap if n.lower() == protocol.SESSION_ID else v) for n, v in headers]
             drop = protocol.HOP_BY_HOP | tokens(headers)
             lines = filtered(headers, drop | {protocol.CONTENT_LENGTH} if unsized else drop)
         elif unsized and length_at:
@@ -82,8 +94,9 @@ class ResponseRelay(ExchangeState):
         wait = plane.router.learn(facts, backend, status, response_sid, head.target)
         if self._capture is not None and response_sid is not None and 200 <= status < 300:
             failover = plane.router.failover
-            if failover is not None and self.request_complete:
-                failover.remember(response_sid, head.target, b"".join(self._capture))
+            if failover is not None and self.request_complete and protocol.valid_session_id(response_sid):
+                tag = facts.tag if plane.router.binder is not None else None
+                failover.remember(response_sid.decode("ascii"), head.target, b"".join(self._capture), tag)
             self._capture = None
         if wait is None:
             self._started = True
@@ -114,12 +127,36 @@ class ResponseRelay(ExchangeState):
         # Codings before chunked ("gzip, chunked") are still on the body: they keep their label.
         return coding if chunked else coding + b", chunked"
 
+    def _replays_404(self) -> bool:
+        """The owner answered 404 for a session the proxy holds (`replay_on: [backend_404]`): it
+        forgot it, having restarted at the same address. Replay the session on a live backend (that
+        one or another) and send this request again, rather than pass the 404 on. Only a request the
+        proxy has whole (its body kept, at most REPLAY_LIMIT): the 404 says the backend ran nothing."""
+        facts, resend, backend = self.facts, self._resend, self.backend
+        failover = self.plane.router.failover
+        self._resend = None
+        if not self.request_complete or resend is None or facts is None or facts.session_id is None:
+            return False
+        if failover is None or not failover.can_replay(facts.session_id):
+            return False
+        log.info("backend %s answered 404 for a live session: replaying it", backend.name if backend else "?")
+        if self.upstream is not None:
+            self.upstream.abort()  # its 404 body is not read: the connection cannot be reused
+            self.upstream = None
+        self._body, self._terminated = resend, False
+        self._await(failover.replay(self.plane.router, facts, backend, avoid=False), "replay")
+        return True
+
     def _hold_until(self, wait: Awaitable[None]) -> None:
         async def run() -> None:
             trace = self.trace
             started = time.perf_counter() if trace is not None else 0.0
             try:
                 await wait
+            except ProxyError as err:  # the binding could not be stored, and must be (fail)
+                self._held = None
+                self._answer_error(err)
+                return
             finally:
                 if trace is not None:  # the new session's binding, written to the shared store
                     trace.store_seconds = time.perf_counter() - started

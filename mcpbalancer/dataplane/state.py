@@ -116,8 +116,10 @@ class ExchangeState:
     _ticket: Ticket | None = None  # an upstream_peer filter's hold on the backend (max_in_flight)
     _held_for: Backend | None = None  # the backend the upstream_peer filter was asked about
     # Replay failover: the body of a legacy request without a session (an initialize, if it
-    # binds one).
+    # binds one), and with `replay_on: [backend_404]` a session request's body, to send again
+    # once the session is replayed.
     _capture: list[bytes] | None = None
+    _resend: list[bytes] | None = None
 
     @property
     def peer_ip(self) -> bytes:
@@ -181,6 +183,9 @@ class ExchangeState:
         raise NotImplementedError
 
     def _answer_error(self, err: ProxyError) -> None:
+        raise NotImplementedError
+
+    def _await(self, awaitable: Awaitable[Backend], decision: str) -> None:
         raise NotImplementedError
 
     def _abort_client(self) -> None:

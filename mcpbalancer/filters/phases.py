@@ -14,8 +14,10 @@ for a phase nobody uses, and one call for a phase one filter uses.
                                                                   tool policy and rate limits (legacy)
     upstream_peer     Router.route decides; then a filter may     max_in_flight (a ticket for a slot)
                       hold the request for room on the backend
-    upstream_request  the head that goes to the backend           replay failover's id alias, auth
+    upstream_request  the head that goes to the backend           replay failover's id alias, auth,
+                                                                  the backend's own session id
     response          the backend's response head                 (hooks for what comes next)
+    session_id        a new session's id, as its client gets it   sealed session ids
     response_body     the pieces of a response a filter watches   affinity learning
     logging           the exchange is over                        access log
     fail_to_connect   no connection to the backend                passive health
@@ -155,6 +157,20 @@ class UpstreamRequestFilter(Protocol):
     def upstream_request(self, facts: RequestFacts, edits: HeadEdits) -> None: ...
 
 
+class UpstreamEditsFilter(Protocol):
+    """An upstream_request filter that makes its edits whole, so that it may hand out one object
+    per session rather than fill a new one per request. What it returns is never changed."""
+
+    def upstream_edits(self, facts: RequestFacts) -> HeadEdits | None: ...
+
+
+class SessionIdFilter(Protocol):
+    def session_id(self, facts: RequestFacts, backend: Backend, session_id: bytes) -> bytes | None:
+        """The id the client gets for the session `backend` just created as `session_id`, or
+        None to relay it as it is. A ProxyError refuses the answer (the exchange answers it)."""
+        ...
+
+
 class ResponseFilter(Protocol):
     def response(self, ctx: Context, status: int, session_id: bytes | None) -> None: ...
 
@@ -186,8 +202,9 @@ class Phases:
     request_body: Callable[[Context, RequestFacts, bytes], Pending] | None = None
     body_limit: Callable[[RequestFacts], int | None] | None = None
     upstream_peer: Callable[[Context, Backend], Ticket | None] | None = None
-    upstream_request: Callable[[RequestFacts], HeadEdits] | None = None
+    upstream_request: Callable[[RequestFacts], HeadEdits | None] | None = None
     response: Callable[[Context, int, bytes | None], None] | None = None
+    session_id: Callable[[RequestFacts, Backend, bytes], bytes | None] | None = None
     response_body: Callable[[RequestFacts, Backend, int, bool, int | None], BodyWatcher | None] | None = None
     logging: Callable[[Context], None] | None = None
     fail_to_connect: Callable[[str, str], None] | None = None
@@ -219,8 +236,9 @@ def compose(filters: Sequence[object]) -> Phases:
         request_body=_body_chain(bound("request_body")),
         body_limit=_least(bound("body_limit")),
         upstream_peer=peers[0] if peers else None,  # type: ignore[arg-type]
-        upstream_request=_edits(bound("upstream_request")),
+        upstream_request=_edits(bound("upstream_request"), bound("upstream_edits")),
         response=_each(bound("response")),
+        session_id=_first_answer(bound("session_id")),
         response_body=_watchers(bound("response_body")),
         logging=_each(bound("logging")),
         fail_to_connect=_each(bound("fail_to_connect")),
@@ -287,6 +305,24 @@ def _first_verdict(
     return run
 
 
+def _first_answer(
+    calls: list[Callable[..., object]],
+) -> Callable[[RequestFacts, Backend, bytes], bytes | None] | None:
+    if not calls:
+        return None
+    if len(calls) == 1:
+        return calls[0]  # type: ignore[return-value]
+
+    def run(facts: RequestFacts, backend: Backend, session_id: bytes) -> bytes | None:
+        for call in calls:
+            answer = call(facts, backend, session_id)
+            if answer is not None:
+                return answer  # type: ignore[return-value]
+        return None
+
+    return run
+
+
 def _any(calls: list[Callable[..., object]]) -> Callable[[RequestFacts], bool] | None:
     if not calls:
         return None
@@ -338,12 +374,22 @@ def _least(calls: list[Callable[..., object]]) -> Callable[[RequestFacts], int |
     return run
 
 
-def _edits(calls: list[Callable[..., object]]) -> Callable[[RequestFacts], HeadEdits] | None:
-    if not calls:
+def _edits(
+    calls: list[Callable[..., object]], whole: list[Callable[..., object]]
+) -> Callable[[RequestFacts], HeadEdits | None] | None:
+    if not calls and not whole:
         return None
+    if not calls and len(whole) == 1:
+        return whole[0]  # type: ignore[return-value]  # its own edits, as they are: no copy
 
     def run(facts: RequestFacts) -> HeadEdits:
         edits = HeadEdits()
+        for make in whole:
+            given: HeadEdits | None = make(facts)  # type: ignore[assignment]
+            if given is not None:
+                edits.session_id = given.session_id or edits.session_id
+                edits.drop = edits.drop | given.drop
+                edits.add += given.add
         for call in calls:
             call(facts, edits)
         return edits

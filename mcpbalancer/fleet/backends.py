@@ -61,6 +61,9 @@ class Backend:
     calls: int = 0
     streams: int = 0
     queued: int = 0
+    # When its process was last seen to go away (refused, reset; fleet/generations.py), in seconds
+    # since the epoch; 0 if never. A session bound before then is gone with that process.
+    gone_at: float = 0.0
     host_header: bytes = field(init=False)
     # What the session store records as a session's owner: the name, or for a managed backend
     # `<name>~<token>` with a token new for every process, so a restarted process never inherits

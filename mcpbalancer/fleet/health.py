@@ -132,9 +132,12 @@ class HealthChecker:
         *,
         metrics: Metrics | None = None,
         clock: Callable[[], float] = time.time,
+        on_gone: Callable[[str], None] | None = None,
     ) -> None:
         self.config = config
         self._set_status = set_status
+        # Told of every refused or reset connection: the process is gone (fleet/generations.py).
+        self._on_gone = on_gone
         self._probe = probe
         self._metrics = metrics
         self._clock = clock
@@ -194,6 +197,8 @@ class HealthChecker:
         if self._metrics is not None:
             self._metrics.health_check(name, result)
         state = self._state(name)
+        if result == REFUSED and self._on_gone is not None:
+            self._on_gone(name)
         changed = state.eject() if result in EJECTING else state.record(result == OK)
         why = f"health check: {result}" if result == OK or reason is None else reason
         self._note(name, state.up, None if result == OK else why)
@@ -203,6 +208,8 @@ class HealthChecker:
     def passive(self, name: str, kind: str) -> None:
         """A failure the data plane saw on real traffic: `refused`, `reset`, `timeout`, `5xx`, `tls`."""
         state = self._state(name)
+        if kind in HARD_FAILURES and self._on_gone is not None:
+            self._on_gone(name)
         changed = state.eject() if kind in HARD_FAILURES else state.record(False)
         why = PASSIVE_REASONS.get(kind, f"a request failed ({kind})")
         self._note(name, state.up, why)

@@ -49,7 +49,9 @@ STREAM_BUCKETS: Final = (0.1, 1, 5, 15, 60, 300, 900, 1800, 3600, 3 * 3600, 8 * 
 # Redis round trips; the store gives up after its op timeout (0.25 s by default).
 STORE_BUCKETS: Final = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1)
 
-SESSION_END_REASONS: Final = ("delete", "expired", "backend_lost", "backend_404")
+SESSION_END_REASONS: Final = ("delete", "expired", "backend_lost", "backend_404", "backend_restarted")
+# Sealed session ids (session_ids: sealed): tokens issued, opened (a local cache miss), or refused.
+SEALED_RESULTS: Final = ("issued", "opened", "malformed", "unknown_key", "invalid", "expired", "too_long")
 FAILOVER_RESULTS: Final = ("moved", "failed")
 LOOKUP_RESULTS: Final = ("cache_hit", "store_hit", "miss")
 UPSTREAM_ERROR_KINDS: Final = ("connect", "reset", "timeout", "tls")
@@ -336,6 +338,14 @@ class Metrics:
             "Replay failovers of sessions whose owner was gone: moved to a live backend, or failed (404).",
             ("result",),
         )
+        self.sealed_ids = _Counter(
+            r,
+            "mcpbalancer_sealed_ids_total",
+            "Sealed session ids: issued, opened (not in the local cache), or refused with 404 (malformed, "
+            "unknown_key, invalid: tampered or another service's, expired: older than session_max_age); "
+            "too_long: a backend id too long to seal (502).",
+            ("result",),
+        )
         self.managed_exits = _Counter(
             r,
             "mcpbalancer_managed_exits_total",
@@ -508,6 +518,7 @@ class Metrics:
         self._stream_durations = self.sse_stream_duration.labels()
         self._ended = {reason: self.sessions_ended.labels(reason) for reason in SESSION_END_REASONS}
         self._failovers = {result: self.session_failovers.labels(result) for result in FAILOVER_RESULTS}
+        self.sealed = {result: self.sealed_ids.labels(result) for result in SEALED_RESULTS}
         self.store_degraded = self.store_degraded_state.labels()
         self.store_resynced = self.store_resynced_sessions.labels()
         self._rejected = {reason: self.rejected_requests.labels(reason) for reason in REJECT_REASONS}

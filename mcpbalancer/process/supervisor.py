@@ -267,10 +267,11 @@ class Supervisor:
                 config.metrics.path,
                 listen,
             )
-        if config.failover == "replay":
+        if config.failover == "replay" and config.store == "memory":
             log.warning(
-                "`failover: replay` with workers: a session is replayed only by the worker that saw its "
-                "initialize; its requests reaching another worker answer 404 when the owner is gone"
+                "`failover: replay` with workers and the memory store: a session is replayed only by "
+                "the worker that saw its initialize; its requests reaching another worker answer 404 "
+                "when the owner is gone (a Redis `store` shares the replay records)"
             )
 
     # -- one worker's life --------------------------------------------------------------------------

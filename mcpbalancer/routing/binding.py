@@ -1,9 +1,15 @@
-"""Credential-bound sessions: a session may be used only with the credential it was created with.
+"""What the session map records of a session, and credential-bound sessions.
 
-With `bind_sessions: <header>` the store value of a session is `<backend>|<tag>`, where the tag is an
-HMAC-SHA256 of that header's value (absent header: no tag) under `session_binding_key` (or a
-per-process random key with the memory store). The value format lives here and only here; backend
-names cannot contain `|` (config.py), so an untagged value is a plain backend name as before.
+A session's value in the store is `<owner>|<tag>|<bound>[|<alias>]`:
+- the owner id of its backend (its name; `name~token` for a managed process);
+- the binding tag, empty when the session is not bound to a credential (`bind_sessions`): an
+  HMAC-SHA256 of that header's value (absent header: no tag) under `session_binding_key` (or a
+  per-process random key with the memory store);
+- when it was bound, in milliseconds since the epoch: a session bound before its backend last went
+  away (fleet/generations.py) is gone, whatever the new process would answer for it;
+- for a session replay failover moved, the session id its new backend knows it by.
+Values written before bind times were recorded (`<owner>` or `<owner>|<tag>`) still read, as bound
+at time 0. The format lives here and only here; backend names cannot contain `|` (config).
 
 With `auth`, the tag is the HMAC of the authenticated Principal's id instead (`by_principal`): a
 session stays its principal's when a token is refreshed, and another principal's request for it is
@@ -20,18 +26,36 @@ import hmac
 import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 SEPARATOR = "|"
 _TAG_HEX = 32  # 128 bits of the HMAC: ample against forgery, short in Redis
 
 
-def encode_owner(backend: str, tag: str | None) -> str:
-    return backend if tag is None else f"{backend}{SEPARATOR}{tag}"
+class Binding(NamedTuple):
+    owner: str
+    tag: str | None
+    bound: float  # seconds since the epoch; 0 for a value written without a bind time
+    alias: bytes | None = None  # the moved session's id at its new backend
 
 
-def decode_owner(value: str) -> tuple[str, str | None]:
-    backend, sep, tag = value.partition(SEPARATOR)
-    return backend, (tag if sep else None)
+def encode_owner(owner: str, tag: str | None, bound: float, alias: bytes | None = None) -> str:
+    value = f"{owner}{SEPARATOR}{tag or ''}{SEPARATOR}{round(bound * 1000)}"
+    return value if alias is None else f"{value}{SEPARATOR}{alias.decode('ascii')}"
+
+
+def decode_owner(value: str) -> Binding:
+    owner, _, rest = value.partition(SEPARATOR)
+    return decode_rest(owner, rest)
+
+
+def decode_rest(owner: str, rest: str) -> Binding:
+    """The binding of `owner` from what follows its separator (decode_owner's second half, for the
+    router, which splits the owner off itself)."""
+    tag, _, rest = rest.partition(SEPARATOR)
+    bound, sep, alias = rest.partition(SEPARATOR)
+    millis = int(bound) if bound.isdigit() else 0
+    return Binding(owner, tag or None, millis / 1000, alias.encode("ascii") if sep else None)
 
 
 def backend_of(value: str) -> str:

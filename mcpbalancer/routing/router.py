@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import logging
+import time
 from collections.abc import Awaitable, Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
@@ -34,11 +35,21 @@ from mcpbalancer.routing.affinity import (
     Affinity,
 )
 from mcpbalancer.routing.balancer import Strategy
-from mcpbalancer.routing.binding import Principal, SessionBinder, backend_of, decode_owner, encode_owner
+from mcpbalancer.routing.binding import (
+    SEPARATOR,
+    Binding,
+    Principal,
+    SessionBinder,
+    backend_of,
+    decode_owner,
+    decode_rest,
+    encode_owner,
+)
 from mcpbalancer.routing.rules import decoded
 from mcpbalancer.store import UNKNOWN, SessionStore
 
 if TYPE_CHECKING:
+    from mcpbalancer.routing.sealed import Opened
     from mcpbalancer.store.shared import SharedAffinity
 
 log = logging.getLogger(__name__)
@@ -71,6 +82,11 @@ class RequestFacts:
     # (method, tool name or None), from the headers (2026-07-28) or the bounded body (legacy).
     principal: Principal | None = field(default=None, compare=False)
     calls: tuple[tuple[str, str | None], ...] | None = field(default=None, compare=False)
+    # Set by routing for the request head: the id the backend knows the session by when it is not
+    # the client's (a sealed id, a session replay failover moved), and whether it was moved (then
+    # the client's Last-Event-IDs name another process's events).
+    upstream_sid: bytes | None = field(default=None, compare=False)
+    moved: bool = field(default=False, compare=False)
 
 
 def classify(
@@ -99,15 +115,31 @@ def classify(
 
 class Replay(Protocol):
     """Replay failover (failover.py) as the router and the data plane use it: a protocol, not an
-    import, because the failover calls back into the router (pick, rebind, session_lost)."""
+    import, because the failover calls back into the router (pick, adopt, rebind, session_lost)."""
+
+    on_backend_404: bool  # `replay_on: [backend_404]`
 
     def can_replay(self, sid: str) -> bool: ...
-    def replay(self, router: Router, facts: RequestFacts, gone: Backend | None) -> Awaitable[Backend]: ...
-    def remember(self, raw_sid: bytes, target: bytes, body: bytes) -> None: ...
-    def alias(self, sid: str) -> bytes | None: ...
-    def moved(self, sid: str) -> bool: ...
+    def replay(
+        self, router: Router, facts: RequestFacts, gone: Backend | None, *, avoid: bool = True
+    ) -> Awaitable[Backend]: ...
+    def used(self, sid: str) -> None: ...
+    def forget_local(self, sid: str) -> None: ...
+    def remember(self, sid: str, target: bytes, body: bytes, tag: str | None) -> None: ...
     def discard(self, sid: str) -> None: ...
     async def close(self) -> None: ...
+
+
+class Seal(Protocol):
+    """Sealed session ids (sealed.py) as the router uses them."""
+
+    max_age: float | None
+
+    opened: dict[str, Opened]  # tokens opened before: a hit is one lookup
+
+    def open(self, token: str) -> Opened: ...
+    def seal(self, owner: str, backend_sid: bytes, tag: str | None) -> str: ...
+    def end(self, token: str) -> bool: ...
 
 
 class Router:
@@ -125,11 +157,19 @@ class Router:
         binder: SessionBinder | None = None,
         refuse_new: Callable[[], bool] | None = None,
         modes: SessionModes | None = None,
+        sealed: Seal | None = None,
+        max_age: float | None = None,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         self.backends = backends
         self._modes = modes  # learns which backends are stateless; None: only what traffic shows
-        self.failover = failover  # `failover: replay`; None for `reinitialize`
-        self.binder = binder
+        self._failover = failover  # `failover: replay`; None for `reinitialize`
+        self._binder = binder
+        # `session_ids: sealed`: sessions route by their token; the store holds only moved ones.
+        self.sealed = sealed
+        self._max_age = max_age
+        self._changed()
+        self._clock = clock  # wall clock: bind times are compared across processes and restarts
         # True while new sessions must be refused (on_store_error: fail, and the store is down).
         self._refuse_new = refuse_new
         self._metrics = metrics or Metrics(CollectorRegistry())
@@ -161,6 +201,42 @@ class Router:
         self._strategy = strategy
         self._ttl = session_ttl
 
+    # The parts a reload swaps; `_reads_value` says whether a plain session's value is read past
+    # its owner on every request.
+    @property
+    def failover(self) -> Replay | None:
+        """`failover: replay`; None for `reinitialize`."""
+        return self._failover
+
+    @failover.setter
+    def failover(self, failover: Replay | None) -> None:
+        self._failover = failover
+        self._changed()
+
+    @property
+    def binder(self) -> SessionBinder | None:
+        return self._binder
+
+    @binder.setter
+    def binder(self, binder: SessionBinder | None) -> None:
+        self._binder = binder
+        self._changed()
+
+    @property
+    def max_age(self) -> float | None:
+        """session_max_age, for plain ids (a sealed token checks its own)."""
+        return self._max_age
+
+    @max_age.setter
+    def max_age(self, max_age: float | None) -> None:
+        self._max_age = max_age
+        self._changed()
+
+    def _changed(self) -> None:
+        self._reads_value = (
+            self._failover is not None or self._binder is not None or self._max_age is not None
+        )
+
     @property
     def shared_affinity(self) -> SharedAffinity | None:
         return self._shared
@@ -183,6 +259,8 @@ class Router:
             if self._refuse_new is not None and self._refuse_new():
                 raise NoBackendAvailable("Session store unavailable")  # 503 + Retry-After
             return self.pick(facts)
+        if self.sealed is not None:
+            return self._route_sealed(facts, self.sealed)
         owner = self._store.peek(sid)
         if owner is UNKNOWN:
             return self._lookup(facts)
@@ -299,32 +377,92 @@ class Router:
         return backend if isinstance(backend, Backend) else await backend
 
     def _owner_backend(self, facts: RequestFacts, owner: str | None) -> Backend | Awaitable[Backend]:
-        sid = facts.session_id
-        assert sid is not None
         if owner is None:
             raise SessionNotFound()
-        owner_id, bound = decode_owner(owner)
-        if self.binder is not None and not _same_tag(bound, facts.tag):
+        owner_id, _, rest = owner.partition(SEPARATOR)
+        backend = self.backends.owner(owner_id)
+        if self._reads_value or (backend is not None and backend.gone_at):
+            return self._checked(facts, backend, decode_rest(owner_id, rest))
+        # Nothing configured reads the rest of the value: the owner decides.
+        if backend is None:
+            return self.lost(facts, None, "backend_lost")
+        if backend.evicted:  # its drain_timeout passed: moved (replay) or ended
+            return self.lost(facts, backend, "backend_lost")
+        return backend
+
+    def _checked(
+        self, facts: RequestFacts, backend: Backend | None, binding: Binding
+    ) -> Backend | Awaitable[Backend]:
+        if self._failover is not None:
+            self._failover.used(facts.session_id or "")
+        if binding.alias is not None:  # replay failover moved it: the new backend's id
+            facts.upstream_sid, facts.moved = binding.alias, True
+        if self.max_age is not None and self._clock() - binding.bound > self.max_age:
+            sid = facts.session_id
+            assert sid is not None
+            self._forget(sid, backend, "expired")
+            raise SessionNotFound()
+        return self._resolve(facts, backend, binding.tag, binding.bound)
+
+    def _route_sealed(self, facts: RequestFacts, sealed: Seal) -> Backend | Awaitable[Backend]:
+        """A sealed id names its owner itself: no store lookup. A session replay failover moved is
+        the one the store knows (its token -> a fresh token)."""
+        sid = facts.session_id
+        assert sid is not None
+        opened = sealed.opened.get(sid) if sealed.max_age is None else None  # the hot path: a hit
+        if opened is None or not opened.owner:  # not opened yet, too old, or ended here
+            opened = sealed.open(sid)  # SessionNotFound when it does not open
+        if self._failover is not None:
+            self._failover.used(sid)
+            moved = self._store.peek(sid)
+            if isinstance(moved, str):
+                opened = sealed.open(moved)
+                facts.moved = True
+        self._metrics.lookup_cache_hit.value += 1
+        facts.upstream_sid = opened.backend_sid
+        backend = self.backends.owner(opened.owner)
+        if (
+            self._binder is None
+            and backend is not None
+            and backend.gone_at <= opened.issued
+            and not backend.evicted
+        ):
+            return backend  # nothing more to check: the usual case, decided here
+        return self._resolve(facts, backend, opened.tag, opened.issued)
+
+    def _resolve(
+        self, facts: RequestFacts, backend: Backend | None, tag: str | None, bound: float
+    ) -> Backend | Awaitable[Backend]:
+        """`backend` (the live owner, None if gone) for a session bound at `bound` with `tag`, a
+        replay, or 404."""
+        if self.binder is not None and not _same_tag(tag, facts.tag):
             # Another credential than the session's: it does not exist for this caller. The
             # session itself stays: its owner may still use it.
             log.info("session used with another credential than its own; answered as unknown")
             self._metrics.rejected("credential")
             raise SessionNotFound()
-        backend = self.backends.owner(owner_id)
-        if backend is None and self.failover is not None and self.failover.can_replay(sid):
-            return self.failover.replay(self, facts, None)
         if backend is None:
             # The mapping names a backend no longer configured, or a managed backend's process that
             # has since been replaced: its sessions are gone.
-            self._forget(sid, None, "backend_lost")
-            raise SessionNotFound()
+            return self.lost(facts, None, "backend_lost")
+        if backend.gone_at > bound:
+            # Bound before its backend last went away: the process that knew it is gone, whatever
+            # the one now at that address would answer (some answer 400, which no client recovers from).
+            return self.lost(facts, backend, "backend_restarted")
         if backend.evicted:
             # Its drain_timeout passed: the sessions left on it are moved (replay) or ended.
-            if self.failover is not None and self.failover.can_replay(sid):
-                return self.failover.replay(self, facts, backend)
-            self._forget(sid, backend, "backend_lost")
-            raise SessionNotFound()
+            return self.lost(facts, backend, "backend_lost")
         return backend
+
+    def lost(self, facts: RequestFacts, gone: Backend | None, reason: str) -> Awaitable[Backend]:
+        """The session's owner is gone: a replay where configured, else the session ends (404). A
+        backend that restarted since the session was bound may take the replay (if it is up)."""
+        sid = facts.session_id
+        assert sid is not None
+        if self.failover is not None and self.failover.can_replay(sid):
+            return self.failover.replay(self, facts, gone, avoid=reason != "backend_restarted")
+        self._forget(sid, gone, reason)
+        raise SessionNotFound()
 
     def learn(
         self,
@@ -341,7 +479,8 @@ class Router:
         or a 2xx to its DELETE, ends the session. The answers to session-less requests also tell
         whether the backend keeps sessions: a 2xx with an id, yes; a 2xx without one to a POST of
         the MCP endpoint (`target`), no; a 400 to a session-less request from a backend known
-        stateless sends its kind back to be learned again.
+        stateless sends its kind back to be learned again. With sealed ids `session_id` is the new
+        token (`seal`), which needs no store.
         """
         if facts.era is Era.MODERN:
             return None
@@ -352,6 +491,10 @@ class Router:
                 if session_id is not None:
                     if backend.session_mode != STATEFUL:
                         self._learn_kind(facts, backend, status, True, target)
+                    if self.sealed is not None:
+                        backend.sessions += 1
+                        self._metrics.session_created(backend.name)
+                        return None
                     return self._bind(session_id, backend, facts.tag if self.binder is not None else None)
                 if backend.session_mode != STATELESS:
                     self._learn_kind(facts, backend, status, False, target)
@@ -381,6 +524,17 @@ class Router:
             if self._modes is not None:
                 self._modes.forget(backend)
 
+    def seal(self, facts: RequestFacts, backend: Backend, session_id: bytes) -> bytes | None:
+        """The sealed token the client gets for the new session `session_id` of `backend`; None
+        (not sealed, relayed as it is: nothing binds it) for a malformed id. SessionIdTooLong (502)
+        when it does not fit."""
+        assert self.sealed is not None
+        if not protocol.valid_session_id(session_id):
+            log.warning("backend %s issued a malformed Mcp-Session-Id; not bound", backend.name)
+            return None
+        tag = facts.tag if self.binder is not None else None
+        return self.sealed.seal(backend.owner_id, session_id, tag).encode("ascii")
+
     def owner_gone(self, facts: RequestFacts, backend: Backend) -> SessionNotFound:
         """The session's backend is unreachable: forget the session; the client must re-initialize."""
         if facts.session_id is not None:
@@ -392,11 +546,51 @@ class Router:
         """A session that could not be moved elsewhere ends."""
         self._forget(sid, backend, "backend_lost")
 
-    async def rebind(self, sid: str, backend: Backend, gone: Backend | None, tag: str | None) -> None:
-        """Replay failover moved `sid` to `backend`: record the new owner (over the old one)."""
+    async def adopt(self, facts: RequestFacts, gone: Backend | None) -> Backend | None:
+        """Another proxy may have moved the session already (its owner gone for it too): the live
+        backend the shared store now names, with `facts` set for it; None if there is none."""
+        sid = facts.session_id
+        assert sid is not None
         try:
-            await self._store.delete(sid)
-            await self._store.bind(sid, encode_owner(backend.owner_id, tag), self._ttl)
+            value = await self._store.refresh(sid)
+        except StoreError as exc:
+            log.warning("session store lookup failed: %s", exc)
+            return None
+        if value is None:
+            return None
+        if self.sealed is not None:
+            try:
+                opened = self.sealed.open(value)
+            except SessionNotFound:
+                return None
+            owner_id, bound, alias = opened.owner, opened.issued, opened.backend_sid
+        else:
+            binding = decode_owner(value)
+            if binding.alias is None:
+                return None
+            owner_id, bound, alias = binding.owner, binding.bound, binding.alias
+        backend = self.backends.owner(owner_id)
+        if backend is None or backend is gone or backend.gone_at > bound or not backend.available:
+            return None
+        facts.upstream_sid, facts.moved = alias, True
+        return backend
+
+    async def rebind(
+        self, facts: RequestFacts, backend: Backend, gone: Backend | None, new_sid: bytes
+    ) -> None:
+        """Replay failover moved the session to `backend`, which knows it as `new_sid`: record the
+        new owner over the old one, where every proxy finds it. With sealed ids the client keeps its
+        token, and the store maps it to a fresh one."""
+        sid = facts.session_id
+        assert sid is not None
+        tag = facts.tag if self.binder is not None else None
+        if self.sealed is not None:
+            value = self.sealed.seal(backend.owner_id, new_sid, tag)
+        else:
+            value = encode_owner(backend.owner_id, tag, self._clock(), new_sid)
+        facts.upstream_sid, facts.moved = new_sid, True
+        try:
+            await self._store.put(sid, value, self._ttl)
         except StoreError as exc:
             log.warning("could not store a moved session: %s", exc)
         if gone is not None and gone.sessions > 0:
@@ -409,10 +603,12 @@ class Router:
             return
         sid = raw_sid.decode("ascii")
         try:
-            value = encode_owner(backend.owner_id, tag)
+            value = encode_owner(backend.owner_id, tag, self._clock())
             owner = await self._store.bind(sid, value, self._ttl)
         except StoreError as exc:
             log.warning("could not store session of backend %s: %s", backend.name, exc)
+            if self._refuse_new is not None:  # on_store_error: fail (a Cluster slot down)
+                raise NoBackendAvailable("Session store unavailable") from exc
             return
         if owner == value:
             backend.sessions += 1
@@ -429,8 +625,11 @@ class Router:
             return
         if self.failover is not None:
             self.failover.discard(sid)
+        if self.sealed is not None and not self.sealed.end(sid):
+            return  # ended here before: counted then
         self._metrics.session_ended(reason)
-        if backend is not None and backend.sessions > 0 and self._store.peek(sid) is not None:
+        live = self.sealed is not None or self._store.peek(sid) is not None
+        if backend is not None and backend.sessions > 0 and live:
             backend.sessions -= 1
         self._forgetting.add(sid)
         task = asyncio.get_running_loop().create_task(self._delete(sid))
@@ -444,6 +643,13 @@ class Router:
             log.warning("could not delete a session from the store: %s", exc)
         finally:
             self._forgetting.discard(sid)
+
+    def ended_elsewhere(self, sid: str) -> None:
+        """Another proxy ended the session (store event): its local traces go too."""
+        if self._failover is not None:
+            self._failover.forget_local(sid)
+        if self.sealed is not None:
+            self.sealed.end(sid)
 
     def session_expired(self, sid: str, owner: str) -> None:
         """Store callback: an entry expired; keep the backend's session count honest."""

@@ -9,6 +9,7 @@ does not orphan sessions.
 from __future__ import annotations
 
 import enum
+from collections.abc import AsyncIterator
 from typing import Final, Protocol
 
 
@@ -35,6 +36,14 @@ class SessionStore(Protocol):
         """Bind `sid` to `backend` unless already bound (SET NX PX); return the owner now on record."""
         ...
 
+    async def refresh(self, sid: str) -> str | None:
+        """Backend of `sid` as the shared store has it now, past any local copy."""
+        ...
+
+    async def put(self, sid: str, backend: str, ttl: float) -> None:
+        """Bind `sid` to `backend` over any earlier binding (a session moved to another backend)."""
+        ...
+
     async def touch(self, sid: str, ttl: float) -> bool:
         """Extend the expiry of `sid` to `ttl` seconds from now; False if it no longer exists."""
         ...
@@ -55,7 +64,27 @@ class SessionStore(Protocol):
 class SharedStore(SessionStore, Protocol):
     """A store shared by proxy replicas (Redis), which can lose its data while we run."""
 
+    async def bind(self, sid: str, backend: str, ttl: float, announce: str | None = None) -> str:
+        """SessionStore.bind; with `announce`, published to the proxies if the binding took effect."""
+        ...
+
     async def mark(self, ttl: float) -> bool:
         """Set this process's marker for `ttl` seconds; True if it was absent (the first call, or
         the store lost its data since the last one)."""
+        ...
+
+    async def publish(self, message: str) -> None:
+        """Tell every proxy sharing the store (store/cache.py's events)."""
+        ...
+
+    def events(self) -> AsyncIterator[str]:
+        """What the proxies tell each other, until the subscription breaks (StoreError)."""
+        ...
+
+    async def record_gone(self, name: str, when: float) -> None:
+        """Backend `name` was seen to go away at `when` (seconds since the epoch)."""
+        ...
+
+    async def generations(self) -> dict[str, float]:
+        """When each backend was last seen to go away."""
         ...

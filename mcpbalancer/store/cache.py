@@ -18,12 +18,31 @@ live entry is re-asserted with SET NX, so no mapping is lost and none is bound t
 touch that finds a key gone drops the entry only when the marker shows the store did not lose its
 data (another replica ended the session); otherwise the entry is re-asserted. An outage is logged
 once, when it is noticed; `check()` pings the store at start-up, so one there is noticed at once.
+
+With `events`, the proxies sharing the store tell each other what their caches must know, on one
+pub/sub channel (`listen()` hears it), one line per event, fields separated by spaces (session ids
+and values have none):
+
+    b <origin> <sid> <value>   bound: cached here too, so the session's first request on another
+                               proxy or worker needs no lookup
+    m <origin> <sid> <value>   moved by replay failover: what was cached is replaced
+    d <origin> <sid>           ended (DELETE, a backend's 404, its owner gone): no longer routed
+                               from any cache (within milliseconds)
+    g <origin> <name> <ms>     backend <name> was seen to go away (fleet/generations.py)
+
+A message is lost when the subscription breaks (it is made again); a cache that missed a `d` routes
+that session to its backend, which answers 404 for it, and the entry goes then.
+
+On a Cluster (`scoped`), a failed operation concerns its key's slot only: it does not make the
+whole store degraded. A binding that fails is kept here (degrade) or raises (fail: the router
+answers that initialize 503), and the re-assertion goes on past the keys it cannot write.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import secrets
 import time
 from collections import OrderedDict
 from collections.abc import Callable
@@ -42,6 +61,7 @@ LIFETIME = 1.5
 MARKER_TTL = 600.0  # the marker outlives many watch intervals; a dead process's marker goes away
 WATCH_INTERVAL = 1.0
 RESYNC_BATCH = 100  # SET NX commands in flight at once while re-asserting
+LISTEN_RETRY = (0.1, 5.0)  # first and longest wait before subscribing again to the proxies' channel
 
 
 class _Entry:
@@ -70,6 +90,9 @@ class CachedStore:
         *,
         default_ttl: float | None = None,
         metrics: Metrics | None = None,
+        events: bool = False,
+        scoped: bool = False,
+        raise_on_bind_error: bool = False,
     ) -> None:
         if capacity < 1:
             raise ValueError("capacity must be at least 1")
@@ -87,6 +110,12 @@ class CachedStore:
         self._marked = False  # our marker is known to be in the shared store
         self._generation = 0  # bumped by every re-assertion of the whole cache
         self._resync: asyncio.Task[None] | None = None
+        self._events = events
+        self._scoped = scoped
+        self._raise_on_bind_error = raise_on_bind_error
+        self._origin = secrets.token_hex(4)  # our own messages come back to us: skip them
+        self._sending: set[asyncio.Task[None]] = set()
+        self._unwritten: set[str] = set()  # Cluster: bound here while their slot was down
 
     def resize(self, capacity: int, default_ttl: float | None) -> None:
         """A reload: a smaller cache sheds its least recently used entries (the shared store still
@@ -128,10 +157,16 @@ class CachedStore:
 
     async def bind(self, sid: str, backend: str, ttl: float) -> str:
         try:
-            owner = await self._inner.bind(sid, backend, ttl * LIFETIME)
+            if self._events:
+                announce = self._message("b", sid, backend)
+                owner = await self._inner.bind(sid, backend, ttl * LIFETIME, announce)
+            else:
+                owner = await self._inner.bind(sid, backend, ttl * LIFETIME)
         except StoreError as exc:
+            self._failed(exc, sid=sid)
+            if self._raise_on_bind_error:
+                raise
             # The backend has made the session: keep it here, and write it when the store returns.
-            self._failed(exc)
             logger.warning("session store unavailable; session bound locally until it returns: %s", exc)
             owner = backend
         else:
@@ -139,6 +174,20 @@ class CachedStore:
         self._ttl_hint = ttl
         self._remember(sid, owner, ttl)
         return owner
+
+    async def refresh(self, sid: str) -> str | None:
+        """What the shared store says of `sid` now: another proxy may have moved or ended it."""
+        self._entries.pop(sid, None)
+        backend = await self._inner.get(sid)
+        if backend is not None and self._ttl_hint is not None:
+            self._remember(sid, backend, self._ttl_hint)
+        return backend
+
+    async def put(self, sid: str, backend: str, ttl: float) -> None:
+        await self._inner.put(sid, backend, ttl * LIFETIME)
+        self._ttl_hint = ttl
+        self._remember(sid, backend, ttl)
+        self._announce("m", sid, backend)
 
     async def touch(self, sid: str, ttl: float) -> bool:
         alive = await self._inner.touch(sid, ttl * LIFETIME)
@@ -155,6 +204,67 @@ class CachedStore:
     async def delete(self, sid: str) -> None:
         self._entries.pop(sid, None)
         await self._inner.delete(sid)
+        self._announce("d", sid)
+
+    # -- what the proxies tell each other ------------------------------------------------------------
+
+    async def record_gone(self, name: str, when: float) -> None:
+        await self._inner.record_gone(name, when)
+
+    async def generations(self) -> dict[str, float]:
+        return await self._inner.generations()
+
+    def announce_gone(self, name: str, when: float) -> None:
+        """Tell the other proxies that backend `name` went away at `when`."""
+        self._announce("g", name, str(round(when * 1000)))
+
+    async def listen(self, on_ended: Callable[[str], None], on_gone: Callable[[str, float], None]) -> None:
+        """Run forever (a task of the app): hear the other proxies, subscribing again after a break."""
+        delay = LISTEN_RETRY[0]
+        while True:
+            try:
+                async for message in self._inner.events():
+                    delay = LISTEN_RETRY[0]
+                    self._heard(message, on_ended, on_gone)
+            except StoreError as exc:
+                logger.debug("session store events: %s; subscribing again", exc)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, LISTEN_RETRY[1])
+
+    def _heard(
+        self, message: str, on_ended: Callable[[str], None], on_gone: Callable[[str, float], None]
+    ) -> None:
+        kind, origin, rest = [*message.split(" ", 2), "", ""][:3]
+        if origin == self._origin or not rest:
+            return
+        subject, _, value = rest.partition(" ")
+        if kind == "d":
+            self._entries.pop(subject, None)
+            on_ended(subject)
+        elif kind in ("b", "m") and value and self._ttl_hint is not None:
+            # A binding adds what this cache does not have; a move replaces what it has.
+            if kind == "m" or subject not in self._entries:
+                self._remember(subject, value, self._ttl_hint)
+        elif kind == "g" and value.isdigit():
+            on_gone(subject, int(value) / 1000)
+
+    def _message(self, kind: str, subject: str, value: str = "") -> str:
+        return f"{kind} {self._origin} {subject} {value}".rstrip()
+
+    def _announce(self, kind: str, subject: str, value: str = "") -> None:
+        if not self._events:
+            return
+        message = self._message(kind, subject, value)
+
+        async def send() -> None:
+            try:
+                await self._inner.publish(message)
+            except StoreError as exc:
+                logger.debug("could not tell the other proxies (%s): %s", kind, exc)
+
+        task = asyncio.get_running_loop().create_task(send())
+        self._sending.add(task)
+        task.add_done_callback(self._sending.discard)
 
     async def ping(self) -> None:
         await self._inner.ping()
@@ -166,7 +276,7 @@ class CachedStore:
         try:
             await self._inner.ping()
         except StoreError as exc:
-            self._failed(exc, quiet=True)
+            self._failed(exc, quiet=True, whole=True)
             return str(exc)
         self._answered()
         return None
@@ -176,24 +286,29 @@ class CachedStore:
         while True:
             await asyncio.sleep(interval)
             lost = await self._mark()
-            if (lost or self._dirty) and not self.degraded:
+            if lost or (self._dirty and not self.degraded and not self._scoped):
                 await self.resync()
+            elif self._unwritten:
+                await self.resync(only=self._unwritten)
 
-    async def resync(self) -> None:
-        """Re-assert every live entry with SET NX (the store's owner wins where one exists)."""
+    async def resync(self, only: set[str] | None = None) -> None:
+        """Re-assert every live entry (or those of `only`) with SET NX (the store's owner wins
+        where one exists)."""
         if self._resync is None:
-            self._resync = asyncio.get_running_loop().create_task(self._resync_all())
+            self._resync = asyncio.get_running_loop().create_task(self._resync_all(only))
         try:
             await asyncio.shield(self._resync)
         finally:
             if self._resync is not None and self._resync.done():
                 self._resync = None
 
-    async def _resync_all(self) -> None:
+    async def _resync_all(self, only: set[str] | None = None) -> None:
         self._dirty = False
         self._generation += 1
         now = self._clock()
-        live = [(sid, e) for sid, e in self._entries.items() if now - e.touched_at <= e.ttl]
+        chosen = self._entries.items() if only is None else ((s, self._entries.get(s)) for s in list(only))
+        live = [(sid, e) for sid, e in chosen if e is not None and now - e.touched_at <= e.ttl]
+        self._unwritten.clear()
         written = 0
         for start in range(0, len(live), RESYNC_BATCH):
             batch = live[start : start + RESYNC_BATCH]
@@ -203,7 +318,9 @@ class CachedStore:
             )
             for (sid, entry), owner in zip(batch, owners, strict=True):
                 if isinstance(owner, BaseException):
-                    self._failed(owner)  # down again: the next recovery starts over
+                    self._failed(owner, sid=sid)  # down again: the next recovery starts over
+                    if self._scoped:
+                        continue  # that slot only: the others are written
                     return
                 if owner != entry.backend and self._entries.get(sid) is entry:
                     logger.warning("session re-asserted to the store found another owner; using it")
@@ -225,8 +342,14 @@ class CachedStore:
         first, self._marked = not self._marked, True
         return lost and not first
 
-    def _failed(self, exc: BaseException, *, quiet: bool = False) -> None:
+    def _failed(
+        self, exc: BaseException, *, quiet: bool = False, whole: bool = False, sid: str | None = None
+    ) -> None:
         self._dirty = True
+        if self._scoped and not whole:
+            if sid is not None:
+                self._unwritten.add(sid)  # written when its slot answers again
+            return  # one slot of a Cluster: the others answer
         if not self.degraded:
             self.degraded = True
             if self._metrics is not None:
@@ -250,6 +373,8 @@ class CachedStore:
             await asyncio.sleep(0)  # let the done callbacks run
 
     async def close(self) -> None:
+        if self._sending:
+            await asyncio.gather(*self._sending, return_exceptions=True)
         tasks = list(self._touching.values()) + ([self._resync] if self._resync is not None else [])
         for task in tasks:
             task.cancel()

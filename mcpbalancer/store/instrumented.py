@@ -8,7 +8,7 @@ own bound method, not a wrapper.
 from __future__ import annotations
 
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TypeVar
 
 from mcpbalancer.errors import StoreError
@@ -27,8 +27,28 @@ class InstrumentedStore:
     async def get(self, sid: str) -> str | None:
         return await self._timed("get", self._inner.get(sid))
 
-    async def bind(self, sid: str, backend: str, ttl: float) -> str:
-        return await self._timed("bind", self._inner.bind(sid, backend, ttl))
+    async def bind(self, sid: str, backend: str, ttl: float, announce: str | None = None) -> str:
+        if announce is None:  # a store that cannot announce takes no such argument
+            return await self._timed("bind", self._inner.bind(sid, backend, ttl))
+        return await self._timed("bind", self._inner.bind(sid, backend, ttl, announce))
+
+    async def refresh(self, sid: str) -> str | None:
+        return await self._timed("get", self._inner.refresh(sid))
+
+    async def put(self, sid: str, backend: str, ttl: float) -> None:
+        await self._timed("put", self._inner.put(sid, backend, ttl))
+
+    async def publish(self, message: str) -> None:
+        await self._timed("publish", self._inner.publish(message))
+
+    def events(self) -> AsyncIterator[str]:
+        return self._inner.events()
+
+    async def record_gone(self, name: str, when: float) -> None:
+        await self._timed("generation", self._inner.record_gone(name, when))
+
+    async def generations(self) -> dict[str, float]:
+        return await self._timed("generation", self._inner.generations())
 
     async def touch(self, sid: str, ttl: float) -> bool:
         return await self._timed("touch", self._inner.touch(sid, ttl))

@@ -72,6 +72,12 @@ class MemoryStore:
         self.sweep(_SWEEP_PER_BIND)
         return backend
 
+    async def refresh(self, sid: str) -> str | None:
+        return self.peek(sid)
+
+    async def put(self, sid: str, backend: str, ttl: float) -> None:
+        self._entries[sid] = _Entry(backend, ttl, self._clock() + ttl)
+
     async def touch(self, sid: str, ttl: float) -> bool:
         entry = self._entries.get(sid)
         if entry is None:

@@ -130,7 +130,7 @@ class SharedBuckets:
 
     def __init__(
         self,
-        client: redis.asyncio.Redis,
+        client: redis.asyncio.Redis | redis.asyncio.RedisCluster,  # one key per script: a slot
         rates: Sequence[Rate],
         *,
         prefix: str,
