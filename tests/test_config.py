@@ -404,8 +404,8 @@ def test_unknown_key_lists_every_allowed_key() -> None:
     assert text.endswith(
         "heartbeat, backends, timeouts, limits, admin, metrics, log, tracing, health, shutdown_timeout, "
         "pools, routes, affinity, validate_headers, failover, allowed_origins, allowed_hosts, "
-        "bind_sessions, session_binding_key, on_store_error, workers, mcp_path, auth, tool_policy, "
-        "rate_limits, trusted_proxies; did you mean `listen`?"
+        "bind_sessions, session_binding_key, session_ids, session_keys, session_max_age, on_store_error, "
+        "workers, mcp_path, auth, tool_policy, rate_limits, trusted_proxies; did you mean `listen`?"
     )
 
 
