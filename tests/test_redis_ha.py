@@ -99,9 +99,17 @@ async def test_a_cluster_spreads_the_sessions_and_a_lost_master_concerns_only_it
         assert not proxy.store.degraded  # type: ignore[attr-defined]  # one slot is not the store
         # fail: a new session whose slot is down is refused (503), the others are bound.
         strict = await dict_proxy({**config, "on_store_error": "fail"})
-        tried = [await initialize(web, mcp_url(strict)) for _ in range(24)]
-        refused = [sid for status, sid in tried if status == 503]
-        bound = [sid for status, sid in tried if status == 200 and sid is not None]
+        # A third of the slots is down, so both answers come within a few tries; a loaded machine
+        # may time some binds out at first, so try until both are seen (bounded), not a fixed count.
+        refused: list[str | None] = []
+        bound: list[str] = []
+        deadline = asyncio.get_running_loop().time() + 30
+        while not (refused and bound) and asyncio.get_running_loop().time() < deadline:
+            status, sid = await initialize(web, mcp_url(strict))
+            if status == 503:
+                refused.append(sid)
+            elif status == 200 and sid is not None:
+                bound.append(sid)
         assert refused
         assert bound
         for sid in bound:
