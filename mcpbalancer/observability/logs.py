@@ -72,21 +72,25 @@ class AccessRecord(Protocol):
     @property
     def request_id(self) -> bytes | None: ...
     @property
-    def client(self) -> _Peer: ...
+    def client(self) -> Peer: ...
     @property
-    def head(self) -> _Head: ...
+    def head(self) -> HeadView: ...
     @property
     def facts(self) -> _Facts | None: ...
     @property
-    def backend(self) -> _Named | None: ...
+    def backend(self) -> Named | None: ...
 
 
-class _Peer(Protocol):
+class Peer(Protocol):
+    """What a log line or a span reads of the client connection."""
+
     @property
     def peer_ip(self) -> bytes: ...
 
 
-class _Head(Protocol):
+class HeadView(Protocol):
+    """What a log line or a span reads of a request head (dataplane/head.py's RequestHead)."""
+
     @property
     def method(self) -> bytes: ...
     @property
@@ -104,7 +108,7 @@ class _Facts(Protocol):
     def era(self) -> protocol.Era: ...
 
 
-class _Named(Protocol):
+class Named(Protocol):
     @property
     def name(self) -> str: ...
 
@@ -249,7 +253,7 @@ def _era(ex: AccessRecord) -> str:
 _ERA_NAMES: Final = {era: era.value for era in protocol.Era}
 
 
-def _fields(ex: AccessRecord) -> tuple[_Head, bytes | None, bytes | None, _Named | None, int]:
+def _fields(ex: AccessRecord) -> tuple[HeadView, bytes | None, bytes | None, Named | None, int]:
     """What both formats read of an exchange: head, session id (the request's, or the one its answer
     created), MCP method, backend, microseconds."""
     head = ex.head

@@ -28,7 +28,7 @@ from opentelemetry.trace import NonRecordingSpan, SpanContext, SpanKind, Status,
 
 from mcpbalancer import __version__, protocol
 from mcpbalancer.config import TracingConfig
-from mcpbalancer.observability.logs import SessionHasher
+from mcpbalancer.observability.logs import HeadView, SessionHasher
 from mcpbalancer.protocol import Era
 
 EXPORT_TIMEOUT = 5.0  # seconds one export (with the exporter's retries) may take
@@ -45,19 +45,9 @@ _TARGETS: Final = {
 }
 
 
-class _Head(Protocol):
-    @property
-    def method(self) -> bytes: ...
-    @property
-    def target(self) -> bytes: ...
+class _Head(HeadView, Protocol):
     @property
     def http11(self) -> bool: ...
-    @property
-    def session_id(self) -> bytes | None: ...
-    @property
-    def protocol_version(self) -> bytes | None: ...
-    @property
-    def mcp_method(self) -> bytes | None: ...
     @property
     def mcp_name(self) -> bytes | None: ...
 

@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Final, Protocol
 
 from mcpbalancer import protocol
 from mcpbalancer.config import TracingConfig
-from mcpbalancer.observability.logs import SessionHasher
+from mcpbalancer.observability.logs import HeadView, Named, Peer, SessionHasher
 from mcpbalancer.observability.metrics import Metrics
 from mcpbalancer.protocol import Era
 
@@ -54,21 +54,11 @@ _ID_MASK: Final = (1 << 64) - 1
 _TRACEPARENT = re.compile(rb"([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})(-.*)?\Z")
 
 
-class _Head(Protocol):
+class _Head(HeadView, Protocol):
     headers: list[tuple[bytes, bytes, bytes]]
 
     @property
-    def method(self) -> bytes: ...
-    @property
-    def target(self) -> bytes: ...
-    @property
     def http11(self) -> bool: ...
-    @property
-    def session_id(self) -> bytes | None: ...
-    @property
-    def protocol_version(self) -> bytes | None: ...
-    @property
-    def mcp_method(self) -> bytes | None: ...
     @property
     def mcp_name(self) -> bytes | None: ...
     @property
@@ -88,19 +78,9 @@ class TracedExchange(Protocol):
     @property
     def head(self) -> _Head: ...
     @property
-    def client(self) -> _Peer: ...
+    def client(self) -> Peer: ...
     @property
-    def backend(self) -> _Named | None: ...
-
-
-class _Peer(Protocol):
-    @property
-    def peer_ip(self) -> bytes: ...
-
-
-class _Named(Protocol):
-    @property
-    def name(self) -> str: ...
+    def backend(self) -> Named | None: ...
 
 
 class Span:
