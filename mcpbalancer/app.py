@@ -137,6 +137,9 @@ LIVE: Final = frozenset(
         "access",  # auth, tool_policy, rate_limits: the buckets start afresh when rate_limits change
         "trusted_proxies",
         "admin_tokens",  # `admin.token`: a rotation is a reload with the old and the new, then the new
+        # `listen` entries: their TLS files and settings are read again (new handshakes use them);
+        # their addresses, and whether each speaks TLS, are restart only (restart_only_problem).
+        "listeners",
     }
 )
 
@@ -144,6 +147,8 @@ LIVE: Final = frozenset(
 def restart_only_problem(running: Config, new: Config) -> str | None:
     """What a reload to `new` cannot apply (a RESTART_ONLY setting changed), or None."""
     changed = {k for k in RESTART_ONLY if getattr(new, k) != getattr(running, k)}
+    if [x.shape for x in new.all_listeners] != [x.shape for x in running.all_listeners]:
+        changed.add("listen_host")  # a listener added, removed, moved, or TLS turned on or off
     if not changed:
         return None
     keys = ", ".join(f"`{k}`" for k in sorted({_FILE_KEYS.get(k, k) for k in changed}))

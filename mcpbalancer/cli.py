@@ -215,12 +215,12 @@ def _overrides(args: argparse.Namespace) -> Callable[[Config], Config]:
 
 def _supervise(config: Config, args: argparse.Namespace, adjust: Callable[[Config], Config]) -> int:
     # One clear error here rather than N workers failing one after the other.
-    try:
-        check_listen(config.listen_host, config.listen_port)
-    except OSError as exc:
-        address = host_port(config.listen_host, config.listen_port)
-        print(f"mcpbalancer: cannot listen on {address}: {exc}", file=sys.stderr)
-        return 1
+    for listener in config.all_listeners:
+        try:
+            check_listen(listener.host, listener.port)
+        except OSError as exc:
+            print(f"mcpbalancer: cannot listen on {listener.address}: {exc}", file=sys.stderr)
+            return 1
     supervisor = Supervisor(config, _worker_command(args), adjust=adjust, restart_only=restart_only_problem)
     return _run(_supervised(supervisor))
 

@@ -217,7 +217,9 @@ ERRORS = [
         minimal(listen="h:65536"), "listen: port must be 0-65535, got 65536", id="listen-port-range"
     ),
     pytest.param(minimal(listen="h:+80"), "listen: must be 'host:port'", id="listen-port-sign"),
-    pytest.param(minimal(listen=8080), "listen: must be a string, got 8080", id="listen-int"),
+    pytest.param(
+        minimal(listen=8080), "listen: must be 'host:port' or a list of listeners, got 8080", id="listen-int"
+    ),
     # store
     pytest.param(
         minimal(store="mysql://x"),

@@ -46,7 +46,11 @@ def resolve(schema: dict[str, Any], node: dict[str, Any]) -> dict[str, Any]:
         return resolve(schema, alternatives[0])
     # A shorthand or a mapping (`admin: "host:port"` or `{listen, token}`): the mapping has the keys.
     mappings = [m for m in (resolve(schema, n) for n in alternatives) if "properties" in m]
-    return mappings[0] if len(mappings) == 1 else node
+    if len(mappings) == 1:
+        return mappings[0]
+    # A shorthand or a list of mappings (`listen: "host:port"` or `[{address, tls}]`): the list.
+    lists = [n for n in alternatives if n.get("type") == "array"]
+    return lists[0] if len(lists) == 1 and "properties" in resolve(schema, lists[0]["items"]) else node
 
 
 def keys(
@@ -92,6 +96,7 @@ def test_every_key_has_a_description_and_every_optional_key_a_default() -> None:
     assert undescribed == []
     required = {"backends", "backends[].name", "admin.listen"}  # admin.listen: when admin is a mapping
     required |= {"auth.api_keys[].name", "auth.api_keys[].sha256", "rate_limits[].key", "rate_limits[].rate"}
+    required |= {"listen[].address", "listen[].tls.cert"}
     no_default = [
         path for path, node in keys(schema, schema) if "default" not in node and path not in required
     ]

@@ -23,6 +23,7 @@ from mcpbalancer.config.file import (
     TlsSection,
 )
 from mcpbalancer.config.health import HealthConfig, merged
+from mcpbalancer.config.listeners import ListenEntry
 from mcpbalancer.config.models import (
     MAX_WORKERS,
     AffinityConfig,
@@ -36,7 +37,9 @@ from mcpbalancer.config.runtime import (
     BackendConfig,
     Config,
     DiscoveryConfig,
+    ListenerConfig,
     RouteConfig,
+    ServerTlsConfig,
     SessionKey,
     TlsConfig,
 )
@@ -45,7 +48,8 @@ from mcpbalancer.fileaccess import unreadable
 
 
 def build(file: ConfigFile, source: str) -> Config:
-    host, port = split_host_port(file.listen)
+    listeners = tuple(_listener(entry, i) for i, entry in enumerate(file.listen))
+    host, port = listeners[0].host, listeners[0].port
     health = file.health or HealthConfig()
     return Config(
         listen_host=host,
@@ -98,6 +102,27 @@ def build(file: ConfigFile, source: str) -> Config:
             _discovery(entry, entry.discover, i, health)
             for i, entry in enumerate(file.backends)
             if entry.discover is not None
+        ),
+        # One plain listener is listen_host:listen_port alone, as a Config made in code says it.
+        listeners=() if len(listeners) == 1 and listeners[0].tls is None else listeners,
+    )
+
+
+def _listener(entry: ListenEntry, index: int) -> ListenerConfig:
+    host, port = split_host_port(entry.address)
+    tls = entry.tls
+    if tls is None:
+        return ListenerConfig(host, port)
+    return ListenerConfig(
+        host,
+        port,
+        ServerTlsConfig(
+            cert=tls.cert,
+            key=tls.key,
+            client_ca=tls.client_ca,
+            require_client_cert=tls.require_client_cert,
+            min_version=tls.min_version,
+            at=f"listen[{index}].tls",
         ),
     )
 
@@ -260,7 +285,7 @@ def _workers_problem(config: Config) -> str | None:
             f"{n} workers need a Redis `store` for `affinity`: the task and request-state maps are per "
             "process with the memory store, and a poll or a retry may reach another worker"
         )
-    if config.listen_port == 0:
+    if any(listener.port == 0 for listener in config.all_listeners):
         return f"{n} workers need a fixed `listen` port: with port 0 each worker would get a different one"
     managed = [b.name for b in config.backends if b.command is not None]
     if managed:

@@ -1,6 +1,6 @@
 """The top level of the configuration file, its backend entries and its routes.
 
-Their shape is the file's, not the proxy's (`listen` is one "host:port" string, a managed entry
+Their shape is the file's, not the proxy's (`listen` is a "host:port" string or a list, a managed entry
 stands for `replicas` backends): build.py turns a validated ConfigFile into a runtime.Config, and
 schema.py derives the JSON Schema from it. The checks across keys are here, as model validators, so
 that nothing invalid gets that far.
@@ -19,6 +19,7 @@ from mcpbalancer.config import checks
 from mcpbalancer.config.access import AuthConfig, Network, RateLimit, ToolRule
 from mcpbalancer.config.checks import BACKEND_NAME, BACKEND_NAME_RULE, PARAM_NAME, describe
 from mcpbalancer.config.health import BackendHealth, HealthConfig
+from mcpbalancer.config.listeners import CLIENT_CERT, DEFAULT_LISTEN, Listeners, duplicate, tls_listeners
 from mcpbalancer.config.models import (
     DEFAULT_LOCAL_CACHE_SIZE,
     DEFAULT_MCP_PATH,
@@ -476,10 +477,12 @@ class ConfigFile(Section):
     """mcpbalancer configuration. Every key except `backends` is optional. String values may name
     environment variables as ${NAME} ($${ for a literal ${)."""
 
-    listen: HostPort = Field(
-        default="127.0.0.1:8080",
+    listen: Listeners = Field(
+        default=DEFAULT_LISTEN,
+        validate_default=True,
         description="Address the proxy accepts MCP clients on, as host:port (IPv6 as [::1]:8080); port 0 "
-        "picks a free one.",
+        'picks a free one. Or a list of listeners: "host:port" strings (plain HTTP) and mappings '
+        "{address, tls} (HTTPS), side by side.",
     )
     store: Store = Field(
         default="memory",
@@ -565,7 +568,8 @@ class ConfigFile(Section):
     bind_sessions: HeaderName | None = Field(
         default=None,
         description="Header a new session is bound to, e.g. authorization: a request with the session id "
-        "and another value gets 404. Off when absent.",
+        "and another value gets 404; or client_cert: the subject of the verified TLS client certificate "
+        "(needs a listener with tls.client_ca). Off when absent.",
     )
     session_binding_key: BindingKey | None = Field(
         default=None,
@@ -652,6 +656,7 @@ class ConfigFile(Section):
         self._check_pools(names)
         self._check_routes()
         self._check_stream_idle()
+        self._check_listeners()
         self._check_binding()
         self._check_sealed()
         self._check_metrics_path()
@@ -699,7 +704,25 @@ class ConfigFile(Section):
             problem = f"must be greater than heartbeat ({self.heartbeat:g}) or 0 (off), got {stream_idle:g}"
             raise invalid(("timeouts", "stream_idle"), problem)
 
+    def _check_listeners(self) -> None:
+        clash = duplicate(self.listen)
+        if clash is not None:
+            raise invalid(("listen", clash[0], "address"), clash[1])
+
     def _check_binding(self) -> None:
+        if self.bind_sessions is not None and self.bind_sessions.lower() == CLIENT_CERT:
+            if not any(tls.client_ca is not None for tls in tls_listeners(self.listen)):
+                raise invalid(
+                    ("bind_sessions",),
+                    "client_cert needs a TLS listener with `tls.client_ca`: without one no client "
+                    "certificate is ever verified",
+                )
+            if self.auth is not None and self.auth.enforced:
+                raise invalid(
+                    ("bind_sessions",),
+                    "client_cert cannot be combined with `auth`: with auth, sessions are bound to "
+                    "the authenticated principal",
+                )
         if self.bind_sessions is not None and self.session_binding_key is None and self.store != "memory":
             raise invalid(
                 ("session_binding_key",),

@@ -1,7 +1,8 @@
 """What the proxy reads: the frozen Config built from a validated file, and its backends and routes.
 
 The sections shaped like the file's (timeouts, limits, health, ...) are the models themselves
-(models.py). The rest differ from the file: `listen` is split into host and port, a backend's URL
+(models.py). The rest differ from the file: `listen` is split into listeners (the first one's host
+and port kept as listen_host, listen_port), a backend's URL
 into its parts, a managed entry into its replicas, a `discover` entry into a DiscoveryConfig.
 """
 
@@ -57,6 +58,36 @@ class TlsConfig:
     key: str | None = None  # its private key, when not in the `cert` file
     insecure_skip_verify: bool = False  # accept any certificate (logged as a warning)
     at: str = field(default="tls", compare=False)  # the key path, for error messages
+
+
+@dataclass(frozen=True, slots=True)
+class ServerTlsConfig:
+    """TLS terminated on a listener (`listen[i].tls`). Paths as written in the file."""
+
+    cert: str  # PEM: the server certificate, its chain after it (and its key, without `key`)
+    key: str | None = None
+    client_ca: str | None = None  # PEM: the CAs client certificates are verified against (mTLS)
+    require_client_cert: bool = False
+    min_version: str = "1.2"  # "1.2" or "1.3"
+    at: str = field(default="listen[0].tls", compare=False)  # the key path, for error messages
+
+
+@dataclass(frozen=True, slots=True)
+class ListenerConfig:
+    """One listener: where, and whether it terminates TLS."""
+
+    host: str
+    port: int
+    tls: ServerTlsConfig | None = None
+
+    @property
+    def address(self) -> str:
+        return host_port(self.host, self.port)
+
+    @property
+    def shape(self) -> tuple[str, int, bool]:
+        """What only a restart changes: the socket, and whether TLS is spoken on it."""
+        return self.host, self.port, self.tls is not None
 
 
 @dataclass(frozen=True, slots=True)
@@ -183,6 +214,12 @@ class Config:
     trusted_proxies: tuple[str, ...] = ()
     # The `discover` entries: backends found in DNS at run time (fleet/discovery.py).
     discovery: tuple[DiscoveryConfig, ...] = ()
+    # Every `listen` entry, the first being listen_host:listen_port; () = that one alone, plain.
+    listeners: tuple[ListenerConfig, ...] = ()
+
+    @property
+    def all_listeners(self) -> tuple[ListenerConfig, ...]:
+        return self.listeners or (ListenerConfig(self.listen_host, self.listen_port),)
 
 
 def host_port(host: str, port: int) -> str:
