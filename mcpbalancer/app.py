@@ -11,7 +11,6 @@ import contextlib
 import dataclasses
 import logging
 import os
-import socket
 import sys
 import time
 import urllib.parse
@@ -30,12 +29,15 @@ from mcpbalancer.config import (
     host_port,
     load_config,
 )
+from mcpbalancer.config.listeners import CLIENT_CERT
 from mcpbalancer.control.admin import AdminApi
 from mcpbalancer.control.audit import Audit
 from mcpbalancer.control.auth import PROBES, AdminAuth, warn_if_open
 from mcpbalancer.control.probes import Readiness, local_endpoints
 from mcpbalancer.control.server import ControlServer
 from mcpbalancer.control.status import ProcessInfo, Reload, StatusPage
+from mcpbalancer.dataplane.handshake import TlsEndpoint, TlsListener
+from mcpbalancer.dataplane.listener_tls import ServerTls, listener_tls
 from mcpbalancer.dataplane.plane import DataPlane
 from mcpbalancer.dataplane.tls import backend_contexts
 from mcpbalancer.dataplane.upstream import UpstreamPool
@@ -52,7 +54,7 @@ from mcpbalancer.filters.phases import Phases, compose
 from mcpbalancer.filters.ratelimit import Buckets, RateLimits, rates_of
 from mcpbalancer.filters.route_rules import RouteRules
 from mcpbalancer.filters.sealed import SealedSessions
-from mcpbalancer.filters.session_binding import SessionBinding
+from mcpbalancer.filters.session_binding import ClientCertBinding, SessionBinding
 from mcpbalancer.filters.toolpolicy import ToolPolicy
 from mcpbalancer.fleet.backends import Backend
 from mcpbalancer.fleet.discovery import Discovery
@@ -282,6 +284,7 @@ class Proxy:
         # An explicit argument wins over the config's `shutdown_timeout` (and over its reloads).
         self._shutdown_override = shutdown_timeout
         contexts = backend_contexts(config)
+        tls = listener_tls(config)  # read now: a bad certificate file fails here, as a backend's does
         self.fleet = Fleet(
             config.backends,
             # A pool made after a reload (a backend added or moved) takes the timeout then in force.
@@ -345,6 +348,11 @@ class Proxy:
         )
         self.fleet.on_remove = self._removed
         self._observability(config, access_stream, session_tag_key, worker, control_socket)
+        self._endpoints = [
+            None if t is None else TlsEndpoint(listener.address, t)
+            for listener, t in zip(config.all_listeners, tls, strict=True)
+        ]
+        self._certificates(config, tls)
         if self.control is not None:
             AdminApi(
                 self.fleet,
@@ -355,7 +363,7 @@ class Proxy:
             ).install(self.control.app)
             self._status_page().install(self.control.app)
         self.managed = ManagedBackends(config.backends, self.backends, metrics=self.metrics)
-        self._server: asyncio.Server | None = None
+        self._servers: list[asyncio.Server | TlsListener] = []
         self._sweeper: asyncio.Task[None] | None = None
         self._checker: asyncio.Task[None] | None = None
         self._watcher: asyncio.Task[None] | None = None
@@ -385,6 +393,7 @@ class Proxy:
         try:
             new = self._adjust(load_config(self.config.source))
             contexts = backend_contexts(new)  # TLS files read again: a renewed certificate is used
+            tls = listener_tls(new)  # and the listeners': new handshakes take the new pair
             keys = key_file(new)  # and the key set file
         except ConfigError as exc:
             log.error("reload rejected, running configuration kept: %s", exc)
@@ -397,6 +406,10 @@ class Proxy:
         self.health.reconfigure(new.health)
         self.health.track(self.backends)
         self._apply_policy(self.config, new, keys)
+        for endpoint, server_tls in zip(self._endpoints, tls, strict=True):
+            if endpoint is not None and server_tls is not None:
+                endpoint.tls = server_tls
+        self._certificates(new, tls)
         self.config = dataclasses.replace(new, backends=backends)
         log.info(
             "reloaded %s: added %s, removed %s, updated %s",
@@ -480,7 +493,8 @@ class Proxy:
             filters.append(self.tracing)  # request: the span and traceparent (refusals too); logging: its end
         filters += self.access_filters  # auth next: the filters after it read the principal
         if router.binder is not None and not router.binder.by_principal:  # else auth binds
-            filters.append(SessionBinding(router.binder))
+            by_cert = config.bind_sessions == CLIENT_CERT
+            filters.append(ClientCertBinding(router.binder) if by_cert else SessionBinding(router.binder))
         rules = compile_rules(config.routes, config.pools)
         if rules:
             filters.append(RouteRules(rules, self.metrics))
@@ -743,13 +757,73 @@ class Proxy:
 
     @property
     def port(self) -> int:
-        assert self._server is not None, "not started"
-        sock: socket.socket = self._server.sockets[0]
-        return int(sock.getsockname()[1])
+        """The port of the first listener."""
+        return self.ports[0]
+
+    @property
+    def ports(self) -> list[int]:
+        """The port of each listener, in `listen` order."""
+        assert self._servers, "not started"
+        return [int(server.sockets[0].getsockname()[1]) for server in self._servers]
 
     @property
     def url(self) -> str:
-        return f"http://{host_port(self.config.listen_host, self.port)}"
+        """The URL of the first listener (https:// for a TLS one)."""
+        return self.urls[0]
+
+    @property
+    def urls(self) -> list[str]:
+        return [
+            f"{'https' if listener.tls else 'http'}://{host_port(listener.host, port)}"
+            for listener, port in zip(self.config.all_listeners, self.ports, strict=True)
+        ]
+
+    def _certificates(self, config: Config, tls: list[ServerTls | None]) -> None:
+        """The expiry gauge of each TLS listener's certificate; a warning for one out of date."""
+        for listener, server_tls in zip(config.all_listeners, tls, strict=True):
+            if server_tls is None:
+                continue
+            self.metrics.tls_listening()
+            self.metrics.tls_certificate_expiry.labels(
+                listener.address
+            ).value = server_tls.not_after.timestamp()
+            now = time.time()
+            if not server_tls.not_before.timestamp() <= now < server_tls.not_after.timestamp():
+                log.warning(
+                    "%s.cert: the certificate is not valid now (notBefore %s, notAfter %s): clients "
+                    "will refuse it",
+                    server_tls.at,
+                    server_tls.not_before,
+                    server_tls.not_after,
+                )
+
+    async def _listen(self, loop: asyncio.AbstractEventLoop, plane: DataPlane) -> None:
+        """A server per listener: create_server for a plain one, a TlsListener for a TLS one."""
+        # Worker processes share the ports; the kernel spreads connections over them.
+        reuse_port = self.config.workers > 1
+        for listener, endpoint in zip(self.config.all_listeners, self._endpoints, strict=True):
+            try:
+                if endpoint is not None:
+                    server: asyncio.Server | TlsListener = TlsListener.open(
+                        plane, endpoint, listener.host, listener.port, reuse_port=reuse_port
+                    )
+                else:
+                    server = await loop.create_server(
+                        plane.protocol_factory,
+                        listener.host,
+                        listener.port,
+                        reuse_address=True,
+                        reuse_port=reuse_port,
+                        backlog=1024,
+                    )
+            except OSError as exc:
+                self._close_servers()
+                raise ListenError(f"cannot listen on {listener.address}: {exc}") from exc
+            self._servers.append(server)
+
+    def _close_servers(self) -> None:
+        for server in self._servers:
+            server.close()
 
     async def start(self) -> None:
         """Start the managed backends (BackendStartError if one fails), then serve."""
@@ -781,27 +855,15 @@ class Proxy:
         self.fleet.on_evict = self._plane.abort_streams
         self.fleet.start()
         try:
-            self._server = await loop.create_server(
-                self._plane.protocol_factory,
-                self.config.listen_host,
-                self.config.listen_port,
-                reuse_address=True,
-                # Worker processes share the port; the kernel spreads connections over them.
-                reuse_port=self.config.workers > 1,
-                backlog=1024,
-            )
-        except OSError as exc:
-            await self.managed.stop()  # cannot listen: the children started for nothing
-            address = host_port(self.config.listen_host, self.config.listen_port)
-            raise ListenError(f"cannot listen on {address}: {exc}") from exc
+            await self._listen(loop, self._plane)
         except BaseException:
-            await self.managed.stop()
+            await self.managed.stop()  # cannot listen: the children started for nothing
             raise
         if self.control is not None:
             try:
                 await self.control.start()
             except OSError as exc:
-                self._server.close()
+                self._close_servers()
                 await self.managed.stop()
                 where = self.control.path or host_port(self.control.host, self.control.requested_port)
                 raise ListenError(f"cannot listen on {where} (admin): {exc}") from exc
@@ -819,7 +881,7 @@ class Proxy:
         admin = ""
         if control is not None:
             admin = f"; {'control channel' if control.path else 'admin'} on {control.address}"
-        log.info("listening on %s with %d backends%s", self.url, len(self.backends), admin)
+        log.info("listening on %s with %d backends%s", ", ".join(self.urls), len(self.backends), admin)
 
     async def _check_store(self) -> None:
         """Ping a shared store before serving: an unreachable one is a warning now, not at the first
@@ -856,8 +918,7 @@ class Proxy:
 
     async def stop(self) -> None:
         """Stop accepting, let in-flight exchanges finish (bounded), then close everything."""
-        if self._server is not None:
-            self._server.close()
+        self._close_servers()
         plane = self._plane
         if plane is not None:
             plane.close_idle()
@@ -892,5 +953,5 @@ class Proxy:
             self.access_log.close()
         if self.tracing is not None:
             await asyncio.to_thread(self.tracing.close)  # the last spans, bounded in time
-        if self._server is not None:
-            await self._server.wait_closed()
+        for server in self._servers:
+            await server.wait_closed()

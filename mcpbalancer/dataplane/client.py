@@ -58,6 +58,11 @@ class ConnectionPlane(ExchangePlane, Protocol):
 
 
 class ClientConnection(asyncio.Protocol):
+    # Set by a TLS listener's acceptor (handshake.py) before connection_made; a plain connection
+    # keeps these class defaults and pays nothing for them.
+    tls = False
+    client_subject: bytes | None = None  # the verified client certificate's subject (RFC 4514)
+
     def __init__(self, plane: ConnectionPlane) -> None:
         self.plane = plane
         self._capture = plane.capture

@@ -55,6 +55,7 @@ class DataPlane:
         self.loop = loop
         self.capture = capture(router.reads_names or phases.reads_names)
         self.connections: set[ClientConnection] = set()
+        self.handshakes: set[asyncio.Task[None]] = set()  # TLS handshakes under way (handshake.py)
         self.refused_connections = 0  # since the last log line about them
         self._refusal_logged_at = float("-inf")
         self.accepting = True
@@ -112,6 +113,8 @@ class DataPlane:
 
     def abort_all(self) -> None:
         """Shutdown, last step: cut what is left; its access lines say `shutdown`."""
+        for task in list(self.handshakes):
+            task.cancel()
         for conn in list(self.connections):
             _cut(conn, "shutdown")
 

@@ -41,6 +41,7 @@ class ClientSide(Output, Protocol):
     the exchange: a protocol, so that the exchange does not import the connection back."""
 
     peer_ip: bytes
+    client_subject: bytes | None  # a verified TLS client certificate's subject (RFC 4514), else None
     reading: bool  # inside data_received: backend writes wait in held_upstream until it ends
     held_upstream: list[ExchangeState]
     write_paused: bool  # the client's transport buffer is full
@@ -125,6 +126,11 @@ class ExchangeState:
     def peer_ip(self) -> bytes:
         """The client's address, for the filters (filters/phases.py Context)."""
         return self.client.peer_ip
+
+    @property
+    def client_subject(self) -> bytes | None:
+        """The subject of the connection's verified TLS client certificate, for the filters."""
+        return self.client.client_subject
 
     @property
     def request_id(self) -> bytes | None:

@@ -1,5 +1,7 @@
 """TLS to backends: the client SSLContext of each https backend, and how a TLS failure reads.
 
+(TLS on the listeners, the server side, is listener_tls.py; it shares the file and reason helpers.)
+
 The composition root builds one context per https backend from its `tls` settings, at start and on
 every reload, and hands it to the Backend. Everything that talks to that backend uses that one
 object: the data plane's pool (which keeps TLS connections alive like plain ones), the health probe
@@ -72,11 +74,12 @@ def client_context(tls: TlsConfig, *, source: str = "<config>") -> ssl.SSLContex
     return context
 
 
-def _path(base: str, path: str) -> str:
+def file_path(base: str, path: str) -> str:
     return os.path.join(base, os.path.expanduser(path))
 
 
-def _read(key: str, path: str, source: str) -> str:
+def read_file(key: str, path: str, source: str) -> str:
+    """The text of a PEM file; ConfigError naming `key` (its key path) when it cannot be read."""
     try:
         with open(path, encoding="ascii") as fh:
             return fh.read()
@@ -88,28 +91,28 @@ def _read(key: str, path: str, source: str) -> str:
 def _trusting(tls: TlsConfig, base: str, source: str) -> ssl.SSLContext:
     """A verifying context that trusts the CAs of `tls.ca` only (not the system store)."""
     assert tls.ca is not None
-    key, path = f"{tls.at}.ca", _path(base, tls.ca)
-    pem = _read(key, path, source)
+    key, path = f"{tls.at}.ca", file_path(base, tls.ca)
+    pem = read_file(key, path, source)
     try:
         return ssl.create_default_context(cadata=pem)
     except (ssl.SSLError, ValueError) as exc:
-        why = _text(exc) if isinstance(exc, ssl.SSLError) else str(exc)
+        why = ssl_reason(exc) if isinstance(exc, ssl.SSLError) else str(exc)
         raise ConfigError(f"{source}: {key}: no usable PEM certificate in {path!r}: {why}") from None
 
 
 def _client_certificate(context: ssl.SSLContext, tls: TlsConfig, base: str, source: str) -> None:
     assert tls.cert is not None
-    cert = _path(base, tls.cert)
-    _read(f"{tls.at}.cert", cert, source)
-    key = _path(base, tls.key) if tls.key is not None else None
+    cert = file_path(base, tls.cert)
+    read_file(f"{tls.at}.cert", cert, source)
+    key = file_path(base, tls.key) if tls.key is not None else None
     if key is not None:
-        _read(f"{tls.at}.key", key, source)
+        read_file(f"{tls.at}.key", key, source)
     try:
         context.load_cert_chain(cert, key)
     except ssl.SSLError as exc:
         what = "the certificate and key do not load or do not match" if key else "no certificate with its key"
         keys = f"{tls.at}.cert" + (f", {tls.at}.key" if key else "")
-        raise ConfigError(f"{source}: {keys}: {what}: {_text(exc)}") from None
+        raise ConfigError(f"{source}: {keys}: {what}: {ssl_reason(exc)}") from None
 
 
 def tls_problem(exc: BaseException | None, *, handshake: bool) -> str | None:
@@ -122,9 +125,10 @@ def tls_problem(exc: BaseException | None, *, handshake: bool) -> str | None:
     if isinstance(exc, ssl.SSLCertVerificationError) and getattr(exc, "verify_message", None):
         return f"certificate verify failed: {exc.verify_message}"
     hint = _HINTS.get(getattr(exc, "reason", None) or "")  # set by OpenSSL, absent on a made-up one
-    return f"{_text(exc)} ({hint})" if hint else _text(exc)
+    return f"{ssl_reason(exc)} ({hint})" if hint else ssl_reason(exc)
 
 
-def _text(exc: ssl.SSLError) -> str:
+def ssl_reason(exc: ssl.SSLError) -> str:
+    """OpenSSL's reason, without the library and source-line noise."""
     message = exc.args[1] if len(exc.args) > 1 and isinstance(exc.args[1], str) else str(exc)
     return _SSL_NOISE.sub("", message) or type(exc).__name__

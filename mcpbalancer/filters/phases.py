@@ -82,6 +82,8 @@ class Context(Protocol):
     @property
     def peer_ip(self) -> bytes: ...  # the client connection's peer address
     @property
+    def client_subject(self) -> bytes | None: ...  # its verified TLS client certificate's subject
+    @property
     def facts(self) -> RequestFacts | None: ...
     @property
     def backend(self) -> Backend | None: ...

@@ -27,6 +27,7 @@ MAXED: Final = frozenset(
         "mcpbalancer_backend_draining",  # a drain reaches every worker; 1 while any still drains
         "mcpbalancer_store_degraded",  # 1 when any worker finds the store failing
         "mcpbalancer_build_info",  # always 1
+        "mcpbalancer_tls_certificate_expiry_timestamp_seconds",  # a date: every worker reads the same file
         "process_start_time_seconds",  # the latest start: a restarted worker shows here
         "process_max_fds",  # a limit, the same for every process
         "python_info",  # always 1

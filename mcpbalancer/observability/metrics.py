@@ -58,6 +58,10 @@ UPSTREAM_ERROR_KINDS: Final = ("connect", "reset", "timeout", "tls")
 AFFINITY_KINDS: Final = ("tasks", "request_state")
 AFFINITY_RESULTS: Final = ("hit", "miss")
 DISCOVERY_RESULTS: Final = ("ok", "empty", "error")
+# Why a TLS handshake on a listener failed: a protocol fault (plain HTTP to the TLS port, no common
+# version or cipher, garbage), a certificate refused (none where one is required, an unknown CA),
+# not done within limits.head_timeout, the client closed during it, anything else.
+TLS_FAILURE_REASONS: Final = ("protocol", "certificate", "timeout", "closed", "other")
 # Why the proxy refused a request (or a connection) instead of forwarding it.
 REJECT_REASONS: Final = (
     "framing",  # unparseable or ambiguous HTTP: CL+TE, bad lengths or chunks, obs-fold, control bytes
@@ -462,6 +466,20 @@ class Metrics:
         self.build_info = _Gauge(
             r, "mcpbalancer_build_info", "Always 1; the version is a label.", ("version",)
         )
+        self.tls_handshake_failures = _Counter(
+            r,
+            "mcpbalancer_tls_handshake_failures_total",
+            "TLS handshakes on a listener that failed, by reason: protocol, certificate, timeout, closed, "
+            "other.",
+            ("reason",),
+        )
+        self.tls_certificate_expiry = _Gauge(
+            r,
+            "mcpbalancer_tls_certificate_expiry_timestamp_seconds",
+            "notAfter of the certificate a TLS listener (its address as configured) serves, in seconds "
+            "since the epoch.",
+            ("listener",),
+        )
 
     def _define_access(self, r: CollectorRegistry) -> None:
         """The families of auth, tool_policy, rate_limits and the backends' max_in_flight."""
@@ -522,6 +540,7 @@ class Metrics:
         self.store_degraded = self.store_degraded_state.labels()
         self.store_resynced = self.store_resynced_sessions.labels()
         self._rejected = {reason: self.rejected_requests.labels(reason) for reason in REJECT_REASONS}
+        self._tls_failures: dict[str, Value] = {}
         self.auth = {result: self.auth_requests.labels(result) for result in AUTH_RESULTS}
         self.jwks = {result: self.jwks_refreshes.labels(result) for result in JWKS_RESULTS}
         self.rate_local = self.rate_limit_local.labels()
@@ -613,6 +632,15 @@ class Metrics:
     def rejected(self, reason: str) -> None:
         """`reason` is one of REJECT_REASONS."""
         self._rejected[reason].value += 1
+
+    def tls_listening(self) -> None:
+        """A TLS listener serves: its failure series exist from zero (a plain proxy has none)."""
+        if not self._tls_failures:
+            self._tls_failures = {r: self.tls_handshake_failures.labels(r) for r in TLS_FAILURE_REASONS}
+
+    def tls_handshake_failed(self, reason: str) -> None:
+        """`reason` is one of TLS_FAILURE_REASONS (tls_listening was called)."""
+        self._tls_failures[reason].value += 1
 
     def upstream_error(self, backend: str, kind: str) -> None:
         """`kind` is one of UPSTREAM_ERROR_KINDS."""
