@@ -28,6 +28,7 @@ from mcpbalancer.config.checks import MIN_SESSION_KEY_BYTES
 from mcpbalancer.config.schema import schema_text
 from mcpbalancer.control import client, healthcheck
 from mcpbalancer.control.cluster import ClusterControl
+from mcpbalancer.dataplane.listener_tls import date_problems, listener_tls
 from mcpbalancer.dataplane.tls import backend_contexts
 from mcpbalancer.errors import BackendStartError, ConfigError, ListenError
 from mcpbalancer.observability.logs import configure_logging
@@ -154,9 +155,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.check:
         try:
             backend_contexts(config)  # the CA, certificate and key files are read and used
+            tls = listener_tls(config)  # and the listeners' (a key must match its certificate)
             key_file(config)  # and the key set of auth.jwks_file
         except ConfigError as exc:
             print(f"mcpbalancer: invalid configuration: {exc}", file=sys.stderr)
+            return 2
+        errors, warnings = date_problems(tls, config.source)
+        for warning in warnings:
+            print(f"mcpbalancer: warning: {warning}", file=sys.stderr)
+        if errors:
+            print(f"mcpbalancer: invalid configuration: {'; '.join(errors)}", file=sys.stderr)
             return 2
         workers = f"{config.workers} worker{'s' if config.workers > 1 else ''}"
         backends = f"{len(config.backends)} backend{'s' if len(config.backends) != 1 else ''}"

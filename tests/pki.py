@@ -39,11 +39,13 @@ def _name(common_name: str) -> x509.Name:
     return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
 
 
-def _validity(builder: x509.CertificateBuilder) -> x509.CertificateBuilder:
+def _validity(
+    builder: x509.CertificateBuilder, valid: tuple[datetime.timedelta, datetime.timedelta] | None = None
+) -> x509.CertificateBuilder:
+    """Valid from an hour ago for a day, or from now + valid[0] to now + valid[1]."""
     now = datetime.datetime.now(datetime.UTC)
-    return builder.not_valid_before(now - datetime.timedelta(hours=1)).not_valid_after(
-        now + datetime.timedelta(days=1)
-    )
+    start, end = valid or (-datetime.timedelta(hours=1), datetime.timedelta(days=1))
+    return builder.not_valid_before(now + start).not_valid_after(now + end)
 
 
 def _write_key(key: ec.EllipticCurvePrivateKey, path: Path) -> None:
@@ -104,13 +106,15 @@ class CertificateAuthority:
         dns: Sequence[str] = LOCAL_NAMES,
         ips: Sequence[str] = LOCAL_IPS,
         client: bool = False,
+        valid: tuple[datetime.timedelta, datetime.timedelta] | None = None,
     ) -> Issued:
         """A leaf certificate `<name>.pem` and key `<name>.key`: for a server with the given
-        subjectAltNames, or (`client=True`) for a TLS client, named `name`."""
+        subjectAltNames, or (`client=True`) for a TLS client, named `name`; `valid` is its validity
+        (from now + valid[0] to now + valid[1]) when not the default hour ago to a day on."""
         key = ec.generate_private_key(ec.SECP256R1())
         usage = ExtendedKeyUsageOID.CLIENT_AUTH if client else ExtendedKeyUsageOID.SERVER_AUTH
         builder = (
-            _validity(x509.CertificateBuilder())
+            _validity(x509.CertificateBuilder(), valid)
             .subject_name(_name(name))
             .issuer_name(self._cert.subject)
             .public_key(key.public_key())
