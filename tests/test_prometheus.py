@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime
 import json
 import re
 import socket
@@ -30,6 +31,7 @@ from tests.fixtures.backends import BackendProcess
 from tests.fixtures.binaries import binary
 from tests.fixtures.proxy import ProxyFactory
 from tests.fixtures.redis import RedisServer
+from tests.fixtures.tls import Pki
 from tests.mcp_helpers import mcp_url, text_of
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -215,10 +217,16 @@ async def test_a_real_prometheus_evaluates_every_dashboard_and_alert_expression(
     make_proxy: ProxyFactory,
     prometheus_factory: list[Prometheus],
     tmp_path: Path,
+    pki: Pki,
 ) -> None:
     executable = binary("prometheus", "prometheus")
+    # A TLS listener beside the plain one, whose certificate is far from its end: the certificate
+    # alert has its series, and stays inactive.
+    served = pki.ca.issue("prometheus", valid=(-datetime.timedelta(days=1), datetime.timedelta(days=90)))
+    tls = {"address": "127.0.0.1:0", "tls": {"cert": str(served.cert), "key": str(served.key)}}
     proxy = await make_proxy(
         backends[:2],
+        listen=["127.0.0.1:0", tls],
         store=redis_server.url,
         admin="127.0.0.1:0",
         heartbeat=0.5,
