@@ -14,6 +14,7 @@ import asyncio
 import hashlib
 import logging
 import shutil
+import socket
 import ssl
 import subprocess
 import time
@@ -25,6 +26,7 @@ import pytest
 from mcp import Client
 from mcp.client.streamable_http import streamable_http_client
 
+from mcpbalancer.control import healthcheck
 from mcpbalancer.dataplane.client import ClientConnection
 from mcpbalancer.errors import ConfigError
 from tests.fixtures.backends import BackendProcess
@@ -293,3 +295,16 @@ def install(issued: Issued, served: tuple[Path, Path]) -> None:
 async def next_line(stream: aiohttp.ClientResponse) -> bytes:
     async with asyncio.timeout(DEADLINE):
         return await stream.content.readline()
+
+
+async def test_the_healthcheck_probes_a_tls_only_proxy_over_tls(
+    backends: list[BackendProcess], pki: Pki, dict_proxy: DictProxy
+) -> None:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    data = tls_config(backends[:1], pki)
+    data["listen"][0]["address"] = f"127.0.0.1:{port}"
+    proxy = await dict_proxy(data)
+    assert await asyncio.to_thread(healthcheck.check, proxy.config) is None
+    assert failures(proxy) == dict.fromkeys(failures(proxy), 0.0)  # it spoke TLS, not plain HTTP
