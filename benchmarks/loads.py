@@ -42,9 +42,11 @@ class PythonLoad:
 class WrkLoad:
     name = "wrk + wrk_sessions.lua"
 
-    def __init__(self, workdir: Path, pin: bool) -> None:
+    def __init__(self, workdir: Path, pin: bool, *, scheme: str = "http", close: bool = False) -> None:
         self._workdir = workdir
         self._pin = pin
+        self._scheme = scheme  # https: wrk speaks TLS (it does not verify the certificate)
+        self._close = close  # a new connection per request (Connection: close)
 
     async def run(
         self, sessions: Sequence[Session], duration: float, connections: int, sse: bool
@@ -66,7 +68,8 @@ class WrkLoad:
         ids = self._workdir / f"sessions-{port}.txt"
         ids.write_text("".join(f"{s.sid} {s.owner}\n" for s in sessions))
         argv = ["wrk", "-t1", f"-c{connections}", f"-d{max(1, round(duration))}s", "--timeout", "10s"]
-        argv += ["-s", str(LUA_SCRIPT), f"http://127.0.0.1:{port}", "--", str(ids), "sse" if sse else "json"]
+        argv += ["-s", str(LUA_SCRIPT), f"{self._scheme}://127.0.0.1:{port}", "--", str(ids)]
+        argv += ["sse" if sse else "json", "/mcp", *(["close"] if self._close else [])]
         if self._pin:
             argv = ["taskset", "-c", str(LOAD_CPU), *argv]
         out = await _run(argv, limit=duration + 60)

@@ -1,11 +1,13 @@
 -- wrk script: POST MCP requests spread over pre-created sessions and check every answer.
 --
---   wrk -t1 -c64 -d10s -s wrk_sessions.lua http://127.0.0.1:8080 -- SESSIONS_FILE [json|sse] [PATH]
+--   wrk -t1 -c64 -d10s -s wrk_sessions.lua http://127.0.0.1:8080 -- SESSIONS_FILE [json|sse] [PATH] [close]
 --
 -- SESSIONS_FILE has one "<session id> <owner backend>" per line (the owner is the X-Backend the
 -- backend answered initialize with). Each thread walks the sessions round robin from its own offset.
 -- Every response is counted: non-2xx, and affinity errors (its X-Backend is not the owner recorded
 -- for the session it echoes in Mcp-Session-Id). done() prints one line "WRK_RESULT {json}".
+-- With "close", every request says `Connection: close`: a new connection (over https, a new TLS
+-- handshake) per request.
 
 local body = '{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"echo","arguments":{"x":1}}}'
 local prepared = {}
@@ -24,7 +26,7 @@ function setup(thread)
 end
 
 function init(args)
-  local file, mode, path = args[1], args[2] or "json", args[3] or "/mcp"
+  local file, mode, path, connection = args[1], args[2] or "json", args[3] or "/mcp", args[4]
   if mode == "sse" then
     path = path .. "?sse=1"
   end
@@ -33,6 +35,9 @@ function init(args)
     ["Accept"] = "application/json, text/event-stream",
     ["MCP-Protocol-Version"] = "2025-06-18",
   }
+  if connection == "close" then
+    headers["Connection"] = "close"
+  end
   for line in io.lines(file) do
     local sid, owner = line:match("^(%S+)%s+(%S+)$")
     if sid then
