@@ -19,16 +19,22 @@ import ssl
 import subprocess
 import time
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import httpx2
 import pytest
 from mcp import Client
 from mcp.client.streamable_http import streamable_http_client
+from prometheus_client import CollectorRegistry
 
+from mcpbalancer.config import ServerTlsConfig
 from mcpbalancer.control import healthcheck
+from mcpbalancer.dataplane import handshake
 from mcpbalancer.dataplane.client import ClientConnection
+from mcpbalancer.dataplane.listener_tls import server_tls
 from mcpbalancer.errors import ConfigError
+from mcpbalancer.observability.metrics import Metrics
 from tests.fixtures.backends import BackendProcess
 from tests.fixtures.proxy import DictProxy
 from tests.fixtures.rawhttp import request
@@ -308,3 +314,28 @@ async def test_the_healthcheck_probes_a_tls_only_proxy_over_tls(
     proxy = await dict_proxy(data)
     assert await asyncio.to_thread(healthcheck.check, proxy.config) is None
     assert failures(proxy) == dict.fromkeys(failures(proxy), 0.0)  # it spoke TLS, not plain HTTP
+
+
+def test_failed_handshakes_are_logged_once_a_second_with_the_count_of_the_others(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, pki: Pki
+) -> None:
+    now = [100.0]
+    monkeypatch.setattr(handshake.time, "monotonic", lambda: now[0])
+    metrics = Metrics(CollectorRegistry())
+    metrics.tls_listening()
+    plane: Any = type("Plane", (), {"metrics": metrics})()
+    config = ServerTlsConfig(cert=str(pki.server.cert), key=str(pki.server.key))
+    endpoint = handshake.TlsEndpoint("0.0.0.0:8443", server_tls(config))
+    with caplog.at_level(logging.INFO, logger="mcpbalancer"):
+        for _ in range(5):
+            endpoint.failed(plane, "protocol", "http request", "10.0.0.1")
+        now[0] += handshake.FAILURE_LOG_INTERVAL
+        endpoint.failed(plane, "timeout", "too slow", "10.0.0.2")
+    lines = [r.getMessage() for r in caplog.records]
+    assert lines == [
+        "TLS handshake from 10.0.0.1 on 0.0.0.0:8443 failed (protocol): http request",
+        "TLS handshake from 10.0.0.2 on 0.0.0.0:8443 failed (timeout): too slow (4 more since the last line)",
+    ]
+    counted = metrics.registry.get_sample_value
+    assert counted("mcpbalancer_tls_handshake_failures_total", {"reason": "protocol"}) == 5
+    assert counted("mcpbalancer_tls_handshake_failures_total", {"reason": "timeout"}) == 1
