@@ -183,6 +183,20 @@ class Config:
     trusted_proxies: tuple[str, ...] = ()
     # The `discover` entries: backends found in DNS at run time (fleet/discovery.py).
     discovery: tuple[DiscoveryConfig, ...] = ()
+    # The `services` entries (config/services.py); the top-level backends are the default service.
+    services: tuple[ServiceConfig, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class ServiceConfig:
+    """One `services` entry: how requests are matched to it, and its own Config (the top-level one
+    with the service's keys in place of the top-level ones, `services` empty)."""
+
+    name: str
+    host: str | None  # lower-case Host name or glob; None = any Host
+    path_prefix: str | None  # "/github"; None = every path
+    strip_prefix: bool
+    config: Config
 
 
 def host_port(host: str, port: int) -> str:

@@ -26,6 +26,7 @@ from mcpbalancer.errors import (
     BadRequest,
     HeadersTooLarge,
     MethodNotAllowed,
+    NoService,
     PayloadTooLarge,
     ProxyError,
     RequestTimeout,
@@ -34,6 +35,7 @@ from mcpbalancer.errors import (
 from mcpbalancer.filters.origin import same_host
 from mcpbalancer.observability.logs import new_request_id, request_fields
 from mcpbalancer.protocol import Era
+from mcpbalancer.routing.services import ServiceMap
 
 log = logging.getLogger(__name__)
 
@@ -44,11 +46,18 @@ COPY_LIMIT = 16 * 1024
 _VERSIONS = frozenset({"1.0", "1.1"})
 
 
+class ServicePlaneLike(ExchangePlane, Protocol):
+    """One service's view of the plane (plane.py's ServicePlane)."""
+
+    name: str
+
+
 class ConnectionPlane(ExchangePlane, Protocol):
     """What a client connection needs of the data plane (plane.py's DataPlane, which makes the
     connections), besides what it hands on to its exchanges."""
 
     capture: dict[bytes, Capture]  # the request header fields to pick out as they arrive
+    services: ServiceMap[ServicePlaneLike] | None  # `services`: which one a request is for
     connections: set[ClientConnection]
     accepting: bool
 
@@ -253,14 +262,20 @@ class ClientConnection(asyncio.Protocol):
         elif head.content_length is not None and head.content_length.strip() != b"0":
             head.has_body = True
         plane = self.plane
-        exchange = Exchange(plane, self, head)
         problem = self._head_problem(head)
+        services = plane.services
+        if services is None or problem is not None or head.target in plane.local:
+            exchange = Exchange(plane, self, head)
+        else:
+            exchange = self._for_service(services, head)
         if problem is not None:
             err, reason = problem
             plane.metrics.rejected(reason)
             head.keep_alive = exchange.keep_alive = False
             exchange.fail_before_start(err)
-        elif (early := plane.phases.early_request) is not None and (
+        elif exchange.service_missing:
+            exchange.fail_before_start(NoService())
+        elif (early := exchange.plane.phases.early_request) is not None and (
             verdict := early(head, self.peer_ip)
         ) is not None:
             if isinstance(verdict, ProxyError):  # counted by its reject_reason when answered
@@ -275,6 +290,23 @@ class ClientConnection(asyncio.Protocol):
             exchange.start()
         elif len(self._queue) >= PIPELINE_DEPTH:
             self.pause_reading()
+
+    def _for_service(self, services: ServiceMap[ServicePlaneLike], head: RequestHead) -> Exchange:
+        """The exchange of the service `head` is for, its target as the service sees it (a
+        stripped prefix); one marked `service_missing` (answered 404) when none matches."""
+        picked = services.pick(head.host, head.target)
+        if picked is None:
+            exchange = Exchange(self.plane, self, head)
+            exchange.service_missing = True
+            if log.isEnabledFor(logging.INFO):
+                host = (head.host or b"")[:100].decode("latin-1")
+                target = head.target[:200].decode("latin-1")
+                log.info("no service for Host %r, target %r: 404", host, target, extra=exchange.log_fields())
+            return exchange
+        view, head.target = picked
+        exchange = Exchange(view, self, head)
+        exchange.service = view.name
+        return exchange
 
     def _head_problem(self, head: RequestHead) -> tuple[ProxyError, str] | None:
         """Why this head's framing is refused, with its REJECT_REASONS label; None when it may go

@@ -11,7 +11,7 @@ from collections.abc import Mapping
 from prometheus_client import CollectorRegistry
 
 from mcpbalancer.config import LimitsConfig, TimeoutsConfig
-from mcpbalancer.dataplane.client import ClientConnection
+from mcpbalancer.dataplane.client import ClientConnection, ServicePlaneLike
 from mcpbalancer.dataplane.exchange import Exchange
 from mcpbalancer.dataplane.head import capture
 from mcpbalancer.dataplane.local import LocalHandler
@@ -21,6 +21,7 @@ from mcpbalancer.filters.phases import NO_PHASES, Phases
 from mcpbalancer.fleet.backends import Backend
 from mcpbalancer.observability.metrics import Metrics
 from mcpbalancer.routing.router import Router
+from mcpbalancer.routing.services import ServiceMap
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +61,9 @@ class DataPlane:
         self.accepting = True
         self._none_open = asyncio.Event()
         self._none_open.set()
+        # With `services`: which one a request is for (client.py asks it per request head). None
+        # without them: every request is the default service's, and nothing is matched.
+        self.services: ServiceMap[ServicePlaneLike] | None = None
 
     def configure(
         self,
@@ -74,6 +78,21 @@ class DataPlane:
         self.heartbeat, self.timeouts, self.limits = heartbeat, timeouts, limits
         self.phases = phases
         self.capture = capture(self.router.reads_names or phases.reads_names)
+        if self.services is not None:
+            self._recapture()
+
+    def serve(self, services: ServiceMap[ServicePlaneLike] | None) -> None:
+        """The services requests are matched to from now on (None: the default one only)."""
+        self.services = services
+        self.capture = capture(self.router.reads_names or self.phases.reads_names)
+        if services is not None:
+            self._recapture()
+
+    def _recapture(self) -> None:
+        assert self.services is not None
+        views = [route.target for route in self.services.routes]
+        names = any(v.router.reads_names or v.phases.reads_names for v in views)
+        self.capture = capture(names or self.router.reads_names or self.phases.reads_names)
 
     def opened(self, conn: ClientConnection) -> None:
         self.connections.add(conn)
@@ -126,6 +145,34 @@ class DataPlane:
         for conn in list(self.connections):
             if any(ex.backend is backend and _standalone_stream(ex) for ex in conn.exchanges):
                 _cut(conn, "aborted")
+
+
+class ServicePlane:
+    """What the exchanges of one service read as their plane: the service's router, pools, filters
+    and stream settings; the rest is the data plane's (`refresh` copies it after a reload)."""
+
+    def __init__(
+        self,
+        name: str,
+        plane: DataPlane,
+        router: Router,
+        pools: dict[str, UpstreamPool],
+        phases: Phases,
+        *,
+        heartbeat: float,
+        timeouts: TimeoutsConfig,
+    ) -> None:
+        self.name = name
+        self.router, self.pools, self.phases = router, pools, phases
+        self.heartbeat, self.timeouts = heartbeat, timeouts
+        self.metrics = plane.metrics
+        self.local = plane.local
+        self.loop = plane.loop
+        self.limits = plane.limits
+        self._plane = plane
+
+    def refresh(self) -> None:
+        self.limits = self._plane.limits
 
 
 def _cut(conn: ClientConnection, outcome: str) -> None:

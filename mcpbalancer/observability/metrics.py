@@ -82,13 +82,24 @@ REJECT_REASONS: Final = (
     "rate_limit",  # a rate_limits bucket was empty (429)
     "backend_busy",  # a backend's max_in_flight stayed full for its queue_timeout (503)
     "call_body",  # a legacy body read for its tool calls is not JSON, or names a key twice (400)
+    "no_service",  # `services`: no service matches the request's Host and path (404)
 )
 # How requests fared with `auth`: cached (a token verified before, until its expiry), verified (its
 # signature checked now), key (an API key), public (a public path), and the refusals.
 AUTH_RESULTS: Final = ("cached", "verified", "key", "public", "missing", "invalid", "scope", "unavailable")
 JWKS_RESULTS: Final = ("ok", "error")
 # What an admin request asked for (a route's name on the admin listener), and how it ended.
-ADMIN_ACTIONS: Final = ("backends", "drain", "undrain", "reload", "status", "other")
+ADMIN_ACTIONS: Final = (
+    "backends",
+    "drain",
+    "undrain",
+    "reload",
+    "status",
+    "services",
+    "service_drain",
+    "service_undrain",
+    "other",
+)
 ADMIN_OUTCOMES: Final = (
     "ok",  # done (with workers: by every worker serving)
     "unauthorized",  # no token, or a wrong one (401)
