@@ -31,15 +31,17 @@ from mcpbalancer.config import (
     load_config,
 )
 from mcpbalancer.config.runtime import ServiceConfig
+from mcpbalancer.config.services import service_config
 from mcpbalancer.control.admin import AdminApi
 from mcpbalancer.control.audit import Audit
 from mcpbalancer.control.auth import PROBES, AdminAuth, warn_if_open
 from mcpbalancer.control.probes import Readiness, local_endpoints
 from mcpbalancer.control.server import ControlServer
-from mcpbalancer.control.status import ProcessInfo, Reload, StatusPage
+from mcpbalancer.control.status import MergedMapping, ProcessInfo, Reload, StatusPage
 from mcpbalancer.dataplane.client import ServicePlaneLike
 from mcpbalancer.dataplane.local import LocalHandler
 from mcpbalancer.dataplane.plane import DataPlane, ServicePlane
+from mcpbalancer.dataplane.services import Route, ServiceMap
 from mcpbalancer.dataplane.tls import backend_contexts
 from mcpbalancer.dataplane.upstream import UpstreamPool
 from mcpbalancer.errors import BackendStartError, ConfigError, ListenError, RestartRequired
@@ -76,8 +78,6 @@ from mcpbalancer.routing.failover import Failover
 from mcpbalancer.routing.router import Router
 from mcpbalancer.routing.rules import compile_rules
 from mcpbalancer.routing.sealed import SealedIds
-from mcpbalancer.routing.services import Route, ServiceMap
-from mcpbalancer.services import MergedMapping, service_config
 from mcpbalancer.store import SessionStore
 from mcpbalancer.store.cache import CachedStore
 from mcpbalancer.store.factory import create_store

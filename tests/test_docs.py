@@ -67,7 +67,9 @@ PROBE = "zz_not_a_key"
 SEED: dict[str, Any] = {
     "backends": [{"name": "a", "url": "https://127.0.0.1:8001"}],
     "routes": [{"deny": 403}],
-    "services": [{"name": "s", "match": {"path_prefix": "/s"}, "backends": [{"name": "b", "url": "http://h"}]}],
+    "services": [
+        {"name": "s", "match": {"path_prefix": "/s"}, "backends": [{"name": "b", "url": "http://h"}]}
+    ],
 }
 UNKNOWN = re.compile(r": (?P<path>\S+): unknown key; allowed: (?P<allowed>.*?)(?:; did you mean .*)?$")
 

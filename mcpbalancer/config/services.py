@@ -45,6 +45,9 @@ def build_services(
     inherited = {k: v for k, v in data.items() if k != "services" and k not in NOT_INHERITED}
     services: list[ServiceConfig] = []
     for i, (entry, raw) in enumerate(zip(entries, raw_entries, strict=True)):
+        if not raw.get("backends"):
+            problem = "is required: a service needs at least one `url`, `command` or `discover` entry"
+            raise ConfigError(f"{source}: services[{i}].backends: {problem}")
         own = {k: v for k, v in raw.items() if k in PER_SERVICE}
         derived = {**inherited, **own}
         try:
@@ -146,3 +149,23 @@ def check_backend_names(config: Config, source: str) -> None:
                     "are unique across services"
                 )
             owners.setdefault(name, where)
+
+
+def service_config(top: Config, service: ServiceConfig) -> Config:
+    """`service`'s own Config, with the store keys of its sessions, affinity entries, replay records
+    and rate buckets under `<store_prefix>svc:<name>:` (the default service keeps `store_prefix`,
+    so the keys a proxy wrote before `services` existed stay valid)."""
+    return dataclasses.replace(
+        service.config, store_prefix=f"{top.store_prefix}svc:{service.name}:", source=top.source
+    )
+
+
+def match_of(service: ServiceConfig | None) -> dict[str, Any]:
+    if service is None:
+        return {"host": None, "path_prefix": None, "strip_prefix": False, "default": True}
+    return {
+        "host": service.host,
+        "path_prefix": service.path_prefix,
+        "strip_prefix": service.strip_prefix,
+        "default": False,
+    }

@@ -34,11 +34,11 @@ from typing import Any
 
 from aiohttp import web
 
+from mcpbalancer.config.services import match_of
 from mcpbalancer.control.audit import Audit
 from mcpbalancer.errors import ConfigError, RestartRequired
 from mcpbalancer.fleet.health import HealthChecker
 from mcpbalancer.fleet.lifecycle import Changes, Fleet
-from mcpbalancer.services import match_of
 
 Reload = Callable[[], Changes]  # raises ConfigError with the reason
 # (name, its `services` entry or None for the default one, its fleet, its health checker)

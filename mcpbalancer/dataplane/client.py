@@ -21,6 +21,7 @@ from mcpbalancer.dataplane.deadline import Deadline
 from mcpbalancer.dataplane.exchange import Exchange, ExchangePlane
 from mcpbalancer.dataplane.framing import chunk, chunk_size
 from mcpbalancer.dataplane.head import Capture, RequestHead
+from mcpbalancer.dataplane.services import ServiceMap
 from mcpbalancer.dataplane.state import ExchangeState
 from mcpbalancer.errors import (
     BadRequest,
@@ -35,7 +36,6 @@ from mcpbalancer.errors import (
 from mcpbalancer.filters.origin import same_host
 from mcpbalancer.observability.logs import new_request_id, request_fields
 from mcpbalancer.protocol import Era
-from mcpbalancer.routing.services import ServiceMap
 
 log = logging.getLogger(__name__)
 

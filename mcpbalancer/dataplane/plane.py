@@ -15,13 +15,13 @@ from mcpbalancer.dataplane.client import ClientConnection, ServicePlaneLike
 from mcpbalancer.dataplane.exchange import Exchange
 from mcpbalancer.dataplane.head import capture
 from mcpbalancer.dataplane.local import LocalHandler
+from mcpbalancer.dataplane.services import ServiceMap
 from mcpbalancer.dataplane.upstream import UpstreamPool
 from mcpbalancer.errors import NoBackendAvailable, render_error
 from mcpbalancer.filters.phases import NO_PHASES, Phases
 from mcpbalancer.fleet.backends import Backend
 from mcpbalancer.observability.metrics import Metrics
 from mcpbalancer.routing.router import Router
-from mcpbalancer.routing.services import ServiceMap
 
 log = logging.getLogger(__name__)
 
