@@ -46,8 +46,8 @@ def build_services(
     services: list[ServiceConfig] = []
     for i, (entry, raw) in enumerate(zip(entries, raw_entries, strict=True)):
         if not raw.get("backends"):
-            problem = "is required: a service needs at least one `url`, `command` or `discover` entry"
-            raise ConfigError(f"{source}: services[{i}].backends: {problem}")
+            needed = "is required: a service needs at least one `url`, `command` or `discover` entry"
+            raise ConfigError(f"{source}: services[{i}].backends: {needed}")
         own = {k: v for k, v in raw.items() if k in PER_SERVICE}
         derived = {**inherited, **own}
         try:
