@@ -387,6 +387,22 @@ class Proxy:
         self._listener: asyncio.Task[None] | None = None
         for entry in config.services if parent is None else ():
             self.services[entry.name] = self._service(entry.name, config)
+        if self.services:
+            self.metrics.service_of = self._service_of
+
+    def set_drained(self, backend: str, drained: bool) -> bool:
+        """Drain (or undrain) a backend of any service; False if no service has it."""
+        for _, _, fleet, _ in self.admin_services():
+            if fleet.backends.get(backend) is not None:
+                return fleet.drain(backend) if drained else fleet.undrain(backend)
+        return False
+
+    def _service_of(self, backend: str) -> str:
+        """The service of a backend name (the metrics' `service` label, asked once per cell)."""
+        for name, child in self.services.items():
+            if child.backends.get(backend) is not None:
+                return name
+        return DEFAULT_SERVICE
 
     def _service(self, name: str, config: Config) -> Proxy:
         entry = next(s for s in config.services if s.name == name)
@@ -509,6 +525,8 @@ class Proxy:
             own = running._apply(config, *prepared)
             for kind in ("added", "removed", "updated"):
                 getattr(changes, kind).extend(getattr(own, kind))
+        self.metrics.service_of = self._service_of
+        self.metrics.forget_services()
         self._serve_services()
 
     async def _start_service(self, child: Proxy) -> None:

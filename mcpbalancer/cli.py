@@ -110,6 +110,7 @@ def _admin_parser() -> argparse.ArgumentParser:
     commands.add_parser(
         "backends", parents=[after], help="the backends: state, sessions, in flight, why down"
     )
+    commands.add_parser("services", parents=[after], help="the services: what each matches, its backends")
     for verb, text in (("drain", "no new sessions for NAME"), ("undrain", "undo a drain of NAME")):
         sub = commands.add_parser(verb, parents=[after], help=text)
         sub.add_argument("name", metavar="NAME", help="a backend name")
@@ -310,7 +311,7 @@ async def serve(
         return 2
     # Before it serves: the drains posted to the supervisor apply from its first request.
     for name, drained in (admin_drains or {}).items():
-        (proxy.fleet.drain if drained else proxy.fleet.undrain)(name)
+        proxy.set_drained(name, drained)
     try:
         await proxy.start()
     except (BackendStartError, ListenError) as exc:

@@ -379,3 +379,55 @@ async def test_the_access_log_names_the_service(
     services = [(line["service"], line.get("status")) for line in lines]
     assert ("docs", 200) in services
     assert ("default", 404) in services
+
+
+async def test_the_request_metrics_carry_the_service(
+    fleet: dict[str, list[BackendProcess]], dict_proxy: DictProxy, web: aiohttp.ClientSession
+) -> None:
+    proxy = await dict_proxy(two_services(fleet))
+    await open_session(web, f"{proxy.url}/docs/mcp")
+    async with web.get(f"{proxy.url}/nowhere") as resp:
+        assert resp.status == 404
+    sid = await open_session(web, f"{proxy.url}/github/mcp")
+    assert (await call_tool(web, f"{proxy.url}/docs/mcp", sid, "whoami")).status == 404  # the proxy's own
+
+    def total(**labels: str) -> float:
+        samples = [
+            s
+            for metric in proxy.metrics.registry.collect()
+            if metric.name == "mcpbalancer_requests"
+            for s in metric.samples
+            if s.name == "mcpbalancer_requests_total" and labels.items() <= s.labels.items()
+        ]
+        return sum(s.value for s in samples)
+
+    assert total(service="docs", code="2xx") == 2  # initialize, notifications/initialized
+    assert total(service="github", code="2xx") == 2
+    assert total(service="docs", backend="none", code="4xx") == 1  # github's session at docs
+    assert total(service="default", backend="none", code="4xx") == 1  # matched no service
+    assert all(
+        s.labels["service"] == ("github" if s.labels["backend"].startswith("gh-") else "docs")
+        for metric in proxy.metrics.registry.collect()
+        if metric.name == "mcpbalancer_request_duration_seconds"
+        for s in metric.samples
+        if s.name.endswith("_count")
+    )
+
+
+async def test_the_admin_command_lists_the_services(
+    fleet: dict[str, list[BackendProcess]], dict_proxy: DictProxy, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from mcpbalancer.cli import main
+
+    proxy = await dict_proxy(two_services(fleet, admin="127.0.0.1:0"))
+    assert proxy.control is not None
+    capsys.readouterr()
+    url = f"http://127.0.0.1:{proxy.control.port}"
+    code = await asyncio.to_thread(main, ["admin", "services", "--url", url])
+    out = capsys.readouterr().out
+    assert code == 0
+    lines = out.splitlines()
+    assert lines[0] == "service github: /github"
+    assert lines[1].split()[:2] == ["NAME", "STATE"]
+    assert [line.split()[0] for line in lines[2:4]] == ["gh-1", "gh-2"]
+    assert "service docs: /docs" in lines

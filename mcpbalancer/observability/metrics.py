@@ -38,6 +38,7 @@ EXPOSITION_CONTENT_TYPE: Final = CONTENT_TYPE_LATEST
 
 # The backend label of requests the proxy answered itself (unknown session, no backend, bad request).
 NO_BACKEND: Final = "none"
+DEFAULT_SERVICE: Final = "default"  # config.models.DEFAULT_SERVICE: the top-level backends
 OTHER: Final = "other"
 
 # Time to response head: sub-millisecond relays up to tool calls that answer after minutes.
@@ -307,6 +308,9 @@ class Metrics:
         runtime: bool = False,
     ) -> None:
         self.registry = registry
+        # The service a backend belongs to (app.py sets it with `services`); a name the proxy never
+        # had is the default service's, as is the proxy's own answer outside any service.
+        self.service_of: Callable[[str], str] = _default_service
         self._define(registry)
         registry.register(_BackendState(backends))
         if runtime:
@@ -321,14 +325,15 @@ class Metrics:
         self.requests = _Counter(
             r,
             "mcpbalancer_requests_total",
-            "Requests answered, by backend ('none': answered by the proxy), era, HTTP method, status class.",
-            ("backend", "era", "method", "code"),
+            "Requests answered, by backend ('none': answered by the proxy), era, HTTP method, status class, "
+            "service.",
+            ("backend", "era", "method", "code", "service"),
         )
         self.request_duration = _Histogram(
             r,
             "mcpbalancer_request_duration_seconds",
             "Time from the request head to the backend's response head.",
-            ("backend", "era"),
+            ("backend", "era", "service"),
             buckets=REQUEST_BUCKETS,
         )
         self.mcp_requests = _Counter(
@@ -566,11 +571,17 @@ class Metrics:
         status: int,
         mcp_method: bytes | None,
         seconds: float | None,
+        service: str = DEFAULT_SERVICE,
     ) -> None:
         """A response status was decided: the backend's, `seconds` after the request head, or the
-        proxy's own (`backend` NO_BACKEND, `seconds` None)."""
+        proxy's own (`backend` NO_BACKEND, `seconds` None). A backend's series name its service
+        (`service_of`, asked once per cell); the proxy's own answers take `service`."""
         key = (backend, era, method, status // 100)
-        children = self._responses.get(key)
+        if backend != NO_BACKEND or service == DEFAULT_SERVICE:
+            children = self._responses.get(key)
+        else:
+            key = (f"{NO_BACKEND}/{service}", era, method, status // 100)
+            children = self._responses.get(key)
         if children is None:
             children = self._response_children(key)
         children[0].value += 1
@@ -585,8 +596,12 @@ class Metrics:
         method = raw_method.decode("latin-1")
         method = method if method in _HTTP_METHODS else OTHER
         code = f"{status_class}xx" if 1 <= status_class <= 5 else OTHER
-        counter = self.requests.labels(backend, era.value, method, code)
-        histogram = None if backend == NO_BACKEND else self.request_duration.labels(backend, era.value)
+        backend, _, service = backend.partition("/")  # "none/<service>": the proxy's, in a service
+        service = service or self.service_of(backend)
+        counter = self.requests.labels(backend, era.value, method, code, service)
+        histogram = (
+            None if backend == NO_BACKEND else self.request_duration.labels(backend, era.value, service)
+        )
         children = self._responses[key] = (counter, histogram)
         return children
 
@@ -676,6 +691,11 @@ class Metrics:
             for key in [key for key in self._responses if key[0] == value]:
                 del self._responses[key]
 
+    def forget_services(self) -> None:
+        """The backends' services changed (a reload of `services`): their cells are looked up anew
+        (the series already counted stay under the service they were counted for)."""
+        self._responses.clear()
+
     def _families(self) -> list[_Family[Any]]:
         return [v for v in vars(self).values() if isinstance(v, _Family)]
 
@@ -684,6 +704,10 @@ class Metrics:
     def exposition(self) -> bytes:
         """The registry in the Prometheus text format (EXPOSITION_CONTENT_TYPE)."""
         return generate_latest(self.registry)
+
+
+def _default_service(backend: str) -> str:
+    return DEFAULT_SERVICE
 
 
 class LiveBackend(Protocol):
