@@ -357,6 +357,11 @@ async def test_the_admin_api_lists_and_drains_services(
         assert json.loads(await resp.text()) == {"error": "unknown service 'nope'"}
     async with web.post(f"{admin}/admin/backends/docs-1/drain") as resp:  # by backend, in any service
         assert (await resp.json()) == {"backend": "docs-1", "state": "drained"}
+    async with web.get(f"{admin}/") as resp:  # the status page: one section per service
+        page = await resp.text()
+    assert '<section class="service" data-service="github">' in page
+    assert '<section class="service" data-service="docs">' in page
+    assert 'data-service="default"' not in page  # no top-level backends: no default service
 
 
 async def test_the_access_log_names_the_service(
@@ -431,3 +436,25 @@ async def test_the_admin_command_lists_the_services(
     assert lines[1].split()[:2] == ["NAME", "STATE"]
     assert [line.split()[0] for line in lines[2:4]] == ["gh-1", "gh-2"]
     assert "service docs: /docs" in lines
+
+
+async def test_the_supervisor_lists_and_drains_a_service_on_every_worker(
+    start_cluster: Any, backends: list[BackendProcess]
+) -> None:
+    c = backends[2]
+    extra = f"services:\n  - name: other\n    match: {{path_prefix: /other}}\n    backends:\n      - {{name: c, url: {c.url}}}\n"
+    cluster = await start_cluster(extra=extra)
+    status, body = await cluster.admin_call("GET", "/admin/services")
+    assert status == 200, body
+    assert [s["name"] for s in body["services"]] == ["default", "other"]
+    assert [b["name"] for b in body["services"][1]["backends"]] == ["c"]
+    assert body["services"][1]["backends"][0]["states"] == {"up": 2}  # both workers answered
+    status, body = await cluster.admin_call("POST", "/admin/services/other/drain")
+    assert status == 200, body
+    assert body["applied"] is True
+    assert [(b["name"], b["state"]) for b in body["backends"]] == [("c", "drained")]
+    status, body = await cluster.admin_call("GET", "/admin/services")
+    assert body["services"][1]["backends"][0]["states"] == {"drained": 2}
+    assert body["services"][0]["backends"][0]["state"] == "up"  # the other service is untouched
+    status, _ = await cluster.admin_call("POST", "/admin/services/nope/drain")
+    assert status == 404

@@ -662,7 +662,7 @@ class Metrics:
         """Totals since start over every label: requests, 5xx answers, the time-to-head histogram,
         and the event streams open now. Off the hot path: it walks the children."""
         requests = errors = 0.0
-        for (_, _, _, code), child in self.requests._children.items():
+        for (_, _, _, code, _), child in self.requests._children.items():
             requests += child.value
             if code == "5xx":
                 errors += child.value
