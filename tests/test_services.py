@@ -442,7 +442,8 @@ async def test_the_supervisor_lists_and_drains_a_service_on_every_worker(
     start_cluster: Any, backends: list[BackendProcess]
 ) -> None:
     c = backends[2]
-    extra = f"services:\n  - name: other\n    match: {{path_prefix: /other}}\n    backends:\n      - {{name: c, url: {c.url}}}\n"
+    service = {"name": "other", "match": {"path_prefix": "/other"}, "backends": [{"name": "c", "url": c.url}]}
+    extra = yaml.safe_dump({"services": [service]})
     cluster = await start_cluster(extra=extra)
     status, body = await cluster.admin_call("GET", "/admin/services")
     assert status == 200, body
