@@ -28,6 +28,7 @@ WELL_KNOWN: Final = (
     b"/.well-known/openid-configuration",
 )
 _WELL_KNOWN_START: Final = b"/.well-known/"
+HOST_CACHE: Final = 256
 _SEGMENT_END: Final = frozenset(b"/?")
 
 
@@ -48,11 +49,15 @@ class ServiceMap(Generic[T]):
         # Longest prefix first; at one prefix an exact host, then a glob, then none; the default last.
         self.routes = sorted(routes, key=_rank, reverse=True)
         self._matchers = [(_host_matcher(r.host), r) for r in self.routes]
+        self._by_host = any(r.host is not None for r in self.routes)
+        # Host values as received -> their lower-case name: a client sends the same one every time.
+        # Bounded (cleared when full) so a stream of made-up names cannot grow it.
+        self._names: dict[bytes, bytes] = {}
 
     def pick(self, host: bytes | None, target: bytes) -> tuple[T, bytes] | None:
         """The service for a request (Host value as received, origin-form target) and the target it
         is to see; None when none matches."""
-        name = hostname(host) if host is not None else b""
+        name = self._name(host) if self._by_host and host is not None else b""
         path, well_known = target, b""
         if target.startswith(_WELL_KNOWN_START):
             for base in WELL_KNOWN:
@@ -76,6 +81,14 @@ class ServiceMap(Generic[T]):
                 return route.target, well_known + rest
             return route.target, rest if rest.startswith(b"/") else b"/" + rest
         return None
+
+    def _name(self, host: bytes) -> bytes:
+        name = self._names.get(host)
+        if name is None:
+            if len(self._names) >= HOST_CACHE:
+                self._names.clear()
+            name = self._names[host] = hostname(host)
+        return name
 
 
 def _under(path: bytes, prefix: bytes) -> bool:

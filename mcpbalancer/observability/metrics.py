@@ -32,13 +32,13 @@ from prometheus_client.platform_collector import PlatformCollector
 from prometheus_client.process_collector import ProcessCollector
 
 from mcpbalancer import __version__
+from mcpbalancer.config.models import DEFAULT_SERVICE
 from mcpbalancer.protocol import Era
 
 EXPOSITION_CONTENT_TYPE: Final = CONTENT_TYPE_LATEST
 
 # The backend label of requests the proxy answered itself (unknown session, no backend, bad request).
 NO_BACKEND: Final = "none"
-DEFAULT_SERVICE: Final = "default"  # config.models.DEFAULT_SERVICE: the top-level backends
 OTHER: Final = "other"
 
 # Time to response head: sub-millisecond relays up to tool calls that answer after minutes.
@@ -577,11 +577,9 @@ class Metrics:
         proxy's own (`backend` NO_BACKEND, `seconds` None). A backend's series name its service
         (`service_of`, asked once per cell); the proxy's own answers take `service`."""
         key = (backend, era, method, status // 100)
-        if backend != NO_BACKEND or service == DEFAULT_SERVICE:
-            children = self._responses.get(key)
-        else:
+        if service is not DEFAULT_SERVICE and backend == NO_BACKEND:  # `is`: the one default object
             key = (f"{NO_BACKEND}/{service}", era, method, status // 100)
-            children = self._responses.get(key)
+        children = self._responses.get(key)
         if children is None:
             children = self._response_children(key)
         children[0].value += 1
