@@ -160,10 +160,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"mcpbalancer: invalid configuration: {exc}", file=sys.stderr)
             return 2
         workers = f"{config.workers} worker{'s' if config.workers > 1 else ''}"
-        backends = f"{len(config.backends)} backend{'s' if len(config.backends) != 1 else ''}"
-        n = len(config.discovery)
+        every = [config, *(s.config for s in config.services)]
+        count = sum(len(c.backends) for c in every)
+        backends = f"{count} backend{'s' if count != 1 else ''}"
+        n = sum(len(c.discovery) for c in every)
         if n:  # their backends are known once the proxy looks them up
             backends += f", {n} discovery entr{'ies' if n != 1 else 'y'}"
+        if config.services:
+            backends += f", {len(config.services)} service{'s' if len(config.services) != 1 else ''}"
         print(f"{config.source}: OK ({backends}, {workers})")
         return 0
     if config.workers > 1 and args.worker_index is None:

@@ -29,6 +29,10 @@ from tests.mcp_helpers import (
 )
 
 SESSIONS = 20  # concurrent SDK sessions per service
+SEALED: dict[str, Any] = {
+    "session_ids": "sealed",
+    "session_keys": ["A" * 43 + "="],
+}  # sealed for each service
 
 
 @pytest.fixture(scope="module")
@@ -110,10 +114,7 @@ async def one_session(url: str, tool: str) -> tuple[str, str, str, set[str]]:
 async def test_twenty_sessions_on_each_service_stay_on_their_servers(
     fleet: dict[str, list[BackendProcess]], dict_proxy: DictProxy, session_ids: str
 ) -> None:
-    extra: dict[str, Any] = {}
-    if session_ids == "sealed":
-        extra = {"session_ids": "sealed", "session_keys": ["A" * 43 + "="]}
-    proxy = await dict_proxy(two_services(fleet, **extra))
+    proxy = await dict_proxy(two_services(fleet, **(SEALED if session_ids == "sealed" else {})))
     before = await ledgers(fleet)
     runs = [one_session(f"{proxy.url}/github/mcp", "gh_search") for _ in range(SESSIONS)]
     runs += [one_session(f"{proxy.url}/docs/mcp", "docs_search") for _ in range(SESSIONS)]
@@ -138,10 +139,14 @@ async def test_twenty_sessions_on_each_service_stay_on_their_servers(
     assert len(issued_gh) == len(issued_docs) == SESSIONS  # one session per SDK client, on its servers
 
 
+@pytest.mark.parametrize("session_ids", ["plain", "sealed"])
 async def test_a_session_of_one_service_is_unknown_at_another(
-    fleet: dict[str, list[BackendProcess]], dict_proxy: DictProxy, web: aiohttp.ClientSession
+    fleet: dict[str, list[BackendProcess]],
+    dict_proxy: DictProxy,
+    web: aiohttp.ClientSession,
+    session_ids: str,
 ) -> None:
-    proxy = await dict_proxy(two_services(fleet))
+    proxy = await dict_proxy(two_services(fleet, **(SEALED if session_ids == "sealed" else {})))
     github, docs = f"{proxy.url}/github/mcp", f"{proxy.url}/docs/mcp"
     sid = await open_session(web, github)
     before = await ledgers(fleet)
@@ -150,6 +155,11 @@ async def test_a_session_of_one_service_is_unknown_at_another(
     assert answer.json()["error"]["code"] == -32600
     after = await ledgers(fleet)
     assert [after[b.name]["paths"] for b in fleet["docs"]] == [before[b.name]["paths"] for b in fleet["docs"]]
+    if session_ids == "sealed":  # a token sealed for github does not open at docs
+        invalid = proxy.metrics.registry.get_sample_value(
+            "mcpbalancer_sealed_ids_total", {"result": "invalid"}
+        )
+        assert invalid == 1
     assert (await call_tool(web, github, sid, "whoami")).text.startswith("gh-")  # still fine at home
 
 
