@@ -237,6 +237,11 @@ def _without_credentials(store: str) -> str:
     return urllib.parse.urlunsplit(parts._replace(netloc=netloc))
 
 
+def _stripped(service: ServiceConfig) -> str:
+    """What a service's requests lose before it sees them: its path_prefix when stripped."""
+    return service.path_prefix or "" if service.strip_prefix else ""
+
+
 def _unchanged(config: Config) -> Config:
     return config
 
@@ -285,12 +290,14 @@ class Proxy:
         control_socket: str | None = None,
         parent: Proxy | None = None,
         service: str = DEFAULT_SERVICE,
+        public_prefix: str = "",
     ) -> None:
         self.config = config
         # A `services` entry is a Proxy without a listener, run by its parent (the top-level one),
         # whose metrics, logs and tracing it shares; `services` are the parent's, by name.
         self._parent = parent
         self.service = service
+        self.public_prefix = public_prefix  # a service's stripped path_prefix (the auth URLs carry it)
         self.services: dict[str, Proxy] = {}
         self._started = False
         self.started_at = time.time()
@@ -406,7 +413,13 @@ class Proxy:
 
     def _service(self, name: str, config: Config) -> Proxy:
         entry = next(s for s in config.services if s.name == name)
-        return Proxy(service_config(config, entry), parent=self, service=name, adjust=self._adjust)
+        return Proxy(
+            service_config(config, entry),
+            parent=self,
+            service=name,
+            adjust=self._adjust,
+            public_prefix=_stripped(entry),
+        )
 
     def _as_service(self, parent: Proxy) -> None:
         """A service's share of what the parent observes with: its metrics, logs, tracing."""
@@ -522,6 +535,7 @@ class Proxy:
                     self._retire(self._start_service(child))
                 continue
             running.tracing, running.access_log = self.tracing, self.access_log
+            running.public_prefix = _stripped(next(s for s in new.services if s.name == name))
             own = running._apply(config, *prepared)
             for kind in ("added", "removed", "updated"):
                 getattr(changes, kind).extend(getattr(own, kind))
@@ -652,6 +666,7 @@ class Proxy:
                     metrics=self.metrics,
                     mcp_path=config.mcp_path,
                     trusted=trusted,
+                    public_prefix=self.public_prefix,
                 )
             )
         else:

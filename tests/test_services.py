@@ -469,3 +469,32 @@ async def test_the_supervisor_lists_and_drains_a_service_on_every_worker(
     assert body["services"][0]["backends"][0]["state"] == "up"  # the other service is untouched
     status, _ = await cluster.admin_call("POST", "/admin/services/nope/drain")
     assert status == 404
+
+
+async def test_a_service_with_auth_tells_the_client_its_own_urls(
+    fleet: dict[str, list[BackendProcess]], dict_proxy: DictProxy, web: aiohttp.ClientSession
+) -> None:
+    import hashlib
+
+    key = "services-key-0001"
+    data = two_services(fleet)
+    data["services"][0]["auth"] = {
+        "api_keys": [{"name": "ci", "sha256": hashlib.sha256(key.encode()).hexdigest()}],
+        "authorization_servers": ["https://idp.example"],
+    }
+    proxy = await dict_proxy(data)
+    base = f"http://127.0.0.1:{proxy.port}"
+    async with web.post(f"{proxy.url}/github/mcp", json=INIT_BODY, headers=INIT_HEADERS) as resp:
+        assert resp.status == 401
+        challenge = resp.headers["WWW-Authenticate"]
+    assert f'resource_metadata="{base}/.well-known/oauth-protected-resource/github/mcp"' in challenge
+    async with web.get(f"{proxy.url}/.well-known/oauth-protected-resource/github/mcp") as resp:
+        assert resp.status == 200
+        document = await resp.json()
+    assert document["resource"] == f"{base}/github/mcp"
+    assert document["authorization_servers"] == ["https://idp.example"]
+    headers = {**INIT_HEADERS, "Authorization": f"Bearer {key}"}
+    async with web.post(f"{proxy.url}/github/mcp", json=INIT_BODY, headers=headers) as resp:
+        assert resp.status == 200
+    async with web.post(f"{proxy.url}/docs/mcp", json=INIT_BODY, headers=INIT_HEADERS) as resp:
+        assert resp.status == 200  # the other service has no auth
