@@ -163,10 +163,12 @@ def _shared_affinity(config: Config) -> SharedAffinity | None:
     return SharedAffinity.from_url(config.store, prefix=config.store_prefix)
 
 
-def _host_policy(config: Config) -> HostPolicy:
+def _host_policy(config: Config, *, warn: bool = True) -> HostPolicy:
     """`allowed_hosts` for the listen address, with a warning when it is open or left to the default
-    on an address other machines reach."""
+    on an address other machines reach (once: not again for each service)."""
     policy = for_listen(config.allowed_hosts, config.listen_host)
+    if not warn:
+        return policy
     if policy.any:
         log.warning("allowed_hosts: '*' accepts every Host: DNS-rebinding protection is off")
     elif config.allowed_hosts is None and policy.ip_literals:
@@ -614,7 +616,7 @@ class Proxy:
         place a filter is registered: a feature that is not configured is not in the list, and
         costs a request nothing. At each phase, filters run in this order."""
         router = self.router
-        hosts = _host_policy(config)
+        hosts = _host_policy(config, warn=self._parent is None)
         origins = OriginFilter(OriginPolicy(config.allowed_origins, hosts))
         filters: list[object] = [FrontDoor(None if hosts.any else HostFilter(hosts), origins)]
         if self.tracing is not None:
@@ -954,7 +956,8 @@ class Proxy:
         admin = ""
         if control is not None:
             admin = f"; {'control channel' if control.path else 'admin'} on {control.address}"
-        log.info("listening on %s with %d backends%s", self.url, len(self.backends), admin)
+        services = f" in {len(self.admin_services())} services" if self.services else ""
+        log.info("listening on %s with %d backends%s%s", self.url, len(self.all_backends()), services, admin)
 
     async def _prepare_parts(self) -> None:
         """What must answer before serving: the managed backends, the store, the first lookups."""
