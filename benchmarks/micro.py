@@ -209,7 +209,7 @@ async def measure(args: argparse.Namespace, settings: dict[str, Any], credential
     if args.services:  # what start() does, without its sockets
         proxy._plane = plane
         for service in proxy.services.values():
-            service._started = True
+            service._prepared = True
         proxy._serve_services()
     upstream, up = UpstreamConnection(proxy.fleet.pools["s1"]), MemoryTransport()
     upstream.connection_made(up)  # type: ignore[arg-type]

@@ -301,7 +301,8 @@ class Proxy:
         self.service = service
         self.public_prefix = public_prefix  # a service's stripped path_prefix (the auth URLs carry it)
         self.services: dict[str, Proxy] = {}
-        self._started = False
+        self._prepared = False  # ready to serve: its managed backends up, its first lookups done
+        self._started = False  # its background work runs
         self.started_at = time.time()
         self.last_reload: Reload | None = None
         # What the command line changed in `config` (--log-level, --workers, a worker's admin port),
@@ -900,6 +901,14 @@ class Proxy:
     async def start(self) -> None:
         """Start the managed backends (BackendStartError if one fails), then serve."""
         await self._prepare_parts()
+        for name, child in list(self.services.items()):
+            try:
+                await child._prepare_parts()
+            except BaseException:
+                await self._stop_services(upto=name)
+                await self.managed.stop()
+                await self.store.close()
+                raise
         loop = asyncio.get_running_loop()
         self._plane = DataPlane(
             self.router,
@@ -914,14 +923,6 @@ class Proxy:
         )
         if self.tracing is not None:
             self.tracing.start()
-        self._run_parts(self._plane)
-        for name, child in list(self.services.items()):
-            try:
-                await child.start_parts(self._plane)
-            except BaseException:
-                await self._stop_services(upto=name)
-                await self.close_parts()
-                raise
         self._serve_services()
         try:
             self._server = await loop.create_server(
@@ -947,11 +948,15 @@ class Proxy:
                 await self.control.start()
             except OSError as exc:
                 self._server.close()
+                await self._stop_services()
                 await self.managed.stop()
                 where = self.control.path or host_port(self.control.host, self.control.requested_port)
                 raise ListenError(f"cannot listen on {where} (admin): {exc}") from exc
             if self.admin_auth is not None:
                 warn_if_open(self.control.host, self.control.port, self.admin_auth)
+        self._run_parts(self._plane)
+        for child in self.services.values():
+            child._run_parts(self._plane)
         control = self.control
         admin = ""
         if control is not None:
@@ -970,6 +975,7 @@ class Proxy:
         await self._check_store()
         await self.generations.load()
         await self.discovery.start()  # the first answers, so that it serves with its backends
+        self._prepared = True
 
     def _run_parts(self, plane: DataPlane) -> None:
         """The background work of a running service: health checks, store events, key fetches."""
@@ -1008,7 +1014,7 @@ class Proxy:
         entries = {s.name: s for s in self.config.services}
         for name, child in self.services.items():
             entry = entries.get(name)
-            if entry is None or not child._started:
+            if entry is None or not child._prepared:
                 continue  # an added service still starting: matched once it has
             prefix = None if entry.path_prefix is None else entry.path_prefix.encode("ascii")
             view = self._view(plane, name, child, child.compose_phases(child.config))

@@ -498,3 +498,22 @@ async def test_a_service_with_auth_tells_the_client_its_own_urls(
         assert resp.status == 200
     async with web.post(f"{proxy.url}/docs/mcp", json=INIT_BODY, headers=INIT_HEADERS) as resp:
         assert resp.status == 200  # the other service has no auth
+
+
+async def test_a_listener_that_cannot_bind_leaves_no_service_running(
+    fleet: dict[str, list[BackendProcess]],
+) -> None:
+    import socket
+
+    from mcpbalancer.config import parse_config
+    from mcpbalancer.errors import ListenError
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        proxy = Proxy(parse_config(two_services(fleet, listen=f"127.0.0.1:{port}")))
+        with pytest.raises(ListenError):
+            await proxy.start()
+    pending = [t for t in asyncio.all_tasks() if t is not asyncio.current_task() and not t.done()]
+    assert pending == []  # no health checker, sweeper or store listener of any service was left
