@@ -163,10 +163,11 @@ def _shared_affinity(config: Config) -> SharedAffinity | None:
     return SharedAffinity.from_url(config.store, prefix=config.store_prefix)
 
 
-def _host_policy(config: Config, *, warn: bool = True) -> HostPolicy:
-    """`allowed_hosts` for the listen address, with a warning when it is open or left to the default
-    on an address other machines reach (once: not again for each service)."""
-    policy = for_listen(config.allowed_hosts, config.listen_host)
+def _host_policy(config: Config, *, warn: bool = True, named: tuple[str, ...] = ()) -> HostPolicy:
+    """`allowed_hosts` for the listen address (with the services' hosts when it is not set), with a
+    warning when it is open or left to the default on an address other machines reach (once: not
+    again for each service)."""
+    policy = for_listen(config.allowed_hosts, config.listen_host, named)
     if not warn:
         return policy
     if policy.any:
@@ -617,7 +618,9 @@ class Proxy:
         place a filter is registered: a feature that is not configured is not in the list, and
         costs a request nothing. At each phase, filters run in this order."""
         router = self.router
-        hosts = _host_policy(config, warn=self._parent is None)
+        top = self.config if self._parent is None else self._parent.config
+        named = tuple(s.host for s in top.services if s.host is not None)
+        hosts = _host_policy(config, warn=self._parent is None, named=named)
         origins = OriginFilter(OriginPolicy(config.allowed_origins, hosts))
         filters: list[object] = [FrontDoor(None if hosts.any else HostFilter(hosts), origins)]
         if self.tracing is not None:

@@ -186,7 +186,6 @@ async def test_a_service_by_host_and_the_longest_prefix(
     data: dict[str, Any] = {
         "listen": "127.0.0.1:0",
         "health": {"interval": 0},
-        "allowed_hosts": ["localhost", "127.0.0.1", "docs.localhost"],
         "backends": entries(fleet["docs"][:1]),  # the default service: docs-1
         "services": [
             {"name": "docs", "match": {"host": "docs.localhost"}, "backends": entries(fleet["docs"][1:])},
@@ -209,6 +208,9 @@ async def test_a_service_by_host_and_the_longest_prefix(
 
     assert await echo("/whoami") == ("docs-1", "/whoami")  # no service matches: the default
     assert await echo("/whoami", host="docs.localhost") == ("docs-2", "/whoami")  # same path, other Host
+    # allowed_hosts unset: the services' hosts are allowed besides the loopback names, no other.
+    async with web.get(f"{proxy.url}/whoami", headers={"Host": "evil.localhost"}) as resp:
+        assert resp.status == 421
     assert await echo("/github/whoami") == (gh1.name, "/whoami")
     assert await echo("/github/enterprise/whoami") == (gh2.name, "/whoami")  # the longest prefix
     segments = await reached(fleet, web, f"{proxy.url}/github/enterprisex/whoami")

@@ -138,6 +138,14 @@ ERRORS = [
         {"services": [{**GH, "balance": "random"}]}, "services[0].balance: must be one of", id="bad-value"
     ),
     pytest.param({}, "backends: is required (or `services`)", id="neither-backends-nor-services"),
+    pytest.param(
+        {
+            "allowed_hosts": ["localhost", "*.example.com"],
+            "services": [service("d", "d1", host="docs.localhost")],
+        },
+        "services[0].match.host: 'docs.localhost' is not in allowed_hosts, so every request for it would get",
+        id="host-not-allowed",
+    ),
 ]
 
 
@@ -181,6 +189,13 @@ def test_services_alone_make_a_file_with_no_default_service() -> None:
 
 def test_a_reload_applies_services() -> None:
     assert "services" in LIVE
+
+
+def test_a_host_allowed_by_a_glob_of_allowed_hosts_is_fine() -> None:
+    config = parse_config(
+        {"allowed_hosts": ["*.example.com"], "services": [service("d", "d1", host="docs.example.com")]}
+    )
+    assert config.services[0].host == "docs.example.com"
 
 
 def test_an_exact_host_and_a_glob_at_one_prefix_are_not_ambiguous() -> None:

@@ -66,7 +66,27 @@ def build_services(
             )
         )
     _check_across(services, source)
+    _check_hosts(services, file.allowed_hosts, source)
     return tuple(services)
+
+
+def _check_hosts(services: list[ServiceConfig], allowed: tuple[str, ...] | None, source: str) -> None:
+    """A service's exact host must be one `allowed_hosts` lets in, when that list is set (unset,
+    the services' hosts are added to the default list): else its requests would all get 421."""
+    if not allowed:
+        return
+    patterns = [p.lower() for p in allowed]
+
+    def allows(host: str) -> bool:  # as filters/hosts.py's HostPolicy matches a name
+        return any(p == host or (_is_glob(p) and fnmatch.fnmatchcase(host, p)) for p in patterns)
+
+    for i, service in enumerate(services):
+        host = service.host
+        if host is not None and not _is_glob(host) and not allows(host):
+            raise ConfigError(
+                f"{source}: services[{i}].match.host: {host!r} is not in allowed_hosts, so every request "
+                "for it would get 421; add it there"
+            )
 
 
 def _under(index: int, error: ErrorDetails) -> ErrorDetails:
