@@ -139,6 +139,11 @@ ERRORS = [
     ),
     pytest.param({}, "backends: is required (or `services`)", id="neither-backends-nor-services"),
     pytest.param(
+        {"services": [service("d", "d1", host="*")]},
+        "services[0].match.host: must name hosts; leave `host` out to match any Host",
+        id="host-star",
+    ),
+    pytest.param(
         {
             "allowed_hosts": ["localhost", "*.example.com"],
             "services": [service("d", "d1", host="docs.localhost")],

@@ -507,6 +507,8 @@ class ServiceMatch(Section):
     def _something(self) -> Self:
         if self.host is None and self.path_prefix is None:
             raise invalid((), "needs `host`, `path_prefix` or both (the top-level `backends` take the rest)")
+        if self.host is not None and not self.host.strip("*"):
+            raise invalid(("host",), "must name hosts; leave `host` out to match any Host")
         return self
 
 

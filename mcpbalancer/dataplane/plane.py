@@ -149,7 +149,7 @@ class DataPlane:
 
 class ServicePlane:
     """What the exchanges of one service read as their plane: the service's router, pools, filters
-    and stream settings; the rest is the data plane's (`refresh` copies it after a reload)."""
+    and stream settings; the rest is the data plane's. Made anew at every reload (app.py)."""
 
     def __init__(
         self,
@@ -169,10 +169,6 @@ class ServicePlane:
         self.local = plane.local
         self.loop = plane.loop
         self.limits = plane.limits
-        self._plane = plane
-
-    def refresh(self) -> None:
-        self.limits = self._plane.limits
 
 
 def _cut(conn: ClientConnection, outcome: str) -> None:
