@@ -287,3 +287,23 @@ def test_without_a_default_an_unmatched_request_has_no_service() -> None:
     assert routes.pick(b"localhost", b"/mcp") is None
     assert routes.pick(b"localhost", b"/.well-known/oauth-protected-resource") is None
     assert routes.pick(b"docs.example.com.evil", b"/mcp") is None  # a glob-free host is exact
+
+
+def test_a_services_mcp_path_is_its_health_path_unless_it_says_otherwise() -> None:
+    config = parse_config(
+        {
+            "health": {"interval": 3},
+            "services": [
+                {**service("a", "a1"), "mcp_path": "/api"},
+                {**service("b", "b1"), "mcp_path": "/api", "health": {"path": "/ready"}},
+                service("c", "c1"),
+            ],
+        }
+    )
+    a, b, c = (s.config for s in config.services)
+    assert (a.mcp_path, a.health.path, a.health.interval) == ("/api", "/api", 3)
+    assert (b.health.path, b.health.interval) == (
+        "/ready",
+        1,
+    )  # its own section, whole (the default interval)
+    assert (c.mcp_path, c.health.path) == ("/mcp", "/mcp")
