@@ -24,6 +24,7 @@ from tests.mcp_helpers import (
     call_tool,
     open_session,
     recorded_client,
+    redis_keys,
     text_of,
     wait_until,
 )
@@ -519,3 +520,20 @@ async def test_a_listener_that_cannot_bind_leaves_no_service_running(
             await proxy.start()
     pending = [t for t in asyncio.all_tasks() if t is not asyncio.current_task() and not t.done()]
     assert pending == []  # no health checker, sweeper or store listener of any service was left
+
+
+async def test_with_redis_each_service_keeps_its_sessions_under_its_own_prefix(
+    fleet: dict[str, list[BackendProcess]], dict_proxy: DictProxy, web: aiohttp.ClientSession, redis_url: str
+) -> None:
+    data = two_services(fleet, store=redis_url)
+    data["backends"] = entries(fleet["docs"][:1])  # the default service
+    data["services"] = data["services"][:1]  # and github
+    proxy = await dict_proxy(data)
+    default_sid = await open_session(web, f"{proxy.url}/mcp")
+    github_sid = await open_session(web, f"{proxy.url}/github/mcp")
+    # The default service keeps the keys a proxy without services writes; github has its own.
+    assert await redis_keys(redis_url, "mcpb:s:*") == [f"mcpb:s:{default_sid}"]
+    assert await redis_keys(redis_url, "mcpb:svc:github:s:*") == [f"mcpb:svc:github:s:{github_sid}"]
+    assert (await call_tool(web, f"{proxy.url}/mcp", github_sid, "whoami")).status == 404
+    assert (await call_tool(web, f"{proxy.url}/github/mcp", default_sid, "whoami")).status == 404
+    assert (await call_tool(web, f"{proxy.url}/github/mcp", github_sid, "whoami")).text.startswith("gh-")
