@@ -238,6 +238,8 @@ async def test_a_request_no_service_matches_gets_a_json_rpc_404_and_is_counted(
     assert all(after[n]["paths"] == before[n]["paths"] for n in after)  # no backend saw it
     async with web.get(f"{proxy.url}/healthz") as resp:  # the proxy's own paths before any service
         assert resp.status == 200
+    async with web.get(f"{proxy.url}/nowhere", headers={"Host": "evil.example"}) as resp:
+        assert resp.status == 421  # the Host check first, matched or not
 
 
 async def test_discovery_documents_reach_the_service_their_path_names(

@@ -274,7 +274,12 @@ class ClientConnection(asyncio.Protocol):
             head.keep_alive = exchange.keep_alive = False
             exchange.fail_before_start(err)
         elif exchange.service_missing:
-            exchange.fail_before_start(NoService())
+            # The Host and Origin checks still come first: a refused Host is a 421, not a 404.
+            early = plane.phases.early_request
+            verdict = early(head, self.peer_ip) if early is not None else None
+            if isinstance(verdict, ProxyError):
+                head.keep_alive = exchange.keep_alive = False
+            exchange.fail_before_start(verdict if isinstance(verdict, ProxyError) else NoService())
         elif (early := exchange.plane.phases.early_request) is not None and (
             verdict := early(head, self.peer_ip)
         ) is not None:
