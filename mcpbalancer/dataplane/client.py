@@ -264,23 +264,27 @@ class ClientConnection(asyncio.Protocol):
         plane = self.plane
         problem = self._head_problem(head)
         services = plane.services
+        phases = plane.phases
+        missing = False
         if services is None or problem is not None or head.target in plane.local:
             exchange = Exchange(plane, self, head)
         else:
             exchange = self._for_service(services, head)
+            missing = exchange.service_missing
+            phases = exchange.plane.phases
         if problem is not None:
             err, reason = problem
             plane.metrics.rejected(reason)
             head.keep_alive = exchange.keep_alive = False
             exchange.fail_before_start(err)
-        elif exchange.service_missing:
+        elif missing:
             # The Host and Origin checks still come first: a refused Host is a 421, not a 404.
-            early = plane.phases.early_request
+            early = phases.early_request
             verdict = early(head, self.peer_ip) if early is not None else None
             if isinstance(verdict, ProxyError):
                 head.keep_alive = exchange.keep_alive = False
             exchange.fail_before_start(verdict if isinstance(verdict, ProxyError) else NoService())
-        elif (early := exchange.plane.phases.early_request) is not None and (
+        elif (early := phases.early_request) is not None and (
             verdict := early(head, self.peer_ip)
         ) is not None:
             if isinstance(verdict, ProxyError):  # counted by its reject_reason when answered

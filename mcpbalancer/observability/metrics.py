@@ -571,14 +571,11 @@ class Metrics:
         status: int,
         mcp_method: bytes | None,
         seconds: float | None,
-        service: str = DEFAULT_SERVICE,
     ) -> None:
         """A response status was decided: the backend's, `seconds` after the request head, or the
         proxy's own (`backend` NO_BACKEND, `seconds` None). A backend's series name its service
-        (`service_of`, asked once per cell); the proxy's own answers take `service`."""
+        (`service_of`, asked once per cell)."""
         key = (backend, era, method, status // 100)
-        if service is not DEFAULT_SERVICE and backend == NO_BACKEND:  # `is`: the one default object
-            key = (f"{NO_BACKEND}/{service}", era, method, status // 100)
         children = self._responses.get(key)
         if children is None:
             children = self._response_children(key)
@@ -588,6 +585,15 @@ class Metrics:
         if method == b"POST":
             mcp = self._mcp.get((era, mcp_method)) if mcp_method is not None else None
             (mcp or self._mcp_child(era, mcp_method)).value += 1
+
+    def answered_by_proxy(
+        self, backend: str, era: Era, method: bytes, status: int, mcp_method: bytes | None, service: str
+    ) -> None:
+        """The proxy's own answer (`backend` NO_BACKEND unless one was chosen) to a request of
+        `service`: counted under that service, which no backend names."""
+        if backend == NO_BACKEND and service != DEFAULT_SERVICE:
+            backend = f"{NO_BACKEND}/{service}"  # a cell of its own, labelled backend="none"
+        self.answered(backend, era, method, status, mcp_method, None)
 
     def _response_children(self, key: _ResponseKey) -> tuple[Value, Observations | None]:
         backend, era, raw_method, status_class = key
