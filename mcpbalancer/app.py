@@ -31,7 +31,7 @@ from mcpbalancer.config import (
     load_config,
 )
 from mcpbalancer.config.runtime import ServiceConfig
-from mcpbalancer.config.services import service_config
+from mcpbalancer.config.services import match_of, service_config
 from mcpbalancer.control.admin import AdminApi
 from mcpbalancer.control.audit import Audit
 from mcpbalancer.control.auth import PROBES, AdminAuth, warn_if_open
@@ -486,8 +486,9 @@ class Proxy:
         for name, (config, _) in children.items():
             if name in self.services:
                 self.services[name]._keep_managed(config.backends)  # refuses a clash, before any change
+        before = {s.name: s for s in self.config.services}
         changes = self._apply(new, *prepared)
-        self._apply_services(new, children, changes)
+        self._apply_services(new, children, changes, before)
         log.info(
             "reloaded %s: added %s, removed %s, updated %s",
             new.source,
@@ -518,6 +519,7 @@ class Proxy:
         new: Config,
         children: Mapping[str, tuple[Config, tuple[dict[str, Any], StaticKeys | None]]],
         changes: Changes,
+        before: Mapping[str, ServiceConfig],
     ) -> None:
         """Services added (started in the background; matched once started), changed, removed
         (closed: their sessions are unknown anywhere else, 404)."""
@@ -538,8 +540,12 @@ class Proxy:
                 if self._plane is not None:
                     self._retire(self._start_service(child))
                 continue
+            entry = next(s for s in new.services if s.name == name)
+            old = before.get(name)
+            if old is not None and match_of(old) != match_of(entry):
+                log.info("reload: service %s now matches %s (was %s)", name, match_of(entry), match_of(old))
             running.tracing, running.access_log = self.tracing, self.access_log
-            running.public_prefix = _stripped(next(s for s in new.services if s.name == name))
+            running.public_prefix = _stripped(entry)
             own = running._apply(config, *prepared)
             for kind in ("added", "removed", "updated"):
                 getattr(changes, kind).extend(getattr(own, kind))

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -308,7 +309,10 @@ async def test_a_reload_removes_a_service_and_adds_one(
 
 
 async def test_a_reload_changes_a_services_settings_and_match(
-    fleet: dict[str, list[BackendProcess]], tmp_path: Path, web: aiohttp.ClientSession
+    fleet: dict[str, list[BackendProcess]],
+    tmp_path: Path,
+    web: aiohttp.ClientSession,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     path = tmp_path / "services.yaml"
     data = two_services(fleet)
@@ -320,8 +324,13 @@ async def test_a_reload_changes_a_services_settings_and_match(
         data["services"][0]["balance"] = "round_robin"
         data["services"][0]["backends"] = entries(fleet["gh"][:1])
         path.write_text(yaml.safe_dump(data), encoding="utf-8")
-        changes = proxy.reload()
+        with caplog.at_level(logging.INFO, logger="mcpbalancer.app"):
+            changes = proxy.reload()
         assert changes.removed == ["gh-2"]
+        assert any(
+            "service github now matches" in r.getMessage() and "/gh'" in r.getMessage()
+            for r in caplog.records
+        )
         assert proxy.services["github"].config.balance == "round_robin"
         async with web.post(f"{proxy.url}/github/mcp", json=INIT_BODY, headers=INIT_HEADERS) as resp:
             assert resp.status == 404

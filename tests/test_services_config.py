@@ -307,3 +307,17 @@ def test_a_services_mcp_path_is_its_health_path_unless_it_says_otherwise() -> No
         1,
     )  # its own section, whole (the default interval)
     assert (c.mcp_path, c.health.path) == ("/mcp", "/mcp")
+
+
+def test_a_service_may_discover_its_backends_and_their_names_stay_its_own() -> None:
+    discovered = {"name": "gh", "discover": {"dns": "gh.test", "port": 8000}}
+    config = parse_config({"services": [{**service("github", "gh-1"), "backends": [discovered]}]})
+    [github] = config.services
+    assert [d.name for d in github.config.discovery] == ["gh"]
+    text = config_error(
+        {
+            "backends": [{"name": "gh", "discover": {"dns": "x.test", "port": 1}}],
+            "services": [{**GH, "backends": [discovered]}],
+        }
+    )
+    assert "backend name 'gh' is also in backends" in text
