@@ -548,3 +548,27 @@ async def test_with_redis_each_service_keeps_its_sessions_under_its_own_prefix(
     assert (await call_tool(web, f"{proxy.url}/mcp", github_sid, "whoami")).status == 404
     assert (await call_tool(web, f"{proxy.url}/github/mcp", default_sid, "whoami")).status == 404
     assert (await call_tool(web, f"{proxy.url}/github/mcp", github_sid, "whoami")).text.startswith("gh-")
+
+
+async def test_a_services_own_stream_settings_hold_for_its_requests_only(
+    fleet: dict[str, list[BackendProcess]], dict_proxy: DictProxy, web: aiohttp.ClientSession
+) -> None:
+    data = two_services(fleet)
+    data["services"][0].update(heartbeat=0, timeouts={"stream_idle": 0.5})  # github cuts quiet streams
+    proxy = await dict_proxy(data)
+    github, docs = f"{proxy.url}/github/mcp", f"{proxy.url}/docs/mcp"
+    gh_sid, docs_sid = await open_session(web, github), await open_session(web, docs)
+
+    async def slow(url: str, sid: str) -> str | None:
+        """The slow tool's answer, or None when the proxy ended the stream before it."""
+        try:
+            return (await call_tool(web, url, sid, "slow", seconds=1.5)).text
+        except aiohttp.ClientPayloadError:
+            return None
+
+    cut, answered = await asyncio.gather(slow(github, gh_sid), slow(docs, docs_sid))
+    assert cut is None
+    assert answered is not None
+    assert answered.startswith("docs-")  # the top-level timeouts: no idle cut
+    assert proxy.services["github"].config.timeouts.stream_idle == 0.5
+    assert proxy.config.timeouts.stream_idle == 0
