@@ -19,7 +19,8 @@ The access filters (docs/access.md) are off unless asked for: `--auth jwt` sends
 (`--alg ES256` an ES256 one; checked once, then remembered until it expires), `--auth jwt-verify`
 forgets it after every request (so each one checks the signature), `--auth key` an API key
 (hashed every time); `--tool-policy` adds a tool policy, which reads and parses every legacy body;
-`--rate-limit` a rate limit per session in this process's buckets.
+`--rate-limit` a rate limit per session in this process's buckets. `--services` adds a service
+(`/other`) beside the default one the requests go to: the cost of matching each request head.
 """
 
 from __future__ import annotations
@@ -157,6 +158,17 @@ def response(sid: bytes | None, sse: bool) -> bytes:
     return head + b"%x\r\n%b\r\n0\r\n\r\n" % (len(event), event)
 
 
+SERVICES: dict[str, Any] = {
+    "services": [
+        {
+            "name": "other",
+            "match": {"path_prefix": "/other"},
+            "backends": [{"name": "s2", "url": "http://127.0.0.1:9"}],
+        }
+    ]
+}
+
+
 async def main(args: argparse.Namespace) -> None:
     with tempfile.TemporaryDirectory() as jwks_dir:
         await measure(args, *access(args, jwks_dir))
@@ -170,6 +182,7 @@ async def measure(args: argparse.Namespace, settings: dict[str, Any], credential
             "health": {"interval": 0},
             "log": {"level": "warning", "access": False},
             **settings,
+            **(SERVICES if args.services else {}),
         },
         source="<micro>",
     )
@@ -193,6 +206,11 @@ async def measure(args: argparse.Namespace, settings: dict[str, Any], credential
         metrics=proxy.metrics,
         phases=proxy.compose_phases(config),  # the default filters (Host, Origin, passive health)
     )
+    if args.services:  # what start() does, without its sockets
+        proxy._plane = plane
+        for service in proxy.services.values():
+            service._prepared = True
+        proxy._serve_services()
     upstream, up = UpstreamConnection(proxy.fleet.pools["s1"]), MemoryTransport()
     upstream.connection_made(up)  # type: ignore[arg-type]
     proxy.fleet.pools["s1"].release(upstream)
@@ -263,4 +281,5 @@ if __name__ == "__main__":
     parser.add_argument("--alg", choices=("RS256", "ES256"), default="RS256", help="the token's algorithm")
     parser.add_argument("--tool-policy", action="store_true", help="a tool policy (legacy bodies read)")
     parser.add_argument("--rate-limit", action="store_true", help="a rate limit per session (memory)")
+    parser.add_argument("--services", action="store_true", help="a second service: each head is matched")
     uvloop.run(main(parser.parse_args()))

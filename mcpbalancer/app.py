@@ -14,7 +14,7 @@ import os
 import sys
 import time
 import urllib.parse
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Mapping
 from typing import TYPE_CHECKING, Any, Final, TextIO
 
 from prometheus_client import CollectorRegistry
@@ -30,15 +30,20 @@ from mcpbalancer.config import (
     load_config,
 )
 from mcpbalancer.config.listeners import CLIENT_CERT
+from mcpbalancer.config.runtime import ServiceConfig
+from mcpbalancer.config.services import match_of, service_config
 from mcpbalancer.control.admin import AdminApi
 from mcpbalancer.control.audit import Audit
 from mcpbalancer.control.auth import PROBES, AdminAuth, warn_if_open
 from mcpbalancer.control.probes import Readiness, local_endpoints
 from mcpbalancer.control.server import ControlServer
-from mcpbalancer.control.status import ProcessInfo, Reload, StatusPage
+from mcpbalancer.control.status import MergedMapping, ProcessInfo, Reload, StatusPage
+from mcpbalancer.dataplane.client import ServicePlaneLike
 from mcpbalancer.dataplane.handshake import TlsEndpoint, TlsListener
 from mcpbalancer.dataplane.listener_tls import ServerTls, listener_tls
-from mcpbalancer.dataplane.plane import DataPlane
+from mcpbalancer.dataplane.local import LocalHandler
+from mcpbalancer.dataplane.plane import DataPlane, ServicePlane
+from mcpbalancer.dataplane.services import Route, ServiceMap
 from mcpbalancer.dataplane.tls import backend_contexts
 from mcpbalancer.dataplane.upstream import UpstreamPool
 from mcpbalancer.errors import BackendStartError, ConfigError, ListenError, RestartRequired
@@ -139,6 +144,7 @@ LIVE: Final = frozenset(
         "access",  # auth, tool_policy, rate_limits: the buckets start afresh when rate_limits change
         "trusted_proxies",
         "admin_tokens",  # `admin.token`: a rotation is a reload with the old and the new, then the new
+        "services",  # added, changed (their LIVE settings, as the top-level ones) and removed
         # `listen` entries: their TLS files and settings are read again (new handshakes use them);
         # their addresses, and whether each speaks TLS, are restart only (restart_only_problem).
         "listeners",
@@ -164,10 +170,13 @@ def _shared_affinity(config: Config) -> SharedAffinity | None:
     return SharedAffinity.from_url(config.store, prefix=config.store_prefix)
 
 
-def _host_policy(config: Config) -> HostPolicy:
-    """`allowed_hosts` for the listen address, with a warning when it is open or left to the default
-    on an address other machines reach."""
-    policy = for_listen(config.allowed_hosts, config.listen_host)
+def _host_policy(config: Config, *, warn: bool = True, named: tuple[str, ...] = ()) -> HostPolicy:
+    """`allowed_hosts` for the listen address (with the services' hosts when it is not set), with a
+    warning when it is open or left to the default on an address other machines reach (once: not
+    again for each service)."""
+    policy = for_listen(config.allowed_hosts, config.listen_host, named)
+    if not warn:
+        return policy
     if policy.any:
         log.warning("allowed_hosts: '*' accepts every Host: DNS-rebinding protection is off")
     elif config.allowed_hosts is None and policy.ip_literals:
@@ -238,11 +247,16 @@ def _without_credentials(store: str) -> str:
     return urllib.parse.urlunsplit(parts._replace(netloc=netloc))
 
 
+def _stripped(service: ServiceConfig) -> str:
+    """What a service's requests lose before it sees them: its path_prefix when stripped."""
+    return service.path_prefix or "" if service.strip_prefix else ""
+
+
 def _unchanged(config: Config) -> Config:
     return config
 
 
-def _sealed(config: Config, metrics: Metrics) -> SealedIds | None:
+def _sealed(config: Config, metrics: Metrics, service: str) -> SealedIds | None:
     if config.session_ids != "sealed":
         return None
     return SealedIds(
@@ -250,6 +264,7 @@ def _sealed(config: Config, metrics: Metrics) -> SealedIds | None:
         max_age=config.session_max_age,
         capacity=config.local_cache_size,
         metrics=metrics,
+        service=service,  # a token of one service does not open at another
     )
 
 
@@ -262,6 +277,15 @@ class Proxy:
     """One running mcpbalancer: `await start()`, serve, `await stop()`."""
 
     access_log: AccessLog | None
+    metrics: Metrics
+    router: Router
+    health: HealthChecker
+    tracing: Tracing | None
+    control: ControlServer | None
+    admin_auth: AdminAuth | None
+    readiness: Readiness
+    _worker: int | None
+    _local: Mapping[bytes, LocalHandler]
 
     def __init__(
         self,
@@ -274,8 +298,19 @@ class Proxy:
         session_tag_key: bytes | None = None,
         worker: int | None = None,
         control_socket: str | None = None,
+        parent: Proxy | None = None,
+        service: str = DEFAULT_SERVICE,
+        public_prefix: str = "",
     ) -> None:
         self.config = config
+        # A `services` entry is a Proxy without a listener, run by its parent (the top-level one),
+        # whose metrics, logs and tracing it shares; `services` are the parent's, by name.
+        self._parent = parent
+        self.service = service
+        self.public_prefix = public_prefix  # a service's stripped path_prefix (the auth URLs carry it)
+        self.services: dict[str, Proxy] = {}
+        self._prepared = False  # ready to serve: its managed backends up, its first lookups done
+        self._started = False  # its background work runs
         self.started_at = time.time()
         self.last_reload: Reload | None = None
         # What the command line changed in `config` (--log-level, --workers, a worker's admin port),
@@ -284,7 +319,6 @@ class Proxy:
         # An explicit argument wins over the config's `shutdown_timeout` (and over its reloads).
         self._shutdown_override = shutdown_timeout
         contexts = backend_contexts(config)
-        tls = listener_tls(config)  # read now: a bad certificate file fails here, as a backend's does
         self.fleet = Fleet(
             config.backends,
             # A pool made after a reload (a backend added or moved) takes the timeout then in force.
@@ -296,7 +330,11 @@ class Proxy:
         self._probe = HttpProbe(lambda: self.health.config)
         self._ping = PingProbe(lambda: self.health.config)
         self.modes = SessionModes(self._ping)
-        self.metrics = Metrics(registry or CollectorRegistry(), lambda: self.router.backends, runtime=True)
+        self.metrics = (
+            parent.metrics
+            if parent is not None
+            else Metrics(registry or CollectorRegistry(), self.all_backends, runtime=True)
+        )
         self.store: SessionStore = create_store(
             config.store,
             prefix=config.store_prefix,
@@ -312,7 +350,7 @@ class Proxy:
         )
         # Kept as the class the proxy runs; the router sees it only through its Replay protocol.
         self.failover = failover = self._failover(config, None)
-        self.sealed = _sealed(config, self.metrics)
+        self.sealed = _sealed(config, self.metrics, service)
         binder = _binder(config)
         self.router = Router(
             self.backends,
@@ -347,16 +385,21 @@ class Proxy:
             config.discovery, self.fleet, DnsResolver(), contexts=contexts, metrics=self.metrics
         )
         self.fleet.on_remove = self._removed
-        self._observability(config, access_stream, session_tag_key, worker, control_socket)
-        self._endpoints = [
-            None if t is None else TlsEndpoint(listener.address, t)
-            for listener, t in zip(config.all_listeners, tls, strict=True)
-        ]
-        self._certificates(config, tls)
+        # The listeners are the top-level proxy's: a service has none of its own.
+        self._endpoints: list[TlsEndpoint | None] = []
+        if parent is not None:
+            self._as_service(parent)
+        else:
+            tls = listener_tls(config)  # read now: a bad certificate file fails here, as a backend's does
+            self._observability(config, access_stream, session_tag_key, worker, control_socket)
+            self._endpoints = [
+                None if t is None else TlsEndpoint(listener.address, t)
+                for listener, t in zip(config.all_listeners, tls, strict=True)
+            ]
+            self._certificates(config, tls)
         if self.control is not None:
             AdminApi(
-                self.fleet,
-                self.health,
+                self.admin_services,
                 self.reload,
                 audit=None if control_socket is not None else Audit(self.metrics),
                 source=lambda: self.config.source,
@@ -368,6 +411,61 @@ class Proxy:
         self._checker: asyncio.Task[None] | None = None
         self._watcher: asyncio.Task[None] | None = None
         self._listener: asyncio.Task[None] | None = None
+        for entry in config.services if parent is None else ():
+            self.services[entry.name] = self._service(entry.name, config)
+        if self.services:
+            self.metrics.service_of = self._service_of
+
+    def set_drained(self, backend: str, drained: bool) -> bool:
+        """Drain (or undrain) a backend of any service; False if no service has it."""
+        for _, _, fleet, _ in self.admin_services():
+            if fleet.backends.get(backend) is not None:
+                return fleet.drain(backend) if drained else fleet.undrain(backend)
+        return False
+
+    def _service_of(self, backend: str) -> str:
+        """The service of a backend name (the metrics' `service` label, asked once per cell)."""
+        for name, child in self.services.items():
+            if child.backends.get(backend) is not None:
+                return name
+        return DEFAULT_SERVICE
+
+    def _service(self, name: str, config: Config) -> Proxy:
+        entry = next(s for s in config.services if s.name == name)
+        return Proxy(
+            service_config(config, entry),
+            parent=self,
+            service=name,
+            adjust=self._adjust,
+            public_prefix=_stripped(entry),
+        )
+
+    def _as_service(self, parent: Proxy) -> None:
+        """A service's share of what the parent observes with: its metrics, logs, tracing."""
+        self.readiness = Readiness(lambda: self.router.backends, self.store.ping)
+        self.tracing = parent.tracing
+        self.access_log = parent.access_log
+        self._worker = parent._worker
+        self.admin_auth = None
+        self.control = None
+        self._local = {}
+
+    def all_backends(self) -> list[Backend]:
+        """The backends of every service, the default one's first."""
+        backends = list(self.router.backends)
+        for child in self.services.values():
+            backends += child.router.backends
+        return backends
+
+    def admin_services(self) -> list[tuple[str, ServiceConfig | None, Fleet[Any], HealthChecker]]:
+        """(name, its `services` entry or None for the default, fleet, health) of every service."""
+        parts: list[tuple[str, ServiceConfig | None, Fleet[Any], HealthChecker]] = []
+        if self.config.backends or self.config.discovery or not self.services:
+            parts.append((DEFAULT_SERVICE, None, self.fleet, self.health))
+        entries = {s.name: s for s in self.config.services}
+        for name, child in self.services.items():
+            parts.append((name, entries.get(name), child.fleet, child.health))
+        return parts
 
     @property
     def shutdown_timeout(self) -> float:
@@ -392,25 +490,25 @@ class Proxy:
     def _reload(self) -> Changes:
         try:
             new = self._adjust(load_config(self.config.source))
-            contexts = backend_contexts(new)  # TLS files read again: a renewed certificate is used
+            prepared = self._prepare(new)  # TLS and key set files read again: renewed ones are used
             tls = listener_tls(new)  # and the listeners': new handshakes take the new pair
-            keys = key_file(new)  # and the key set file
+            children = {
+                s.name: (c, self._prepare(c)) for s in new.services for c in (service_config(new, s),)
+            }
         except ConfigError as exc:
             log.error("reload rejected, running configuration kept: %s", exc)
             raise
         self._refuse_restart_only(new)
-        backends = self._keep_managed(new.backends)
-        entries = {entry.name for entry in new.discovery}
-        changes = self.fleet.apply(backends, contexts, mcp_path=new.mcp_path, discovered=entries)
-        self.discovery.reconfigure(new.discovery, contexts)
-        self.health.reconfigure(new.health)
-        self.health.track(self.backends)
-        self._apply_policy(self.config, new, keys)
+        for name, (config, _) in children.items():
+            if name in self.services:
+                self.services[name]._keep_managed(config.backends)  # refuses a clash, before any change
+        before = {s.name: s for s in self.config.services}
+        changes = self._apply(new, *prepared)
+        self._apply_services(new, children, changes, before)
         for endpoint, server_tls in zip(self._endpoints, tls, strict=True):
             if endpoint is not None and server_tls is not None:
                 endpoint.tls = server_tls
         self._certificates(new, tls)
-        self.config = dataclasses.replace(new, backends=backends)
         log.info(
             "reloaded %s: added %s, removed %s, updated %s",
             new.source,
@@ -419,6 +517,66 @@ class Proxy:
             changes.updated or "none",
         )
         return changes
+
+    @staticmethod
+    def _prepare(config: Config) -> tuple[dict[str, Any], StaticKeys | None]:
+        return backend_contexts(config), key_file(config)
+
+    def _apply(self, new: Config, contexts: dict[str, Any], keys: StaticKeys | None) -> Changes:
+        """Apply the LIVE settings of `new` (this service's, or the top-level's)."""
+        backends = self._keep_managed(new.backends)
+        entries = {entry.name for entry in new.discovery}
+        changes = self.fleet.apply(backends, contexts, mcp_path=new.mcp_path, discovered=entries)
+        self.discovery.reconfigure(new.discovery, contexts)
+        self.health.reconfigure(new.health)
+        self.health.track(self.backends)
+        self._apply_policy(self.config, new, keys)
+        self.config = dataclasses.replace(new, backends=backends)
+        return changes
+
+    def _apply_services(
+        self,
+        new: Config,
+        children: Mapping[str, tuple[Config, tuple[dict[str, Any], StaticKeys | None]]],
+        changes: Changes,
+        before: Mapping[str, ServiceConfig],
+    ) -> None:
+        """Services added (started in the background; matched once started), changed, removed
+        (closed: their sessions are unknown anywhere else, 404)."""
+        for name in [n for n in self.services if n not in children]:
+            child = self.services.pop(name)
+            changes.removed += [b.name for b in child.backends]
+            log.info("reload: service %s removed; its sessions end (404)", name)
+            if self._plane is not None:
+                for backend in child.backends:
+                    self._plane.abort_streams(backend)
+            self._retire(child.close_parts())
+        for name, (config, prepared) in children.items():
+            running = self.services.get(name)
+            if running is None:
+                child = self.services[name] = self._service(name, new)
+                changes.added += [b.name for b in child.backends]
+                log.info("reload: service %s added", name)
+                if self._plane is not None:
+                    self._retire(self._start_service(child))
+                continue
+            entry = next(s for s in new.services if s.name == name)
+            old = before.get(name)
+            if old is not None and match_of(old) != match_of(entry):
+                log.info("reload: service %s now matches %s (was %s)", name, match_of(entry), match_of(old))
+            running.tracing, running.access_log = self.tracing, self.access_log
+            running.public_prefix = _stripped(entry)
+            own = running._apply(config, *prepared)
+            for kind in ("added", "removed", "updated"):
+                getattr(changes, kind).extend(getattr(own, kind))
+        self.metrics.service_of = self._service_of
+        self.metrics.forget_services()
+        self._serve_services()
+
+    async def _start_service(self, child: Proxy) -> None:
+        assert self._plane is not None
+        await child.start_parts(self._plane)
+        self._serve_services()
 
     def _removed(self, backend: Backend) -> None:
         """A discovered backend left for good: its health state and metric series go with it."""
@@ -467,10 +625,10 @@ class Proxy:
             self.sealed.configure(session_keys, max_age=new.session_max_age, capacity=new.local_cache_size)
         router.refuse_new_when(self._refuse_new(new))
         self.readiness.store_required = new.on_store_error == "fail"
-        if new.log != old.log:
+        if new.log != old.log and self._parent is None:  # a service logs with its parent's
             reconfigure_logging(new.log, worker=self._worker)
             self._swap_access_log(new)
-        if new.tracing != old.tracing:
+        if new.tracing != old.tracing and self._parent is None:
             self._swap_tracing(new)
         plane = self._plane
         if plane is not None:
@@ -486,7 +644,9 @@ class Proxy:
         place a filter is registered: a feature that is not configured is not in the list, and
         costs a request nothing. At each phase, filters run in this order."""
         router = self.router
-        hosts = _host_policy(config)
+        top = self.config if self._parent is None else self._parent.config
+        named = tuple(s.host for s in top.services if s.host is not None)
+        hosts = _host_policy(config, warn=self._parent is None, named=named)
         origins = OriginFilter(OriginPolicy(config.allowed_origins, hosts))
         filters: list[object] = [FrontDoor(None if hosts.any else HostFilter(hosts), origins)]
         if self.tracing is not None:
@@ -539,6 +699,7 @@ class Proxy:
                     metrics=self.metrics,
                     mcp_path=config.mcp_path,
                     trusted=trusted,
+                    public_prefix=self.public_prefix,
                 )
             )
         else:
@@ -576,7 +737,7 @@ class Proxy:
                 refresh=auth.jwks_refresh,
                 cooldown=auth.jwks_cooldown,
             )
-            if self._plane is not None:  # a reload: started now, else at start()
+            if self._started:  # a reload: started now, else at start()
                 self._jwks_task = asyncio.get_running_loop().create_task(self._jwks.run())
         return self._jwks
 
@@ -673,7 +834,7 @@ class Proxy:
         control_socket: str | None,
     ) -> None:
         self.readiness = Readiness(
-            lambda: self.router.backends,
+            self.all_backends,
             self.store.ping,
             store_required=config.on_store_error == "fail",
             discovery=self.discovery.status,
@@ -687,8 +848,8 @@ class Proxy:
         self.access_log = self._make_access_log(config)
         metrics = self.metrics if config.metrics.enabled else None
         # /metrics is served on the admin listener when there is one, else on the public one.
-        self.admin_auth: AdminAuth | None = None
-        self.control: ControlServer | None = None
+        self.admin_auth = None
+        self.control = None
         if control_socket is not None:
             # A worker of a supervisor: its private channel, which only the supervisor uses; the
             # supervisor serves `admin`, checks the token and audits.
@@ -722,16 +883,18 @@ class Proxy:
             self._retire(asyncio.to_thread(old.close))
 
     def _status_page(self) -> StatusPage:
+        def healths() -> list[HealthChecker]:
+            return [self.health, *(child.health for child in self.services.values())]
+
         return StatusPage(
-            # One service today: the top-level backends.
-            lambda: {DEFAULT_SERVICE: list(self.backends)},
+            lambda: {name: list(fleet.backends) for name, _, fleet, _ in self.admin_services()},
             self.metrics,
             self.readiness,
             self._process_info,
-            last_check=self.health.last_check,
-            reasons=self.health.reasons,
+            last_check=MergedMapping(lambda: [h.last_check for h in healths()]),
+            reasons=MergedMapping(lambda: [h.reasons for h in healths()]),
             health_interval=lambda: self.health.config.interval,
-            down_reasons=self.health.down_reasons,
+            down_reasons=MergedMapping(lambda: [h.down_reasons for h in healths()]),
         )
 
     def _process_info(self) -> ProcessInfo:
@@ -827,15 +990,15 @@ class Proxy:
 
     async def start(self) -> None:
         """Start the managed backends (BackendStartError if one fails), then serve."""
-        if self.managed:
+        await self._prepare_parts()
+        for name, child in list(self.services.items()):
             try:
-                await self.managed.start()
-            except BackendStartError:
+                await child._prepare_parts()
+            except BaseException:
+                await self._stop_services(upto=name)
+                await self.managed.stop()
                 await self.store.close()
                 raise
-        await self._check_store()
-        await self.generations.load()
-        await self.discovery.start()  # the first answers, so that it serves with its backends
         loop = asyncio.get_running_loop()
         self._plane = DataPlane(
             self.router,
@@ -848,15 +1011,13 @@ class Proxy:
             local=self._local,
             phases=self.compose_phases(self.config),
         )
-        if self._jwks is not None:
-            self._jwks_task = loop.create_task(self._jwks.run())
         if self.tracing is not None:
             self.tracing.start()
-        self.fleet.on_evict = self._plane.abort_streams
-        self.fleet.start()
+        self._serve_services()
         try:
             await self._listen(loop, self._plane)
         except BaseException:
+            await self._stop_services()
             await self.managed.stop()  # cannot listen: the children started for nothing
             raise
         if self.control is not None:
@@ -864,11 +1025,49 @@ class Proxy:
                 await self.control.start()
             except OSError as exc:
                 self._close_servers()
+                await self._stop_services()
                 await self.managed.stop()
                 where = self.control.path or host_port(self.control.host, self.control.requested_port)
                 raise ListenError(f"cannot listen on {where} (admin): {exc}") from exc
             if self.admin_auth is not None:
                 warn_if_open(self.control.host, self.control.port, self.admin_auth)
+        self._run_parts(self._plane)
+        for child in self.services.values():
+            child._run_parts(self._plane)
+        control = self.control
+        admin = ""
+        if control is not None:
+            admin = f"; {'control channel' if control.path else 'admin'} on {control.address}"
+        services = f" in {len(self.admin_services())} services" if self.services else ""
+        log.info(
+            "listening on %s with %d backends%s%s",
+            ", ".join(self.urls),
+            len(self.all_backends()),
+            services,
+            admin,
+        )
+
+    async def _prepare_parts(self) -> None:
+        """What must answer before serving: the managed backends, the store, the first lookups."""
+        if self.managed:
+            try:
+                await self.managed.start()
+            except BackendStartError:
+                await self.store.close()
+                raise
+        await self._check_store()
+        await self.generations.load()
+        await self.discovery.start()  # the first answers, so that it serves with its backends
+        self._prepared = True
+
+    def _run_parts(self, plane: DataPlane) -> None:
+        """The background work of a running service: health checks, store events, key fetches."""
+        loop = asyncio.get_running_loop()
+        self._started = True
+        if self._jwks is not None:
+            self._jwks_task = loop.create_task(self._jwks.run())
+        self.fleet.on_evict = plane.abort_streams
+        self.fleet.start()
         if hasattr(self.store, "sweep"):
             self._sweeper = loop.create_task(self._sweep_forever())
         self._checker = loop.create_task(self.health.run(lambda: self.backends))
@@ -877,11 +1076,52 @@ class Proxy:
             self._listener = loop.create_task(
                 self.store.listen(on_ended=self.router.ended_elsewhere, on_gone=self.generations.heard)
             )
-        control = self.control
-        admin = ""
-        if control is not None:
-            admin = f"; {'control channel' if control.path else 'admin'} on {control.address}"
-        log.info("listening on %s with %d backends%s", ", ".join(self.urls), len(self.backends), admin)
+
+    async def start_parts(self, plane: DataPlane) -> None:
+        """Start a service (a Proxy without a listener) on its parent's data plane."""
+        await self._prepare_parts()
+        self._run_parts(plane)
+
+    def _serve_services(self) -> None:
+        """Hand the data plane the services as they are now (None without `services`)."""
+        plane = self._plane
+        if plane is None:
+            return
+        if not self.services:
+            plane.serve(None)
+            return
+        routes: list[Route[ServicePlaneLike]] = []
+        if self.config.backends or self.config.discovery:
+            view = self._view(plane, DEFAULT_SERVICE, self, plane.phases)
+            routes.append(Route(None, None, True, view, default=True))
+        entries = {s.name: s for s in self.config.services}
+        for name, child in self.services.items():
+            entry = entries.get(name)
+            if entry is None or not child._prepared:
+                continue  # an added service still starting: matched once it has
+            prefix = None if entry.path_prefix is None else entry.path_prefix.encode("ascii")
+            view = self._view(plane, name, child, child.compose_phases(child.config))
+            routes.append(Route(entry.host, prefix, entry.strip_prefix, view))
+        plane.serve(ServiceMap(routes))
+
+    @staticmethod
+    def _view(plane: DataPlane, name: str, service: Proxy, phases: Phases) -> ServicePlane:
+        config = service.config
+        return ServicePlane(
+            name,
+            plane,
+            service.router,
+            service.fleet.pools,
+            phases,
+            heartbeat=config.heartbeat,
+            timeouts=config.timeouts,
+        )
+
+    async def _stop_services(self, upto: str | None = None) -> None:
+        for name, child in list(self.services.items()):
+            if name == upto:
+                break
+            await child.close_parts()
 
     async def _check_store(self) -> None:
         """Ping a shared store before serving: an unreachable one is a warning now, not at the first
@@ -926,6 +1166,19 @@ class Proxy:
                 async with asyncio.timeout(self.shutdown_timeout):
                     await self._wait_quiet(plane)
             plane.abort_all()
+        await self._stop_services()
+        await self.close_parts()
+        if self.control is not None:
+            await self.control.stop()
+        if self.access_log is not None:
+            self.access_log.close()
+        if self.tracing is not None:
+            await asyncio.to_thread(self.tracing.close)  # the last spans, bounded in time
+        for server in self._servers:
+            await server.wait_closed()
+
+    async def close_parts(self) -> None:
+        """Close what a service runs (stop() does it for each, after the data plane)."""
         await self.discovery.close()
         self.fleet.close()
         # After the in-flight exchanges: a tool call running on a managed backend may finish.
@@ -947,11 +1200,3 @@ class Proxy:
         await self.router.close()
         await self.generations.close()
         await self.store.close()
-        if self.control is not None:
-            await self.control.stop()
-        if self.access_log is not None:
-            self.access_log.close()
-        if self.tracing is not None:
-            await asyncio.to_thread(self.tracing.close)  # the last spans, bounded in time
-        for server in self._servers:
-            await server.wait_closed()

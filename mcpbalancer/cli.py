@@ -111,6 +111,7 @@ def _admin_parser() -> argparse.ArgumentParser:
     commands.add_parser(
         "backends", parents=[after], help="the backends: state, sessions, in flight, why down"
     )
+    commands.add_parser("services", parents=[after], help="the services: what each matches, its backends")
     for verb, text in (("drain", "no new sessions for NAME"), ("undrain", "undo a drain of NAME")):
         sub = commands.add_parser(verb, parents=[after], help=text)
         sub.add_argument("name", metavar="NAME", help="a backend name")
@@ -167,10 +168,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"mcpbalancer: invalid configuration: {'; '.join(errors)}", file=sys.stderr)
             return 2
         workers = f"{config.workers} worker{'s' if config.workers > 1 else ''}"
-        backends = f"{len(config.backends)} backend{'s' if len(config.backends) != 1 else ''}"
-        n = len(config.discovery)
+        every = [config, *(s.config for s in config.services)]
+        count = sum(len(c.backends) for c in every)
+        backends = f"{count} backend{'s' if count != 1 else ''}"
+        n = sum(len(c.discovery) for c in every)
         if n:  # their backends are known once the proxy looks them up
             backends += f", {n} discovery entr{'ies' if n != 1 else 'y'}"
+        if config.services:
+            backends += f", {len(config.services)} service{'s' if len(config.services) != 1 else ''}"
         print(f"{config.source}: OK ({backends}, {workers})")
         return 0
     if config.workers > 1 and args.worker_index is None:
@@ -318,7 +323,7 @@ async def serve(
         return 2
     # Before it serves: the drains posted to the supervisor apply from its first request.
     for name, drained in (admin_drains or {}).items():
-        (proxy.fleet.drain if drained else proxy.fleet.undrain)(name)
+        proxy.set_drained(name, drained)
     try:
         await proxy.start()
     except (BackendStartError, ListenError) as exc:

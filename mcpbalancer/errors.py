@@ -21,6 +21,7 @@
           │    └── OriginNotAllowed   403: an Origin the policy refuses (DNS rebinding, CSRF)
           ├── Denied                  a `deny:` routing rule (403 or the rule's 4xx status)
           ├── SessionNotFound         404: unknown or expired session, or its owner is gone
+          ├── NoService               404: no `services` entry (nor the default one) matches the request
           ├── MethodNotAllowed        405: CONNECT (with Allow)
           ├── RequestTimeout          408: the request head did not arrive in time
           ├── PayloadTooLarge         413
@@ -185,6 +186,16 @@ def denied(status: int) -> type[Denied]:
 
 class SessionNotFound(ProxyError):
     status, reason, rpc_code, default_message = 404, "Not Found", -32600, "Session not found"
+
+
+class NoService(ProxyError):
+    status, reason, rpc_code, default_message = (
+        404,
+        "Not Found",
+        -32600,
+        "Not Found: no service for this request",
+    )
+    reject_reason = "no_service"
 
 
 class MethodNotAllowed(ProxyError):

@@ -111,15 +111,18 @@ def samples(text: bytes) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]
 
 REQ = (
     "mcpbalancer_requests_total",
-    (("backend", "a"), ("code", "2xx"), ("era", "legacy"), ("method", "POST")),
+    (("backend", "a"), ("code", "2xx"), ("era", "legacy"), ("method", "POST"), ("service", "default")),
 )
 UP = ("mcpbalancer_backend_up", (("backend", "a"),))
 SESSIONS = ("mcpbalancer_sessions_active", (("backend", "a"),))
 STREAMS = ("mcpbalancer_sse_streams_active", (("backend", "a"),))
-COUNT = ("mcpbalancer_request_duration_seconds_count", (("backend", "a"), ("era", "legacy")))
+COUNT = (
+    "mcpbalancer_request_duration_seconds_count",
+    (("backend", "a"), ("era", "legacy"), ("service", "default")),
+)
 BUCKET = (
     "mcpbalancer_request_duration_seconds_bucket",
-    (("backend", "a"), ("era", "legacy"), ("le", "0.01")),
+    (("backend", "a"), ("era", "legacy"), ("le", "0.01"), ("service", "default")),
 )
 BUILD = ("mcpbalancer_build_info", (("version", "0.1.0"),))
 

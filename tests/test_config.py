@@ -407,7 +407,7 @@ def test_unknown_key_lists_every_allowed_key() -> None:
         "heartbeat, backends, timeouts, limits, admin, metrics, log, tracing, health, shutdown_timeout, "
         "pools, routes, affinity, validate_headers, failover, allowed_origins, allowed_hosts, "
         "bind_sessions, session_binding_key, session_ids, session_keys, session_max_age, on_store_error, "
-        "workers, mcp_path, auth, tool_policy, rate_limits, trusted_proxies; did you mean `listen`?"
+        "workers, mcp_path, auth, tool_policy, rate_limits, trusted_proxies, services; did you mean `listen`?"
     )
 
 

@@ -26,6 +26,10 @@ EXAMPLES = [ROOT / "config" / "example.yaml", ROOT / "config" / "demo.yaml"]  # 
 CONFIGS = sorted((ROOT / "config").glob("*.yaml"))
 REGENERATE = "mcpbalancer schema > config/schema.json"
 CONFIGURATION = ROOT / "docs" / "configuration.md"
+# Under `services[]` the settings have the shape of the top-level keys of their names (documented
+# there); only a service's own sections are walked.
+SERVICE_KEYS = "services[]."
+SERVICE_SECTIONS = ("services[].match",)
 
 
 def committed() -> dict[str, Any]:
@@ -61,6 +65,8 @@ def keys(
     for name, child in node.get("properties", {}).items():
         path = f"{prefix}{name}"
         yield path, child
+        if path.startswith(SERVICE_KEYS) and path not in SERVICE_SECTIONS:
+            continue  # a service's setting: the shape of the top-level key of its name
         inner = resolve(schema, child)
         if inner.get("type") == "array" and "properties" in resolve(schema, inner["items"]):
             yield from keys(schema, inner["items"], f"{path}[].")
@@ -95,6 +101,7 @@ def test_every_key_has_a_description_and_every_optional_key_a_default() -> None:
     undescribed = [path for path, node in keys(schema, schema) if not node.get("description")]
     assert undescribed == []
     required = {"backends", "backends[].name", "admin.listen"}  # admin.listen: when admin is a mapping
+    required |= {"services[].name", "services[].match"}
     required |= {"auth.api_keys[].name", "auth.api_keys[].sha256", "rate_limits[].key", "rate_limits[].rate"}
     required |= {"listen[].address", "listen[].tls.cert"}
     no_default = [

@@ -31,6 +31,7 @@ TABLE_HEADER = "| key | default | meaning |"
 TABLE_ROW = re.compile(r"\| `(?P<key>[^`]+)` \| (?P<default>[^|]*) \|")
 # Rows whose default is not one attribute of the loaded Config.
 NOT_AN_ATTRIBUTE = {
+    "services[].strip_prefix": "a key of each services entry (Config.services[].strip_prefix)",
     "backends[].replicas": "expanded into <name>-1 ... <name>-N backends",
     "auth.mode": "the section's default; without an `auth` section authentication is off",
     "failover.mode": "Config.failover",
@@ -74,6 +75,9 @@ PROBE = "zz_not_a_key"
 SEED: dict[str, Any] = {
     "backends": [{"name": "a", "url": "https://127.0.0.1:8001"}],
     "routes": [{"deny": 403}],
+    "services": [
+        {"name": "s", "match": {"path_prefix": "/s"}, "backends": [{"name": "b", "url": "http://h"}]}
+    ],
 }
 UNKNOWN = re.compile(r": (?P<path>\S+): unknown key; allowed: (?P<allowed>.*?)(?:; did you mean .*)?$")
 
@@ -125,6 +129,8 @@ def known_keys(data: dict[str, Any] = SEED, at: tuple[Step, ...] = ()) -> list[s
         node: Any = data
         for step in at:
             node = node[step]
+        if documented(steps).startswith("services[].") and documented(steps) != "services[].match":
+            continue  # a service's setting: the shape of the top-level key of its name
         seeded = node.get(key)
         item = dict(seeded[0]) if isinstance(seeded, list) and seeded and isinstance(seeded[0], dict) else {}
         if allowed_keys(replaced(data, steps, {PROBE: 1}), dotted((*steps, PROBE))) is not None:

@@ -200,7 +200,13 @@ async def test_deny_answers_403_and_the_backend_sees_nothing(
     assert sample_value(proxy, "mcpbalancer_route_rule_hits_total", rule="deny") == 3
     assert (
         sample_value(
-            proxy, "mcpbalancer_requests_total", backend="none", era="modern", method="POST", code="4xx"
+            proxy,
+            "mcpbalancer_requests_total",
+            backend="none",
+            era="modern",
+            method="POST",
+            code="4xx",
+            service="default",
         )
         == 3
     )

@@ -213,7 +213,7 @@ def test_every_reject_reason_is_a_known_label() -> None:
     reasons = {c.reject_reason for c in _subclasses(ProxyError)} - {None}
     assert reasons == {
         *("session_id", "header_encoding", "strict", "rule", "host_not_allowed", "origin"),
-        *("auth", "scope", "tool_policy", "rate_limit", "backend_busy", "call_body"),
+        *("auth", "scope", "tool_policy", "rate_limit", "backend_busy", "call_body", "no_service"),
     }
     assert reasons <= set(REJECT_REASONS)
 

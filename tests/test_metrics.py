@@ -71,7 +71,7 @@ def test_answers_are_counted_by_backend_era_method_and_class(metrics: Metrics) -
     metrics.answered("a", LEGACY, b"GET", 999, None, 1.0)
 
     def requests(backend: str, era: str, method: str, code: str) -> float | None:
-        labels = {"backend": backend, "era": era, "method": method, "code": code}
+        labels = {"backend": backend, "era": era, "method": method, "code": code, "service": "default"}
         return sample(metrics, "mcpbalancer_requests_total", **labels)
 
     assert requests("a", "legacy", "POST", "2xx") == 2
@@ -81,14 +81,25 @@ def test_answers_are_counted_by_backend_era_method_and_class(metrics: Metrics) -
     assert requests("a", "legacy", "GET", "other") == 1
 
     def bucket(le: str) -> float | None:
-        labels = {"backend": "a", "era": "legacy", "le": le}
+        labels = {"backend": "a", "era": "legacy", "le": le, "service": "default"}
         return sample(metrics, "mcpbalancer_request_duration_seconds_bucket", **labels)
 
     assert (bucket("0.0005"), bucket("0.0025"), bucket("0.005"), bucket("+Inf")) == (1, 1, 2, 4)
-    duration = sample(metrics, "mcpbalancer_request_duration_seconds_sum", backend="a", era="legacy")
+    duration = sample(
+        metrics, "mcpbalancer_request_duration_seconds_sum", backend="a", era="legacy", service="default"
+    )
     assert duration == pytest.approx(2.0032)
     # The proxy's own answers have no backend latency.
-    assert sample(metrics, "mcpbalancer_request_duration_seconds_count", backend="none", era="legacy") is None
+    assert (
+        sample(
+            metrics,
+            "mcpbalancer_request_duration_seconds_count",
+            backend="none",
+            era="legacy",
+            service="default",
+        )
+        is None
+    )
 
 
 def test_mcp_methods_are_bounded(metrics: Metrics) -> None:

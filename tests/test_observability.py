@@ -107,7 +107,7 @@ class Observed:
         return self.registry.get_sample_value(name, labels) or 0.0
 
     def requests(self, backend: str, code: str, method: str = "POST", era: str = "legacy") -> float:
-        labels = {"backend": backend, "code": code, "method": method, "era": era}
+        labels = {"backend": backend, "code": code, "method": method, "era": era, "service": "default"}
         return self.value("mcpbalancer_requests_total", **labels)
 
     def lookups(self) -> dict[str, float]:
@@ -185,7 +185,10 @@ async def test_a_session_from_initialize_to_delete(
     # The memory store answers every known session from memory: a cache hit.
     assert obs.lookups() == {"cache_hit": 2, "store_hit": 0, "miss": 0}
     assert obs.requests(name, "2xx") == 3
-    assert obs.value("mcpbalancer_request_duration_seconds_count", backend=name, era="legacy") == 3
+    assert (
+        obs.value("mcpbalancer_request_duration_seconds_count", backend=name, era="legacy", service="default")
+        == 3
+    )
     # Legacy requests carry no Mcp-Method header and bodies are not parsed: "other".
     assert obs.value("mcpbalancer_mcp_requests_total", era="legacy", mcp_method="other") == 3
     # initialize and tools/call were answered as SSE; each stream has ended.
@@ -204,7 +207,12 @@ async def test_a_session_from_initialize_to_delete(
     assert obs.lookups() == {"cache_hit": 3, "store_hit": 0, "miss": 1}
     assert obs.requests("none", "4xx") == 1
     # The proxy's own answers are not backend latency.
-    assert obs.value("mcpbalancer_request_duration_seconds_count", backend="none", era="legacy") == 0
+    assert (
+        obs.value(
+            "mcpbalancer_request_duration_seconds_count", backend="none", era="legacy", service="default"
+        )
+        == 0
+    )
     assert obs.ended() == {"delete": 1}
 
 

@@ -82,7 +82,13 @@ async def test_a_principal_over_its_rate_gets_429_and_others_are_not_affected(
     assert sample(proxy, "mcpbalancer_rejected_requests_total", reason="rate_limit") >= 1
     # A refused request reached no backend: only the passed ones were answered by one.
     answered = sample(
-        proxy, "mcpbalancer_requests_total", backend="a", era="modern", method="POST", code="2xx"
+        proxy,
+        "mcpbalancer_requests_total",
+        backend="a",
+        era="modern",
+        method="POST",
+        code="2xx",
+        service="default",
     )
     assert answered == passed + 1
     assert proxy.backends.get("a").up  # type: ignore[union-attr]

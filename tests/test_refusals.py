@@ -67,8 +67,8 @@ CASES = [
 ]
 OWN_TESTS = {"connections", "credential"}  # need more than one request: tested below
 # Need more than one request too, tested with their features: test_ratelimit.py (rate_limit),
-# test_concurrency.py (backend_busy).
-ACCESS_OWN_TESTS = {"rate_limit", "backend_busy"}
+# test_concurrency.py (backend_busy); no_service needs `services` (test_services.py).
+ACCESS_OWN_TESTS = {"rate_limit", "backend_busy", "no_service"}
 
 KEY, NARROW_KEY = "refusals-key-0001", "refusals-key-0002"
 ACCESS_CONFIG: dict[str, Any] = {

@@ -85,7 +85,7 @@ def answered(proxy: Proxy) -> dict[str, int]:
     """Legacy POSTs each backend answered (any status)."""
     counts = {}
     for b in proxy.backends:
-        labels = {"backend": b.name, "era": "legacy", "method": "POST"}
+        labels = {"backend": b.name, "era": "legacy", "method": "POST", "service": "default"}
         counts[b.name] = sum(
             int(
                 proxy.metrics.registry.get_sample_value(

@@ -69,7 +69,7 @@ async def test_a_denied_tool_is_refused_with_a_json_rpc_error_and_reaches_no_bac
     assert rejected(proxy, "tool_policy") == 1
     # The refusal was the proxy's own answer (backend "none"), once.
     era = "legacy" if mode == "legacy" else "modern"
-    labels = {"backend": "none", "era": era, "method": "POST", "code": "4xx"}
+    labels = {"backend": "none", "era": era, "method": "POST", "code": "4xx", "service": "default"}
     assert proxy.metrics.registry.get_sample_value("mcpbalancer_requests_total", labels) == 1
 
 

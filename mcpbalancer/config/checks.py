@@ -315,3 +315,15 @@ def redact(url: str) -> str:
     if not sep or "@" not in authority:
         return url
     return f"{scheme}://***@{authority.rpartition('@')[2]}{slash}{tail}"
+
+
+def check_path_prefix(value: str) -> str:
+    """A service's `match.path_prefix`: a path of whole segments, `/github` or `/api/v1`."""
+    if not value.startswith("/"):
+        raise ValueError(f"must start with '/', got {value!r}")
+    if value.endswith("/"):
+        hint = "; leave path_prefix out to match every path" if value == "/" else ""
+        raise ValueError(f"must not end with '/' (it matches whole path segments), got {value!r}{hint}")
+    if not URL_PATH.fullmatch(value) or "?" in value or "#" in value or "*" in value:
+        raise ValueError(f"must be visible ASCII without '?', '#' or '*', at most 256 bytes; got {value!r}")
+    return value

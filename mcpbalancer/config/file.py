@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Annotated, Any, Final, Self
 
-from pydantic import AfterValidator, BeforeValidator, Field, GetJsonSchemaHandler, model_validator
+from pydantic import AfterValidator, BeforeValidator, ConfigDict, Field, GetJsonSchemaHandler, model_validator
 from pydantic.dataclasses import dataclass
 from pydantic_core import CoreSchema
 
@@ -472,7 +472,95 @@ class RouteEntry(Section):
         return self
 
 
-@dataclass(frozen=True, slots=True, kw_only=True, config=MODEL)
+PathPrefix = Annotated[Text, AfterValidator(checks.check_path_prefix)]
+
+
+def _required_unless_services(schema: dict[str, Any]) -> None:
+    """The schema of `backends`: no default (the file needs it, or `services`)."""
+    schema.pop("default", None)
+
+
+def _backends_or_services_schema(schema: dict[str, Any]) -> None:
+    """The file's schema: non-empty `backends`, or non-empty `services`, or both."""
+    schema["anyOf"] = [
+        {"required": ["backends"], "properties": {"backends": {"minItems": 1}}},
+        {"required": ["services"], "properties": {"services": {"minItems": 1}}},
+    ]
+
+
+@dataclass(frozen=True, slots=True, config=MODEL)
+class ServiceMatch(Section):
+    """Which requests a service takes: a Host glob and/or a path prefix; at least one."""
+
+    host: HostName | None = Field(
+        default=None,
+        description="Host name (no port), exact or a glob with * and ?; absent: any Host. An exact name "
+        "wins over a glob, a glob over no host, at the same path_prefix.",
+    )
+    path_prefix: PathPrefix | None = Field(
+        default=None,
+        description="Path the request target starts with, on a segment boundary (/github matches "
+        "/github and /github/..., not /githubx); the longest matching prefix wins. Starts with '/', "
+        "does not end with it.",
+    )
+
+    @model_validator(mode="after")
+    def _something(self) -> Self:
+        if self.host is None and self.path_prefix is None:
+            raise invalid((), "needs `host`, `path_prefix` or both (the top-level `backends` take the rest)")
+        if self.host is not None and not self.host.strip("*"):
+            raise invalid(("host",), "must name hosts; leave `host` out to match any Host")
+        return self
+
+
+_INHERITED: Final = "As the top-level key, for this service; absent: the top-level value."
+
+
+@dataclass(frozen=True, slots=True, config=MODEL)
+class ServiceEntry(Section):
+    """One MCP service behind the listener: its own backends, session namespace and settings.
+    Per-service keys a service does not set take the top-level value (except backends, pools and
+    routes, which are its own)."""
+
+    name: Name = Field(description="Unique service name: the `service` label and log field, the admin API.")
+    match: ServiceMatch = Field(description="The requests this service takes: `host`, `path_prefix` or both.")
+    strip_prefix: Flag = Field(
+        default=True,
+        description="Remove match.path_prefix from the target before routing and forwarding: "
+        "/github/mcp is then `mcp_path` /mcp, sent to each backend's MCP endpoint.",
+    )
+    backends: tuple[BackendEntry, ...] = Field(
+        default=(), description="This service's MCP server instances, as the top-level `backends`."
+    )
+    balance: Balance | None = Field(default=None, description=_INHERITED)
+    session_ttl: Number | None = Field(default=None, gt=0, description=_INHERITED)
+    heartbeat: Number | None = Field(default=None, ge=0, description=_INHERITED)
+    timeouts: TimeoutsConfig | None = Field(default=None, description=_INHERITED)
+    health: HealthConfig | None = Field(default=None, description=_INHERITED)
+    pools: dict[Name, Members] | None = Field(
+        default=None, description="As `pools`, of this service's backends."
+    )
+    routes: tuple[RouteEntry, ...] | None = Field(
+        default=None, description="As `routes`, to this service's pools."
+    )
+    affinity: AffinityConfig | None = Field(default=None, description=_INHERITED)
+    validate_headers: Flag | None = Field(default=None, description=_INHERITED)
+    failover: Failovers | None = Field(default=None, description=_INHERITED)
+    bind_sessions: HeaderName | None = Field(default=None, description=_INHERITED)
+    session_binding_key: BindingKey | None = Field(default=None, description=_INHERITED)
+    session_max_age: Number | None = Field(default=None, gt=0, description=_INHERITED)
+    mcp_path: McpPath | None = Field(default=None, description=_INHERITED)
+    auth: AuthConfig | None = Field(default=None, description=_INHERITED)
+    tool_policy: tuple[ToolRule, ...] | None = Field(default=None, description=_INHERITED)
+    rate_limits: tuple[RateLimit, ...] | None = Field(default=None, description=_INHERITED)
+
+
+@dataclass(
+    frozen=True,
+    slots=True,
+    kw_only=True,
+    config=ConfigDict(**MODEL, json_schema_extra=_backends_or_services_schema),
+)
 class ConfigFile(Section):
     """mcpbalancer configuration. Every key except `backends` is optional. String values may name
     environment variables as ${NAME} ($${ for a literal ${)."""
@@ -516,7 +604,10 @@ class ConfigFile(Section):
         "comment to the client; 0 = off.",
     )
     backends: tuple[BackendEntry, ...] = Field(
-        min_length=1, description="The MCP server instances; at least one."
+        default=(),
+        description="The MCP server instances; at least one unless `services` are given (then these are "
+        "the service named default, which takes the requests no service matches).",
+        json_schema_extra=_required_unless_services,
     )
     timeouts: TimeoutsConfig | None = Field(default=TimeoutsConfig(), description=TimeoutsConfig.__doc__)
     limits: LimitsConfig | None = Field(default=LimitsConfig(), description=LimitsConfig.__doc__)
@@ -629,6 +720,11 @@ class ConfigFile(Section):
         description="Addresses or networks of proxies in front of this one: only their X-Forwarded-For "
         "and X-Forwarded-Proto are believed (client_ip rate limits, the resource URL).",
     )
+    services: tuple[ServiceEntry, ...] | None = Field(
+        default=(),
+        description="Several MCP services behind the one listener, each picked by Host and path prefix, "
+        "with its own backends and session namespace; see docs/configuration.md#services.",
+    )
 
     @model_validator(mode="before")
     @classmethod
@@ -649,6 +745,18 @@ class ConfigFile(Section):
         except ValueError:
             return data  # mcp_path's own error says what is wrong, once
         return {**data, "health": {**(health or {}), "path": mcp_path}}
+
+    @model_validator(mode="before")
+    @classmethod
+    def _backends_or_services(cls, data: Any) -> Any:
+        """`backends` may be left out (or empty) only when `services` are given."""
+        if not isinstance(data, Mapping) or data.get("services"):
+            return data
+        if "backends" not in data:
+            raise invalid(("backends",), "is required (or `services`)")
+        if isinstance(data["backends"], list | tuple) and not data["backends"]:
+            raise invalid(("backends",), "must have at least one entry (or give `services`)")
+        return data
 
     @model_validator(mode="after")
     def _across_keys(self) -> Self:

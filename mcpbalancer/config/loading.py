@@ -3,6 +3,7 @@ pydantic's errors become ours, `FILE: key.path: what is wrong`, one line per pro
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import os
 import re
@@ -17,6 +18,7 @@ from mcpbalancer.config.build import build, check_workers
 from mcpbalancer.config.checks import describe
 from mcpbalancer.config.file import ConfigFile
 from mcpbalancer.config.runtime import Config
+from mcpbalancer.config.services import build_services, check_backend_names
 from mcpbalancer.errors import ConfigError
 from mcpbalancer.fileaccess import unreadable
 
@@ -62,7 +64,14 @@ def parse_config(data: object, source: str = "<config>", environ: Mapping[str, s
     except ValidationError as exc:
         lines = [f"{source}: {_problem(data, error)}" for error in _own(exc.errors(include_url=False))]
         raise ConfigError("\n".join(lines)) from None
-    return check_workers(build(file, source))
+    config = check_workers(build(file, source))
+    if not file.services:
+        return config
+    assert isinstance(data, Mapping)
+    services = build_services(data, file, source, FILE.validate_python, _problem)
+    config = dataclasses.replace(config, services=services)
+    check_backend_names(config, source)
+    return config
 
 
 # --- ${NAME} ---------------------------------------------------------------------------------------

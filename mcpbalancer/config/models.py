@@ -57,7 +57,8 @@ DEFAULT_STORE_PREFIX: Final = "mcpb:"
 DEFAULT_LOCAL_CACHE_SIZE: Final = 100_000
 DEFAULT_SHUTDOWN_TIMEOUT: Final = 10.0
 DEFAULT_MCP_PATH: Final = "/mcp"
-# The name of the one service today's files describe (top-level `backends`): logs, the status page.
+# The name of the service of the top-level `backends` (`services` entries have their own): the
+# access log, the metrics' `service` label, the status page, the sealed ids.
 DEFAULT_SERVICE: Final = "default"
 MAX_REPLICAS: Final = 64
 MAX_WORKERS: Final = 1024  # a typo guard, not a tuning limit

@@ -216,10 +216,24 @@ class Config:
     discovery: tuple[DiscoveryConfig, ...] = ()
     # Every `listen` entry, the first being listen_host:listen_port; () = that one alone, plain.
     listeners: tuple[ListenerConfig, ...] = ()
+    # The `services` entries (config/services.py); the top-level backends are the default service.
+    services: tuple[ServiceConfig, ...] = ()
 
     @property
     def all_listeners(self) -> tuple[ListenerConfig, ...]:
         return self.listeners or (ListenerConfig(self.listen_host, self.listen_port),)
+
+
+@dataclass(frozen=True, slots=True)
+class ServiceConfig:
+    """One `services` entry: how requests are matched to it, and its own Config (the top-level one
+    with the service's keys in place of the top-level ones, `services` empty)."""
+
+    name: str
+    host: str | None  # lower-case Host name or glob; None = any Host
+    path_prefix: str | None  # "/github"; None = every path
+    strip_prefix: bool
+    config: Config
 
 
 def host_port(host: str, port: int) -> str:

@@ -21,7 +21,7 @@ from mcpbalancer.observability.metrics import ADMIN_ACTIONS, Metrics
 log = logging.getLogger("mcpbalancer.audit")
 
 # Actions that change something: logged when they succeed too.
-CHANGES: Final = frozenset({"drain", "undrain", "reload"})
+CHANGES: Final = frozenset({"drain", "undrain", "reload", "service_drain", "service_undrain"})
 _TARGET_MAX: Final = 64
 
 

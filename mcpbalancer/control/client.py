@@ -22,7 +22,7 @@ from mcpbalancer.control.healthcheck import healthz_address
 
 TOKEN_ENV: Final = "MCPBALANCER_ADMIN_TOKEN"
 TIMEOUT: Final = 30.0  # a reload with workers waits for every worker
-COMMANDS: Final = ("backends", "drain", "undrain", "reload")
+COMMANDS: Final = ("backends", "services", "drain", "undrain", "reload")
 
 
 class AdminError(Exception):
@@ -85,6 +85,8 @@ def request_of(command: str, name: str | None) -> tuple[str, str]:
     """(method, path) of a command."""
     if command == "backends":
         return "GET", "/admin/backends"
+    if command == "services":
+        return "GET", "/admin/services"
     if command == "reload":
         return "POST", "/admin/reload"
     assert name is not None
@@ -124,6 +126,8 @@ def describe(command: str, body: Any) -> str:
         return f"{body}\n"
     if command == "backends":
         return table(body.get("backends", []))
+    if command == "services":
+        return "\n".join(_service(s) for s in body.get("services", []))
     if command == "reload":
         changes = ", ".join(
             f"{k} {', '.join(body.get(k) or []) or 'none'}" for k in ("added", "removed", "updated")
@@ -140,6 +144,16 @@ def _workers(body: dict[str, Any]) -> str:
     pending = [str(w.get("worker")) for w in workers if w.get("pending")]
     text = f" (worker{'s' if len(done) != 1 else ''} {', '.join(done) or 'none'}"
     return text + (f"; {', '.join(pending)} when they serve)" if pending else ")")
+
+
+def _service(service: dict[str, Any]) -> str:
+    match = service.get("match") or {}
+    if match.get("default"):
+        where = "the rest (top-level backends)"
+    else:
+        parts = [f"host {match['host']}" if match.get("host") else "", match.get("path_prefix") or ""]
+        where = " ".join(p for p in parts if p) + ("" if match.get("strip_prefix") else " (prefix kept)")
+    return f"service {service.get('name')}: {where}\n" + table(service.get("backends", []))
 
 
 HEADER: Final = ("NAME", "STATE", "SESSIONS", "IN FLIGHT", "WHY DOWN")

@@ -105,6 +105,9 @@ class ClusterControl(Listener):
         add_post("/admin/backends/{name}/drain", self._drain, name="drain")
         add_post("/admin/backends/{name}/undrain", self._undrain, name="undrain")
         add_post("/admin/reload", self._reload, name="reload")
+        add_get("/admin/services", self._services, name="services")
+        add_post("/admin/services/{name}/drain", self._drain_service, name="service_drain")
+        add_post("/admin/services/{name}/undrain", self._undrain_service, name="service_undrain")
 
     async def start(self) -> None:
         await super().start()
@@ -191,6 +194,46 @@ class ClusterControl(Listener):
             return _json({**body, "error": "no worker answered"}, status=503 if not channels else 502)
         self._audit.done(request, "backends", "ok")
         return _json(body)
+
+    async def _services(self, request: web.Request) -> web.Response:
+        channels = self._serving()
+        replies = await self._ask_all(channels, "GET", "/admin/services")
+        lists = {r.index: r.body["services"] for r in replies if r.status == 200 and _has(r.body, "services")}
+        body = {"services": merge.services(lists), "workers": self._report(replies, "answered")}
+        if not lists:
+            self._audit.done(request, "services", "failed", "no worker answered")
+            return _json({**body, "error": "no worker answered"}, status=503 if not channels else 502)
+        self._audit.done(request, "services", "ok")
+        return _json(body)
+
+    async def _drain_service(self, request: web.Request) -> web.Response:
+        return await self._change_service(request, "drain", drained=True)
+
+    async def _undrain_service(self, request: web.Request) -> web.Response:
+        return await self._change_service(request, "undrain", drained=False)
+
+    async def _change_service(self, request: web.Request, verb: str, *, drained: bool) -> web.Response:
+        """Every worker drains (undrains) the service's backends; each backend is remembered as an
+        admin drain, so a worker that starts later gets it too."""
+        name, action = request.match_info["name"], f"service_{verb}"
+        channels = self._serving()
+        if not channels:
+            return self._no_worker(request, action)
+        replies = await self._ask_all(channels, "POST", f"/admin/services/{quote(name, safe='')}/{verb}")
+        if all(r.status == 404 for r in replies):
+            self._audit.done(request, action, "not_found")
+            return _json({"error": f"unknown service {name!r}"}, status=404)
+        applied = [r for r in replies if r.status == 200 and _has(r.body, "backends")]
+        lists = {r.index: r.body["backends"] for r in applied}
+        for backend in merge.backends(lists):
+            self._workers.begin_drain(str(backend["name"]), drained)
+        body = {
+            "service": name,
+            "backends": merge.backends(lists),
+            "applied": len(applied) == len(replies),
+            "workers": self._report(replies, "applied"),
+        }
+        return self._answer(request, action, replies, body, ok=len(applied) == len(replies))
 
     async def _drain(self, request: web.Request) -> web.Response:
         return await self._change(request, "drain", drained=True)

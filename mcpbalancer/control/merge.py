@@ -29,6 +29,19 @@ def backends(per_worker: Mapping[int, Sequence[Entry]]) -> list[dict[str, Any]]:
     return [_backend(name, seen) for name, seen in names.items()]
 
 
+def services(per_worker: Mapping[int, Sequence[Entry]]) -> list[dict[str, Any]]:
+    """The `services` lists of the workers as one list, by service name: its match as the first
+    worker gives it, its backends merged as `backends` merges them."""
+    seen: dict[str, dict[int, Sequence[Entry]]] = {}
+    match: dict[str, Any] = {}
+    for index, entries in per_worker.items():
+        for entry in entries:
+            name = str(entry.get("name"))
+            seen.setdefault(name, {})[index] = entry.get("backends") or []
+            match.setdefault(name, entry.get("match"))
+    return [{"name": n, "match": match[n], "backends": backends(lists)} for n, lists in seen.items()]
+
+
 def _backend(name: str, seen: list[tuple[int, Entry]]) -> dict[str, Any]:
     merged: dict[str, Any] = {"name": name}
     fields = dict.fromkeys(key for _, entry in seen for key in entry if key != "name")

@@ -20,9 +20,9 @@ import contextlib
 import html
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import Final, NamedTuple
+from typing import Final, NamedTuple, TypeVar
 
 from aiohttp import web
 
@@ -307,3 +307,26 @@ footer{{margin-top:1.5em;color:#889;font-size:12px}}
 <footer>Read-only; reloads every {refresh} s. Generated {generated}.</footer>
 </body></html>
 """
+
+
+V = TypeVar("V")
+
+
+class MergedMapping(Mapping[str, V]):
+    """The union of the mappings `parts` returns now (keys are unique across them: backend names)."""
+
+    def __init__(self, parts: Callable[[], Iterable[Mapping[str, V]]]) -> None:
+        self._parts = parts
+
+    def __getitem__(self, key: str) -> V:
+        for part in self._parts():
+            if key in part:
+                return part[key]
+        raise KeyError(key)
+
+    def __iter__(self) -> Iterator[str]:
+        for part in self._parts():
+            yield from part
+
+    def __len__(self) -> int:
+        return sum(len(part) for part in self._parts())

@@ -21,11 +21,13 @@ from mcpbalancer.dataplane.deadline import Deadline
 from mcpbalancer.dataplane.exchange import Exchange, ExchangePlane
 from mcpbalancer.dataplane.framing import chunk, chunk_size
 from mcpbalancer.dataplane.head import Capture, RequestHead
+from mcpbalancer.dataplane.services import ServiceMap
 from mcpbalancer.dataplane.state import ExchangeState
 from mcpbalancer.errors import (
     BadRequest,
     HeadersTooLarge,
     MethodNotAllowed,
+    NoService,
     PayloadTooLarge,
     ProxyError,
     RequestTimeout,
@@ -44,11 +46,18 @@ COPY_LIMIT = 16 * 1024
 _VERSIONS = frozenset({"1.0", "1.1"})
 
 
+class ServicePlaneLike(ExchangePlane, Protocol):
+    """One service's view of the plane (plane.py's ServicePlane)."""
+
+    name: str
+
+
 class ConnectionPlane(ExchangePlane, Protocol):
     """What a client connection needs of the data plane (plane.py's DataPlane, which makes the
     connections), besides what it hands on to its exchanges."""
 
     capture: dict[bytes, Capture]  # the request header fields to pick out as they arrive
+    services: ServiceMap[ServicePlaneLike] | None  # `services`: which one a request is for
     connections: set[ClientConnection]
     accepting: bool
 
@@ -258,14 +267,29 @@ class ClientConnection(asyncio.Protocol):
         elif head.content_length is not None and head.content_length.strip() != b"0":
             head.has_body = True
         plane = self.plane
-        exchange = Exchange(plane, self, head)
         problem = self._head_problem(head)
+        services = plane.services
+        phases = plane.phases
+        missing = False
+        if services is None or problem is not None or head.target in plane.local:
+            exchange = Exchange(plane, self, head)
+        else:
+            exchange = self._for_service(services, head)
+            missing = exchange.service_missing
+            phases = exchange.plane.phases
         if problem is not None:
             err, reason = problem
             plane.metrics.rejected(reason)
             head.keep_alive = exchange.keep_alive = False
             exchange.fail_before_start(err)
-        elif (early := plane.phases.early_request) is not None and (
+        elif missing:
+            # The Host and Origin checks still come first: a refused Host is a 421, not a 404.
+            early = phases.early_request
+            verdict = early(head, self.peer_ip) if early is not None else None
+            if isinstance(verdict, ProxyError):
+                head.keep_alive = exchange.keep_alive = False
+            exchange.fail_before_start(verdict if isinstance(verdict, ProxyError) else NoService())
+        elif (early := phases.early_request) is not None and (
             verdict := early(head, self.peer_ip)
         ) is not None:
             if isinstance(verdict, ProxyError):  # counted by its reject_reason when answered
@@ -280,6 +304,23 @@ class ClientConnection(asyncio.Protocol):
             exchange.start()
         elif len(self._queue) >= PIPELINE_DEPTH:
             self.pause_reading()
+
+    def _for_service(self, services: ServiceMap[ServicePlaneLike], head: RequestHead) -> Exchange:
+        """The exchange of the service `head` is for, its target as the service sees it (a
+        stripped prefix); one marked `service_missing` (answered 404) when none matches."""
+        picked = services.pick(head.host, head.target)
+        if picked is None:
+            exchange = Exchange(self.plane, self, head)
+            exchange.service_missing = True
+            if log.isEnabledFor(logging.INFO):
+                host = (head.host or b"")[:100].decode("latin-1")
+                target = head.target[:200].decode("latin-1")
+                log.info("no service for Host %r, target %r: 404", host, target, extra=exchange.log_fields())
+            return exchange
+        view, head.target = picked
+        exchange = Exchange(view, self, head)
+        exchange.service = view.name
+        return exchange
 
     def _head_problem(self, head: RequestHead) -> tuple[ProxyError, str] | None:
         """Why this head's framing is refused, with its REJECT_REASONS label; None when it may go

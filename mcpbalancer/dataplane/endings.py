@@ -75,7 +75,7 @@ class Endings(ExchangeState):
         head, facts = self.head, self.facts
         era = facts.era if facts is not None else protocol.era_of(head.session_id, head.protocol_version)
         backend = self.backend.name if self.backend is not None else NO_BACKEND
-        self.plane.metrics.answered(backend, era, head.method, status, head.mcp_method, None)
+        self.plane.metrics.answered_by_proxy(backend, era, head.method, status, head.mcp_method, self.service)
 
     def _serve_local(self, handler: LocalHandler) -> None:
         """A path the proxy answers itself (/healthz, /readyz, /metrics): never forwarded."""

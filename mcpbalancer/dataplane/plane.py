@@ -11,10 +11,11 @@ from collections.abc import Mapping
 from prometheus_client import CollectorRegistry
 
 from mcpbalancer.config import LimitsConfig, TimeoutsConfig
-from mcpbalancer.dataplane.client import ClientConnection
+from mcpbalancer.dataplane.client import ClientConnection, ServicePlaneLike
 from mcpbalancer.dataplane.exchange import Exchange
 from mcpbalancer.dataplane.head import capture
 from mcpbalancer.dataplane.local import LocalHandler
+from mcpbalancer.dataplane.services import ServiceMap
 from mcpbalancer.dataplane.upstream import UpstreamPool
 from mcpbalancer.errors import NoBackendAvailable, render_error
 from mcpbalancer.filters.phases import NO_PHASES, Phases
@@ -61,6 +62,9 @@ class DataPlane:
         self.accepting = True
         self._none_open = asyncio.Event()
         self._none_open.set()
+        # With `services`: which one a request is for (client.py asks it per request head). None
+        # without them: every request is the default service's, and nothing is matched.
+        self.services: ServiceMap[ServicePlaneLike] | None = None
 
     def configure(
         self,
@@ -75,6 +79,21 @@ class DataPlane:
         self.heartbeat, self.timeouts, self.limits = heartbeat, timeouts, limits
         self.phases = phases
         self.capture = capture(self.router.reads_names or phases.reads_names)
+        if self.services is not None:
+            self._recapture()
+
+    def serve(self, services: ServiceMap[ServicePlaneLike] | None) -> None:
+        """The services requests are matched to from now on (None: the default one only)."""
+        self.services = services
+        self.capture = capture(self.router.reads_names or self.phases.reads_names)
+        if services is not None:
+            self._recapture()
+
+    def _recapture(self) -> None:
+        assert self.services is not None
+        views = [route.target for route in self.services.routes]
+        names = any(v.router.reads_names or v.phases.reads_names for v in views)
+        self.capture = capture(names or self.router.reads_names or self.phases.reads_names)
 
     def opened(self, conn: ClientConnection) -> None:
         self.connections.add(conn)
@@ -129,6 +148,30 @@ class DataPlane:
         for conn in list(self.connections):
             if any(ex.backend is backend and _standalone_stream(ex) for ex in conn.exchanges):
                 _cut(conn, "aborted")
+
+
+class ServicePlane:
+    """What the exchanges of one service read as their plane: the service's router, pools, filters
+    and stream settings; the rest is the data plane's. Made anew at every reload (app.py)."""
+
+    def __init__(
+        self,
+        name: str,
+        plane: DataPlane,
+        router: Router,
+        pools: dict[str, UpstreamPool],
+        phases: Phases,
+        *,
+        heartbeat: float,
+        timeouts: TimeoutsConfig,
+    ) -> None:
+        self.name = name
+        self.router, self.pools, self.phases = router, pools, phases
+        self.heartbeat, self.timeouts = heartbeat, timeouts
+        self.metrics = plane.metrics
+        self.local = plane.local
+        self.loop = plane.loop
+        self.limits = plane.limits
 
 
 def _cut(conn: ClientConnection, outcome: str) -> None:

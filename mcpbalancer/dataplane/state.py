@@ -108,6 +108,7 @@ class ExchangeState:
     cut_by: str | None = None  # the outcome when the proxy closes the client connection (shutdown)
     created: bytes | None = None  # the session id a 2xx answer to a request without one minted
     service = DEFAULT_SERVICE
+    service_missing = False  # `services`: none matches this request (answered 404)
     _request_id: bytes | None = None  # made for an error answer when the client sent none
     trace: Span | None = None  # this request's span, set by the tracing filter when sampled
     _awaiting_body = False  # routing waits for the whole request body (a request_body filter)

@@ -104,6 +104,7 @@ class Authenticator:
         mcp_path: str,
         trusted: TrustedProxies | None = None,
         clock: Callable[[], float] = time.time,
+        public_prefix: str = "",
     ) -> None:
         self.config = config
         self._keys = keys
@@ -112,6 +113,9 @@ class Authenticator:
         self._trusted = trusted or TrustedProxies()
         self._clock = clock
         self._mcp_path = mcp_path.encode("ascii")
+        # A `services` entry's stripped path_prefix: the requests come without it, the URLs the
+        # client is told (the resource, its metadata) carry it.
+        self._public_path = public_prefix + mcp_path
         self._algorithms = tuple(config.algorithms)
         self._audience = list(config.audience)
         self._key_header = None if config.api_key_header is None else config.api_key_header.lower().encode()
@@ -157,7 +161,7 @@ class Authenticator:
 
     def _metadata_document(self, head: Head, peer_ip: bytes) -> dict[str, Any]:
         config = self.config
-        document: dict[str, Any] = {"resource": self._origin(head, peer_ip) + self._mcp_path.decode()}
+        document: dict[str, Any] = {"resource": self._origin(head, peer_ip) + self._public_path}
         servers = list(config.authorization_servers) or ([config.issuer] if config.issuer else [])
         if servers:
             document["authorization_servers"] = servers
@@ -174,7 +178,7 @@ class Authenticator:
 
     def challenge(self, ctx: Context, error: str | None = None, description: str | None = None) -> str:
         """The WWW-Authenticate value of a refusal."""
-        url = self._origin(ctx.head, ctx.peer_ip) + (WELL_KNOWN + self._mcp_path).decode()
+        url = self._origin(ctx.head, ctx.peer_ip) + WELL_KNOWN.decode() + self._public_path
         parts = []
         if error is not None:
             parts.append(f'error="{error}"')

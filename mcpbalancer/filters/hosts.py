@@ -84,17 +84,18 @@ class HostFilter:
         return MisdirectedRequest(f"Misdirected Request: Host {name!r} is not in allowed_hosts")
 
 
-def for_listen(allowed: Iterable[str] | None, listen_host: str) -> HostPolicy:
+def for_listen(allowed: Iterable[str] | None, listen_host: str, named: Iterable[str] = ()) -> HostPolicy:
     """The policy for `allowed_hosts` as configured (None: not set) on a proxy listening on
     `listen_host`. Unset on a loopback address: the loopback names. Unset elsewhere: the loopback
     names, the listen name if it is one, and any IP address, since a Host that is an IP literal
     cannot come from a rebinding page (that needs a DNS name the attacker controls); other names
-    are refused until the operator lists them."""
+    are refused until the operator lists them. Unset, the `named` hosts (the services' own
+    `match.host`: names the operator wrote) are allowed too."""
     if allowed is not None:
         return HostPolicy(allowed)
     if is_loopback(listen_host):
-        return HostPolicy(LOOPBACK_NAMES)
-    names: tuple[str, ...] = LOOPBACK_NAMES
+        return HostPolicy((*LOOPBACK_NAMES, *named))
+    names: tuple[str, ...] = (*LOOPBACK_NAMES, *named)
     if listen_host.isascii() and listen_host.lower() not in _WILDCARDS and not _is_address(listen_host):
         names += (listen_host,)
     return HostPolicy(names, ip_literals=True)

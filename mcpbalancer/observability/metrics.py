@@ -32,6 +32,7 @@ from prometheus_client.platform_collector import PlatformCollector
 from prometheus_client.process_collector import ProcessCollector
 
 from mcpbalancer import __version__
+from mcpbalancer.config.models import DEFAULT_SERVICE
 from mcpbalancer.protocol import Era
 
 EXPOSITION_CONTENT_TYPE: Final = CONTENT_TYPE_LATEST
@@ -86,13 +87,24 @@ REJECT_REASONS: Final = (
     "rate_limit",  # a rate_limits bucket was empty (429)
     "backend_busy",  # a backend's max_in_flight stayed full for its queue_timeout (503)
     "call_body",  # a legacy body read for its tool calls is not JSON, or names a key twice (400)
+    "no_service",  # `services`: no service matches the request's Host and path (404)
 )
 # How requests fared with `auth`: cached (a token verified before, until its expiry), verified (its
 # signature checked now), key (an API key), public (a public path), and the refusals.
 AUTH_RESULTS: Final = ("cached", "verified", "key", "public", "missing", "invalid", "scope", "unavailable")
 JWKS_RESULTS: Final = ("ok", "error")
 # What an admin request asked for (a route's name on the admin listener), and how it ended.
-ADMIN_ACTIONS: Final = ("backends", "drain", "undrain", "reload", "status", "other")
+ADMIN_ACTIONS: Final = (
+    "backends",
+    "drain",
+    "undrain",
+    "reload",
+    "status",
+    "services",
+    "service_drain",
+    "service_undrain",
+    "other",
+)
 ADMIN_OUTCOMES: Final = (
     "ok",  # done (with workers: by every worker serving)
     "unauthorized",  # no token, or a wrong one (401)
@@ -300,6 +312,9 @@ class Metrics:
         runtime: bool = False,
     ) -> None:
         self.registry = registry
+        # The service a backend belongs to (app.py sets it with `services`); a name the proxy never
+        # had is the default service's, as is the proxy's own answer outside any service.
+        self.service_of: Callable[[str], str] = _default_service
         self._define(registry)
         registry.register(_BackendState(backends))
         if runtime:
@@ -314,14 +329,15 @@ class Metrics:
         self.requests = _Counter(
             r,
             "mcpbalancer_requests_total",
-            "Requests answered, by backend ('none': answered by the proxy), era, HTTP method, status class.",
-            ("backend", "era", "method", "code"),
+            "Requests answered, by backend ('none': answered by the proxy), era, HTTP method, status class, "
+            "service.",
+            ("backend", "era", "method", "code", "service"),
         )
         self.request_duration = _Histogram(
             r,
             "mcpbalancer_request_duration_seconds",
             "Time from the request head to the backend's response head.",
-            ("backend", "era"),
+            ("backend", "era", "service"),
             buckets=REQUEST_BUCKETS,
         )
         self.mcp_requests = _Counter(
@@ -576,7 +592,8 @@ class Metrics:
         seconds: float | None,
     ) -> None:
         """A response status was decided: the backend's, `seconds` after the request head, or the
-        proxy's own (`backend` NO_BACKEND, `seconds` None)."""
+        proxy's own (`backend` NO_BACKEND, `seconds` None). A backend's series name its service
+        (`service_of`, asked once per cell)."""
         key = (backend, era, method, status // 100)
         children = self._responses.get(key)
         if children is None:
@@ -588,13 +605,26 @@ class Metrics:
             mcp = self._mcp.get((era, mcp_method)) if mcp_method is not None else None
             (mcp or self._mcp_child(era, mcp_method)).value += 1
 
+    def answered_by_proxy(
+        self, backend: str, era: Era, method: bytes, status: int, mcp_method: bytes | None, service: str
+    ) -> None:
+        """The proxy's own answer (`backend` NO_BACKEND unless one was chosen) to a request of
+        `service`: counted under that service, which no backend names."""
+        if backend == NO_BACKEND and service != DEFAULT_SERVICE:
+            backend = f"{NO_BACKEND}/{service}"  # a cell of its own, labelled backend="none"
+        self.answered(backend, era, method, status, mcp_method, None)
+
     def _response_children(self, key: _ResponseKey) -> tuple[Value, Observations | None]:
         backend, era, raw_method, status_class = key
         method = raw_method.decode("latin-1")
         method = method if method in _HTTP_METHODS else OTHER
         code = f"{status_class}xx" if 1 <= status_class <= 5 else OTHER
-        counter = self.requests.labels(backend, era.value, method, code)
-        histogram = None if backend == NO_BACKEND else self.request_duration.labels(backend, era.value)
+        backend, _, service = backend.partition("/")  # "none/<service>": the proxy's, in a service
+        service = service or self.service_of(backend)
+        counter = self.requests.labels(backend, era.value, method, code, service)
+        histogram = (
+            None if backend == NO_BACKEND else self.request_duration.labels(backend, era.value, service)
+        )
         children = self._responses[key] = (counter, histogram)
         return children
 
@@ -664,7 +694,7 @@ class Metrics:
         """Totals since start over every label: requests, 5xx answers, the time-to-head histogram,
         and the event streams open now. Off the hot path: it walks the children."""
         requests = errors = 0.0
-        for (_, _, _, code), child in self.requests._children.items():
+        for (_, _, _, code, _), child in self.requests._children.items():
             requests += child.value
             if code == "5xx":
                 errors += child.value
@@ -693,6 +723,11 @@ class Metrics:
             for key in [key for key in self._responses if key[0] == value]:
                 del self._responses[key]
 
+    def forget_services(self) -> None:
+        """The backends' services changed (a reload of `services`): their cells are looked up anew
+        (the series already counted stay under the service they were counted for)."""
+        self._responses.clear()
+
     def _families(self) -> list[_Family[Any]]:
         return [v for v in vars(self).values() if isinstance(v, _Family)]
 
@@ -701,6 +736,10 @@ class Metrics:
     def exposition(self) -> bytes:
         """The registry in the Prometheus text format (EXPOSITION_CONTENT_TYPE)."""
         return generate_latest(self.registry)
+
+
+def _default_service(backend: str) -> str:
+    return DEFAULT_SERVICE
 
 
 class LiveBackend(Protocol):

@@ -58,7 +58,7 @@ from mcpbalancer.observability.metrics import Metrics
 log = logging.getLogger(__name__)
 
 VERSION: Final = 1
-DEFAULT_SERVICE: Final = "default"  # one service per listener today: the default one
+DEFAULT_SERVICE: Final = "default"  # the top-level backends; each of `services` seals under its name
 _KEY_ID_BYTES: Final = 4
 _NONCE_BYTES: Final = 12
 _TAG_BYTES: Final = 16

@@ -94,7 +94,7 @@ import socket
 import ssl
 import sys
 import threading
-from collections.abc import Awaitable, Callable, Generator, MutableMapping
+from collections.abc import Awaitable, Callable, Generator, MutableMapping, Sequence
 from types import FrameType
 from typing import Any, Literal
 
@@ -156,9 +156,14 @@ def _elicit_outcome(result: Any) -> str:
     return "declined" if action == "decline" else "cancelled"
 
 
-def build_server(name: str, *, tasks: bool = False, tls: TlsLog | None = None) -> FastMCP:
-    """The FastMCP app of one backend instance called ``name``."""
+def build_server(
+    name: str, *, tasks: bool = False, tls: TlsLog | None = None, tools: Sequence[str] = ()
+) -> FastMCP:
+    """The FastMCP app of one backend instance called ``name``; each of ``tools`` is one more tool
+    of that name answering ``<tool>@<name>`` (servers of different tool sets)."""
     mcp: FastMCP = FastMCP(f"backend-{name}")
+    for tool in tools:
+        _add_named_tool(mcp, tool, name)
     if tasks:
         _add_tasks(mcp, name)
     if tls is not None:
@@ -285,6 +290,13 @@ def build_server(name: str, *, tasks: bool = False, tls: TlsLog | None = None) -
     return mcp
 
 
+def _add_named_tool(mcp: FastMCP, tool: str, name: str) -> None:
+    def named() -> str:
+        return f"{tool}@{name}"
+
+    mcp.tool(named, name=tool, description=f"The tool {tool} of this server.")
+
+
 def _add_tasks(mcp: FastMCP, name: str) -> None:
     """The SEP-2663 tasks extension (fastmcp-tasks, in-memory ``memory://`` Docket: tasks live in this
     process only) and a tool that runs as a task when the client opts in."""
@@ -347,6 +359,7 @@ class SessionLedger:
         self.seen: dict[str, int] = {}
         self.stray: list[dict[str, str]] = []
         self.stray_total = 0
+        self.paths: dict[str, int] = {}  # every request's path (this ledger's own excepted)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -355,6 +368,7 @@ class SessionLedger:
         if scope["path"] == self.path:
             await self._answer(send)
             return
+        self.paths[scope["path"]] = self.paths.get(scope["path"], 0) + 1
         sids = [v.decode("latin-1") for n, v in scope["headers"] if n == b"mcp-session-id"]
         for sid in sids:
             if sid not in self.issued or sid in self.ended:
@@ -383,6 +397,7 @@ class SessionLedger:
                 "seen": self.seen,
                 "stray_total": self.stray_total,
                 "stray": self.stray,
+                "paths": self.paths,
             }
         ).encode()
         headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
@@ -519,6 +534,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--ssl-client-ca", default=None, help="require a client certificate signed by this CA (PEM)"
     )
     parser.add_argument("--ledger-path", default=None, help="serve the SessionLedger at this path")
+    parser.add_argument("--tool", action="append", default=[], help="one more tool of this name")
     parser.add_argument(
         "--ready-route", action="store_true", help="serve GET /ready as the test sets it (ReadyRoute)"
     )
@@ -547,7 +563,7 @@ def main(argv: list[str] | None = None) -> int:
     protections: dict[str, HostOriginProtection] = {"off": False, "auto": "auto", "strict": True}
     protection = protections[args.host_origin_protection]
     tls = TlsLog() if args.ssl_certfile else None
-    mcp = build_server(args.name, tasks=args.tasks, tls=tls)
+    mcp = build_server(args.name, tasks=args.tasks, tls=tls, tools=args.tool)
     event_store = None
     if args.event_store:
         from fastmcp.server.event_store import EventStore
