@@ -31,9 +31,8 @@ LEGACY_VERSIONS = frozenset({b"2024-11-05", b"2025-03-26", b"2025-06-18", b"2025
 MODERN_VERSION = b"2026-07-28"
 
 MAX_SESSION_ID_BYTES = 256
-_SESSION_ID_RE = re.compile(rb"[\x21-\x7e]{1,%d}\Z" % MAX_SESSION_ID_BYTES)
 MAX_REQUEST_ID_BYTES = 128
-_REQUEST_ID_RE = re.compile(rb"[\x21-\x7e]{1,%d}\Z" % MAX_REQUEST_ID_BYTES)
+_VISIBLE = bytes(range(0x21, 0x7F))  # the characters of session and request ids
 
 # RFC 9110 §7.6.1 connection-specific fields, plus the legacy ones proxies still see.
 HOP_BY_HOP = frozenset(
@@ -68,13 +67,15 @@ def era_of(session_id: bytes | None, protocol_version: bytes | None) -> Era:
 
 def valid_session_id(value: bytes) -> bool:
     """Session ids are 1..256 visible ASCII characters (0x21-0x7E)."""
-    return _SESSION_ID_RE.match(value) is not None
+    # Deleting every visible character leaves b"" for a valid id: a fraction of the cost of a
+    # regex match ([\x21-\x7e]{1,256}\Z, which it replaces), paid once per request.
+    return 0 < len(value) <= MAX_SESSION_ID_BYTES and not value.translate(None, _VISIBLE)
 
 
 def valid_request_id(value: bytes) -> bool:
     """An X-Request-Id the proxy keeps (logs, and repeats on its own error answers): 1..128 visible
     ASCII characters. Another value is forwarded as it came but not used."""
-    return _REQUEST_ID_RE.match(value) is not None
+    return 0 < len(value) <= MAX_REQUEST_ID_BYTES and not value.translate(None, _VISIBLE)
 
 
 def connection_tokens(value: bytes) -> frozenset[bytes]:
