@@ -133,9 +133,10 @@ class ClientConnection(asyncio.Protocol):
                 self._arm(self.plane.limits.head_timeout, idle=False)
         finally:
             self.reading = False
-            held, self.held_upstream = self.held_upstream, []
-            for exchange in held:
-                exchange.flush_upstream()
+            if self.held_upstream:
+                held, self.held_upstream = self.held_upstream, []
+                for exchange in held:
+                    exchange.flush_upstream()
 
     def _feed(self, data: bytes) -> None:
         try:
@@ -145,7 +146,8 @@ class ClientConnection(asyncio.Protocol):
         except httptools.HttpParserError as exc:
             self._parse_failed(exc)
         else:
-            self._fed()
+            if self._parsing is None and self._head_bytes > 2 * self._header_bytes:  # _fed(), inline
+                self._refuse(HeadersTooLarge(), "header_limit")
 
     def _fed(self) -> None:
         if self._parsing is None and self._head_bytes > 2 * self.plane.limits.header_bytes:
@@ -252,13 +254,14 @@ class ClientConnection(asyncio.Protocol):
         if len(head.headers) > self._header_count:
             raise HeadersTooLarge("Too many request header fields")
         head.method = parser.get_method()
+        version = parser.get_http_version()
         if parser.should_upgrade() and head.method != b"CONNECT":
             # No protocol is switched to (RFC 9110 §7.8 lets a server ignore Upgrade): the request is
             # answered as if its Upgrade fields were absent, parsed again without them (_feed).
-            self._upgrade = (head, parser.get_http_version())
+            self._upgrade = (head, version)
             return
         head.keep_alive = parser.should_keep_alive()
-        if parser.get_http_version() != "1.1":
+        if version != "1.1":
             head.http11 = False
         elif head.expect:
             head.expect_continue = True
@@ -267,7 +270,7 @@ class ClientConnection(asyncio.Protocol):
         elif head.content_length is not None and head.content_length.strip() != b"0":
             head.has_body = True
         plane = self.plane
-        problem = self._head_problem(head)
+        problem = self._head_problem(head, version)
         services = plane.services
         phases = plane.phases
         missing = False
@@ -322,12 +325,12 @@ class ClientConnection(asyncio.Protocol):
         exchange.service = view.name
         return exchange
 
-    def _head_problem(self, head: RequestHead) -> tuple[ProxyError, str] | None:
+    def _head_problem(self, head: RequestHead, version: str) -> tuple[ProxyError, str] | None:
         """Why this head's framing is refused, with its REJECT_REASONS label; None when it may go
         on to the early_request filters (Host allow list, Origin: filters/phases.py)."""
         if head.method == b"CONNECT":
             return MethodNotAllowed("Method Not Allowed: CONNECT is not supported"), "method"
-        if self.parser.get_http_version() not in _VERSIONS:
+        if version not in _VERSIONS:
             return BadRequest("Bad Request: only HTTP/1.0 and HTTP/1.1 are supported"), "version"
         if head.chunked and not head.http11:
             # RFC 9112 §6.1: Transfer-Encoding from an HTTP/1.0 client is a framing fault.

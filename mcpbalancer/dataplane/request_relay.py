@@ -178,8 +178,17 @@ class RequestRelay(ExchangeState):
     def _attach(self, conn: UpstreamConnection) -> None:
         self.upstream = conn
         self._reused = conn.reused
-        self._connect_upstream(conn)
-        self._flush_pending(self._request_head())
+        conn.attach(self)  # _connect_upstream, inline: once a request
+        conn.expect_head(self.plane.loop, self.plane.timeouts.response_headers)
+        client = self.client
+        if client.write_paused:
+            conn.pause_reading()  # the client is still backed up from an earlier response
+        head = self._request_head()
+        if self._body or self.head.chunked:
+            self._flush_pending(head)
+        else:  # the usual case: the body (if any) has not been read yet, and follows as it comes
+            self._send(head)
+            client.resume_reading()
 
     def _connect_upstream(self, conn: UpstreamConnection) -> None:
         conn.attach(self)
