@@ -146,7 +146,7 @@ class ClientConnection(asyncio.Protocol):
         except httptools.HttpParserError as exc:
             self._parse_failed(exc)
         else:
-            if self._parsing is None and self._head_bytes > 2 * self._header_bytes:  # _fed(), inline
+            if self._parsing is None and self._head_bytes > 2 * self.plane.limits.header_bytes:  # _fed()
                 self._refuse(HeadersTooLarge(), "header_limit")
 
     def _fed(self) -> None:
@@ -456,10 +456,11 @@ class ClientConnection(asyncio.Protocol):
         else:
             limits = self.plane.limits
             # Idle: the next request's head is due (it may have begun), or the connection may rest.
-            self._arm(
-                limits.head_timeout if self._in_head else limits.keepalive_timeout, idle=not self._in_head
-            )
-        if len(self._queue) < PIPELINE_DEPTH:
+            # (_arm, inline: once a request.)
+            in_head = self._in_head
+            self._timer_idle = not in_head
+            self._deadline.set(limits.head_timeout if in_head else limits.keepalive_timeout)
+        if self._paused and len(self._queue) < PIPELINE_DEPTH:
             self.resume_reading()
 
     def close_when_idle(self) -> None:

@@ -176,18 +176,24 @@ class RequestRelay(ExchangeState):
         self._answer_error(BadGateway("Backend TLS handshake failed"))
 
     def _attach(self, conn: UpstreamConnection) -> None:
+        # Once a request: _connect_upstream and the head's making are written out here.
         self.upstream = conn
         self._reused = conn.reused
-        conn.attach(self)  # _connect_upstream, inline: once a request
-        conn.expect_head(self.plane.loop, self.plane.timeouts.response_headers)
-        client = self.client
+        plane, client, head = self.plane, self.client, self.head
+        conn.attach(self)
+        conn.expect_head(plane.loop, plane.timeouts.response_headers)
         if client.write_paused:
             conn.pause_reading()  # the client is still backed up from an earlier response
-        head = self._request_head()
-        if self._body or self.head.chunked:
-            self._flush_pending(head)
+        backend, facts = self.backend, self.facts
+        assert backend is not None and facts is not None
+        edit = plane.phases.upstream_request
+        edits = self._edits = edit(facts) if edit is not None else None
+        target = backend.target(head.target) if backend.endpoint else head.target
+        sent = request_head(head, target, backend.host_header, client.peer_ip, edits)
+        if self._body or head.chunked:
+            self._flush_pending(sent)
         else:  # the usual case: the body (if any) has not been read yet, and follows as it comes
-            self._send(head)
+            self._send(sent)
             client.resume_reading()
 
     def _connect_upstream(self, conn: UpstreamConnection) -> None:
@@ -195,14 +201,6 @@ class RequestRelay(ExchangeState):
         conn.expect_head(self.plane.loop, self.plane.timeouts.response_headers)
         if self.client.write_paused:
             conn.pause_reading()  # the client is still backed up from an earlier response
-
-    def _request_head(self) -> bytes:
-        backend, facts = self.backend, self.facts
-        assert backend is not None and facts is not None
-        edit = self.plane.phases.upstream_request
-        edits = self._edits = edit(facts) if edit is not None else None
-        target = backend.target(self.head.target) if backend.endpoint else self.head.target
-        return request_head(self.head, target, backend.host_header, self.client.peer_ip, edits)
 
     # -- sending ----------------------------------------------------------------------------------
 
