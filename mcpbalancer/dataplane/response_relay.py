@@ -25,8 +25,9 @@ log = logging.getLogger(__name__)
 
 class ResponseRelay(ExchangeState):
     def response_begun(self) -> None:
-        # The backend has the request and has started answering: sending it again could run a
-        # tool twice, so it is never retried from here on.
+        # The backend had the request and had started answering when the connection was lost
+        # (upstream.py tells it then, not per response): sending it again could run a tool twice,
+        # so it is not retried.
         self._replay = None
 
     def response_head(self, status: int, reason: bytes, headers: list[tuple[bytes, bytes]]) -> None:

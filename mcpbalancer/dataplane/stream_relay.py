@@ -15,6 +15,7 @@ from typing import Protocol
 
 from mcpbalancer.config import TimeoutsConfig
 from mcpbalancer.dataplane.framing import chunk
+from mcpbalancer.dataplane.upstream import UpstreamConnection
 from mcpbalancer.fleet.backends import Backend
 from mcpbalancer.observability.metrics import Metrics
 from mcpbalancer.protocol.sse import PING, START_TAIL, EventBoundary
@@ -37,6 +38,7 @@ class StreamOwner(Protocol):
 
     done: bool
     backend: Backend | None
+    upstream: UpstreamConnection | None
     _beat: float  # the heartbeat interval of this response; 0 when none may be injected
     _held: list[bytes] | None  # the answer is held while a binding is stored: no heartbeat
     _chunked_out: bool
@@ -67,8 +69,13 @@ class StreamRelay(EventBoundary):
     def arm(self) -> None:
         """Start the heartbeat and idle timer (after the upstream read the stream began in). The
         exchange cancels it when it ends."""
-        if not self._exchange.done and self.timer is None:
-            self.timer = self._exchange.plane.loop.call_later(self._interval(), self._tick)
+        exchange = self._exchange
+        if not exchange.done and self.timer is None:
+            if exchange.upstream is not None:
+                # The head came: its deadline's timer would linger until it fired, in every idle
+                # stream (some 500 bytes each). A stream outlives it; a cancel here is worth it.
+                exchange.upstream.stop_timer()
+            self.timer = exchange.plane.loop.call_later(self._interval(), self._tick)
 
     def _interval(self) -> float:
         exchange = self._exchange
