@@ -438,13 +438,14 @@ class ClientConnection(asyncio.Protocol):
     def exchange_finished(self, exchange: ExchangeState) -> None:
         if self._lost:
             return
-        if self._queue and self._queue[0] is exchange:
-            self._queue.popleft()
+        queue = self._queue
+        if queue and queue[0] is exchange:
+            queue.popleft()
         if not exchange.keep_alive:
             self._close()
             return
-        if self._queue:
-            self._queue[0].start()
+        if queue:
+            queue[0].start()
         elif self._refusal is not None:
             self.write(self._refusal)
             self._close()
@@ -453,10 +454,11 @@ class ClientConnection(asyncio.Protocol):
         else:
             limits = self.plane.limits
             # Idle: the next request's head is due (it may have begun), or the connection may rest.
-            self._arm(
-                limits.head_timeout if self._in_head else limits.keepalive_timeout, idle=not self._in_head
-            )
-        if len(self._queue) < PIPELINE_DEPTH:
+            # (_arm's work, written out: this runs once per request)
+            in_head = self._in_head
+            self._timer_idle = not in_head
+            self._deadline.set(limits.head_timeout if in_head else limits.keepalive_timeout)
+        if self._paused and len(queue) < PIPELINE_DEPTH:
             self.resume_reading()
 
     def close_when_idle(self) -> None:

@@ -22,6 +22,17 @@ from mcpbalancer.protocol import Era
 
 log = logging.getLogger(__name__)
 
+JSON = b"application/json"
+_STATUS_LINES: dict[tuple[int, bytes], bytes] = {}  # made once per status and reason, not per answer
+_STATUS_LINES_MAX = 64  # the reason is the backend's to choose: a bounded few are kept
+
+
+def _status_line(status: int, reason: bytes) -> bytes:
+    line = b"HTTP/1.1 %d %b\r\n" % (status, reason)
+    if len(_STATUS_LINES) < _STATUS_LINES_MAX:
+        _STATUS_LINES[(status, reason)] = line
+    return line
+
 
 class ResponseRelay(ExchangeState):
     def response_begun(self) -> None:
@@ -73,7 +84,7 @@ class ResponseRelay(ExchangeState):
             lines = filtered(headers, drop | {protocol.CONTENT_LENGTH} if unsized else drop)
         elif unsized and length_at:
             del lines[length_at : length_at + 4]
-        lines[0] = b"HTTP/1.1 %d %b\r\n" % (status, reason)
+        lines[0] = _STATUS_LINES.get((status, reason)) or _status_line(status, reason)
         if self._chunked_out:
             lines += (b"Transfer-Encoding: ", coding or b"chunked", b"\r\n")
         if head.cors is not None and not cors_given:
@@ -84,7 +95,8 @@ class ResponseRelay(ExchangeState):
             lines.append(b"Connection: keep-alive\r\n")  # HTTP/1.0 closes unless told it persists
         lines.append(b"\r\n")
         out = b"".join(lines)
-        is_stream = content_type.lstrip().lower().startswith(protocol.EVENT_STREAM)
+        # (a JSON answer, the usual one, is told apart without three calls)
+        is_stream = content_type != JSON and content_type.lstrip().lower().startswith(protocol.EVENT_STREAM)
         if is_stream and not self._no_body:
             self._start_stream()
         if phases.response_body is not None and not self._no_body:
@@ -208,7 +220,9 @@ class ResponseRelay(ExchangeState):
         if self._held is not None:
             self._held_complete = True
             return
-        self._complete()
+        if self._chunked_out:  # _complete, without a call of its own on every answer
+            self.client.write(LAST_CHUNK)
+        self._finish(reusable=self.request_complete)
 
     def _complete(self) -> None:
         if self._chunked_out:
