@@ -203,7 +203,8 @@ class ResponseRelay(ExchangeState):
         stream = self._stream
         if stream is not None:
             stream.feed(data)
-            stream.last_write = stream.last_upstream = self.plane.loop.time()
+            if stream.timer is not None:  # else not read, or set when it is armed
+                stream.last_write = stream.last_upstream = self.plane.loop.time()
         if self._held is not None:
             self._held.append(chunk(data) if self._chunked_out else data)
         elif self._chunked_out:

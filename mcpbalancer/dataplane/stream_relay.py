@@ -63,7 +63,9 @@ class StreamRelay(EventBoundary):
         self._tail, self.last = START_TAIL, b""
         self._exchange = exchange
         self.started_at = time.perf_counter()
-        self.last_write = self.last_upstream = exchange.plane.loop.time()
+        # When the client was last written to and the backend last sent: kept only while the
+        # timer runs (arm starts them), so a stream that ends in its first read never asks.
+        self.last_write = self.last_upstream = 0.0
         self.timer: asyncio.TimerHandle | None = None
 
     def arm(self) -> None:
@@ -75,7 +77,9 @@ class StreamRelay(EventBoundary):
                 # The head came: its deadline's timer would linger until it fired, in every idle
                 # stream (some 500 bytes each). A stream outlives it; a cancel here is worth it.
                 exchange.upstream.stop_timer()
-            self.timer = exchange.plane.loop.call_later(self._interval(), self._tick)
+            loop = exchange.plane.loop
+            self.last_write = self.last_upstream = loop.time()
+            self.timer = loop.call_later(self._interval(), self._tick)
 
     def _interval(self) -> float:
         exchange = self._exchange
