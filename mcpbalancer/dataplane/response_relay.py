@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Awaitable
+from time import perf_counter
 
 from mcpbalancer import protocol
 from mcpbalancer.dataplane.framing import LAST_CHUNK, chunk, content_length, filtered, scan, tokens
@@ -49,9 +50,10 @@ class ResponseRelay(ExchangeState):
             return
         self.status = status
         plane = self.plane
-        elapsed = time.perf_counter() - self.received_at
+        elapsed = perf_counter() - self.received_at
         head = self.head
-        plane.metrics.answered(backend.name, facts.era, head.method, status, head.mcp_method, elapsed)
+        method = head.method
+        plane.metrics.answered(backend.name, facts.era, method, status, head.mcp_method, elapsed)
         phases = plane.phases
         if status >= 500 and phases.error_while_proxy is not None:
             phases.error_while_proxy(backend.name, "5xx")
@@ -73,8 +75,8 @@ class ResponseRelay(ExchangeState):
                         lines = [given if part is response_sid else part for part in lines]
                     response_sid = swap = given
             self.created = response_sid if facts.era is Era.LEGACY else None  # for the access log
-        self._no_body = head.method == b"HEAD" or status in (204, 304)
-        unsized = not self._no_body and (coding is not None or length is None)
+        self._no_body = no_body = method == b"HEAD" or status in (204, 304)
+        unsized = not no_body and (coding is not None or length is None)
         if unsized:
             coding = self._unsized_body(coding)  # and its Content-Length, if any, is not relayed
         if lines is None:  # Connection named more fields to drop: the general, slower pass
@@ -97,9 +99,9 @@ class ResponseRelay(ExchangeState):
         out = b"".join(lines)
         # (a JSON answer, the usual one, is told apart without three calls)
         is_stream = content_type != JSON and content_type.lstrip().lower().startswith(protocol.EVENT_STREAM)
-        if is_stream and not self._no_body:
+        if is_stream and not no_body:
             self._start_stream()
-        if phases.response_body is not None and not self._no_body:
+        if phases.response_body is not None and not no_body:
             expected = content_length(length) if coding is None else None
             self._watcher = phases.response_body(facts, backend, status, is_stream, expected)
         if phases.response is not None:
@@ -119,7 +121,7 @@ class ResponseRelay(ExchangeState):
             if self.upstream is not None:
                 self.upstream.pause_reading()
             self._hold_until(wait)
-        if head.method == b"HEAD" and self.upstream is not None:
+        if method == b"HEAD" and self.upstream is not None:
             self.upstream.skip_body()
             self.response_done()
 
