@@ -410,6 +410,8 @@ class ClientConnection(asyncio.Protocol):
             return
         if len(held) == 1:
             self.transport.write(held[0])
+        elif len(held) == 2 and len(held[0]) + len(held[1]) < COPY_LIMIT:
+            self.transport.write(held[0] + held[1])  # a head and its body, the usual answer
         elif sum(map(len, held)) < COPY_LIMIT:
             self.transport.write(b"".join(held))  # small pieces: one copy costs less than an iovec
         else:
