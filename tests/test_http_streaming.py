@@ -203,6 +203,32 @@ async def test_silent_event_stream_gets_a_ping(
     assert await take(client, resp, len(EVENTS[1])) == EVENTS[1]
 
 
+async def test_an_idle_stream_keeps_neither_the_response_head_nor_its_deadline_timer(
+    make_proxy: ProxyFactory, make_stub: StubFactory, open_client: ClientFactory
+) -> None:
+    """What an idle stream holds is paid per stream (benchmarks/stream_memory.py): the head's
+    fields are relayed, then dropped, and the response-head deadline's timer, which would linger
+    until timeouts.response_headers, is cancelled once the stream outlives its first read. Its
+    heartbeat timer stays."""
+    feed = Feed("chunked")
+    stub = await make_stub(feed)
+    proxy = await make_proxy([stub], heartbeat=5)
+    client, resp = await open_stream(proxy, open_client)
+    feed.push(EVENTS[0])
+    assert await take(client, resp, len(EVENTS[0])) == EVENTS[0]
+    exchange = only_connection(proxy)._queue[0]
+    upstream, stream = exchange.upstream, exchange._stream
+    assert upstream is not None
+    assert stream is not None
+    assert exchange.streaming
+    assert (upstream._headers, upstream._reason) == ([], b"")
+    assert upstream._head_due is not None
+    assert upstream._head_due._timer is None
+    assert stream.timer is not None
+    feed.push(EVENTS[1])
+    assert await take(client, resp, len(EVENTS[1])) == EVENTS[1]
+
+
 async def test_no_ping_inside_a_half_received_event(
     make_proxy: ProxyFactory, make_stub: StubFactory, open_client: ClientFactory
 ) -> None:

@@ -413,6 +413,8 @@ class ClientConnection(asyncio.Protocol):
             return
         if len(held) == 1:
             self.transport.write(held[0])
+        elif len(held) == 2 and len(held[0]) + len(held[1]) < COPY_LIMIT:
+            self.transport.write(held[0] + held[1])  # a head and its body, the usual answer
         elif sum(map(len, held)) < COPY_LIMIT:
             self.transport.write(b"".join(held))  # small pieces: one copy costs less than an iovec
         else:
@@ -441,13 +443,14 @@ class ClientConnection(asyncio.Protocol):
     def exchange_finished(self, exchange: ExchangeState) -> None:
         if self._lost:
             return
-        if self._queue and self._queue[0] is exchange:
-            self._queue.popleft()
+        queue = self._queue
+        if queue and queue[0] is exchange:
+            queue.popleft()
         if not exchange.keep_alive:
             self._close()
             return
-        if self._queue:
-            self._queue[0].start()
+        if queue:
+            queue[0].start()
         elif self._refusal is not None:
             self.write(self._refusal)
             self._close()
@@ -456,11 +459,11 @@ class ClientConnection(asyncio.Protocol):
         else:
             limits = self.plane.limits
             # Idle: the next request's head is due (it may have begun), or the connection may rest.
-            # (_arm, inline: once a request.)
+            # (_arm's work, written out: this runs once per request)
             in_head = self._in_head
             self._timer_idle = not in_head
             self._deadline.set(limits.head_timeout if in_head else limits.keepalive_timeout)
-        if self._paused and len(self._queue) < PIPELINE_DEPTH:
+        if self._paused and len(queue) < PIPELINE_DEPTH:
             self.resume_reading()
 
     def close_when_idle(self) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Awaitable
+from time import perf_counter
 
 from mcpbalancer import protocol
 from mcpbalancer.dataplane.framing import LAST_CHUNK, chunk, content_length, filtered, scan, tokens
@@ -22,11 +23,23 @@ from mcpbalancer.protocol import Era
 
 log = logging.getLogger(__name__)
 
+JSON = b"application/json"
+_STATUS_LINES: dict[tuple[int, bytes], bytes] = {}  # made once per status and reason, not per answer
+_STATUS_LINES_MAX = 64  # the reason is the backend's to choose: a bounded few are kept
+
+
+def _status_line(status: int, reason: bytes) -> bytes:
+    line = b"HTTP/1.1 %d %b\r\n" % (status, reason)
+    if len(_STATUS_LINES) < _STATUS_LINES_MAX:
+        _STATUS_LINES[(status, reason)] = line
+    return line
+
 
 class ResponseRelay(ExchangeState):
     def response_begun(self) -> None:
-        # The backend has the request and has started answering: sending it again could run a
-        # tool twice, so it is never retried from here on.
+        # The backend had the request and had started answering when the connection was lost
+        # (upstream.py tells it then, not per response): sending it again could run a tool twice,
+        # so it is not retried.
         self._replay = None
 
     def response_head(self, status: int, reason: bytes, headers: list[tuple[bytes, bytes]]) -> None:
@@ -37,9 +50,10 @@ class ResponseRelay(ExchangeState):
             return
         self.status = status
         plane = self.plane
-        elapsed = time.perf_counter() - self.received_at
+        elapsed = perf_counter() - self.received_at
         head = self.head
-        plane.metrics.answered(backend.name, facts.era, head.method, status, head.mcp_method, elapsed)
+        method = head.method
+        plane.metrics.answered(backend.name, facts.era, method, status, head.mcp_method, elapsed)
         phases = plane.phases
         if status >= 500 and phases.error_while_proxy is not None:
             phases.error_while_proxy(backend.name, "5xx")
@@ -61,8 +75,8 @@ class ResponseRelay(ExchangeState):
                         lines = [given if part is response_sid else part for part in lines]
                     response_sid = swap = given
             self.created = response_sid if facts.era is Era.LEGACY else None  # for the access log
-        self._no_body = head.method == b"HEAD" or status in (204, 304)
-        unsized = not self._no_body and (coding is not None or length is None)
+        self._no_body = no_body = method == b"HEAD" or status in (204, 304)
+        unsized = not no_body and (coding is not None or length is None)
         if unsized:
             coding = self._unsized_body(coding)  # and its Content-Length, if any, is not relayed
         if lines is None:  # Connection named more fields to drop: the general, slower pass
@@ -72,7 +86,7 @@ class ResponseRelay(ExchangeState):
             lines = filtered(headers, drop | {protocol.CONTENT_LENGTH} if unsized else drop)
         elif unsized and length_at:
             del lines[length_at : length_at + 4]
-        lines[0] = b"HTTP/1.1 %d %b\r\n" % (status, reason)
+        lines[0] = _STATUS_LINES.get((status, reason)) or _status_line(status, reason)
         if self._chunked_out:
             lines += (b"Transfer-Encoding: ", coding or b"chunked", b"\r\n")
         if head.cors is not None and not cors_given:
@@ -83,10 +97,11 @@ class ResponseRelay(ExchangeState):
             lines.append(b"Connection: keep-alive\r\n")  # HTTP/1.0 closes unless told it persists
         lines.append(b"\r\n")
         out = b"".join(lines)
-        is_stream = content_type.lstrip().lower().startswith(protocol.EVENT_STREAM)
-        if is_stream and not self._no_body:
+        # (a JSON answer, the usual one, is told apart without three calls)
+        is_stream = content_type != JSON and content_type.lstrip().lower().startswith(protocol.EVENT_STREAM)
+        if is_stream and not no_body:
             self._start_stream()
-        if phases.response_body is not None and not self._no_body:
+        if phases.response_body is not None and not no_body:
             expected = content_length(length) if coding is None else None
             self._watcher = phases.response_body(facts, backend, status, is_stream, expected)
         if phases.response is not None:
@@ -106,7 +121,7 @@ class ResponseRelay(ExchangeState):
             if self.upstream is not None:
                 self.upstream.pause_reading()
             self._hold_until(wait)
-        if head.method == b"HEAD" and self.upstream is not None:
+        if method == b"HEAD" and self.upstream is not None:
             self.upstream.skip_body()
             self.response_done()
 
@@ -190,7 +205,8 @@ class ResponseRelay(ExchangeState):
         stream = self._stream
         if stream is not None:
             stream.feed(data)
-            stream.last_write = stream.last_upstream = self.plane.loop.time()
+            if stream.timer is not None:  # else not read, or set when it is armed
+                stream.last_write = stream.last_upstream = self.plane.loop.time()
         if self._held is not None:
             self._held.append(chunk(data) if self._chunked_out else data)
         elif self._chunked_out:
@@ -207,7 +223,9 @@ class ResponseRelay(ExchangeState):
         if self._held is not None:
             self._held_complete = True
             return
-        self._complete()
+        if self._chunked_out:  # _complete, without a call of its own on every answer
+            self.client.write(LAST_CHUNK)
+        self._finish(reusable=self.request_complete)
 
     def _complete(self) -> None:
         if self._chunked_out:

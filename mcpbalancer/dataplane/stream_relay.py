@@ -15,6 +15,7 @@ from typing import Protocol
 
 from mcpbalancer.config import TimeoutsConfig
 from mcpbalancer.dataplane.framing import chunk
+from mcpbalancer.dataplane.upstream import UpstreamConnection
 from mcpbalancer.fleet.backends import Backend
 from mcpbalancer.observability.metrics import Metrics
 from mcpbalancer.protocol.sse import PING, START_TAIL, EventBoundary
@@ -37,6 +38,7 @@ class StreamOwner(Protocol):
 
     done: bool
     backend: Backend | None
+    upstream: UpstreamConnection | None
     _beat: float  # the heartbeat interval of this response; 0 when none may be injected
     _held: list[bytes] | None  # the answer is held while a binding is stored: no heartbeat
     _chunked_out: bool
@@ -61,14 +63,23 @@ class StreamRelay(EventBoundary):
         self._tail, self.last = START_TAIL, b""
         self._exchange = exchange
         self.started_at = time.perf_counter()
-        self.last_write = self.last_upstream = exchange.plane.loop.time()
+        # When the client was last written to and the backend last sent: kept only while the
+        # timer runs (arm starts them), so a stream that ends in its first read never asks.
+        self.last_write = self.last_upstream = 0.0
         self.timer: asyncio.TimerHandle | None = None
 
     def arm(self) -> None:
         """Start the heartbeat and idle timer (after the upstream read the stream began in). The
         exchange cancels it when it ends."""
-        if not self._exchange.done and self.timer is None:
-            self.timer = self._exchange.plane.loop.call_later(self._interval(), self._tick)
+        exchange = self._exchange
+        if not exchange.done and self.timer is None:
+            if exchange.upstream is not None:
+                # The head came: its deadline's timer would linger until it fired, in every idle
+                # stream (some 500 bytes each). A stream outlives it; a cancel here is worth it.
+                exchange.upstream.stop_timer()
+            loop = exchange.plane.loop
+            self.last_write = self.last_upstream = loop.time()
+            self.timer = loop.call_later(self._interval(), self._tick)
 
     def _interval(self) -> float:
         exchange = self._exchange

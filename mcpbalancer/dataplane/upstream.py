@@ -15,7 +15,7 @@ from typing import Protocol, cast
 
 import httptools
 
-from mcpbalancer.dataplane.deadline import Deadline
+from mcpbalancer.dataplane.deadline import INF, Deadline
 from mcpbalancer.fleet.backends import Backend
 
 log = logging.getLogger(__name__)
@@ -34,7 +34,7 @@ class ResponseSink(Protocol):
     @property
     def client(self) -> Output: ...
 
-    def response_begun(self) -> None: ...
+    def response_begun(self) -> None: ...  # the connection was lost after the answer had begun
     def response_head(self, status: int, reason: bytes, headers: list[tuple[bytes, bytes]]) -> None: ...
     def response_body(self, data: bytes) -> None: ...
     def response_done(self) -> None: ...
@@ -45,6 +45,7 @@ class ResponseSink(Protocol):
 
 class UpstreamConnection(asyncio.Protocol):
     __slots__ = (
+        "_answering",
         "_head_due",
         "_headers",
         "_interim",
@@ -72,6 +73,7 @@ class UpstreamConnection(asyncio.Protocol):
         self._headers: list[tuple[bytes, bytes]] = []
         self._reason = b""
         self._interim = False
+        self._answering = False  # bytes of an answer came for the attached sink
         # When the response head is due; made with the first request, which brings the loop.
         self._head_due: Deadline | None = None
         self.after_read: Callable[[], None] | None = None  # called once, after the current read
@@ -86,6 +88,8 @@ class UpstreamConnection(asyncio.Protocol):
             # A backend has nothing to say on an idle connection; it is not reusable.
             self.close()
             return
+        # The backend has started answering: the request is not sent again (see _lose).
+        self._answering = True
         # Everything one read produces for the client (head, body, last chunk) leaves in one write.
         output = self.sink.client
         corked = output.cork()
@@ -117,13 +121,8 @@ class UpstreamConnection(asyncio.Protocol):
         if self.sink is not None:
             self.sink.upstream_writable(True)
 
-    # httptools callbacks
-
-    def on_message_begin(self) -> None:
-        self._headers = []
-        self._reason = b""
-        if self.sink is not None:
-            self.sink.response_begun()
+    # httptools callbacks (no on_message_begin: a call per response saved; the head's fields are
+    # reset when it completes, which also lets an idle stream keep none of them)
 
     def on_status(self, status: bytes) -> None:
         self._reason += status
@@ -132,17 +131,20 @@ class UpstreamConnection(asyncio.Protocol):
         self._headers.append((name, value))
 
     def on_headers_complete(self) -> None:
+        headers, reason = self._headers, self._reason
+        self._headers, self._reason = [], b""
         status = self.parser.get_status_code()
         # Interim 1xx answers (102, 103) are not relayed: we never forward Expect or Upgrade.
         self._interim = 100 <= status < 200
         if self._interim:
             return
-        if self._head_due is not None:
-            self._head_due.clear()
+        head_due = self._head_due
+        if head_due is not None:
+            head_due.at = INF  # Deadline.clear, written out: once per response
         # Read at the head: a HEAD answer swaps the parser before the message completes.
         self.keep_alive = self.parser.should_keep_alive()
         if self.sink is not None:
-            self.sink.response_head(status, self._reason, self._headers)
+            self.sink.response_head(status, reason, headers)
 
     def on_body(self, body: bytes) -> None:
         if self.sink is not None:
@@ -159,6 +161,7 @@ class UpstreamConnection(asyncio.Protocol):
 
     def attach(self, sink: ResponseSink) -> None:
         self.sink = sink
+        self._answering = False
 
     def expect_head(self, loop: asyncio.AbstractEventLoop, timeout: float) -> None:
         """A request went out: its response head is due within `timeout` seconds, else the sink's
@@ -171,7 +174,8 @@ class UpstreamConnection(asyncio.Protocol):
         if self.sink is not None:
             self.sink.response_timeout()
 
-    def _stop_timer(self) -> None:
+    def stop_timer(self) -> None:
+        """No response-head deadline, nor its timer, until the next request's."""
         if self._head_due is not None:
             self._head_due.cancel()
 
@@ -196,8 +200,9 @@ class UpstreamConnection(asyncio.Protocol):
     def release(self, reusable: bool) -> None:
         """The exchange is over: back to the pool, or closed."""
         self.sink = None
-        if self._head_due is not None:
-            self._head_due.clear()
+        head_due = self._head_due
+        if head_due is not None:
+            head_due.at = INF  # Deadline.clear, written out: once per request
         self.after_read = None
         if reusable and self.keep_alive and not self.closed:
             self.pool.release(self)
@@ -206,7 +211,7 @@ class UpstreamConnection(asyncio.Protocol):
 
     def close(self) -> None:
         self.sink = None
-        self._stop_timer()
+        self.stop_timer()
         if self.transport is not None and not self.closed:
             self.closed = True
             self.transport.close()
@@ -214,7 +219,7 @@ class UpstreamConnection(asyncio.Protocol):
 
     def abort(self) -> None:
         self.sink = None
-        self._stop_timer()
+        self.stop_timer()
         if self.transport is not None and not self.closed:
             self.closed = True
             self.transport.abort()
@@ -222,11 +227,13 @@ class UpstreamConnection(asyncio.Protocol):
 
     def _lose(self, exc: Exception | None) -> None:
         sink, self.sink = self.sink, None
-        self._stop_timer()
+        self.stop_timer()
         if not self.closed and self.transport is not None:
             self.closed = True
             self.transport.abort()
         if sink is not None:
+            if self._answering:
+                sink.response_begun()  # told only now: the only use of it is here, when lost
             sink.upstream_lost(exc)
 
 

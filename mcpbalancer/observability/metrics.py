@@ -550,6 +550,7 @@ class Metrics:
         self.heartbeats = self.sse_heartbeats.labels()
         self.disconnects = self.client_disconnects.labels()
         self._stream_durations = self.sse_stream_duration.labels()
+        self._streams: dict[str, Value] = {}  # sse_streams_active by backend, resolved once each
         self._ended = {reason: self.sessions_ended.labels(reason) for reason in SESSION_END_REASONS}
         self._failovers = {result: self.session_failovers.labels(result) for result in FAILOVER_RESULTS}
         self.sealed = {result: self.sealed_ids.labels(result) for result in SEALED_RESULTS}
@@ -598,9 +599,11 @@ class Metrics:
         children = self._responses.get(key)
         if children is None:
             children = self._response_children(key)
-        children[0].value += 1
-        if seconds is not None and children[1] is not None:
-            children[1].observe(seconds)
+        counter, histogram = children
+        counter.value += 1
+        if seconds is not None and histogram is not None:  # Observations.observe, written out
+            histogram.counts[bisect_left(histogram.bounds, seconds)] += 1
+            histogram.sum += seconds
         if method == b"POST":
             mcp = self._mcp.get((era, mcp_method)) if mcp_method is not None else None
             (mcp or self._mcp_child(era, mcp_method)).value += 1
@@ -637,11 +640,17 @@ class Metrics:
         return child
 
     def stream_started(self, backend: str) -> None:
-        self.sse_streams_active.labels(backend).value += 1
+        (self._streams.get(backend) or self._streams_child(backend)).value += 1
 
     def stream_ended(self, backend: str, seconds: float) -> None:
-        self.sse_streams_active.labels(backend).value -= 1
-        self._stream_durations.observe(seconds)
+        (self._streams.get(backend) or self._streams_child(backend)).value -= 1
+        durations = self._stream_durations
+        durations.counts[bisect_left(durations.bounds, seconds)] += 1
+        durations.sum += seconds
+
+    def _streams_child(self, backend: str) -> Value:
+        child = self._streams[backend] = self.sse_streams_active.labels(backend)
+        return child
 
     # -- events -------------------------------------------------------------------------------------
 
@@ -722,6 +731,7 @@ class Metrics:
         if label == "backend":
             for key in [key for key in self._responses if key[0] == value]:
                 del self._responses[key]
+            self._streams.pop(value, None)
 
     def forget_services(self) -> None:
         """The backends' services changed (a reload of `services`): their cells are looked up anew
