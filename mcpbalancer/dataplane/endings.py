@@ -16,6 +16,8 @@ log = logging.getLogger(__name__)
 
 
 class Endings(ExchangeState):
+    __slots__ = ()
+
     def _too_large(self) -> None:
         self.plane.metrics.rejected("body_limit")
         if not self._turn:

@@ -33,7 +33,10 @@ __all__ = ["ClientSide", "Exchange", "ExchangePlane"]
 
 
 class Exchange(RequestRelay, ResponseRelay, Endings):
+    __slots__ = ()
+
     def __init__(self, plane: ExchangePlane, client: ClientSide, head: RequestHead) -> None:
+        self._defaults()
         self.plane = plane
         self.client = client
         self.head = head

@@ -27,6 +27,8 @@ log = logging.getLogger(__name__)
 
 
 class RequestRelay(ExchangeState):
+    __slots__ = ()
+
     # -- the body, fed by the client connection ---------------------------------------------------
 
     def request_body(self, data: bytes) -> None:

@@ -36,6 +36,8 @@ def _status_line(status: int, reason: bytes) -> bytes:
 
 
 class ResponseRelay(ExchangeState):
+    __slots__ = ()
+
     def response_begun(self) -> None:
         # The backend had the request and had started answering when the connection was lost
         # (upstream.py tells it then, not per response): sending it again could run a tool twice,

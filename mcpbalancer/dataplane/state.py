@@ -69,6 +69,59 @@ class ExchangePlane(Protocol):
 
 
 class ExchangeState:
+    # Slots, not an instance dict: an exchange sets more names over a process's life than a
+    # shared-key dict holds (30), so each became a full dict (~830 bytes, and its build).
+    __slots__ = (
+        "_awaiting_body",
+        "_beat",
+        "_body",
+        "_body_bytes",
+        "_body_limit",
+        "_capture",
+        "_chunked_out",
+        "_edits",
+        "_held",
+        "_held_complete",
+        "_held_for",
+        "_no_body",
+        "_out",
+        "_preset",
+        "_preset_raw",
+        "_replay",
+        "_replay_bytes",
+        "_request_id",
+        "_resend",
+        "_retried",
+        "_reused",
+        "_started",
+        "_stream",
+        "_task",
+        "_terminated",
+        "_ticket",
+        "_tried",
+        "_turn",
+        "_until_close",
+        "_watcher",
+        "backend",
+        "client",
+        "created",
+        "cut_by",
+        "done",
+        "facts",
+        "head",
+        "keep_alive",
+        "outcome",
+        "plane",
+        "received_at",
+        "request_complete",
+        "sent",
+        "service",
+        "service_missing",
+        "status",
+        "trace",
+        "upstream",
+    )
+
     plane: ExchangePlane
     client: ClientSide
     head: RequestHead
@@ -78,50 +131,52 @@ class ExchangeState:
     _replay: list[bytes] | None
     _out: list[bytes]  # backend writes held while the client read is handled
 
-    facts: RequestFacts | None = None
-    backend: Backend | None = None
-    upstream: UpstreamConnection | None = None
-    done = False
-    request_complete = False
-    _body_bytes = 0
-    _replay_bytes = 0
-    _retried = False
-    _terminated = False  # the last chunk of a chunked request body was sent
-    _tried: tuple[str, ...] = ()  # backends that refused a connection for this request
-    _started = False  # response head written to the client
-    _held: list[bytes] | None = None  # response bytes held while a binding is stored
-    _chunked_out = False
-    _no_body = False
-    _until_close = False
-    _reused = False
-    _held_complete = False
-    _stream: StreamRelay | None = None  # an event stream being relayed
-    _task: asyncio.Task[None] | None = None
-    _preset: ProxyError | None = None
-    _preset_raw: tuple[int, bytes] | None = None  # (status, whole answer): a CORS preflight
-    _turn = False  # at the head of the client's queue: may write to the client
-    _beat = 0.0  # heartbeat interval of this response; 0 when none may be injected
-    # For metrics and the access log.
-    status = 0  # the status the client was sent; 0 while none
-    sent = 0  # response body bytes relayed
-    outcome = "ok"  # or error, aborted, client_disconnect, shutdown, local
-    cut_by: str | None = None  # the outcome when the proxy closes the client connection (shutdown)
-    created: bytes | None = None  # the session id a 2xx answer to a request without one minted
-    service = DEFAULT_SERVICE
-    service_missing = False  # `services`: none matches this request (answered 404)
-    _request_id: bytes | None = None  # made for an error answer when the client sent none
-    trace: Span | None = None  # this request's span, set by the tracing filter when sampled
-    _awaiting_body = False  # routing waits for the whole request body (a request_body filter)
-    _watcher: BodyWatcher | None = None  # a response_body filter watching this response
-    _edits: HeadEdits | None = None  # the upstream_request filters' changes to the head sent
-    _body_limit = 0  # a request_body filter's bound on the awaited body (body_limit); 0: none
-    _ticket: Ticket | None = None  # an upstream_peer filter's hold on the backend (max_in_flight)
-    _held_for: Backend | None = None  # the backend the upstream_peer filter was asked about
-    # Replay failover: the body of a legacy request without a session (an initialize, if it
-    # binds one), and with `replay_on: [backend_404]` a session request's body, to send again
-    # once the session is replayed.
-    _capture: list[bytes] | None = None
-    _resend: list[bytes] | None = None
+    def _defaults(self) -> None:
+        """The fields a new exchange starts with (Exchange.__init__)."""
+        self.facts: RequestFacts | None = None
+        self.backend: Backend | None = None
+        self.upstream: UpstreamConnection | None = None
+        self.done = False
+        self.request_complete = False
+        self._body_bytes = 0
+        self._replay_bytes = 0
+        self._retried = False
+        self._terminated = False  # the last chunk of a chunked request body was sent
+        self._tried: tuple[str, ...] = ()  # backends that refused a connection for this request
+        self._started = False  # response head written to the client
+        self._held: list[bytes] | None = None  # response bytes held while a binding is stored
+        self._chunked_out = False
+        self._no_body = False
+        self._until_close = False
+        self._reused = False
+        self._held_complete = False
+        self._stream: StreamRelay | None = None  # an event stream being relayed
+        self._task: asyncio.Task[None] | None = None
+        self._preset: ProxyError | None = None
+        self._preset_raw: tuple[int, bytes] | None = None  # (status, whole answer): a CORS preflight
+        self._turn = False  # at the head of the client's queue: may write to the client
+        self._beat = 0.0  # heartbeat interval of this response; 0 when none may be injected
+        # For metrics and the access log.
+        self.status = 0  # the status the client was sent; 0 while none
+        self.sent = 0  # response body bytes relayed
+        self.outcome = "ok"  # or error, aborted, client_disconnect, shutdown, local
+        self.cut_by: str | None = None  # the outcome when the proxy closes the client connection (shutdown)
+        self.created: bytes | None = None  # the session id a 2xx answer to a request without one minted
+        self.service = DEFAULT_SERVICE
+        self.service_missing = False  # `services`: none matches this request (answered 404)
+        self._request_id: bytes | None = None  # made for an error answer when the client sent none
+        self.trace: Span | None = None  # this request's span, set by the tracing filter when sampled
+        self._awaiting_body = False  # routing waits for the whole request body (a request_body filter)
+        self._watcher: BodyWatcher | None = None  # a response_body filter watching this response
+        self._edits: HeadEdits | None = None  # the upstream_request filters' changes to the head sent
+        self._body_limit = 0  # a request_body filter's bound on the awaited body (body_limit); 0: none
+        self._ticket: Ticket | None = None  # an upstream_peer filter's hold on the backend (max_in_flight)
+        self._held_for: Backend | None = None  # the backend the upstream_peer filter was asked about
+        # Replay failover: the body of a legacy request without a session (an initialize, if it
+        # binds one), and with `replay_on: [backend_404]` a session request's body, to send again
+        # once the session is replayed.
+        self._capture: list[bytes] | None = None
+        self._resend: list[bytes] | None = None
 
     @property
     def peer_ip(self) -> bytes:
