@@ -208,8 +208,8 @@ async def test_an_idle_stream_keeps_neither_the_response_head_nor_its_deadline_t
 ) -> None:
     """What an idle stream holds is paid per stream (benchmarks/stream_memory.py): the head's
     fields are relayed, then dropped, and the response-head deadline's timer, which would linger
-    until timeouts.response_headers, is cancelled once the stream outlives its first read. Its
-    heartbeat timer stays."""
+    until timeouts.response_headers, is cancelled once the stream outlives its first read, as is
+    the client connection's (nothing is due on it while it streams). Its heartbeat timer stays."""
     feed = Feed("chunked")
     stub = await make_stub(feed)
     proxy = await make_proxy([stub], heartbeat=5)
@@ -224,6 +224,8 @@ async def test_an_idle_stream_keeps_neither_the_response_head_nor_its_deadline_t
     assert (upstream._headers, upstream._reason) == ([], b"")
     assert upstream._head_due is not None
     assert upstream._head_due._timer is None
+    # Nor the client connection's head timer, armed when it opened: nothing is due while it streams.
+    assert only_connection(proxy)._deadline._timer is None
     assert stream.timer is not None
     feed.push(EVENTS[1])
     assert await take(client, resp, len(EVENTS[1])) == EVENTS[1]

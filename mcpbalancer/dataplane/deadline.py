@@ -38,6 +38,14 @@ class Deadline:
         """Not due any more (the timer, if any, finds that out when it fires)."""
         self.at = INF
 
+    def rest(self) -> None:
+        """When nothing is due, drop the timer too (the next `set` makes one): for a connection that
+        may wait long with nothing due, such as one relaying an event stream."""
+        if self.at == INF and self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+            self._timer_at = INF
+
     def cancel(self) -> None:
         """Not due, and no timer left: for a connection that is over."""
         self.at = INF

@@ -31,6 +31,7 @@ class _Plane(Protocol):
 
 class _Client(Protocol):
     def write(self, data: bytes) -> None: ...
+    def rest_timer(self) -> None: ...
 
 
 class StreamOwner(Protocol):
@@ -77,6 +78,7 @@ class StreamRelay(EventBoundary):
                 # The head came: its deadline's timer would linger until it fired, in every idle
                 # stream (some 500 bytes each). A stream outlives it; a cancel here is worth it.
                 exchange.upstream.stop_timer()
+            exchange.client.rest_timer()  # the same for the client's head timer, when nothing is due
             loop = exchange.plane.loop
             self.last_write = self.last_upstream = loop.time()
             self.timer = loop.call_later(self._interval(), self._tick)
