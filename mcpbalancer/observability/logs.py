@@ -30,7 +30,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from json.encoder import encode_basestring_ascii as _json_string
-from typing import Final, Protocol, TextIO
+from typing import Any, Final, Protocol, TextIO
 
 from mcpbalancer import protocol
 from mcpbalancer.config import LogConfig
@@ -133,20 +133,20 @@ class SessionHasher:
         return hashlib.blake2s(sid, key=self._key, digest_size=4).hexdigest()
 
 
-class _Memo(dict[bytes | None, str]):
-    """A raw field (bytes, or None when absent) -> its text in a line, made once: `memo[raw]` is one
+class _Memo(dict[Any, str]):
+    """A raw field (bytes or a name; None when absent) -> its text in a line, made once: `memo[raw]` is one
     dict lookup in C, and only a miss (`__missing__`) calls `make`. Bounded: cleared when full; a
     value longer than _MEMO_KEY_LIMIT is made every time, not kept."""
 
     __slots__ = ("_make", "_none")
 
-    def __init__(self, make: Callable[[bytes], str], none: str) -> None:
+    def __init__(self, make: Callable[[Any], str], none: str) -> None:
         super().__init__()
         self._make = make
         self._none = none
         self[None] = none
 
-    def __missing__(self, key: bytes | None) -> str:
+    def __missing__(self, key: Any) -> str:
         if key is None:  # only after a clear
             text = self[None] = self._none
             return text
@@ -200,14 +200,13 @@ class AccessLog:
             self._paths = _Memo(lambda raw: _json_string(_path(raw)), "null")
             self._mcps = _Memo(lambda raw: _json_string(raw[:64].decode("latin-1")), "null")
             self._sessions = _Memo(lambda sid: f'"{tag(sid)}"', "null")
-            self._backends: dict[str | None, str] = {None: "null"}
+            self._backends = _Memo(_quoted, "null")
         else:
             self._clients = _Memo(_ascii, "")
             self._methods = _Memo(_ascii, "")
             self._paths = _Memo(_path, "")
             self._mcps = _Memo(lambda raw: _path(raw[:64]), "-")
             self._sessions = _Memo(tag, "-")
-            self._backends = {None: "-"}
         self._pending: list[str] = []
         self._flush_handle: asyncio.TimerHandle | None = None
         self._broken = False
@@ -258,9 +257,9 @@ class AccessLog:
         return (
             f'{{"ts":"{self._ts}","type":"access","client":"{self._clients[ex.client.peer_ip]}",'
             f'"method":"{self._methods[head.method]}","path":{self._paths[head.target]},'
-            f'"era":"{_era_of(head) if facts is None else facts.era}","service":"{ex.service}",'
+            f'"era":"{_ERA_TEXT[_era_of(head) if facts is None else facts.era]}","service":"{ex.service}",'
             f'"session":{self._sessions[ex.created if sid is None else sid]},'
-            f'"backend":{self._backend(backend.name) if backend is not None else "null"},'
+            f'"backend":{"null" if backend is None else self._backends[backend.name]},'
             f'"status":{ex.status},"bytes":{ex.sent},'
             f'"duration_us":{int((_perf_counter() - ex.received_at) * 1_000_000)},'
             f'"mcp_method":{self._mcps[head.mcp_method]},"outcome":"{ex.outcome}",'
@@ -280,30 +279,21 @@ class AccessLog:
             f"{self._ts} {self._clients[ex.client.peer_ip]} "
             f'"{self._methods[head.method]} {self._paths[head.target]}" {ex.status} {ex.sent} '
             f"{int((_perf_counter() - ex.received_at) * 1_000_000)}us "
-            f"era={_era_of(head) if facts is None else facts.era} service={ex.service} "
+            f"era={_ERA_TEXT[_era_of(head) if facts is None else facts.era]} service={ex.service} "
             f"session={self._sessions[ex.created if sid is None else sid]} "
             f"backend={'-' if backend is None else backend.name} "
             f"mcp={self._mcps[head.mcp_method]} outcome={ex.outcome} "
             f"request_id={'-' if rid is None else rid.decode('latin-1')}{self._text_worker}"
         )
 
-    def _backend(self, name: str) -> str:
-        """A backend's name as the JSON line writes it (names need no escaping)."""
-        text = self._backends.get(name)
-        if text is None:
-            if len(self._backends) >= _MEMO_SIZE:  # discovery may name many over time
-                self._backends = {None: "null"}
-            text = self._backends[name] = _quoted(name)
-        return text
-
     def _stamp(self, milli: int) -> None:
         """UTC, ISO 8601, milliseconds; formatted once per millisecond, the date once per second."""
         self._milli = milli
-        second, fraction = divmod(milli, 1000)
+        second = milli // 1000
         if second != self._second:
             self._second = second
             self._second_text = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
-        self._ts = f"{self._second_text}.{fraction:03d}Z"
+        self._ts = self._second_text + _FRACTIONS[milli - second * 1000]
 
 
 def _atomic_chunks(lines: list[str]) -> Iterator[str]:
@@ -335,6 +325,8 @@ def _quoted(text: str) -> str:
 
 
 _perf_counter: Final = time.perf_counter
+_ERA_TEXT: Final = {era: era.value for era in protocol.Era}  # a StrEnum formats through __format__: slower
+_FRACTIONS: Final = tuple(f".{milli:03d}Z" for milli in range(1000))
 
 
 # --- every other log line ----------------------------------------------------------------------------
