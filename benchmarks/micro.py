@@ -2,6 +2,7 @@
 
     python benchmarks/micro.py [--sse] [--tracing] [--sessionless] [--requests N] [--profile]
                                [--auth jwt|jwt-verify|key] [--tool-policy] [--rate-limit]
+                               [--access-log json|text] [--sealed] [--services]
 
 One client connection and one pooled backend connection with in-memory transports; a session is
 initialized, then a known-session POST and its answer (JSON, or with --sse a one-event SSE stream)
@@ -21,14 +22,20 @@ forgets it after every request (so each one checks the signature), `--auth key` 
 (hashed every time); `--tool-policy` adds a tool policy, which reads and parses every legacy body;
 `--rate-limit` a rate limit per session in this process's buckets. `--services` adds a service
 (`/other`) beside the default one the requests go to: the cost of matching each request head.
+`--access-log json` (or `text`) turns the access log on, written to a stream that keeps nothing
+(the lines are made and flushed as on stdout, in batches). `--sealed` uses sealed session ids
+(`session_ids: sealed`): the client holds a token that each request opens (a dict lookup once
+opened) and each answer carries back.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import cProfile
 import hashlib
+import io
 import json
 import os
 import pstats
@@ -125,7 +132,19 @@ def access(args: argparse.Namespace, jwks_dir: str) -> tuple[dict[str, Any], byt
         settings["tool_policy"] = [{"deny": ["drop_*"]}, {"allow": ["*"]}]
     if args.rate_limit:
         settings["rate_limits"] = [{"key": "session", "rate": "100000000/second"}]
+    if args.access_log is not None:
+        settings["log"] = {"level": "info", "access": True, "format": args.access_log}
+    if args.sealed:
+        key = base64.b64encode(b"micro-benchmark-session-key-32by").decode()
+        settings.update(session_ids="sealed", session_keys=[key], session_binding_key="k" * 16)
     return settings, credential
+
+
+class Sink(io.TextIOBase):
+    """The access log's stream: takes every write, keeps nothing."""
+
+    def write(self, text: str) -> int:
+        return len(text)
 
 
 def request(sid: bytes | None, sse: bool, traced: bool = False, credential: bytes | None = None) -> bytes:
@@ -158,6 +177,15 @@ def response(sid: bytes | None, sse: bool) -> bytes:
     return head + b"%x\r\n%b\r\n0\r\n\r\n" % (len(event), event)
 
 
+def session_id_of(answer: bytes) -> bytes:
+    """The Mcp-Session-Id an answer gave its client."""
+    for line in answer.partition(b"\r\n\r\n")[0].split(b"\r\n")[1:]:
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == b"mcp-session-id":
+            return value.strip()
+    raise RuntimeError(f"no session id in the answer: {answer[:200]!r}")
+
+
 SERVICES: dict[str, Any] = {
     "services": [
         {
@@ -186,7 +214,7 @@ async def measure(args: argparse.Namespace, settings: dict[str, Any], credential
         },
         source="<micro>",
     )
-    proxy = Proxy(config)
+    proxy = Proxy(config, access_stream=Sink())
     tracing = None
     if args.tracing:
         from mcpbalancer.observability.tracing import Tracing
@@ -219,8 +247,12 @@ async def measure(args: argparse.Namespace, settings: dict[str, Any], credential
     client.data_received(request(None, args.sse, args.tracing, credential))
     upstream.data_received(response(b"sess-1", args.sse))
     await asyncio.sleep(0.01)  # the session's binding is stored in a task
+    # The id the client was given: the backend's, or with --sealed the token that names it.
+    minted = session_id_of(b"".join(down.out))
+    down.out.clear()
+    up.out.clear()
     # --sessionless: a legacy request without a session id (a client of a stateless server).
-    sid = None if args.sessionless else b"sess-1"
+    sid = None if args.sessionless else minted
     ask, answer = request(sid, args.sse, args.tracing, credential), response(None, args.sse)
     # --auth jwt-verify: the verified token is forgotten after each request, so each checks it.
     forget = proxy.access_filters[0]._cache.clear if args.auth == "jwt-verify" else None  # type: ignore[attr-defined]
@@ -282,4 +314,6 @@ if __name__ == "__main__":
     parser.add_argument("--tool-policy", action="store_true", help="a tool policy (legacy bodies read)")
     parser.add_argument("--rate-limit", action="store_true", help="a rate limit per session (memory)")
     parser.add_argument("--services", action="store_true", help="a second service: each head is matched")
+    parser.add_argument("--access-log", choices=("json", "text"), help="the access log on, in this format")
+    parser.add_argument("--sealed", action="store_true", help="session_ids: sealed (clients hold tokens)")
     uvloop.run(main(parser.parse_args()))

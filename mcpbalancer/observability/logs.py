@@ -30,7 +30,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from json.encoder import encode_basestring_ascii as _json_string
-from typing import Final, Protocol, TextIO
+from typing import Any, Final, Protocol, TextIO
 
 from mcpbalancer import protocol
 from mcpbalancer.config import LogConfig
@@ -125,12 +125,50 @@ class SessionHasher:
         if tag is None:
             if len(self._cache) >= _HASH_CACHE_SIZE:
                 self._cache.clear()
-            tag = self._cache[sid] = hashlib.blake2s(sid, key=self._key, digest_size=4).hexdigest()
+            tag = self._cache[sid] = self.digest(sid)
         return tag
+
+    def digest(self, sid: bytes) -> str:
+        """The tag, made now (no cache): for a caller that keeps its own."""
+        return hashlib.blake2s(sid, key=self._key, digest_size=4).hexdigest()
+
+
+class _Memo(dict[Any, str]):
+    """A raw field (bytes or a name; None when absent) -> its text in a line, made once: `memo[raw]` is one
+    dict lookup in C, and only a miss (`__missing__`) calls `make`. Bounded: cleared when full; a
+    value longer than _MEMO_KEY_LIMIT is made every time, not kept."""
+
+    __slots__ = ("_make", "_none")
+
+    def __init__(self, make: Callable[[Any], str], none: str) -> None:
+        super().__init__()
+        self._make = make
+        self._none = none
+        self[None] = none
+
+    def __missing__(self, key: Any) -> str:
+        if key is None:  # only after a clear
+            text = self[None] = self._none
+            return text
+        text = self._make(key)
+        if len(key) <= _MEMO_KEY_LIMIT:
+            if len(self) >= _MEMO_SIZE:
+                self.clear()
+                self[None] = self._none
+            self[key] = text
+        return text
+
+
+_MEMO_SIZE: Final = 1024
+_MEMO_KEY_LIMIT: Final = 256
 
 
 class AccessLog:
-    """Writes one line per finished exchange to `stream`; `close()` flushes what is buffered."""
+    """Writes one line per finished exchange to `stream`; `close()` flushes what is buffered.
+
+    The line is one f-string over pieces made once and looked up per request (`_Memo`): the
+    client's address, the method, the path (JSON-escaped), the MCP method, the session's tag, the
+    backend's name; the timestamp is formatted once per millisecond, its date once per second."""
 
     def __init__(
         self,
@@ -146,8 +184,8 @@ class AccessLog:
         # `shared`: other processes write to the same stream, so write whole lines in atomic pieces.
         self._shared = shared
         # Every line ends with the worker index (none outside a worker process); made once.
-        self._json_worker = f',"worker":{"null" if worker is None else f"{worker:d}"}'
-        self._text_worker = f" worker={'-' if worker is None else f'{worker:d}'}"
+        self._json_worker = f',"worker":{"null" if worker is None else f"{worker:d}"}}}\n'
+        self._text_worker = f" worker={'-' if worker is None else f'{worker:d}'}\n"
         self._line = self._json_line if fmt == "json" else self._text_line
         self._hash = hasher or SessionHasher()
         self._clock = clock
@@ -155,6 +193,20 @@ class AccessLog:
         self._second = -1
         self._second_text = ""
         self._ts = ""
+        tag = self._hash.digest
+        if fmt == "json":
+            self._clients = _Memo(_ascii, "")
+            self._methods = _Memo(_ascii, "")
+            self._paths = _Memo(lambda raw: _json_string(_path(raw)), "null")
+            self._mcps = _Memo(lambda raw: _json_string(raw[:64].decode("latin-1")), "null")
+            self._sessions = _Memo(lambda sid: f'"{tag(sid)}"', "null")
+            self._backends = _Memo(_quoted, "null")
+        else:
+            self._clients = _Memo(_ascii, "")
+            self._methods = _Memo(_ascii, "")
+            self._paths = _Memo(_path, "")
+            self._mcps = _Memo(lambda raw: _path(raw[:64]), "-")
+            self._sessions = _Memo(tag, "-")
         self._pending: list[str] = []
         self._flush_handle: asyncio.TimerHandle | None = None
         self._broken = False
@@ -191,46 +243,57 @@ class AccessLog:
         self.flush()
 
     # -- the two formats ----------------------------------------------------------------------------
+    # Both read the same fields: the session is the request's, or the one its answer created.
 
     def _json_line(self, ex: AccessRecord) -> str:
-        head, sid, mcp, backend, micros = _fields(ex)
+        milli = int(self._clock() * 1000)
+        if milli != self._milli:
+            self._stamp(milli)
+        head = ex.head
+        sid = head.session_id
+        facts = ex.facts
+        backend = ex.backend
         rid = ex.request_id  # visible ASCII only (protocol.valid_request_id): no escaping needed
         return (
-            f'{{"ts":"{self._timestamp()}","type":"access","client":"{ex.client.peer_ip.decode()}",'
-            f'"method":"{head.method.decode()}","path":{_json_string(_path(head.target))},'
-            f'"era":"{_era(ex)}","service":{_quoted(ex.service)},'
-            f'"session":{"null" if sid is None else _quoted(self._hash(sid))},'
-            f'"backend":{"null" if backend is None else _quoted(backend.name)},'
-            f'"status":{ex.status},"bytes":{ex.sent},"duration_us":{micros},'
-            f'"mcp_method":{"null" if mcp is None else _json_string(mcp[:64].decode("latin-1"))},'
-            f'"outcome":"{ex.outcome}",'
-            f'"request_id":{"null" if rid is None else _quoted(rid.decode("latin-1"))}{self._json_worker}}}\n'
+            f'{{"ts":"{self._ts}","type":"access","client":"{self._clients[ex.client.peer_ip]}",'
+            f'"method":"{self._methods[head.method]}","path":{self._paths[head.target]},'
+            f'"era":"{_ERA_TEXT[_era_of(head) if facts is None else facts.era]}","service":"{ex.service}",'
+            f'"session":{self._sessions[ex.created if sid is None else sid]},'
+            f'"backend":{"null" if backend is None else self._backends[backend.name]},'
+            f'"status":{ex.status},"bytes":{ex.sent},'
+            f'"duration_us":{int((_perf_counter() - ex.received_at) * 1_000_000)},'
+            f'"mcp_method":{self._mcps[head.mcp_method]},"outcome":"{ex.outcome}",'
+            f'"request_id":{"null" if rid is None else _quoted(rid.decode("latin-1"))}{self._json_worker}'
         )
 
     def _text_line(self, ex: AccessRecord) -> str:
-        head, sid, mcp, backend, micros = _fields(ex)
-        rid = ex.request_id
-        return (
-            f"{self._timestamp()} {ex.client.peer_ip.decode()} "
-            f'"{head.method.decode()} {_path(head.target)}" {ex.status} {ex.sent} '
-            f"{micros}us era={_era(ex)} service={ex.service} "
-            f"session={'-' if sid is None else self._hash(sid)} "
-            f"backend={'-' if backend is None else backend.name} "
-            f"mcp={'-' if mcp is None else _path(mcp[:64])} outcome={ex.outcome} "
-            f"request_id={'-' if rid is None else rid.decode('latin-1')}{self._text_worker}\n"
-        )
-
-    def _timestamp(self) -> str:
-        """UTC, ISO 8601, milliseconds; formatted once per millisecond, the date once per second."""
         milli = int(self._clock() * 1000)
         if milli != self._milli:
-            self._milli = milli
-            second, fraction = divmod(milli, 1000)
-            if second != self._second:
-                self._second = second
-                self._second_text = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
-            self._ts = f"{self._second_text}.{fraction:03d}Z"
-        return self._ts
+            self._stamp(milli)
+        head = ex.head
+        sid = head.session_id
+        facts = ex.facts
+        backend = ex.backend
+        rid = ex.request_id
+        return (
+            f"{self._ts} {self._clients[ex.client.peer_ip]} "
+            f'"{self._methods[head.method]} {self._paths[head.target]}" {ex.status} {ex.sent} '
+            f"{int((_perf_counter() - ex.received_at) * 1_000_000)}us "
+            f"era={_ERA_TEXT[_era_of(head) if facts is None else facts.era]} service={ex.service} "
+            f"session={self._sessions[ex.created if sid is None else sid]} "
+            f"backend={'-' if backend is None else backend.name} "
+            f"mcp={self._mcps[head.mcp_method]} outcome={ex.outcome} "
+            f"request_id={'-' if rid is None else rid.decode('latin-1')}{self._text_worker}"
+        )
+
+    def _stamp(self, milli: int) -> None:
+        """UTC, ISO 8601, milliseconds; formatted once per millisecond, the date once per second."""
+        self._milli = milli
+        second = milli // 1000
+        if second != self._second:
+            self._second = second
+            self._second_text = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+        self._ts = self._second_text + _FRACTIONS[milli - second * 1000]
 
 
 def _atomic_chunks(lines: list[str]) -> Iterator[str]:
@@ -244,22 +307,13 @@ def _atomic_chunks(lines: list[str]) -> Iterator[str]:
     yield "".join(lines[start:])
 
 
-def _era(ex: AccessRecord) -> str:
-    head = ex.head
-    era = ex.facts.era if ex.facts is not None else protocol.era_of(head.session_id, head.protocol_version)
-    return _ERA_NAMES[era]
+def _era_of(head: HeadView) -> protocol.Era:
+    """The era of a request routing did not classify (refused before it), from its head alone."""
+    return protocol.era_of(head.session_id, head.protocol_version)
 
 
-_ERA_NAMES: Final = {era: era.value for era in protocol.Era}
-
-
-def _fields(ex: AccessRecord) -> tuple[HeadView, bytes | None, bytes | None, Named | None, int]:
-    """What both formats read of an exchange: head, session id (the request's, or the one its answer
-    created), MCP method, backend, microseconds."""
-    head = ex.head
-    micros = int((time.perf_counter() - ex.received_at) * 1_000_000)
-    sid = head.session_id
-    return head, ex.created if sid is None else sid, head.mcp_method, ex.backend, micros
+def _ascii(raw: bytes) -> str:
+    return raw.decode()
 
 
 def _path(raw: bytes) -> str:
@@ -268,6 +322,11 @@ def _path(raw: bytes) -> str:
 
 def _quoted(text: str) -> str:
     return f'"{text}"'  # only for values that need no escaping: hex digits, backend names
+
+
+_perf_counter: Final = time.perf_counter
+_ERA_TEXT: Final = {era: era.value for era in protocol.Era}  # a StrEnum formats through __format__: slower
+_FRACTIONS: Final = tuple(f".{milli:03d}Z" for milli in range(1000))
 
 
 # --- every other log line ----------------------------------------------------------------------------
