@@ -105,16 +105,7 @@ class Exchange(RequestRelay, ResponseRelay, Endings):
         if head.has_body and phases.wants_body is not None and phases.wants_body(facts):
             self._read_body_first()
             return
-        # The upstream_peer phase (_route, inline: the usual request takes this way).
-        try:
-            target = plane.router.route(facts)
-        except ProxyError as err:
-            self._answer_error(err)
-            return
-        if isinstance(target, Backend):
-            self._use(target)
-        else:
-            self._await(target, "store_lookup" if facts.session_id is not None else "affinity_lookup")
+        self._route()
 
     def _filtered(self) -> None:
         """The request filters are done (after one of them waited): the body, then the route."""
