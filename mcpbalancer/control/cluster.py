@@ -21,7 +21,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import Hashable, Sequence
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final, Protocol
 from urllib.parse import quote
@@ -41,6 +41,8 @@ from mcpbalancer.observability.metrics import EXPOSITION_CONTENT_TYPE, Metrics
 from mcpbalancer.process.supervisor import Channel
 
 log = logging.getLogger(__name__)
+
+_Merge = Callable[[Mapping[int, Sequence[Any]]], list[dict[str, Any]]]  # merge.backends, merge.services
 
 FANOUT_TIMEOUT: Final = 10.0  # seconds a worker has to answer the supervisor
 _SUPERVISOR: Final = "supervisor"  # the supervisor's own metrics page, one source of the sum
@@ -185,25 +187,21 @@ class ClusterControl(Listener):
     # -- the admin API -----------------------------------------------------------------------------
 
     async def _backends(self, request: web.Request) -> web.Response:
-        channels = self._serving()
-        replies = await self._ask_all(channels, "GET", "/admin/backends")
-        lists = {r.index: r.body["backends"] for r in replies if r.status == 200 and _has(r.body, "backends")}
-        body = {"backends": merge.backends(lists), "workers": self._report(replies, "answered")}
-        if not lists:
-            self._audit.done(request, "backends", "failed", "no worker answered")
-            return _json({**body, "error": "no worker answered"}, status=503 if not channels else 502)
-        self._audit.done(request, "backends", "ok")
-        return _json(body)
+        return await self._listing(request, "backends", merge.backends)
 
     async def _services(self, request: web.Request) -> web.Response:
+        return await self._listing(request, "services", merge.services)
+
+    async def _listing(self, request: web.Request, key: str, merged: _Merge) -> web.Response:
+        """GET /admin/<key> of every worker, merged into one list."""
         channels = self._serving()
-        replies = await self._ask_all(channels, "GET", "/admin/services")
-        lists = {r.index: r.body["services"] for r in replies if r.status == 200 and _has(r.body, "services")}
-        body = {"services": merge.services(lists), "workers": self._report(replies, "answered")}
+        replies = await self._ask_all(channels, "GET", f"/admin/{key}")
+        lists = {r.index: r.body[key] for r in replies if r.status == 200 and _has(r.body, key)}
+        body = {key: merged(lists), "workers": self._report(replies, "answered")}
         if not lists:
-            self._audit.done(request, "services", "failed", "no worker answered")
+            self._audit.done(request, key, "failed", "no worker answered")
             return _json({**body, "error": "no worker answered"}, status=503 if not channels else 502)
-        self._audit.done(request, "services", "ok")
+        self._audit.done(request, key, "ok")
         return _json(body)
 
     async def _drain_service(self, request: web.Request) -> web.Response:
@@ -224,12 +222,12 @@ class ClusterControl(Listener):
             self._audit.done(request, action, "not_found")
             return _json({"error": f"unknown service {name!r}"}, status=404)
         applied = [r for r in replies if r.status == 200 and _has(r.body, "backends")]
-        lists = {r.index: r.body["backends"] for r in applied}
-        for backend in merge.backends(lists):
+        backends = merge.backends({r.index: r.body["backends"] for r in applied})
+        for backend in backends:
             self._workers.begin_drain(str(backend["name"]), drained)
         body = {
             "service": name,
-            "backends": merge.backends(lists),
+            "backends": backends,
             "applied": len(applied) == len(replies),
             "workers": self._report(replies, "applied"),
         }
